@@ -1,0 +1,26 @@
+# The two commands a fresh machine needs: `make demo` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+install:
+	@bash scripts/install.sh
+
+demo: install
+	$(PY) -m titan_world.demo $(DEMO_ARGS)
+
+# System packages for the SLURM and browser tests (root + apt only; otherwise those tests skip with the reason).
+test: install
+	@bash scripts/install_system.sh || echo "[test] system packages not installed: SLURM/browser tests will skip"
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -n 2 -m "not slow and not slurm and not browser" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf runs data_cache .pytest_cache

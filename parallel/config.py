@@ -1,0 +1,19 @@
+"""Parallelism section: the device mesh and how blocks are wrapped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever is left of the world size
+    cp: int = 1  # Ulysses context parallel degree; model.num_heads must divide by it
+    cp_backend: str = "native"  # native (functional collectives) | deepspeed (DistributedAttention)
+    reshard_after_forward: bool = True
+    param_dtype: str = "bfloat16"  # on GPU; CPU runs in float32
+    reduce_dtype: str = "float32"
+    activation_checkpoint: str = "none"  # none | full | selective
+    ac_every: int = 2  # selective: checkpoint every n-th block
+    compile: bool = False

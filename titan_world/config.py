@@ -1,0 +1,195 @@
+"""The one configuration object of a titan-world job.
+
+Plain dataclasses (one per section, each living beside the code that uses it) composed into
+`TitanConfig`, loaded from OmegaConf YAML with `key=value` overrides. Every error names the key,
+the value and what was expected, and is raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from launch.config import LaunchConfig
+from parallel.config import ParallelConfig
+from serving.config import ServingConfig
+from titan_world.data.config import DataConfig
+from titan_world.eval.config import EvalConfig
+from titan_world.model.codec import check_frame_count
+from titan_world.model.config import ModelConfig
+from titan_world.posttrain.config import PostTrainConfig
+from titan_world.train.config import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the user: which key, which value, what was expected."""
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # None: runs/<timestamp>
+    name: str = "titan-world"
+    wandb: str = "offline"  # offline | online | disabled
+    log_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class TitanConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CONFIG_ROOT = Path(str(resources.files("configs")))
+DEFAULT_CONFIG = CONFIG_ROOT / "tiny.yaml"
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or a name under the packaged configs/ (with or without .yaml)."""
+    p = Path(name)
+    for cand in (p, CONFIG_ROOT / p, CONFIG_ROOT / f"{p}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file {str(name)!r} not found (looked in the current directory and {CONFIG_ROOT})")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """Read a YAML file, following its `defaults:` list (paths relative to the file, then configs/)."""
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry line numbers; keep them
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    defaults = node.pop("defaults", [])
+    merged = OmegaConf.create()
+    for entry in defaults:
+        if isinstance(entry, DictConfig) or isinstance(entry, dict):
+            ((section, name),) = dict(entry).items()
+            sub = _read_yaml(_find_relative(path, f"{section}/{name}"))
+            merged = OmegaConf.merge(merged, OmegaConf.create({section: sub}))
+        else:
+            merged = OmegaConf.merge(merged, _read_yaml(_find_relative(path, str(entry))))
+    return OmegaConf.merge(merged, node)
+
+
+def _find_relative(base: Path, name: str) -> Path:
+    for root in (base.parent, CONFIG_ROOT):
+        for cand in (root / name, root / f"{name}.yaml"):
+            if cand.is_file():
+                return cand
+    raise ConfigError(f"{base}: defaults entry {name!r} not found next to it or under {CONFIG_ROOT}")
+
+
+def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError):
+        return ConfigError(f"{source}: unknown key {key!r} (check the spelling; see configs/ for valid keys)")
+    if isinstance(e, ValidationError):
+        msg = str(e).splitlines()[0]
+        return ConfigError(f"{source}: key {key!r}: {msg}")
+    return ConfigError(f"{source}: key {key!r}: {str(e).splitlines()[0]}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TitanConfig:
+    """Compose defaults <- YAML file <- `key=value` overrides, type-check and validate."""
+    schema = OmegaConf.structured(TitanConfig)
+    cfg_path = resolve_config_path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        merged = OmegaConf.merge(schema, _read_yaml(cfg_path))
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(cfg_path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=10")
+        key, value = item.split("=", 1)
+        try:
+            OmegaConf.update(merged, key, OmegaConf.create({"v": value})["v"] if value else value, merge=True)
+            # a dotted key must name an existing field (update() would happily add new ones)
+            if OmegaConf.select(merged, key, throw_on_missing=False) is None and value not in ("null", "None", ""):
+                raise ConfigKeyError(f"unknown key {key}")
+        except OmegaConfBaseException as e:
+            if not getattr(e, "full_key", None):
+                e.full_key = key  # type: ignore[attr-defined]
+            raise _explain(e, f"override {item!r}") from None
+    cfg: TitanConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TitanConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    p = cfg.parallel
+    for key in ("dp_replicate", "cp"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)}: expected an integer >= 1")
+    if p.dp_shard == 0 or p.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard={p.dp_shard}: expected -1 (rest of the world) or >= 1")
+    if p.activation_checkpoint not in ("none", "full", "selective"):
+        raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: expected none, full or selective")
+    if p.cp_backend not in ("native", "deepspeed"):
+        raise ConfigError(f"parallel.cp_backend={p.cp_backend!r}: expected native or deepspeed")
+    for i, stage in enumerate(cfg.train.stages):
+        cp = stage.cp or p.cp
+        if cfg.model.num_heads % cp:
+            raise ConfigError(
+                f"train.stages[{i}].cp={cp} (or parallel.cp): model.num_heads={cfg.model.num_heads} must be divisible by the CP degree"
+            )
+        try:
+            check_frame_count(stage.frames, f"train.stages[{i}].frames={stage.frames}:")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if stage.steps < 0:
+            raise ConfigError(f"train.stages[{i}].steps={stage.steps}: expected >= 0")
+    if cfg.model.num_heads % p.cp:
+        raise ConfigError(f"parallel.cp={p.cp}: model.num_heads={cfg.model.num_heads} must be divisible by it")
+    if cfg.train.global_batch < 1:
+        raise ConfigError(f"train.global_batch={cfg.train.global_batch}: expected >= 1")
+    if cfg.train.expert not in ("all", "high", "low"):
+        raise ConfigError(f"train.expert={cfg.train.expert!r}: expected all, high or low")
+    if cfg.train.task not in ("pretrain", "action_finetune"):
+        raise ConfigError(f"train.task={cfg.train.task!r}: expected pretrain or action_finetune")
+    if cfg.train.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"train.schedule={cfg.train.schedule!r}: expected cosine or constant")
+    if cfg.run.wandb not in ("offline", "online", "disabled"):
+        raise ConfigError(f"run.wandb={cfg.run.wandb!r}: expected offline, online or disabled")
+    if not 0.0 <= cfg.data.i2v_ratio <= 1.0:
+        raise ConfigError(f"data.i2v_ratio={cfg.data.i2v_ratio}: expected a fraction in [0, 1]")
+    s = cfg.data.codec.spatial_stride
+    if cfg.data.height % (s * 2) or cfg.data.width % (s * 2):
+        raise ConfigError(
+            f"data.height/width={cfg.data.height}x{cfg.data.width}: expected multiples of {2 * s} "
+            f"(codec stride {s} x patch 2)"
+        )
+
+
+def resolve_run_dir(cfg: TitanConfig) -> Path:
+    """Fill `run.dir` with runs/<timestamp> when unset, create it, and return it."""
+    if not cfg.run.dir:
+        cfg.run.dir = f"runs/{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.run.dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_config(cfg: TitanConfig, path: str | Path) -> None:
+    OmegaConf.save(OmegaConf.structured(cfg), str(path))
+
+
+def to_dict(cfg: TitanConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

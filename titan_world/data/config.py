@@ -1,0 +1,33 @@
+"""Data section of the config: where the dataset lives and how clips are cut and encoded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CodecConfig:
+    kind: str = "tiny"  # tiny (exact, weight-free) | wan_vae (diffusers AutoencoderKLWan from `path`)
+    spatial_stride: int = 4
+    path: str | None = None
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: str = "tiny"  # tiny (hash embeddings) | umt5 (transformers, from `path`)
+    path: str | None = None
+
+
+@dataclass
+class DataConfig:
+    path: str = "data_cache/synthetic"  # MDS dataset (local dir or remote URL streaming supports)
+    height: int = 64
+    width: int = 64
+    fps: int = 16
+    synth_episodes: int = 48  # generated on first use when `path` is missing
+    synth_seconds: float = 4.0
+    i2v_ratio: float = 0.5  # the rest is V2V
+    v2v_max_cond_frames: int = 2  # latent frames given as context in V2V samples
+    num_workers: int = 0
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)

@@ -1,0 +1,70 @@
+"""Model configuration: the Wan2.x DiT hyper-parameters plus our additions (actions, backend)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ActionConfig:
+    """LingBot-style action adapter (DESIGN.md §3). Disabled: the model is the plain Wan DiT."""
+
+    enabled: bool = False
+    num_keys: int = 8  # keyboard multi-hot width (W, A, S, D, ... see titan_world.data.actions)
+    hidden_dim: int = 0  # 0: use the model dim
+    use_camera: bool = True  # Plücker rays from poses + intrinsics
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    model_type: str = "i2v"  # t2v | i2v | ti2v; i2v concatenates mask + conditioning latents
+    dim: int = 128
+    ffn_dim: int = 384
+    num_heads: int = 4
+    num_layers: int = 4
+    in_dim: int = 388  # noisy latent + (i2v) 4 mask channels + conditioning latent
+    out_dim: int = 192
+    text_dim: int = 64
+    text_len: int = 32
+    freq_dim: int = 256
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attn_backend: str = "sdpa"  # sdpa | flex | flash | xformers (see titan_world.model.attention)
+    # MoE: the expert used for t >= boundary * 1000 is the high-noise one.
+    num_experts: int = 1
+    boundary: float = 0.900
+    action: ActionConfig = field(default_factory=ActionConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def cond_channels(self) -> int:
+        """Channels concatenated to the noisy latents (mask + conditioning latent), 0 for t2v."""
+        return self.in_dim - self.out_dim
+
+    def validate(self) -> None:
+        def bad(key: str, value, expected: str):
+            raise ValueError(f"model.{key}={value!r}: expected {expected}")
+
+        if self.dim % self.num_heads:
+            bad("num_heads", self.num_heads, f"a divisor of model.dim={self.dim}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            bad("num_heads", self.num_heads, "a head_dim (dim/num_heads) that is even and >= 6 for 3-D RoPE")
+        if self.model_type not in ("t2v", "i2v", "ti2v"):
+            bad("model_type", self.model_type, "one of t2v, i2v, ti2v")
+        if self.model_type == "i2v" and self.in_dim != 2 * self.out_dim + 4:
+            bad("in_dim", self.in_dim, f"2*out_dim+4 = {2 * self.out_dim + 4} for i2v (noise + mask + conditioning)")
+        if self.model_type != "i2v" and self.in_dim != self.out_dim:
+            bad("in_dim", self.in_dim, f"out_dim={self.out_dim} for {self.model_type}")
+        if len(self.patch_size) != 3:
+            bad("patch_size", self.patch_size, "three ints [t, h, w]")
+        if self.attn_backend not in ("sdpa", "flex", "flash", "xformers"):
+            bad("attn_backend", self.attn_backend, "one of sdpa, flex, flash, xformers")
+        if self.num_experts not in (1, 2):
+            bad("num_experts", self.num_experts, "1 (dense) or 2 (high/low-noise MoE)")
+        if not 0.0 < self.boundary < 1.0:
+            bad("boundary", self.boundary, "a fraction in (0, 1), e.g. 0.900")

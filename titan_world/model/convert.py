@@ -1,0 +1,15 @@
+"""`titan-world convert` (placeholder until issue #4 lands)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (parser.description or "") + " [not implemented yet: tracked in issue #4]"
+
+
+def run(args: argparse.Namespace) -> int:
+    print("titan-world convert: not implemented yet (issue #4)", file=sys.stderr)
+    return 2

@@ -1,0 +1,45 @@
+"""Training section: optimisation, checkpointing and the curriculum of clip lengths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage. Clip length in frames must be 1 + 4k (codec rule)."""
+
+    name: str = "5s"
+    frames: int = 17
+    shift: float = 3.0
+    global_batch: int | None = None  # None: train.global_batch
+    cp: int | None = None  # None: parallel.cp
+    lr: float | None = None  # None: train.lr
+    steps: int = 100
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # None: sum of the curriculum stages' steps
+    seed: int = 0
+    global_batch: int = 4
+    micro_batch: int | None = None  # per-rank micro batch; None: global_batch / dp
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables the EMA copy
+    expert: str = "all"  # all (dense model, or MoE with synced routing) | high | low
+    task: str = "pretrain"  # pretrain | action_finetune
+    base_checkpoint: str | None = None  # action finetuning starts from this
+    train_modulation: bool = False  # action finetune: also train AdaLN/modulation parameters
+    ckpt_every: int = 50
+    keep_last: int = 3
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    profile_steps: list[int] = field(default_factory=list)  # [start, end] for a torch.profiler trace
+    peak_tflops: float | None = None  # override of the device peak used for MFU
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
