@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class ServingConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    checkpoint: str | None = None
-    gpus: int = 1
+    checkpoint: str | None = None  # Wan-format student; None: runs/demo student if present, else random
+    gpus: int = 1  # Ulysses degree over attention heads inside one node
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    # Stream geometry: the world is rendered at height x width and played at `fps`.
+    height: int = 64
+    width: int = 64
+    fps: float = 16.0  # model frame rate: frames are paced to this rate on the wire
     chunk_frames: int = 1  # latent frames per step (1 latent = 4 video frames)
     denoise_steps: int = 4
+    sigmas: list[float] = field(default_factory=list)  # empty: uniform 1.0 .. 1/steps (Self-Forcing style)
+    sampler: str = "renoise"  # renoise (x0 estimate, fresh noise at the next sigma) | euler
     sink_frames: int = 1
     window_frames: int = 8
+    default_prompt: str = "a sunny meadow with trees and a red house"
+    # Transport and admission.
     jpeg_quality: int = 85
     max_message_bytes: int = 4_000_000
+    max_image_pixels: int = 16_000_000  # refuse decompression bombs before decoding
     queue_size: int = 0  # clients waiting while the GPU set is busy; 0: refuse at once
+    send_buffer_chunks: int = 2  # encoded chunks waiting for the wire (bounded: backpressure)
     compile: bool = False
