@@ -1,15 +1,131 @@
-"""`titan-world serve` (placeholder until issue #9 lands)."""
+"""`titan-world serve`: stream an action-controlled world over WebSocket to a browser.
+
+    titan-world serve [--port P] [--checkpoint PATH] [--gpus N] [--config C] [serving.key=value ...]
+
+`--gpus N > 1` relaunches itself on N local ranks (torchrun): Ulysses over attention heads,
+rank 0 serves, the others follow its command stream (serving/distributed.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
+
+from launch.cli_common import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (parser.description or "") + " [not implemented yet: tracked in issue #9]"
+    add_config_arguments(parser)
+    parser.add_argument("--host", default=None, help="interface to listen on (default serving.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="TCP port (default serving.port, 8765; 0 picks a free one)")
+    parser.add_argument("--checkpoint", default=None, help="Wan-format student folder (default: the demo student, else random weights)")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs of this node to shard attention heads over (Ulysses)")
+    parser.add_argument("--queue", type=int, default=None, help="clients that may wait while the GPU set is busy (default serving.queue_size)")
+    parser.add_argument("--engine", choices=["model", "fake"], default="model",
+                        help="fake: a model-free test double (for trying the client and protocol only)")
+
+
+def _config(args: argparse.Namespace):
+    from launch.cli_common import config_from_args
+
+    cfg = config_from_args(args)
+    sc = cfg.serving
+    for name, key in (("host", "host"), ("port", "port"), ("checkpoint", "checkpoint"), ("gpus", "gpus"), ("queue", "queue_size")):
+        if getattr(args, name) is not None:
+            setattr(sc, key, getattr(args, name))
+    from titan_world.config import ConfigError
+
+    if sc.gpus < 1:
+        raise ConfigError(f"serving.gpus={sc.gpus}: expected >= 1")
+    if not 0 <= sc.port < 65536:
+        raise ConfigError(f"serving.port={sc.port}: expected 0..65535")
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    print("titan-world serve: not implemented yet (issue #9)", file=sys.stderr)
-    return 2
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    cfg = _config(args)
+    from launch.torchrun import is_distributed_child, launch_local
+
+    if cfg.serving.gpus > 1 and not is_distributed_child():
+        if args.engine == "fake":
+            print("titan-world serve: --engine fake runs on one process; drop --gpus", file=sys.stderr)
+            return 2
+        return launch_local(cfg.serving.gpus, ["serving.cli", *_relaunch_argv(args)])
+    return _serve(cfg, args.engine)
+
+
+def _relaunch_argv(args: argparse.Namespace) -> list[str]:
+    """The same command for the ranks (rebuilt from the parsed arguments, not sys.argv)."""
+    out = ["--config", args.config] if args.config else []
+    for name in ("host", "port", "checkpoint", "gpus", "queue"):
+        if getattr(args, name) is not None:
+            out += [f"--{name}", str(getattr(args, name))]
+    return out + ["--engine", args.engine, *args.overrides]
+
+
+def _serve(cfg, engine_kind: str) -> int:
+    from serving.engine import EngineError
+    from serving.loading import resolved_serving
+    from serving.server import StreamServer, serve_forever
+
+    sc = resolved_serving(cfg)
+    if engine_kind == "fake":
+        from serving.fake_engine import FakeEngine
+
+        engine = FakeEngine(sc.height, sc.width, sc.fps, sc.chunk_frames)
+        asyncio.run(serve_forever(StreamServer(engine, sc), sc.host, sc.port))
+        return 0
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _serve_ranked(cfg, sc)
+    from serving.loading import build_engine
+
+    try:
+        engine = build_engine(cfg)
+    except EngineError as e:
+        print(f"titan-world serve: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(serve_forever(StreamServer(engine, sc), sc.host, sc.port))
+    return 0
+
+
+def _serve_ranked(cfg, sc) -> int:
+    import torch.distributed as dist
+
+    from parallel.distributed import destroy, init_distributed
+    from parallel.ulysses import UlyssesContext
+    from serving.distributed import RankedEngine, worker_loop
+    from serving.loading import build_engine
+    from serving.server import StreamServer, serve_forever
+
+    rank, world, device = init_distributed()
+    control = dist.new_group(backend="gloo")
+    engine = build_engine(cfg, local_rank=device.index or 0, cp=UlyssesContext(dist.group.WORLD))
+    try:
+        if rank == 0:
+            ranked = RankedEngine(engine, control)
+            try:
+                asyncio.run(serve_forever(StreamServer(ranked, sc), sc.host, sc.port))
+            finally:
+                try:
+                    ranked.shutdown()
+                except Exception:  # workers already gone (e.g. torchrun forwarded SIGTERM to them)
+                    pass
+        else:
+            worker_loop(engine, control)
+    finally:
+        destroy()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="titan-world serve")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,14 +13,16 @@ class ServingConfig:
     gpus: int = 1  # Ulysses degree over attention heads inside one node
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    # Stream geometry: the world is rendered at height x width and played at `fps`.
-    height: int = 64
-    width: int = 64
-    fps: float = 16.0  # model frame rate: frames are paced to this rate on the wire
+    # Stream geometry (0: take data.height / data.width / data.fps, what the model was trained on).
+    # The codec and text encoder are the data section's (data.codec, data.text_encoder).
+    height: int = 0
+    width: int = 0
+    fps: float = 0.0  # model frame rate: frames are paced to this rate on the wire
     chunk_frames: int = 1  # latent frames per step (1 latent = 4 video frames)
     denoise_steps: int = 4
     sigmas: list[float] = field(default_factory=list)  # empty: uniform 1.0 .. 1/steps (Self-Forcing style)
     sampler: str = "renoise"  # renoise (x0 estimate, fresh noise at the next sigma) | euler
+    kv_refresh: str = "clean"  # clean: one extra t=0 pass writes the K/V | last_step: the last step writes
     sink_frames: int = 1
     window_frames: int = 8
     default_prompt: str = "a sunny meadow with trees and a red house"

@@ -34,11 +34,11 @@ def temporal_flickering(frames: np.ndarray, chunk: int = 64) -> float:
     in custom-input mode (what world-model papers report) every video is scored: so do we.
     """
     _need_frames(frames, 2, "temporal_flickering")
-    total, pairs = 0.0, len(frames) - 1
-    for s in range(0, pairs, chunk):  # chunked: a 60 s 480p video is >1 GB as float
-        a = frames[s:s + chunk + 1].astype(np.float32)
-        total += float(np.abs(a[1:] - a[:-1]).mean(axis=(1, 2, 3)).sum())
-    return (255.0 - total / pairs) / 255.0
+    total, pairs = 0, len(frames) - 1
+    for s in range(0, pairs, chunk):  # chunked integer sums: exact, and memory stays flat
+        a = frames[s:s + chunk + 1].astype(np.int16)
+        total += int(np.abs(a[1:] - a[:-1]).sum(dtype=np.int64))
+    return (255.0 - total / (pairs * frames[0].size)) / 255.0
 
 
 def dynamic_degree_params(hw: tuple[int, int], num_sampled: int) -> tuple[float, int]:

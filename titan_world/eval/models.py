@@ -1,7 +1,7 @@
 """Loading the metric models a user supplies (never downloaded) behind small call interfaces.
 
 Every model dimension takes a local path. The file may be
-  * a TorchScript archive (`torch.jit.save`), or
+  * a TorchScript archive (`torch.jit.save`), or a `torch.export` archive (`*.pt2`), or
   * a whole pickled `nn.Module` (`torch.save(module)`; loaded with weights_only=False, so only
     load files you trust), or
   * any file/folder plus a *factory* ``"package.module:function"`` (config `<name>_factory`):
@@ -14,6 +14,7 @@ docs/eval.md), so tiny random stand-ins can be used in tests.
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,9 +43,16 @@ def load_callable(path: str | Path, factory: str | None = None, device: str = "c
         raise ModelLoadError(f"model path {p} does not exist")
     if factory:
         model = resolve_factory(factory)(str(p))
+    elif p.suffix == ".pt2":  # torch.export archive
+        try:
+            model = torch.export.load(str(p)).module()
+        except Exception as e:
+            raise ModelLoadError(f"{p}: cannot load the torch.export archive: {e}") from e
     else:
         try:
-            model = torch.jit.load(str(p), map_location=device)
+            with warnings.catch_warnings():  # torch >= 2.13 marks TorchScript deprecated; still the
+                warnings.simplefilter("ignore", DeprecationWarning)  # most portable model format
+                model = torch.jit.load(str(p), map_location=device)
         except Exception:  # not TorchScript: try a pickled module
             try:
                 model = torch.load(str(p), map_location=device, weights_only=False)

@@ -50,12 +50,13 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float | None]]],
                 h - mb - (y - ylo) / (yhi - ylo) * (h - mt - mb))
 
     d.rectangle([ml, mt, w - mr, h - mb], outline="black")
+    decimals = max(0, min(8, 2 - math.floor(math.log10(max(yhi - ylo, 1e-12)))))
     for i in range(5):
         yv = ylo + (yhi - ylo) * i / 4
         _, yy = px(xlo, yv)
         d.line([ml - 4, yy, ml, yy], fill="black")
         d.line([ml, yy, w - mr, yy], fill=(230, 230, 230))
-        d.text((4, yy - 5), f"{yv:.4g}", fill="black", font=f)
+        d.text((4, yy - 5), f"{yv:.{decimals}f}", fill="black", font=f)
         xv = xlo + (xhi - xlo) * i / 4
         xx, _ = px(xv, ylo)
         d.line([xx, h - mb, xx, h - mb + 4], fill="black")
@@ -104,7 +105,7 @@ def bar_chart(groups: list[str], series: dict[str, list[float | None]], path: st
     gw = (w - ml - mr) / max(len(groups), 1)
     bw = gw * 0.8 / max(len(series), 1)
     for gi, g in enumerate(groups):
-        d.text((ml + gi * gw + 2, h - mb + 6), g[:14], fill="black", font=f)
+        d.text((ml + gi * gw + gw / 2 - 3 * len(g[:14]), h - mb + 6), g[:14], fill="black", font=f)
         for si, (_, vs) in enumerate(series.items()):
             v = vs[gi] if gi < len(vs) else None
             if v is None or not math.isfinite(v):

@@ -1,0 +1,96 @@
+"""Building the engine a `titan-world serve` process uses: checkpoint, codec, text encoder.
+
+Without `--checkpoint` the tiny default is served so the pipeline runs on any CPU: the demo's
+student when `runs/demo` holds one, else random weights (with a loud warning: the stream will be
+noise, but every stage of the pipeline runs for real).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from serving.config import ServingConfig
+from serving.engine import EngineError
+from serving.streaming import StreamingEngine
+from titan_world.config import TitanConfig
+from titan_world.model.codec import build_codec
+from titan_world.model.io import CheckpointError, build_model, load_pretrained
+from titan_world.model.text_encoder import build_text_encoder
+
+log = logging.getLogger("titan_world.serving")
+DEMO_ROOT = Path("runs/demo")
+
+
+def find_demo_student(root: Path = DEMO_ROOT) -> Path | None:
+    """The newest Wan-format folder (config.json + *.safetensors) under runs/demo named like a student."""
+    if not root.is_dir():
+        return None
+    found = [
+        p.parent for p in root.rglob("config.json")
+        if "student" in str(p.parent.relative_to(root)).lower() and any(p.parent.glob("*.safetensors"))
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def resolve_device(cfg: ServingConfig, local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
+    kind = cfg.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EngineError("serving.device=cuda: no CUDA device is visible")
+    device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif cfg.dtype in names:
+        dtype = names[cfg.dtype]
+    else:
+        raise EngineError(f"serving.dtype={cfg.dtype!r}: expected auto, float32, bfloat16 or float16")
+    return device, dtype
+
+
+def load_model(cfg: TitanConfig, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    """-> (model, where it came from). Raises EngineError with the path when a checkpoint is bad."""
+    sc = cfg.serving
+    path = Path(sc.checkpoint) if sc.checkpoint else find_demo_student()
+    if path is not None:
+        try:
+            model = load_pretrained(path, dtype=dtype, device=device)
+        except (CheckpointError, OSError, ValueError, KeyError) as e:
+            raise EngineError(f"--checkpoint {path}: {e}") from None
+        return model, str(path)
+    log.warning("no --checkpoint and no demo student under %s: serving RANDOM weights (the stream is noise; "
+                "the pipeline is real). Train one with `make demo` or pass --checkpoint.", DEMO_ROOT)
+    torch.manual_seed(0)
+    return build_model(cfg.model, device).to(dtype), "random"
+
+
+def resolved_serving(cfg: TitanConfig) -> ServingConfig:
+    """The serving section with 0-valued geometry filled from the data section."""
+    sc, d = cfg.serving, cfg.data
+    return replace(sc, height=sc.height or d.height, width=sc.width or d.width, fps=sc.fps or float(d.fps))
+
+
+def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None) -> StreamingEngine:
+    sc = resolved_serving(cfg)
+    device, dtype = resolve_device(sc, local_rank)
+    model, source = load_model(cfg, device, dtype)
+    mc = model.cfg
+    if cp is not None:
+        model.set_context_parallel(cp)
+    if sc.compile:
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    dc, tc = cfg.data.codec, cfg.data.text_encoder
+    codec = build_codec(dc.kind, dc.spatial_stride, dc.path, device=device)
+    text = build_text_encoder(tc.kind, mc.text_dim, mc.text_len, tc.path, device=device)
+    engine = StreamingEngine(model, codec, text, sc, cp=cp)
+    engine.source = source  # type: ignore[attr-defined]
+    log.warning("engine: %s model (%s), %s %s, %dx%d @ %.0f fps, %d frames/chunk, %d steps",
+                source, f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params", device, dtype,
+                sc.width, sc.height, sc.fps, engine.frames_per_chunk, len(engine.sigmas))
+    return engine

@@ -1,0 +1,36 @@
+"""Camera pose integrated from the user's actions, with the synthetic world's motion model.
+
+The engine must turn key/mouse input into the camera poses the action adapter was trained on, so
+it reuses `titan_world.data.actions.step` (the simulator's own kinematics) frame by frame. Only
+the current state is kept: O(1) memory however long the session runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from titan_world.data.actions import CameraState, state_to_c2w, step
+from titan_world.data.geometry import default_intrinsics
+
+
+class PoseTracker:
+    def __init__(self, fps: float, height: int, width: int):
+        self.fps = fps
+        self.intrinsics = torch.as_tensor(default_intrinsics(height, width), dtype=torch.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = CameraState(x=0.0, z=0.0)
+        self.origin = torch.as_tensor(state_to_c2w(self.state), dtype=torch.float32)
+
+    def current(self) -> torch.Tensor:
+        return torch.as_tensor(state_to_c2w(self.state), dtype=torch.float32)
+
+    def advance(self, actions: torch.Tensor) -> torch.Tensor:
+        """Apply actions [T, 8] (one per video frame); returns the c2w after each frame [T, 4, 4]."""
+        poses = []
+        for a in actions.detach().cpu().numpy().astype(np.float64):
+            self.state = step(self.state, a, self.fps)
+            poses.append(state_to_c2w(self.state))
+        return torch.as_tensor(np.stack(poses), dtype=torch.float32)

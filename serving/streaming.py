@@ -1,0 +1,269 @@
+"""The real engine: a block-causal few-step student streamed through a rolling KV cache.
+
+Per chunk of `chunk_frames` latent frames (4 video frames each):
+  1. `denoise_steps` passes (no CFG) from fresh noise, each reading the cache (sink + window),
+     re-noising the x0 estimate to the next sigma (Self-Forcing) or taking an Euler step;
+  2. one pass at t = 0 on the clean x0 that writes the chunk's K/V into the cache (`kv_refresh`;
+     `kv_refresh="last_step"` instead writes during the last denoising step: one pass cheaper);
+  3. `decode` (another thread, another CUDA stream) turns latents into uint8 frames, with one
+     latent frame of decoder context carried in the chunk so decode is stateless.
+What never changes within a prompt is computed once: the text embedding and every block's
+cross-attention K/V (`WanDiT.prepare_context`). Every tensor a session holds is allocated at
+start (cache, conditioning buffers, prompt K/V), so memory is flat for any session length.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from serving.config import ServingConfig
+from serving.engine import TEMPORAL_STRIDE, BaseSession, Chunk, EngineError, image_to_tensor, to_uint8_frames
+from serving.pose import PoseTracker
+from titan_world.model.action import ActionInputs
+from titan_world.model.dit import PreparedContext, WanDiT
+from titan_world.model.kv_cache import KVCache
+
+log = logging.getLogger("titan_world.serving")
+
+
+def default_sigmas(steps: int) -> list[float]:
+    """1.0, 1 - 1/steps, ..., 1/steps: the student's timesteps (posttrain.denoise_steps / 1000)."""
+    return [1.0 - i / steps for i in range(steps)]
+
+
+def default_start_image(height: int, width: int) -> np.ndarray:
+    """A neutral horizon (sky over ground) for sessions started without an image."""
+    img = np.empty((height, width, 3), np.uint8)
+    rows = np.linspace(0, 1, height)[:, None]
+    sky = np.array([110, 160, 220]) * (1 - 0.4 * rows) + 40 * rows
+    ground = np.array([70, 120, 60]) * (0.7 + 0.3 * rows)
+    img[:] = np.where(rows[..., None] < 0.5, sky[:, None, :], ground[:, None, :]).astype(np.uint8)
+    return img
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+@dataclass
+class _Payload:
+    latents: torch.Tensor  # [1, C, n, h, w] clean latents of the chunk
+    context: torch.Tensor  # [1, C, 1, h, w] the latent frame before it (decoder context)
+    ready: "torch.cuda.Event | None"
+
+
+class StreamingEngine:
+    """`StreamingEngine(model, codec, text_encoder, cfg)`; `start(...)` returns a session.
+
+    `cp`: a ContextParallel (Ulysses) already set on the model; the KV cache then holds this
+    rank's heads only.
+    """
+
+    name = "titan-world"
+
+    def __init__(self, model: WanDiT, codec, text_encoder, cfg: ServingConfig, *, cp=None):
+        if not isinstance(model, WanDiT):
+            raise EngineError(f"serving needs a dense causal student (WanDiT); got {type(model).__name__}")
+        self.model, self.codec, self.text_encoder, self.cfg = model.eval(), codec, text_encoder, cfg
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cp_size = cp.size if cp is not None else 1
+        mc = model.cfg
+        s = codec.stride[1]
+        if cfg.height % (s * mc.patch_size[1]) or cfg.width % (s * mc.patch_size[2]):
+            raise EngineError(f"serving.height/width={cfg.height}x{cfg.width}: expected multiples of {s * mc.patch_size[1]}")
+        if codec.latent_channels != mc.out_dim:
+            raise EngineError(f"codec gives {codec.latent_channels} latent channels; the model expects out_dim={mc.out_dim}")
+        if mc.num_heads % self.cp_size:
+            raise EngineError(f"--gpus {self.cp_size}: model.num_heads={mc.num_heads} must be divisible by it")
+        self.height, self.width, self.fps = cfg.height, cfg.width, cfg.fps
+        self.latent_hw = (cfg.height // s, cfg.width // s)
+        self.tokens_per_frame = (self.latent_hw[0] // mc.patch_size[1]) * (self.latent_hw[1] // mc.patch_size[2])
+        if (self.tokens_per_frame * cfg.chunk_frames) % self.cp_size:
+            raise EngineError(f"--gpus {self.cp_size}: chunk tokens {self.tokens_per_frame * cfg.chunk_frames} must divide by it")
+        self.frames_per_chunk = TEMPORAL_STRIDE * cfg.chunk_frames
+        self.sigmas = list(cfg.sigmas) or default_sigmas(cfg.denoise_steps)
+        if not self.sigmas or any(not 0 < x <= 1 for x in self.sigmas) or sorted(self.sigmas, reverse=True) != self.sigmas:
+            raise EngineError(f"serving.sigmas={self.sigmas}: expected decreasing values in (0, 1]")
+        if cfg.sampler not in ("renoise", "euler"):
+            raise EngineError(f"serving.sampler={cfg.sampler!r}: expected renoise or euler")
+        if cfg.kv_refresh not in ("clean", "last_step"):
+            raise EngineError(f"serving.kv_refresh={cfg.kv_refresh!r}: expected clean or last_step")
+
+    @torch.no_grad()
+    def encode_prompt(self, text: str) -> PreparedContext:
+        ctx = self.text_encoder.encode([text]).to(self.device, self.dtype)
+        return self.model.prepare_context(ctx)
+
+    def start(self, image: np.ndarray | None, prompt: str, seed: int | None = None) -> "StreamingSession":
+        return StreamingSession(self, image, prompt, 0 if seed is None else seed)
+
+
+class StreamingSession(BaseSession):
+    def __init__(self, engine: StreamingEngine, image: np.ndarray | None, prompt: str, seed: int):
+        super().__init__()
+        e, mc, cfg = engine, engine.model.cfg, engine.cfg
+        self.engine, self.cfg, self.seed, self.start_prompt = e, cfg, seed, prompt
+        self.frames_per_chunk = e.frames_per_chunk
+        self.chunk_frames = cfg.chunk_frames
+        dev = e.device
+        self.cache = KVCache(
+            mc.num_layers, 1, mc.num_heads // e.cp_size, mc.head_dim, e.tokens_per_frame,
+            sink_frames=cfg.sink_frames, window_frames=cfg.window_frames, chunk_frames=cfg.chunk_frames,
+            dtype=e.dtype, device=dev,
+        )
+        self.pose = PoseTracker(cfg.fps, cfg.height, cfg.width)
+        self.generator = torch.Generator(dev)
+        self.decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        h, w = e.latent_hw
+        self._noise = torch.empty(1, mc.out_dim, cfg.chunk_frames, h, w, device=dev, dtype=torch.float32)
+        self._cond_chunk = torch.zeros(1, mc.cond_channels, cfg.chunk_frames, h, w, device=dev, dtype=e.dtype) if mc.cond_channels else None
+        self._use_actions = e.model.action_embedding is not None
+        video = image_to_tensor(image if image is not None else default_start_image(cfg.height, cfg.width), cfg.height, cfg.width)
+        t = video.shape[2]
+        video = video[:, :, : 1 + (t - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE]
+        self._start_video = video
+        with torch.no_grad():
+            self.start_latents = e.codec.encode(video.to(dev)).to(torch.float32)  # [1, C, F0, h, w]
+        self.reset()
+
+    # ---- session API ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the state right after start (same seed, prompt and first frames)."""
+        self.generator.manual_seed(self.seed)
+        self.cache.reset()
+        self.pose.reset()
+        self.context = self.engine.encode_prompt(self.start_prompt)
+        self.prompt = self.start_prompt
+        self.chunk_index = 0
+        self.frame = 0
+        lat = self.start_latents
+        for start in range(0, lat.shape[2], self.chunk_frames):  # write the given frames, clean
+            part = lat[:, :, start : start + self.chunk_frames]
+            self._forward(part, 0.0, self._cond(start, part.shape[2]), self._still_actions(part.shape[2]), write=True)
+            self.frame += part.shape[2]
+        self._last_latent = lat[:, :, -1:].clone()
+
+    @torch.no_grad()
+    def set_prompt(self, text: str) -> None:
+        self.context = self.engine.encode_prompt(text)  # replaces the per-prompt cross-attn K/V
+        self.prompt = text
+
+    def first_frames(self) -> np.ndarray:
+        return to_uint8_frames(self._start_video)
+
+    @torch.no_grad()
+    def denoise(self, actions: torch.Tensor) -> Chunk:
+        a = self.check_actions(actions)
+        dev, n = self.engine.device, self.chunk_frames
+        t0 = time.perf_counter()
+        act = self._chunk_actions(a)
+        cond = self._cond(self.frame, n)
+        x = self._noise.normal_(generator=self.generator).clone()
+        sig = self.engine.sigmas
+        last_writes = self.cfg.kv_refresh == "last_step"
+        for i, s in enumerate(sig):
+            final = i == len(sig) - 1
+            v = self._forward(x, s, cond, act, write=final and last_writes).float()
+            x0 = x - s * v
+            if final:
+                x = x0
+            elif self.cfg.sampler == "renoise":
+                nxt = sig[i + 1]
+                x = (1 - nxt) * x0 + nxt * self._noise.normal_(generator=self.generator)
+            else:
+                x = x + (sig[i + 1] - s) * v
+        _sync(dev)
+        t1 = time.perf_counter()
+        if not last_writes:
+            self._forward(x, 0.0, cond, act, write=True)
+        _sync(dev)
+        self.times.denoise, self.times.kv_refresh = t1 - t0, time.perf_counter() - t1
+        ready = None
+        if dev.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        payload = _Payload(x, self._last_latent, ready)
+        self._last_latent = x[:, :, -1:]
+        self.frame += n
+        chunk = Chunk(self.chunk_index, payload, self.frames_per_chunk)
+        self.chunk_index += 1
+        return chunk
+
+    @torch.no_grad()
+    def decode(self, chunk: Chunk) -> np.ndarray:
+        p: _Payload = chunk.payload
+        t0 = time.perf_counter()
+        if self.decode_stream is not None:
+            with torch.cuda.stream(self.decode_stream):
+                self.decode_stream.wait_event(p.ready)
+                for tns in (p.latents, p.context):
+                    tns.record_stream(self.decode_stream)
+                frames = self._decode(p)
+        else:
+            frames = self._decode(p)
+        self.times.decode = time.perf_counter() - t0
+        return frames
+
+    def close(self) -> None:
+        self.cache = None  # type: ignore[assignment]
+        self.context = None  # type: ignore[assignment]
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor this session holds (flat for any session length)."""
+        tensors = [self.cache.k, self.cache.v, self._noise, self.start_latents, self._start_video, self._last_latent]
+        tensors += [t for kv in self.context.kv for t in kv]
+        if self._cond_chunk is not None:
+            tensors.append(self._cond_chunk)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _decode(self, p: _Payload) -> np.ndarray:
+        lat = torch.cat([p.context, p.latents], dim=2).to(torch.float32)
+        video = self.engine.codec.decode(lat)  # [1, 3, 1 + 4n, H, W]: frame 0 is the context's
+        return to_uint8_frames(video[:, :, -TEMPORAL_STRIDE * p.latents.shape[2] :])
+
+    def _forward(self, x: torch.Tensor, sigma: float, cond, actions, *, write: bool) -> torch.Tensor:
+        e = self.engine
+        t = torch.full((1,), sigma * 1000.0, device=e.device)
+        return e.model(
+            x.to(e.dtype), t, self.context, cond=cond, actions=actions, action_reference=self.pose.origin[None].to(e.device),
+            frame_offset=self.frame, kv_cache=self.cache, cache_write=write,
+        )
+
+    def _cond(self, start: int, n: int) -> torch.Tensor | None:
+        """i2v conditioning (Wan layout: 4 mask channels + conditioning latent): the first latent
+        frame of the session is the given image (mask 1), every later frame is unconditioned (0)."""
+        if self._cond_chunk is None:
+            return None
+        if start > 0 and n == self.chunk_frames:
+            return self._cond_chunk  # preallocated zeros
+        cond = torch.zeros(1, self._cond_chunk.shape[1], n, *self._cond_chunk.shape[-2:], device=self.engine.device, dtype=self.engine.dtype)
+        if start == 0:
+            cond[:, :4, 0] = 1
+            cond[:, 4:, 0] = self.start_latents[:, :, 0].to(cond.dtype)
+        return cond
+
+    def _still_actions(self, n: int) -> ActionInputs | None:
+        if not self._use_actions:
+            return None
+        dev = self.engine.device
+        c2w = self.pose.current().to(dev)
+        return ActionInputs(torch.zeros(1, n, 8, device=dev), c2w.expand(1, n, 4, 4), self.pose.intrinsics.to(dev).expand(1, n, 4))
+
+    def _chunk_actions(self, a: torch.Tensor) -> ActionInputs | None:
+        """Per video frame [4n, 8] -> per latent frame: keys averaged, pose after the group's last frame."""
+        poses = self.pose.advance(a)  # integrate always, so the pose is right if actions matter later
+        if not self._use_actions:
+            return None
+        dev, n = self.engine.device, self.chunk_frames
+        keys = a.view(n, TEMPORAL_STRIDE, -1).mean(1)
+        c2w = poses[TEMPORAL_STRIDE - 1 :: TEMPORAL_STRIDE]
+        return ActionInputs(keys[None].to(dev), c2w[None].to(dev), self.pose.intrinsics.to(dev).expand(1, n, 4))
