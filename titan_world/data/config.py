@@ -29,5 +29,6 @@ class DataConfig:
     i2v_ratio: float = 0.5  # the rest is V2V
     v2v_max_cond_frames: int = 2  # latent frames given as context in V2V samples
     num_workers: int = 0
+    cache_dir: str | None = None  # local cache for remote datasets (default: <tmp>/titan_world_cache/<hash>)
     codec: CodecConfig = field(default_factory=CodecConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)

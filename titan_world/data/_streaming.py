@@ -1,0 +1,103 @@
+"""The one place that imports mosaicml-streaming.
+
+`streaming/__init__.py` eagerly imports `streaming.vision`, which needs torchvision (never
+installed beside the CPU torch wheel, DESIGN.md §9). Registering an empty module first keeps the
+import light; nothing in titan-world uses the vision datasets.
+
+Shared-memory hygiene: streaming keeps its coordination state in `/dev/shm/<prefix>_*` and
+file locks in the temp dir. `streaming.base.util.clean_stale_shared_memory()` unlinks *every*
+prefix (live ones of other jobs too), so on a shared machine (or under pytest-xdist) we use
+`release_prefix` for our own datasets and `clean_stale_shared_memory` below, which only removes
+prefixes that no live process maps.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+import tempfile
+import types
+from multiprocessing.shared_memory import SharedMemory
+
+if "streaming.vision" not in sys.modules:
+    sys.modules["streaming.vision"] = types.ModuleType("streaming.vision")
+
+import streaming  # noqa: E402
+from streaming import MDSWriter, StreamingDataLoader, StreamingDataset  # noqa: E402
+from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN  # noqa: E402
+
+__all__ = [
+    "streaming",
+    "MDSWriter",
+    "StreamingDataLoader",
+    "StreamingDataset",
+    "release_prefix",
+    "clean_stale_shared_memory",
+    "streaming_shm_files",
+]
+
+_SHM_RE = re.compile(r"^(\d{6})_(%s)$" % "|".join(SHM_TO_CLEAN))
+
+
+def streaming_shm_files() -> list[str]:
+    """Paths of streaming's shared-memory files currently in /dev/shm."""
+    return sorted(p for p in glob.glob("/dev/shm/*") if _SHM_RE.match(os.path.basename(p)))
+
+
+def release_prefix(prefix_int: int) -> None:
+    """Unlink the shared memory and file locks of one streaming prefix (ours, after use)."""
+    for name in SHM_TO_CLEAN:
+        try:  # open + unlink (not os.remove) so Python's resource tracker forgets it too
+            shm = SharedMemory(name=f"{prefix_int:06}_{name}")
+        except (OSError, ValueError):
+            continue
+        shm.close()
+        shm.unlink()
+    for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
+        try:
+            os.remove(os.path.join(tempfile.gettempdir(), f"{prefix_int:06}_{name}"))
+        except OSError:
+            pass
+
+
+def _mapped_shm_names() -> set[str] | None:
+    """Basenames of /dev/shm files mapped by any live process we can inspect (None: unknown)."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    names: set[str] = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                for line in f:
+                    i = line.find("/dev/shm/")
+                    if i >= 0:
+                        names.add(os.path.basename(line[i:].split(" (deleted)")[0].strip()))
+        except OSError:
+            continue
+    return names
+
+
+def clean_stale_shared_memory() -> int:
+    """Remove streaming prefixes that no live process maps; returns how many were removed.
+
+    Falls back to streaming's own (unconditional) cleaner where /proc is unavailable.
+    """
+    mapped = _mapped_shm_names()
+    if mapped is None:  # pragma: no cover - non-Linux
+        from streaming.base.util import clean_stale_shared_memory as _clean
+
+        _clean()
+        return -1
+    by_prefix: dict[int, list[str]] = {}
+    for path in streaming_shm_files():
+        m = _SHM_RE.match(os.path.basename(path))
+        assert m
+        by_prefix.setdefault(int(m.group(1)), []).append(os.path.basename(path))
+    removed = 0
+    for prefix, names in by_prefix.items():
+        if not any(n in mapped for n in names):
+            release_prefix(prefix)
+            removed += 1
+    return removed
