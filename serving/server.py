@@ -186,6 +186,7 @@ class Connection:
     async def _run(self, req: StartRequest) -> None:
         srv = self.server
         session: Session | None = None
+        error: str | None = None
         try:
             try:
                 admitted = srv.admission.request(self)
@@ -212,13 +213,16 @@ class Connection:
         except asyncio.CancelledError:
             raise
         except (EngineError, ClientError) as e:
-            await self.send_error(f"session stopped: {e}")
+            error = f"session stopped: {e}"
         except Exception as e:  # a generation failure ends this session, never the server
             log.exception("session %d failed", self.id)
-            await self.send_error(f"session stopped: generation failed ({type(e).__name__}: {e}); send start to begin again")
+            error = f"session stopped: generation failed ({type(e).__name__}: {e}); send start to begin again"
         finally:
             self.state = "idle"
             await srv.release(self, session)
+        if error:  # after the release, so a client that retries at once is admitted
+            srv.errors_total += 1
+            await self.send_error(error)
 
     async def send_queued(self) -> None:
         await self.send_json({"type": "status", "state": "queued", "position": self.server.admission.position(self),
