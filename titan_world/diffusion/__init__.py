@@ -1,1 +1,1 @@
-"""titan-world."""
+"""Flow matching: shift schedules, training targets, samplers."""

@@ -13,6 +13,8 @@ class ActionConfig:
     num_keys: int = 8  # keyboard multi-hot width (W, A, S, D, ... see titan_world.data.actions)
     hidden_dim: int = 0  # 0: use the model dim
     use_camera: bool = True  # Plücker rays from poses + intrinsics
+    spatial_stride: int = 4  # codec spatial stride: Plücker rays are computed at latent_hw * stride pixels
+    translation_scale: float = 1.0  # world units per normalised translation unit
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""Action conditioning (LingBot-style): camera Plücker rays + keyboard multi-hot -> per-token
+AdaLN modulation after each block's self-attention, zero-initialised (a fresh adapter is an
+exact no-op).
+
+Inputs per *latent* frame: keys [B, F, K], camera-to-world [B, F, 4, 4] (OpenCV), intrinsics
+[B, F, 4] (fx, fy, cx, cy in pixels). Poses are made relative to a reference frame (the clip's
+first frame, or a session's first frame when streaming) and translations divided by a fixed
+scale, so the same motion gives the same input wherever a window starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from titan_world.model.codec import TEMPORAL_STRIDE, check_frame_count
+
+
+def plucker_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Plücker coordinates (o x d, d) per pixel: [..., 6, H, W] from c2w [..., 4, 4] and K [..., 4]."""
+    from titan_world.data.geometry import plucker_rays as _plucker
+
+    return _plucker(c2w, intrinsics, height, width)
+
+
+@dataclass
+class ActionInputs:
+    keys: torch.Tensor  # [B, F, K] per latent frame
+    c2w: torch.Tensor  # [B, F, 4, 4]
+    intrinsics: torch.Tensor  # [B, F, 4]
+
+    @staticmethod
+    def from_video_frames(keys: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor) -> "ActionInputs":
+        """Per-video-frame actions (T = 1 + 4k) -> per latent frame: latent 0 <- frame 0; latent i
+        <- frames 4i-3..4i (keys averaged = fraction of time pressed, pose/intrinsics of frame 4i)."""
+        b, t, k = keys.shape
+        n = check_frame_count(t, "actions")
+        first = keys[:, :1]
+        rest = keys[:, 1:].reshape(b, n, TEMPORAL_STRIDE, k).mean(2)
+        idx = torch.arange(0, t, TEMPORAL_STRIDE, device=keys.device)
+        return ActionInputs(torch.cat([first, rest], 1), c2w[:, idx], intrinsics[:, idx])
+
+    def slice(self, start: int, end: int) -> "ActionInputs":
+        return ActionInputs(self.keys[:, start:end], self.c2w[:, start:end], self.intrinsics[:, start:end])
+
+    def relative(self, reference: torch.Tensor | None = None, translation_scale: float = 1.0) -> torch.Tensor:
+        """c2w relative to `reference` [B, 4, 4] (default: the first frame), translations scaled."""
+        ref = self.c2w[:, 0] if reference is None else reference
+        rel = torch.linalg.inv(ref)[:, None] @ self.c2w
+        rel = rel.clone()
+        rel[..., :3, 3] = rel[..., :3, 3] / translation_scale
+        return rel
+
+
+class ActionEmbedding(nn.Module):
+    """Plücker rays unshuffled to the latent grid and patchified, plus keys per token -> [B, L, dim]."""
+
+    def __init__(self, dim: int, num_keys: int, spatial_stride: int, patch_hw: tuple[int, int], hidden: int = 0, use_camera: bool = True):
+        super().__init__()
+        self.stride, self.patch_hw, self.use_camera = spatial_stride, patch_hw, use_camera
+        cam_features = 6 * spatial_stride**2 * patch_hw[0] * patch_hw[1] if use_camera else 0
+        hidden = hidden or dim
+        # Wan-style Sequential naming: action_embedding.0 / .2
+        self.net = nn.Sequential(nn.Linear(cam_features + num_keys, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, actions: ActionInputs, grid: tuple[int, int, int], reference: torch.Tensor | None = None, translation_scale: float = 1.0) -> torch.Tensor:
+        f, h, w = grid  # token grid (after patching)
+        b = actions.keys.shape[0]
+        ph, pw = self.patch_hw
+        feats = []
+        if self.use_camera:
+            hl, wl = h * ph, w * pw  # latent grid
+            rays = plucker_rays(actions.relative(reference, translation_scale), actions.intrinsics, hl * self.stride, wl * self.stride)
+            rays = F.pixel_unshuffle(rays.flatten(0, 1), self.stride)  # [B*F, 6 s s, hl, wl]
+            rays = rays.reshape(b, f, -1, h, ph, w, pw).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, f * h * w, -1)
+            feats.append(rays)
+        feats.append(actions.keys[:, :, None, :].expand(-1, -1, h * w, -1).reshape(b, f * h * w, -1))
+        return self.net(torch.cat(feats, dim=-1).to(self.net[0].weight.dtype))
+
+
+class ActionModulation(nn.Module):
+    """Per-block AdaLN from the action embedding: x * (1 + scale) + shift, zero-initialised."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.proj(F.silu(c)).float().chunk(2, dim=-1)
+        return (x.float() * (1 + scale) + shift).type_as(x)

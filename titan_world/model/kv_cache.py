@@ -1,0 +1,80 @@
+"""A preallocated self-attention KV cache with an attention sink and a rolling local window.
+
+Memory is fixed at construction: per layer [B, (C + S + W) * tokens_per_frame, H, D] for a
+current-chunk slot of C frames, S sink frames and a ring of W window frames. Layout
+`[chunk | sink | window ring]` keeps the keys a chunk attends to contiguous (a view, no copy):
+the current chunk of n <= C frames is written at the end of the chunk slot, right before the
+sink, so the visible region is `[C - n, C + stored)`. Keys are stored with RoPE already applied
+at absolute frame positions, so their order in memory does not matter for attention.
+
+Equivalent mask (tested): `AttnMask.block_causal(..., sink_frames=S, window_frames=W)` — a chunk
+sees its own frames, the first S frames, and the W frames before it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        *,
+        sink_frames: int = 1,
+        window_frames: int = 8,
+        chunk_frames: int = 3,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if window_frames < 1:
+            raise ValueError(f"window_frames={window_frames}: expected >= 1")
+        self.tpf, self.sink, self.window, self.chunk = tokens_per_frame, sink_frames, window_frames, chunk_frames
+        capacity = (chunk_frames + sink_frames + window_frames) * tokens_per_frame
+        shape = (num_layers, batch, capacity, heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.committed_frames = 0  # frames ever written (the window keeps the last W of them)
+
+    def reset(self) -> None:
+        self.committed_frames = 0
+
+    @property
+    def stored_frames(self) -> int:
+        return min(self.committed_frames, self.sink + self.window)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def attend_region(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put the current chunk's k/v [B, n*tpf, H, D] into the chunk slot; return the visible keys."""
+        n_tok = k.shape[1]
+        if n_tok % self.tpf or n_tok > self.chunk * self.tpf:
+            raise ValueError(f"chunk of {n_tok} tokens: expected a multiple of {self.tpf} and at most {self.chunk} frames")
+        c_tok = self.chunk * self.tpf
+        start = c_tok - n_tok
+        self.k[layer, :, start:c_tok] = k
+        self.v[layer, :, start:c_tok] = v
+        end = c_tok + self.stored_frames * self.tpf
+        return self.k[layer, :, start:end], self.v[layer, :, start:end]
+
+    def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the chunk's k/v into the sink/window slots (after it attended). Call `advance` once after."""
+        for i in range(k.shape[1] // self.tpf):  # loop over frames of one chunk (<= C), not tokens
+            slot = self._slot(self.committed_frames + i)
+            dst = slice((self.chunk + slot) * self.tpf, (self.chunk + slot + 1) * self.tpf)
+            src = slice(i * self.tpf, (i + 1) * self.tpf)
+            self.k[layer, :, dst] = k[:, src]
+            self.v[layer, :, dst] = v[:, src]
+
+    def advance(self, frames: int) -> None:
+        self.committed_frames += frames
+
+    def _slot(self, frame: int) -> int:
+        if frame < self.sink:
+            return frame
+        return self.sink + (frame - self.sink) % self.window
