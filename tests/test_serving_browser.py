@@ -1,0 +1,153 @@
+"""The browser client in real headless Chromium, driven over the DevTools protocol (no npm).
+
+The page connects to a live server, frames arrive and are drawn on the canvas (pixels read back
+through JS), and a key press in the page changes what the engine receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import aiohttp
+import pytest
+
+from serving.config import ServingConfig
+from serving.fake_engine import FakeEngine, _prompt_color
+from serving.server import ServerThread, StreamServer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (scripts/install_system.sh installs it)"),
+]
+PROMPT = "a sunny meadow with trees and a red house"  # the page's default prompt
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CDP:
+    """A minimal DevTools client: send a command, wait for its reply."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws, self.ids = ws, itertools.count(1)
+
+    async def call(self, method: str, **params):
+        i = next(self.ids)
+        await self.ws.send_json({"id": i, "method": method, "params": params})
+        while True:
+            msg = await self.ws.receive_json(timeout=20)
+            if msg.get("id") == i:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    async def js(self, expr: str):
+        r = await self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"JS error in {expr!r}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    async def wait_for(self, expr: str, timeout: float = 20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = await self.js(expr)
+            if value:
+                return value
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {expr}")
+
+    async def key(self, code: str, key: str, vk: int, down: bool):
+        await self.call("Input.dispatchKeyEvent", type="keyDown" if down else "keyUp", code=code, key=key,
+                        windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk)
+
+
+def test_page_streams_draws_and_sends_keys():
+    engine = FakeEngine(fps=30.0)
+    port = _free_port()
+    with ServerThread(StreamServer(engine, ServingConfig())) as st, tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
+             f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            asyncio.run(asyncio.wait_for(_drive(port, st.url, engine), 90))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def _drive(port: int, url: str, engine: FakeEngine) -> None:
+    async with aiohttp.ClientSession() as s:
+        targets = None
+        for _ in range(200):
+            try:
+                async with s.get(f"http://127.0.0.1:{port}/json/list") as r:
+                    targets = [t for t in await r.json() if t["type"] == "page"]
+                    if targets:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        assert targets, "chromium did not open its DevTools port"
+        async with s.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            cdp = CDP(ws)
+            await cdp.call("Page.navigate", url=url + "/")
+            await cdp.wait_for("window.titan && window.titan.ws && window.titan.ws.readyState === 1")
+            await cdp.js("document.getElementById('start').click()")
+            await cdp.wait_for("window.titan.drawn >= 5")
+            stats = await cdp.wait_for("document.getElementById('stats').textContent.includes('fps') && document.getElementById('stats').textContent")
+            assert "latency" in stats
+
+            # the canvas shows the stream: its pixels are the engine's prompt colour (+ white square)
+            pixels = json.loads(await cdp.js("""(() => {
+                const c = document.getElementById('view');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let r = 0, g = 0, b = 0, white = 0, n = d.length / 4;
+                for (let i = 0; i < d.length; i += 4) {
+                  r += d[i]; g += d[i + 1]; b += d[i + 2];
+                  if (d[i] > 230 && d[i + 1] > 230 && d[i + 2] > 230) white++;
+                }
+                return JSON.stringify({w: c.width, h: c.height, mean: [r / n, g / n, b / n], white});
+            })()"""))
+            assert (pixels["w"], pixels["h"]) == (64, 64)
+            assert pixels["white"] > 0
+            color = _prompt_color(PROMPT)
+            bg = [(m * 4096 - 255 * pixels["white"]) / (4096 - pixels["white"]) for m in pixels["mean"]]
+            assert all(abs(a - b) < 12 for a, b in zip(bg, color)), (bg, color)
+
+            # a key press in the page changes what the server (engine) receives
+            assert not any(a[:, 0].any() for a in list(engine.received))
+            await cdp.key("KeyW", "w", 87, down=True)
+            await cdp.wait_for("document.querySelector('#keys span[data-k=w]').classList.contains('on')")
+            for _ in range(100):
+                if any(a[0, 0] == 1 for a in list(engine.received)):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("W pressed in the page never reached the engine")
+            await cdp.key("KeyW", "w", 87, down=False)
+            n0 = len(engine.received)
+            for _ in range(100):  # released: later chunks have w = 0 again
+                recent = list(engine.received)[n0:]
+                if recent and recent[-1][0, 0] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("releasing W never reached the engine")
+            assert await cdp.js("window.titan.errors.length") == 0
