@@ -1,0 +1,50 @@
+"""FSDP2 (`fully_shard`) for any module that has a `.blocks` ModuleList.
+
+One FSDP unit per block (its all-gather overlaps the previous block's compute) plus the root for
+the remaining parameters (embeddings, head). Parameters are sharded over the flattened
+dp_shard×cp mesh so CP ranks hold distinct shards; with dp_replicate > 1 the 2-D mesh gives HSDP
+(shard within a group, all-reduce across replicas).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .config import ParallelConfig
+from .mesh import ParallelMesh
+
+__all__ = ["apply_fsdp", "mixed_precision_policy"]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def mixed_precision_policy(cfg: ParallelConfig, device_type: str) -> MixedPrecisionPolicy:
+    """bf16 compute params on GPU, fp32 on CPU (CPU bf16 matmuls are slow and break parity tests);
+    gradients are always reduced in `cfg.reduce_dtype` (fp32 by default)."""
+    param = _DTYPES[cfg.param_dtype] if device_type == "cuda" else torch.float32
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=_DTYPES[cfg.reduce_dtype], cast_forward_inputs=True)
+
+
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig) -> nn.Module:
+    """Shard `model` in place (per block, then root) and return it.
+
+    Frozen parameters (requires_grad=False, e.g. the backbone during action finetuning) are
+    sharded like the rest (FSDP2 supports mixed frozen/trainable params in one unit): they are
+    all-gathered for compute, get no gradient and no reduce-scatter traffic.
+
+    Gradients are averaged over the whole dp_shard×cp (×dp_replicate) mesh: with the gradient
+    scaling of parallel/ulysses.py that mean is the exact data-parallel gradient under CP.
+    """
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"apply_fsdp: {type(model).__name__} has no `blocks` nn.ModuleList")
+    mp = mixed_precision_policy(cfg, mesh.device_type)
+    fsdp_mesh = mesh.fsdp_mesh
+    for i, block in enumerate(blocks):
+        # The last block's params are needed again right at the start of backward: keep them.
+        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=fsdp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
