@@ -56,3 +56,26 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor
     """Mean squared error over generated frames only ([B, C, F, h, w] with mask [B, F])."""
     err = (pred.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
     return (err * loss_mask).sum() / loss_mask.sum().clamp_min(1.0)
+
+
+def conditioned_denoiser(model, context, latents: torch.Tensor, cond_mask: torch.Tensor, actions: ActionInputs | None, with_i2v_channels: bool, **model_kwargs):
+    """denoise_fn(x, t) for `titan_world.diffusion.samplers.sample` that keeps the given frames clean.
+
+    Given frames are overwritten with their latents, get timestep 0 and a zero velocity, so both
+    Euler and the multistep sampler leave them exactly unchanged. Start from noise with the given
+    frames already filled in (`fill_given(noise, latents, cond_mask)`).
+    """
+    cond = i2v_condition(latents, cond_mask) if with_i2v_channels else None
+    keep = cond_mask[:, None, :, None, None]
+
+    def denoise_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = torch.where(keep, latents, x)
+        t_f = torch.where(cond_mask, torch.zeros_like(t[:, None]), t[:, None].expand_as(cond_mask))
+        v = model(x, t_f, context, cond=cond, actions=actions, **model_kwargs)
+        return torch.where(keep, torch.zeros_like(v), v)
+
+    return denoise_fn
+
+
+def fill_given(noise: torch.Tensor, latents: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(cond_mask[:, None, :, None, None], latents, noise)
