@@ -54,7 +54,12 @@ def release_prefix(prefix_int: int) -> None:
         except (OSError, ValueError):
             continue
         shm.close()
-        shm.unlink()
+        try:
+            shm.unlink()
+        except FileNotFoundError:  # another rank released it first; just forget our handle
+            from multiprocessing import resource_tracker
+
+            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
         try:
             os.remove(os.path.join(tempfile.gettempdir(), f"{prefix_int:06}_{name}"))

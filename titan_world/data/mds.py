@@ -96,6 +96,18 @@ def write_episodes(
         columns[RAW_COLUMN] = "ndarray"
     Path(out).mkdir(parents=True, exist_ok=True)
     n = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # encoding is copy-bound; extra threads only contend on busy machines
+    try:
+        n = _write(episodes, out, codec, text_encoder, meta, columns, keep_raw, batch_size, compression, size_limit, on_written)
+    finally:
+        torch.set_num_threads(threads)
+    (Path(out) / "titan_dataset.json").write_text(json.dumps({**meta, "episodes": n, "keep_raw": keep_raw}, indent=1))
+    return n
+
+
+def _write(episodes, out, codec, text_encoder, meta, columns, keep_raw, batch_size, compression, size_limit, on_written) -> int:
+    n = 0
     with MDSWriter(out=str(out), columns=columns, compression=compression, size_limit=size_limit) as writer:
         for batch in _batches(episodes, batch_size):
             with torch.no_grad():
@@ -125,5 +137,4 @@ def write_episodes(
                 n += 1
                 if on_written:
                     on_written(ep)
-    (Path(out) / "titan_dataset.json").write_text(json.dumps({**meta, "episodes": n, "keep_raw": keep_raw}, indent=1))
     return n
