@@ -38,6 +38,8 @@ class ModelConfig:
     num_experts: int = 1
     boundary: float = 0.900
     action: ActionConfig = field(default_factory=ActionConfig)
+    # > 0 for a block-causal student (post-training): latent frames per chunk; 0: bidirectional
+    causal_chunk_frames: int = 0
 
     @property
     def head_dim(self) -> int:

@@ -31,6 +31,14 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model: names the folder, keys and shapes."""
 
 
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A Wan folder as given, or a run directory's exported `model/` folder."""
+    p = Path(path)
+    if (p / "model" / "config.json").is_file() or (p / "model" / EXPERT_DIRS["high"]).is_dir():
+        return p / "model"
+    return p
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> WanDiT | WanMoE:
     """A freshly initialised dense DiT, or the two-expert MoE when cfg.num_experts == 2."""
     def build():
@@ -126,7 +134,7 @@ def _load_dense(folder: Path, dtype, device, cfg_override: ModelConfig | None = 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu", config: ModelConfig | None = None):
     """Load a Wan checkpoint folder: a MoE root (high_noise_model/ + low_noise_model/) -> WanMoE,
     else one network -> WanDiT. `config` overrides the folder's config.json (e.g. to add actions)."""
-    folder = Path(path)
+    folder = resolve_checkpoint_dir(path)
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     experts = {name: folder / sub for name, sub in EXPERT_DIRS.items()}
@@ -156,7 +164,9 @@ def _atomic_dir_write(folder: Path, write) -> None:
 
 def config_json(cfg: ModelConfig) -> dict:
     raw = {"_class_name": "WanModel", **{k: getattr(cfg, k) for k in _NATIVE_FIELDS}, "patch_size": list(cfg.patch_size)}
-    raw["titan_world"] = {"name": cfg.name, "text_dim": cfg.text_dim, "action": dataclasses.asdict(cfg.action), "boundary": cfg.boundary}
+    raw["titan_world"] = {"name": cfg.name, "text_dim": cfg.text_dim, "action": dataclasses.asdict(cfg.action), "boundary": cfg.boundary,
+        "causal_chunk_frames": cfg.causal_chunk_frames,
+    }
     return raw
 
 
