@@ -1,0 +1,156 @@
+"""Serving benchmark: first-chunk latency, steady fps incl. decode, per-stage times, memory.
+
+    python -m benchmarks.bench_serving [--chunks 300] [--config C] [key=value ...]
+
+Defaults: the tiny model (random weights unless serving.checkpoint / runs/demo has a student) on
+CPU. GPU example (the lead's runs):
+    python -m benchmarks.bench_serving --config wan2.1-1.3b.yaml serving.height=480 serving.width=832 \\
+        serving.chunk_frames=3 data.codec.kind=wan_vae data.codec.path=/weights/vae
+Levers to compare: serving.kv_refresh=last_step, serving.window_frames=N, serving.denoise_steps=N,
+serving.compile=true.
+
+Reports: start (prompt encode + first-frame cache write) and first-chunk latency (start -> first
+chunk's frames JPEG-encoded); per-stage medians (denoise, KV refresh, decode, JPEG); fps run
+serially and pipelined the way the server runs it (denoise thread || decode+JPEG thread); peak
+and steady memory over the session, whose growth must be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _actions(i: int) -> torch.Tensor:
+    a = torch.zeros(4, 8)
+    a[:, 0] = 1.0
+    a[:, 6] = 0.2 if (i // 20) % 2 else -0.2
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None)
+    p.add_argument("--chunks", type=int, default=300, help="chunks in the long session (memory + steady fps)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    from launch.cli_common import config_from_args
+    from serving.loading import build_engine
+    from serving.server import encode_jpeg
+
+    cfg = config_from_args(args)
+    engine = build_engine(cfg)
+    sc, dev = engine.cfg, engine.device
+    cuda = dev.type == "cuda"
+    jpeg = lambda frames: [encode_jpeg(f, sc.jpeg_quality) for f in frames]  # noqa: E731
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    # warm-up session (allocator, kernels, compile), then a fresh one for the first-chunk latency
+    warm = engine.start(None, sc.default_prompt, 0)
+    for i in range(3):
+        jpeg(warm.step(_actions(i)))
+    warm.close()
+    del warm
+    t0 = time.perf_counter()
+    session = engine.start(None, sc.default_prompt, 1)
+    t_start = time.perf_counter() - t0
+    jpeg(session.step(_actions(0)))
+    t_first = time.perf_counter() - t0
+
+    # serial: every stage timed
+    stages: dict[str, list[float]] = {"denoise": [], "kv_refresh": [], "decode": [], "jpeg": []}
+    rss, state = [], []
+    serial_n = max(10, args.chunks // 2)
+    t0 = time.perf_counter()
+    for i in range(serial_n):
+        chunk = session.denoise(_actions(i))
+        frames = session.decode(chunk)
+        tj = time.perf_counter()
+        jpeg(frames)
+        stages["jpeg"].append(time.perf_counter() - tj)
+        for k in ("denoise", "kv_refresh", "decode"):
+            stages[k].append(getattr(session.times, k))
+        if i % 25 == 0:
+            rss.append(_rss_mb())
+            state.append(session.state_bytes())
+    serial_s = time.perf_counter() - t0
+    n_frames = serial_n * engine.frames_per_chunk
+
+    # pipelined like the server: chunk N decodes + encodes while chunk N+1 denoises
+    pipe_n = args.chunks - serial_n
+    gpu, dec = cf.ThreadPoolExecutor(1), cf.ThreadPoolExecutor(1)
+    t0 = time.perf_counter()
+    pending = None
+    for i in range(pipe_n):
+        chunk = gpu.submit(session.denoise, _actions(i)).result()
+        if pending is not None:
+            pending.result()
+        pending = dec.submit(lambda c=chunk: jpeg(session.decode(c)))
+        if i % 25 == 0:
+            rss.append(_rss_mb())
+            state.append(session.state_bytes())
+    if pending is not None:
+        pending.result()
+    pipe_s = time.perf_counter() - t0
+    gpu.shutdown()
+    dec.shutdown()
+    rss.append(_rss_mb())
+    state.append(session.state_bytes())
+
+    med = {k: 1e3 * statistics.median(v) for k, v in stages.items()}
+    res = {
+        "device": str(dev), "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "model": f"{cfg.model.name} ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M params, {engine.source})",
+        "geometry": f"{sc.width}x{sc.height}, {engine.frames_per_chunk} frames/chunk, {len(engine.sigmas)} steps, "
+                    f"sink {sc.sink_frames} + window {sc.window_frames} latent frames, kv_refresh={sc.kv_refresh}",
+        "start_ms": 1e3 * t_start, "first_chunk_ms": 1e3 * t_first,
+        "stage_median_ms": med,
+        "serial_fps": n_frames / serial_s,
+        "pipelined_fps": pipe_n * engine.frames_per_chunk / pipe_s if pipe_n else None,
+        "chunks": args.chunks,
+        "kv_cache_mb": session.cache.nbytes() / 2**20,
+        "session_state_mb": state[-1] / 2**20, "session_state_growth_bytes": state[-1] - state[0],
+        "rss_mb_first_last": [rss[0], rss[-1]], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if cuda:
+        res["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        res["cuda_allocated_mb"] = torch.cuda.memory_allocated(dev) / 2**20
+    print(f"serving benchmark: {res['model']} on {res['device']} {res['dtype']} ({res['threads']} threads)")
+    print(f"  {res['geometry']}")
+    print(f"  start {res['start_ms']:.1f} ms, first chunk {res['first_chunk_ms']:.1f} ms (start -> JPEG frames)")
+    print("  per chunk (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
+    print(f"  fps incl. decode + JPEG: serial {res['serial_fps']:.1f}, pipelined {res['pipelined_fps'] or 0:.1f} "
+          f"(target: serving fps {sc.fps:.0f})")
+    print(f"  memory over {args.chunks} chunks: KV cache {res['kv_cache_mb']:.2f} MB, session state "
+          f"{res['session_state_mb']:.2f} MB (growth {res['session_state_growth_bytes']} B), RSS "
+          f"{rss[0]:.0f} -> {rss[-1]:.0f} MB, peak RSS {res['peak_rss_mb']:.0f} MB"
+          + (f", CUDA peak {res['cuda_peak_allocated_mb']:.0f} MB" if cuda else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
