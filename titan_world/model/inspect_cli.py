@@ -1,15 +1,153 @@
-"""`titan-world inspect` (placeholder until issue #4 lands)."""
+"""`titan-world inspect`: what a model config or checkpoint is, in numbers.
+
+Parameters per module, shapes, dtype, tokens for a clip length / resolution, FLOPs per step, and
+(`--plan`) the per-GPU memory plan for a mesh. `--json` prints the same for machines.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from titan_world.config import CONFIG_ROOT, ConfigError, load_config
+from titan_world.model.codec import check_frame_count
+from titan_world.model.config import ActionConfig, ModelConfig
+from titan_world.model.dit import WanDiT
+from titan_world.model.io import CheckpointError, read_config, resolve_checkpoint_dir
+from titan_world.model.moe import EXPERT_DIRS
+from titan_world.train.flops import sample_flops
+
+
+def resolve_target(target: str) -> tuple[ModelConfig, str, str]:
+    """(model config, where from, dtype) for a checkpoint folder, a model YAML or a full config."""
+    p = Path(target)
+    if p.is_dir():
+        folder = resolve_checkpoint_dir(p)
+        expert = folder / EXPERT_DIRS["high"]
+        cfg, _ = read_config(expert if expert.is_dir() else folder)
+        if expert.is_dir():
+            cfg.num_experts = 2
+        return cfg, f"checkpoint {folder}", _checkpoint_dtype(expert if expert.is_dir() else folder)
+    for cand in (p, CONFIG_ROOT / "model" / p, CONFIG_ROOT / "model" / f"{target}.yaml"):
+        if cand.is_file():
+            raw = yaml.safe_load(cand.read_text()) or {}
+            if "dim" in raw:  # a model section file
+                action = ActionConfig(**raw.pop("action", {}))
+                return ModelConfig(**raw, action=action), f"model config {cand}", "bfloat16 (training default on GPU)"
+    cfg = load_config(target)
+    return cfg.model, f"config {target}", "bfloat16 (training default on GPU)"
+
+
+def _checkpoint_dtype(folder: Path) -> str:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return "unknown"
+    with safe_open(str(files[0]), "pt") as fh:
+        key = next(iter(fh.keys()))
+        return str(fh.get_slice(key).get_dtype()).lower()
+
+
+def default_vae_stride(cfg: ModelConfig) -> int:
+    """Spatial stride of the codec the config is paired with: Wan2.1 VAE 8, Wan2.2 TI2V VAE 16, TinyCodec 4."""
+    return {16: 8, 48: 16}.get(cfg.out_dim, 4)
+
+
+def describe(cfg: ModelConfig, frames: int, height: int, width: int, vae_stride: int) -> dict:
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    per_module: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        per_module[top] += p.numel()
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    total = sum(per_module.values())
+    n_lat = 1 + check_frame_count(frames, "--frames")
+    if height % (vae_stride * 2) or width % (vae_stride * 2):
+        raise ValueError(f"--height/--width {height}x{width}: expected multiples of {vae_stride * 2} (VAE stride {vae_stride} x patch 2)")
+    lh, lw = height // vae_stride, width // vae_stride
+    fl = sample_flops(cfg, n_lat, lh, lw)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("blocks.") or k.startswith("blocks.0.")}
+    return {
+        "name": cfg.name,
+        "experts": cfg.num_experts,
+        "params_per_expert": total,
+        "params_total": total * cfg.num_experts,
+        "params_per_module": dict(per_module),
+        "params_per_block": block,
+        "num_layers": cfg.num_layers,
+        "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+        "clip": {"frames": frames, "height": height, "width": width, "latent": [cfg.out_dim, n_lat, lh, lw], "tokens": fl.tokens},
+        "flops": {"forward_per_sample": fl.forward, "train_step_per_sample": fl.train_step, "forward_per_token": fl.per_token_forward},
+        "shapes": shapes,
+    }
+
+
+def format_report(info: dict, source: str, dtype: str) -> str:
+    c, f = info["clip"], info["flops"]
+    lines = [
+        f"{info['name']}  ({source}, dtype {dtype})",
+        f"  parameters: {info['params_per_expert'] / 1e9:.3f}B per expert x {info['experts']} = {info['params_total'] / 1e9:.3f}B",
+        f"  dim {info['dim']}, ffn {info['ffn_dim']}, {info['num_heads']} heads x {info['head_dim']}, {info['num_layers']} layers "
+        f"({info['params_per_block'] / 1e6:.1f}M per block)",
+        "  per module:",
+    ]
+    for k, v in info["params_per_module"].items():
+        lines.append(f"    {k:<18} {v / 1e6:>12.3f}M")
+    lines += [
+        f"  clip {c['frames']} frames at {c['width']}x{c['height']} -> latents {c['latent']} -> {c['tokens']:,} tokens",
+        f"  FLOPs: forward {f['forward_per_sample'] / 1e12:.2f} TFLOP/sample ({f['forward_per_token'] / 1e9:.2f} GFLOP/token), "
+        f"train step {f['train_step_per_sample'] / 1e12:.2f} TFLOP/sample",
+    ]
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (parser.description or "") + " [not implemented yet: tracked in issue #4]"
+    parser.add_argument("target", nargs="?", default="tiny.yaml", help="checkpoint folder / run dir, model config (e.g. wan2.2-i2v-a14b) or full config")
+    parser.add_argument("--frames", type=int, default=81, help="video frames (1 + 4k); default 81 (5 s at 16 fps)")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--vae-stride", type=int, default=None, help="codec spatial stride (default: 8 for 16-ch, 16 for 48-ch, 4 for tiny)")
+    parser.add_argument("--shapes", action="store_true", help="print parameter shapes (block 0 stands for all blocks)")
+    parser.add_argument("--plan", action="store_true", help="per-GPU memory plan (params, grads, optimizer, activations) for a mesh")
+    parser.add_argument("--gpus", type=int, default=8, help="--plan: GPUs in all")
+    parser.add_argument("--cp", type=int, default=None, help="--plan: context-parallel degree (default: the smallest that fits)")
+    parser.add_argument("--ac", default="full", choices=["none", "full", "selective"], help="--plan: activation checkpointing")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="--plan: GPU memory in GB")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("titan-world inspect: not implemented yet (issue #4)", file=sys.stderr)
-    return 2
+    try:
+        cfg, source, dtype = resolve_target(args.target)
+        stride = args.vae_stride or default_vae_stride(cfg)
+        info = describe(cfg, args.frames, args.height, args.width, stride)
+    except (CheckpointError, ConfigError, ValueError, TypeError) as e:
+        print(f"titan-world inspect: {e}", file=sys.stderr)
+        return 2
+    info.update(source=source, dtype=dtype)
+    plan_text = None
+    if args.plan:
+        from parallel.planner import format_plan, plan_for_cli
+
+        plan, plan_text = plan_for_cli(cfg, args.frames, args.height, args.width, stride, gpus=args.gpus, cp=args.cp, ac=args.ac, gpu_mem_gb=args.gpu_mem)
+        info["plan"] = plan
+    if args.json:
+        if not args.shapes:
+            info.pop("shapes")
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(format_report(info, source, dtype))
+    if args.shapes:
+        for k, v in info["shapes"].items():
+            print(f"    {k:<40} {v}")
+    if plan_text:
+        print(plan_text)
+    return 0
