@@ -59,7 +59,7 @@ def test_inspect_reports_a14b_and_tokens(capsys):
     assert info["params_per_expert"] == 14_288_901_184 and info["experts"] == 2
     assert info["clip"]["tokens"] == 32_760
     assert main(["inspect", "wan2.1-1.3b", "--frames", "961"]) == 0
-    assert "376,080 tokens" in capsys.readouterr().out  # 60 s: 241 latent frames x 30 x 52
+    assert "375,960 tokens" in capsys.readouterr().out  # 60 s: 241 latent frames x 30 x 52
     assert main(["inspect", "wan2.1-1.3b", "--frames", "80"]) == 2
     assert "1 + 4k" in capsys.readouterr().err
 
