@@ -212,6 +212,8 @@ class Connection:
             await self._stream(session, t0)
         except asyncio.CancelledError:
             raise
+        except ConnectionError:  # the client went away mid-stream: nothing to report
+            pass
         except (EngineError, ClientError) as e:
             error = f"session stopped: {e}"
         except Exception as e:  # a generation failure ends this session, never the server
@@ -336,6 +338,7 @@ class StreamServer:
         self._gpu = cf.ThreadPoolExecutor(1, thread_name_prefix="titan-gpu")
         self._decoder = cf.ThreadPoolExecutor(1, thread_name_prefix="titan-decode")
         self._gpu_inflight: set[cf.Future] = set()
+        self._background: set[asyncio.Future] = set()
         self.started_at = time.time()
         self.sessions_total = 0
         self.errors_total = 0
@@ -367,7 +370,9 @@ class StreamServer:
     def _queue_changed(self) -> None:
         for conn in list(self.connections):
             if conn.state == "queued":
-                asyncio.ensure_future(conn.send_queued())
+                task = asyncio.ensure_future(conn.send_queued())
+                self._background.add(task)  # keep a reference until it is done
+                task.add_done_callback(self._background.discard)
 
     # ---- HTTP ----------------------------------------------------------------------------
     def make_app(self) -> web.Application:
