@@ -1,0 +1,169 @@
+"""Local multi-process launching (torchrun) and the per-node agent used under SLURM.
+
+`launch_local(nproc, [module, *args])` is what `titan-world train --nproc N` calls: it runs
+`python -m launch.torchrun --standalone --nproc-per-node N -m module args`, i.e. torchrun's
+own launcher (c10d rendezvous on a free localhost port; the trainer picks gloo on CPU).
+
+`python -m launch.torchrun TORCHRUN_ARGS` is torchrun (`torch.distributed.run`) run in this
+process, plus the one thing torchrun lacks for preemption: SIGUSR1. Plain torchrun dies on
+SIGUSR1 (no handler; default action terminates) and would treat the trainer's
+checkpoint-and-exit as a crash and restart the workers (`--max-restarts`). The agent here
+instead forwards SIGUSR1 to its workers (they live in their own sessions, so a process-group
+signal would miss them), switches elastic restarts off for the rest of this attempt, and exits
+with `EXIT_PREEMPTED` so the SLURM job script knows to requeue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "checkpointed because asked to stop; requeue/resume me"
+PREEMPT_SIGNALS = (signal.SIGUSR1,)
+
+
+def is_distributed_child() -> bool:
+    """True inside a rank started by torchrun/srun (RANK set): do not launch again."""
+    return "RANK" in os.environ
+
+
+def local_torchrun_argv(nproc: int, module_args: Sequence[str], *, max_restarts: int = 0) -> list[str]:
+    """The command `launch_local` runs (single node, free port chosen by torchrun)."""
+    if nproc < 1:
+        raise ValueError(f"--nproc={nproc}: expected >= 1")
+    if not module_args:
+        raise ValueError("launch_local: expected [module, *args]")
+    return [
+        sys.executable, "-m", "launch.torchrun", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}", "-m", *module_args,
+    ]
+
+
+def launch_local(nproc: int, argv_module_args: Sequence[str], env: Mapping[str, str] | None = None,
+                 *, max_restarts: int = 0) -> int:
+    """Run `module args` on `nproc` local ranks; return the launcher's exit code.
+
+    SIGUSR1/SIGTERM sent to this process are forwarded to the agent (which forwards to the
+    ranks), so `kill -USR1` on `titan-world train --nproc N` checkpoints like under SLURM.
+    """
+    cmd = local_torchrun_argv(nproc, argv_module_args, max_restarts=max_restarts)
+    proc = subprocess.Popen(cmd, env=None if env is None else {**os.environ, **env})
+    previous: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda s, _f: proc.send_signal(s))
+    try:
+        return _exit_code(proc.wait())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _exit_code(code: int) -> int:
+    return 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as a shell reports it
+
+
+# -- the per-node agent: torchrun in this process, preemption-aware ---------------------------
+class _Preemption:
+    """Set by SIGUSR1: forward it to every worker (now and any started later), stop restarts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.agents: list[object] = []
+        self._signalled: set[int] = set()
+
+    def handle(self, signum: int, _frame: object) -> None:
+        first = not self.requested
+        self.requested = True
+        for agent in self.agents:  # the checkpoint-and-exit that follows is not a crash
+            if hasattr(agent, "_remaining_restarts"):
+                agent._remaining_restarts = 0  # type: ignore[attr-defined]
+        if first:
+            print(f"[launch.torchrun] pid {os.getpid()}: got {signal.Signals(signum).name}; "
+                  "forwarding to the ranks (they checkpoint and exit), elastic restarts off", file=sys.stderr, flush=True)
+            threading.Thread(target=self._forward_loop, args=(signum,), daemon=True).start()
+        self._forward(signum)
+
+    def _forward(self, signum: int) -> None:
+        for pid in _children(os.getpid()):
+            if pid not in self._signalled:
+                try:
+                    os.kill(pid, signum)
+                    self._signalled.add(pid)
+                except ProcessLookupError:
+                    pass
+
+    def _forward_loop(self, signum: int) -> None:
+        # ranks that were still being (re)started when the signal came get it too
+        while True:
+            threading.Event().wait(1.0)
+            self._forward(signum)
+
+
+def _children(ppid: int) -> list[int]:
+    """Direct children of `ppid` (from /proc; works whatever SLURM's proctrack plugin is)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and fields[1] == str(ppid):
+            out.append(int(entry))
+    return out
+
+
+def _track_agents(preemption: _Preemption) -> None:
+    """Remember the elastic agent torchrun builds, so SIGUSR1 can set its restarts to 0."""
+    import torch.distributed.launcher.api as api
+
+    base = getattr(api, "LocalElasticAgent", None)
+    if base is None:  # torch moved it: forwarding still works, restarts may re-run a checkpointed job
+        return
+
+    class _TrackedAgent(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            preemption.agents.append(self)
+            if preemption.requested:
+                self._remaining_restarts = 0
+
+    api.LocalElasticAgent = _TrackedAgent
+
+
+def agent_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m launch.torchrun ...`: torchrun's CLI, returning EXIT_PREEMPTED after SIGUSR1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    preemption = _Preemption()
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, preemption.handle)
+    _track_agents(preemption)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        run(args)
+        rc = 0
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        rc = _exit_code(int(failure.exitcode)) or 1
+        print(f"[launch.torchrun] ranks failed (first exit code {rc})", file=sys.stderr, flush=True)
+    except Exception as e:  # SignalException (SIGTERM from SLURM), rendezvous errors, ...
+        sigval = getattr(e, "sigval", None)
+        rc = 128 + int(sigval) if sigval is not None else 1
+        print(f"[launch.torchrun] stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    if preemption.requested and rc != 0:
+        rc = EXIT_PREEMPTED
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(agent_main())
