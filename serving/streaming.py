@@ -239,16 +239,19 @@ class StreamingSession(BaseSession):
         )
 
     def _cond(self, start: int, n: int) -> torch.Tensor | None:
-        """i2v conditioning (Wan layout: 4 mask channels + conditioning latent): the first latent
-        frame of the session is the given image (mask 1), every later frame is unconditioned (0)."""
+        """i2v conditioning as in training (`titan_world.conditioning.i2v_condition`): 4 mask
+        channels (1 on given frames) + the given latents; the start image/video frames are given,
+        every generated frame is unconditioned (zeros)."""
         if self._cond_chunk is None:
             return None
-        if start > 0 and n == self.chunk_frames:
+        given = self.start_latents.shape[2]
+        if start >= given and n == self.chunk_frames:
             return self._cond_chunk  # preallocated zeros
         cond = torch.zeros(1, self._cond_chunk.shape[1], n, *self._cond_chunk.shape[-2:], device=self.engine.device, dtype=self.engine.dtype)
-        if start == 0:
-            cond[:, :4, 0] = 1
-            cond[:, 4:, 0] = self.start_latents[:, :, 0].to(cond.dtype)
+        for j in range(n):
+            if start + j < given:
+                cond[:, :4, j] = 1
+                cond[:, 4:, j] = self.start_latents[:, :, start + j].to(cond.dtype)
         return cond
 
     def _still_actions(self, n: int) -> ActionInputs | None:
