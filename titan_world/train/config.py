@@ -42,4 +42,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     profile_steps: list[int] = field(default_factory=list)  # [start, end] for a torch.profiler trace
     peak_tflops: float | None = None  # override of the device peak used for MFU
+    export: bool = True  # write RUN_DIR/model/ (Wan format) at the end (and RUN_DIR/adapter/ for action finetune)
+    sample_steps: int = 8  # sampler steps of the action-following check
+    action_check_episodes: int = 0  # >0: after action finetuning, print true-vs-shuffled action errors
+    # test hooks (deterministic fault injection; leave empty in real runs)
+    inject_nan_steps: list[int] = field(default_factory=list)  # multiply the loss by NaN at these steps
+    preempt_at_step: int | None = None  # behave as if SIGUSR1 arrived during this step (checkpoint + exit 75)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])

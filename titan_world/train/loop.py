@@ -1,0 +1,435 @@
+"""The training loop: flow matching over curriculum stages, on any mesh, resumable exactly.
+
+One step = pick the expert (same on every rank), noise each sample (its own generator, seeded by
+the step and the sample's identity, so losses do not depend on how the global batch is split
+over ranks), forward/backward over micro-batches, clip, one collective + one host sync for
+(loss, non-finite flag, stop flag), then the optimizer step (skipped on a non-finite loss).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from launch.torchrun import EXIT_PREEMPTED
+from titan_world.conditioning import actions_from_batch, noise_batch
+from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
+from titan_world.diffusion.flow import sample_sigma, unshift_sigma
+from titan_world.model import WanDiT, WanMoE, build_model
+from titan_world.model.codec import TEMPORAL_STRIDE
+from titan_world.train import adapter as adapter_mod
+from titan_world.train.flops import device_peak_tflops, train_step_flops
+from titan_world.train.metrics import MetricsLogger, ProfilerWindow, peak_memory_gb
+from titan_world.train.optim import EMA, build_optimizer, clip_grad_norm, lr_factor, set_lr
+from titan_world.train.state import export_model, full_state_dict, peek_trainer_state
+
+EXIT_DIVERGED = 3  # too many consecutive non-finite losses
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str
+    frames: int
+    shift: float
+    start: int  # first global step of the stage
+    end: int  # one past its last step
+    global_batch: int
+    lr: float
+
+
+def plan_stages(cfg: TitanConfig) -> list[Stage]:
+    """Stages laid out on the global step axis; `train.steps` truncates (or extends the last)."""
+    t = cfg.train
+    stages, start = [], 0
+    total = t.steps if t.steps is not None else sum(s.steps for s in t.stages)
+    for i, s in enumerate(t.stages):
+        end = min(start + s.steps, total) if i < len(t.stages) - 1 else total
+        if end <= start and i < len(t.stages) - 1:
+            continue
+        stages.append(Stage(i, s.name, s.frames, s.shift, start, end, s.global_batch or t.global_batch, s.lr or t.lr))
+        start = end
+        if start >= total:
+            break
+    return stages
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+    for s in stages:
+        if step < s.end:
+            return s
+    return stages[-1]
+
+
+def check_train_config(cfg: TitanConfig, world_size: int) -> None:
+    """Checks that need the world size; raised before any work starts (names the key)."""
+    from parallel.mesh import resolve_dims
+
+    try:
+        r, s, c = resolve_dims(cfg.parallel, world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dp = r * s
+    t = cfg.train
+    for i, st in enumerate(t.stages):
+        gb = st.global_batch or t.global_batch
+        key = f"train.stages[{i}].global_batch" if st.global_batch else "train.global_batch"
+        if gb % dp:
+            raise ConfigError(f"{key}={gb}: expected a multiple of the data-parallel size {dp} (world {world_size} / cp {c})")
+        if t.micro_batch and (gb // dp) % t.micro_batch:
+            raise ConfigError(f"train.micro_batch={t.micro_batch}: expected a divisor of the per-rank batch {gb // dp}")
+        if st.cp is not None and st.cp != c:
+            raise ConfigError(f"train.stages[{i}].cp={st.cp}: this job runs cp={c}; run stages with another CP degree as their own job (launch.stages=chain)")
+    if t.steps is not None and t.steps < 1:
+        raise ConfigError(f"train.steps={t.steps}: expected >= 1")
+    if t.task == "action_finetune":
+        if not t.base_checkpoint:
+            raise ConfigError("train.base_checkpoint=None: action_finetune needs a base model (a Wan folder or a run dir with model/)")
+        if not adapter_mod.base_checkpoint_path(t.base_checkpoint).exists():
+            raise ConfigError(f"train.base_checkpoint={t.base_checkpoint!r}: no such folder")
+    if t.profile_steps and len(t.profile_steps) != 2:
+        raise ConfigError(f"train.profile_steps={t.profile_steps}: expected [start, end]")
+    if t.ckpt_every < 0:
+        raise ConfigError(f"train.ckpt_every={t.ckpt_every}: expected >= 0 (0: only at the end and on preemption)")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={t.ema_decay}: expected 0 (off) or a decay in (0, 1)")
+    if t.mixed_precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: expected auto, bf16 or fp32")
+
+
+class _StopFlag:
+    """SIGUSR1/SIGTERM -> finish the step, checkpoint, exit EXIT_PREEMPTED."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _sample_seed(seed: int, step: int, episode_id: str, start_frame: int) -> int:
+    return zlib.crc32(f"{seed}/{step}/{episode_id}/{start_frame}".encode())
+
+
+class Trainer:
+    def __init__(self, cfg: TitanConfig, resume: bool = False):
+        from parallel import Checkpointer, UlyssesContext, apply_activation_checkpointing, apply_fsdp, build_mesh, compile_blocks, init_distributed
+
+        self.cfg, t = cfg, cfg.train
+        self.rank, self.world, self.device = init_distributed()
+        check_train_config(cfg, self.world)
+        self.mesh = build_mesh(cfg.parallel, self.world, self.device.type)
+        self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp_size
+        self.run_dir = self._shared_run_dir()
+        self.stages = plan_stages(cfg)
+        self.total_steps = self.stages[-1].end
+        self.stop = _StopFlag()
+        self.amp = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and self.device.type == "cuda")
+
+        # -- model ------------------------------------------------------------------------
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model_cfg = copy.deepcopy(cfg.model)
+        if t.task == "action_finetune":
+            model = adapter_mod.build_action_model(model_cfg, t.base_checkpoint)
+            self.trainable_names = adapter_mod.freeze_backbone(model, t.train_modulation)
+        else:
+            if model_cfg.num_experts == 2 and t.expert != "all":
+                model_cfg.num_experts = 1  # one expert per job: a dense network trained on its sigma range
+            model = build_model(model_cfg)
+            self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.model_cfg = model_cfg
+        nets = [model.high, model.low] if isinstance(model, WanMoE) else [model]
+        cp = UlyssesContext.from_mesh(self.mesh, cfg.parallel.cp_backend)
+        for net in nets:
+            net.to(self.device)
+            net.set_attn_backend(net.attn_backend, self.device.type)
+            net.set_context_parallel(cp)
+            apply_activation_checkpointing(net, cfg.parallel)
+            if cfg.parallel.compile:
+                compile_blocks(net)
+            if self.world > 1:
+                apply_fsdp(net, self.mesh, cfg.parallel)
+        self.model = model
+        names = set(self.trainable_names)
+        self.params = [p for n, p in model.named_parameters() if n in names]
+        self.optimizer = build_optimizer(self.params, t, self.device)
+        self.ema = EMA([(n, p) for n, p in model.named_parameters() if n in names], t.ema_decay) if t.ema_decay > 0 else None
+
+        # -- state, data --------------------------------------------------------------------
+        self.position = {"step": 0, "skipped": 0, "bad_streak": 0, "stage": 0}
+        self.ckpt = Checkpointer(self.run_dir, keep_last=t.keep_last)
+        self.resumed_from: Path | None = None
+        path = self.ckpt.latest() if resume else None
+        if path is not None:
+            self.position.update(peek_trainer_state(path))
+        from titan_world.data.loader import ensure_synthetic_dataset
+
+        if self.rank == 0:
+            ensure_synthetic_dataset(cfg, progress=cfg.run.progress)
+        self._barrier()
+        self.stage = stage_at(self.stages, self.position["step"])
+        self.loader = self._build_loader(self.stage)
+        if path is not None:
+            self.ckpt.load(path, self._state())
+            self.resumed_from = path
+        self.batches = self.loader.batches()
+        self.peak = device_peak_tflops(self.device, t.peak_tflops)
+
+    # -- setup helpers ------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _shared_run_dir(self) -> Path:
+        box = [None]
+        if self.rank == 0:
+            box[0] = str(resolve_run_dir(self.cfg))
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        self.cfg.run.dir = box[0]
+        run_dir = Path(box[0])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            save_config(self.cfg, run_dir / "config.yaml")
+        return run_dir
+
+    def _build_loader(self, stage: Stage):
+        from titan_world.data.loader import build_train_loader
+
+        per_rank = stage.global_batch // self.dp_size
+        self.micro = self.cfg.train.micro_batch or per_rank
+        self.accum = per_rank // self.micro
+        return build_train_loader(self.cfg, stage.frames, self.dp_rank, self.dp_size, self.cfg.train.seed, self.micro)
+
+    def _state(self) -> dict:
+        state = {"model": self.model, "optimizer": self.optimizer, "trainer": self.position, "dataloader": self.loader}
+        if self.ema is not None:
+            state["ema"] = self.ema
+        return state
+
+    def _enter_stage(self, stage: Stage) -> None:
+        self.loader.close()
+        self.stage = stage
+        self.position["stage"] = stage.index
+        self.loader = self._build_loader(stage)
+        self.batches = self.loader.batches()
+
+    # -- one step -----------------------------------------------------------------------------
+    def _expert(self, step: int) -> str | None:
+        """Which MoE expert runs this step: drawn from a (seed, step) generator, so every rank agrees
+        without communication; P(high) = the shifted-sigma mass above the boundary."""
+        if not isinstance(self.model, WanMoE):
+            return None
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        p_high = 1.0 - float(unshift_sigma(self.model.boundary, self.stage.shift))
+        return "high" if torch.rand((), generator=g).item() < p_high else "low"
+
+    def _sigma_range(self, expert: str | None) -> tuple[float, float]:
+        boundary = self.cfg.model.boundary
+        which = expert or (self.cfg.train.expert if self.cfg.train.expert != "all" else None)
+        if which == "high":
+            return boundary, 1.0
+        if which == "low":
+            return 0.0, boundary
+        return 0.0, 1.0
+
+    def _micro_loss(self, net: nn.Module, batch: dict, step: int, lo: float, hi: float) -> torch.Tensor:
+        latents = batch["latents"].to(self.device, non_blocking=True)
+        cond_mask = batch["cond_mask"].to(self.device, non_blocking=True)
+        b = latents.shape[0]
+        sigma = torch.empty(b, device=self.device)
+        noise = torch.empty_like(latents)
+        for i in range(b):  # per-sample streams: invariant to how the global batch is split
+            g = torch.Generator(self.device).manual_seed(_sample_seed(self.cfg.train.seed, step, batch["episode_ids"][i], int(batch["start_frames"][i])))
+            sigma[i] = sample_sigma((1,), self.stage.shift, lo, hi, generator=g, device=self.device)[0]
+            noise[i] = torch.randn(latents.shape[1:], generator=g, device=self.device)
+        nb = noise_batch(latents, cond_mask, sigma, noise, with_i2v_channels=self.model_cfg.cond_channels > 0)
+        actions = actions_from_batch({k: batch[k].to(self.device) for k in ("actions", "c2w", "intrinsics")}, self.model_cfg.action.enabled)
+        context = batch["text"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            pred = net(nb.x_t, nb.t, context, cond=nb.cond, actions=actions)
+        # per-sample mean over generated frames, then mean over samples: equal sample weights, so
+        # the data-parallel mean of rank losses is exactly the global-batch loss
+        err = (pred.float() - nb.target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+        per_sample = (err * nb.loss_mask).sum(1) / nb.loss_mask.sum(1).clamp_min(1.0)
+        return per_sample.mean()
+
+    def _set_grad_sync(self, enabled: bool) -> None:
+        if self.world > 1:
+            for net in ([self.model.high, self.model.low] if isinstance(self.model, WanMoE) else [self.model]):
+                if hasattr(net, "set_requires_gradient_sync"):
+                    net.set_requires_gradient_sync(enabled)
+
+    def train_step(self, step: int, batches: list[dict]) -> dict:
+        expert = self._expert(step)
+        net = self.model.expert(expert) if expert else self.model
+        lo, hi = self._sigma_range(expert)
+        set_lr(self.optimizer, self.stage.lr * lr_factor(step, self.total_steps, self.cfg.train.warmup_steps, self.cfg.train.schedule, self.cfg.train.min_lr_ratio))
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            self._set_grad_sync(i == len(batches) - 1)
+            loss = self._micro_loss(net, batch, step, lo, hi) / len(batches)
+            if step in self.cfg.train.inject_nan_steps:  # test hook
+                loss = loss * float("nan")
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grad_norm(self.params, self.cfg.train.grad_clip).to(self.device)
+        stop_now = self.stop.requested or (self.cfg.train.preempt_at_step is not None and step + 1 == self.cfg.train.preempt_at_step)
+        bad = (~torch.isfinite(loss_sum)) | (~torch.isfinite(grad_norm))
+        packed = torch.stack([loss_sum, grad_norm.float(), bad.float(), torch.tensor(float(stop_now), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(packed)
+            packed[:2] /= self.world  # CP ranks hold replicas of their group's loss: the mean is the DP mean
+        loss_v, norm_v, bad_v, stop_v = packed.tolist()  # the one host sync per step
+        skipped = bad_v > 0
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update((n, p) for n, p in self.model.named_parameters() if n in set(self.trainable_names))
+        return {"loss": loss_v, "grad_norm": norm_v, "skipped": skipped, "stop": stop_v > 0, "expert": expert,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        pos = self.position
+        log = MetricsLogger(self.run_dir, cfg, rank=self.rank, total_steps=self.total_steps, initial_step=pos["step"], resumed=self.resumed_from is not None)
+        prof = ProfilerWindow(list(t.profile_steps), self.run_dir, self.rank, self.device)
+        self.stop.install()
+        if self.resumed_from is not None:
+            log.message(f"[train] resumed from {self.resumed_from} at step {pos['step']} (stage {self.stage.name})")
+        log.message(f"[train] run dir {self.run_dir}; {self.total_steps} steps over stages "
+                    + ", ".join(f"{s.name} ({s.frames} frames, shift {s.shift}, steps {s.start}-{s.end})" for s in self.stages)
+                    + f"; {self.world} rank(s), mesh {self.mesh}")
+        rc = 0
+        try:
+            while pos["step"] < self.total_steps:
+                step = pos["step"]
+                if step >= self.stage.end:
+                    self._enter_stage(stage_at(self.stages, step))
+                t0 = time.perf_counter()
+                prof.step_begin(step)
+                batches = [next(self.batches) for _ in range(self.accum)]
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                out = self.train_step(step, batches)
+                dt = time.perf_counter() - t0
+                trace = prof.step_end(step)
+                if trace:
+                    log.message(f"[train] profiler trace: {trace}")
+                pos["step"] = step + 1
+                if out["skipped"]:
+                    pos["skipped"] += 1
+                    pos["bad_streak"] += 1
+                    log.message(f"[train] step {step}: non-finite loss/grad ({out['loss']}), step skipped ({pos['bad_streak']} in a row)")
+                    if pos["bad_streak"] > t.max_bad_steps:
+                        last = self.ckpt.latest()
+                        msg = (f"[train] stopping at step {step}: {pos['bad_streak']} consecutive non-finite losses "
+                               f"(train.max_bad_steps={t.max_bad_steps}). The last good checkpoint is "
+                               f"{last if last else '(none saved yet)'}; lower train.lr or check the data, then --resume.")
+                        log.message(msg)
+                        if self.rank == 0:
+                            print(msg, file=sys.stderr, flush=True)
+                        rc = EXIT_DIVERGED
+                        break
+                else:
+                    pos["bad_streak"] = 0
+                if step % cfg.run.log_every == 0 or pos["step"] == self.total_steps:
+                    log.log(self._record(step, out, batches, dt))
+                log.progress(1, {"stage": self.stage.name, "loss": f"{out['loss']:.4f}"})
+                if pos["step"] == self.stage.end and pos["step"] < self.total_steps:
+                    nxt = stage_at(self.stages, pos["step"])
+                    log.message(f"[train] step {pos['step']}: stage {self.stage.name} done -> stage {nxt.name} ({nxt.frames} frames, shift {nxt.shift})")
+                    self._enter_stage(nxt)
+                if out["stop"]:
+                    path = self.ckpt.save(pos["step"], self._state())
+                    log.message(f"[train] preempted: checkpoint {path}; exiting {EXIT_PREEMPTED} (resume with --resume)")
+                    rc = EXIT_PREEMPTED
+                    break
+                if t.ckpt_every and pos["step"] % t.ckpt_every == 0 and pos["step"] < self.total_steps:
+                    self.ckpt.save(pos["step"], self._state())
+            if rc == 0:
+                if (self.ckpt.latest() or Path("step_-1")).name != f"step_{pos['step']:08d}":
+                    self.ckpt.save(pos["step"], self._state())
+                if t.export:
+                    self.export(log)
+        finally:
+            self.stop.restore()
+            log.close()
+            self.loader.close()
+        return rc
+
+    def _record(self, step: int, out: dict, batches: list[dict], dt: float) -> dict:
+        lat = batches[0]["latents"].shape  # [b, C, F, h, w]
+        gb = self.stage.global_batch
+        flops = train_step_flops(self.model_cfg, gb, lat[2], lat[3], lat[4])
+        tflops = flops / dt / 1e12 / self.world
+        tokens = gb * lat[2] * (lat[3] // self.model_cfg.patch_size[1]) * (lat[4] // self.model_cfg.patch_size[2])
+        rec = {
+            "step": step, "stage": self.stage.name, "stage_index": self.stage.index, "loss": out["loss"], "lr": out["lr"],
+            "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else None,
+            "tokens_per_s": tokens / dt, "model_tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
+            "peak_mem_gb": peak_memory_gb(self.device), "step_time_s": dt, "skipped_total": self.position["skipped"],
+        }
+        if not math.isfinite(rec["loss"]):
+            rec["loss"] = None
+        if out["expert"]:
+            rec["expert"] = out["expert"]
+        return rec
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def export(self, log: MetricsLogger) -> None:
+        """RUN_DIR/model/ (Wan format; EMA weights when enabled) and, for action finetuning, RUN_DIR/adapter/."""
+        overrides = self.ema.state_for_export() if self.ema is not None else None
+        export_model(self.model, self.run_dir / "model", self.rank, overrides)
+        log.message(f"[train] exported the model to {self.run_dir / 'model'}")
+        if self.cfg.train.task == "action_finetune":
+            state = full_state_dict(self.model)
+            if overrides:
+                state.update(overrides)
+            if self.rank == 0:
+                cfg = self.model.high.cfg if isinstance(self.model, WanMoE) else self.model.cfg
+                adapter_mod.save_adapter(state, self.trainable_names, self.run_dir / "adapter", cfg)
+                log.message(f"[train] saved the action adapter ({len(self.trainable_names)} tensors) to {self.run_dir / 'adapter'}")
+
+
+def train(cfg: TitanConfig, resume: bool = False) -> int:
+    """Build the trainer, run it, tear the process group down; returns the exit code."""
+    from parallel import destroy
+
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        rc = trainer.fit()
+        if rc == 0 and cfg.train.task == "action_finetune" and cfg.train.action_check_episodes > 0 and trainer.rank == 0:
+            from titan_world.train.action_check import action_following_check, format_check
+
+            print(format_check(action_following_check(trainer.run_dir, cfg, cfg.train.action_check_episodes)), flush=True)
+        return rc
+    finally:
+        destroy()
