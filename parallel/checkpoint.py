@@ -238,7 +238,7 @@ class Checkpointer:
             tmp.mkdir()
         self._barrier()
         t0 = time.time()
-        dcp.save(sharded, checkpoint_id=str(tmp))
+        dcp.save(sharded, checkpoint_id=str(tmp), no_dist=world == 1 and not dist.is_initialized())
         per_rank = {"rng": rng_state(), **{k: self._plain(v) for k, v in local.items()}}
         torch.save(per_rank, tmp / f"rank_{rank:05d}.pt")
         if rank == 0:
@@ -257,11 +257,16 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
+        """Drop stale `.tmp` dirs, checkpoints that can never load (partial/corrupt), and valid
+        ones beyond the newest `keep_last` (finished dirs are immutable, so this is race-free)."""
         for p in self.dir.glob("step_*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
-        complete = [(s, p) for s, p in list_checkpoints(self.dir) if (p / MARKER).is_file()]
-        for _, p in complete[self.keep_last :]:
-            shutil.rmtree(p, ignore_errors=True)
+        kept = 0
+        for _, p in list_checkpoints(self.dir):
+            if validate_checkpoint(p) is None and kept < self.keep_last:
+                kept += 1
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
     # -- load --------------------------------------------------------------------------------
     def latest(self) -> Path | None:
@@ -288,7 +293,7 @@ class Checkpointer:
         path = Path(path)
         rank, world = self._dist()
         sharded, replicated, local = self._split(state)
-        dcp.load(sharded, checkpoint_id=str(path))
+        dcp.load(sharded, checkpoint_id=str(path), no_dist=world == 1 and not dist.is_initialized())
         saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         step, old_world = int(saved["step"]), int(saved["world_size"])
         for k, target in replicated.items():

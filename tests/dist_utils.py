@@ -35,6 +35,7 @@ def _child(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, ar
         TORCHELASTIC_USE_AGENT_STORE="True",
         TORCHELASTIC_RESTART_COUNT="0",
         OMP_NUM_THREADS="1",
+        TORCHINDUCTOR_COMPILE_THREADS="1",  # no compile-worker pool: fewer processes/semaphores to leak
     )
     import torch
 

@@ -145,12 +145,22 @@ def train_worker(dims: dict[str, Any] | None, steps: int = STEPS, frozen: bool =
     return {"losses": losses, "params": params if rank == 0 else None, "frozen_without_grad": grads_none}
 
 
+def jobs_worker(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several `train_worker` runs on one set of ranks (each builds its own mesh): saves the
+    process start-up and import time that dominates these tests."""
+    return [train_worker(**job) for job in jobs]
+
+
 def reference(steps: int = STEPS, frozen: bool = False, optim: str = "sgd") -> dict[str, Any]:
     """Single process, plain model (no process group, no FSDP, no CP)."""
     return train_worker(None, steps, frozen, optim)
 
 
-def assert_close_runs(got: dict[str, Any], ref: dict[str, Any], rtol: float, atol: float) -> None:
+# Tolerance of every parity test (fp32 on CPU, SGD+momentum, 3 steps): losses and parameters.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def assert_close_runs(got: dict[str, Any], ref: dict[str, Any], rtol: float = RTOL, atol: float = ATOL) -> None:
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=atol)
     assert got["params"].keys() == ref["params"].keys()
     for name, p in ref["params"].items():
