@@ -142,6 +142,22 @@ def _xformers(q, k, v, mask: AttnMask | None):
 BACKENDS = {"sdpa": _sdpa, "flex": _flex, "flash": _flash, "xformers": _xformers}
 
 
+def prefer_cudnn_sdpa() -> None:
+    """Put cuDNN attention first in SDPA's priority order (process-wide).
+
+    On H100, cuDNN's fused attention runs ~1.6x faster than the flash backend SDPA picks by
+    default (DESIGN.md §8: 595 vs 358 TFLOP/s forward at 32k tokens). The other backends stay
+    enabled, so shapes cuDNN rejects still run.
+    """
+    from torch.nn.attention import SDPBackend
+
+    if not hasattr(torch._C, "_set_sdp_priority_order"):
+        return
+    order = [int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.EFFICIENT_ATTENTION), int(SDPBackend.MATH)]
+    order += [b for b in torch._C._get_sdp_priority_order() if b not in order]
+    torch._C._set_sdp_priority_order(order)
+
+
 def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
     """The backend that will really run: optional extras fall back to sdpa when missing or on CPU."""
     device_type = torch.device(device).type
@@ -157,6 +173,8 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
             return "sdpa"
     if name not in BACKENDS:
         raise ValueError(f"attn_backend={name!r}: expected one of {', '.join(BACKENDS)}")
+    if device_type == "cuda":
+        prefer_cudnn_sdpa()
     return name
 
 
