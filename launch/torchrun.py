@@ -144,6 +144,10 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # Elastic restarts with the agent's shared rendezvous store are broken here (torch 2.13, gloo:
+    # restarted ranks read the previous attempt's addresses and fail with "Connection refused");
+    # a fresh store per attempt (torchrun's pre-2.3 behaviour) restarts cleanly.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     preemption = _Preemption()
     for sig in PREEMPT_SIGNALS:
         signal.signal(sig, preemption.handle)

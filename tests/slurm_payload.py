@@ -7,7 +7,9 @@ finishes the current step, agrees with the other ranks to stop (all-reduce, so e
 at the same step), checkpoints and exits with EXIT_PREEMPTED (75). With --resume it continues
 from the checkpoint (or starts fresh when there is none). The loss sequence depends only on the
 step, so an interrupted-and-resumed run ends with exactly the loss of an uninterrupted one.
-Env TW_PAYLOAD_STEP_SLEEP (seconds per step) keeps it running long enough to be preempted.
+Env TW_PAYLOAD_STEP_SLEEP (seconds per step) keeps it running long enough to be preempted;
+TW_PAYLOAD_CRASH_AT=STEP makes the last rank die at that step in the first torchrun attempt
+(to test elastic restarts).
 """
 
 from __future__ import annotations
@@ -69,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rank {rank}/{world}: training steps {start}..{total}", flush=True)
     sleep = float(os.environ.get("TW_PAYLOAD_STEP_SLEEP", "0"))
     step = start
+    crash_at = int(os.environ.get("TW_PAYLOAD_CRASH_AT", "-1"))
     while step < total:
+        if step == crash_at and rank == world - 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            print(f"rank {rank}: simulated crash at step {step}", flush=True)
+            os._exit(13)
         x, y = batch(step, rank)
         err = x @ w - y
         grad = 2 * x.T @ err / len(y)
