@@ -1,15 +1,46 @@
-"""`titan-world post-train` (placeholder until issue #8 lands)."""
+"""`titan-world post-train {causal,dmd} [--config FILE] [--nproc N] [--resume] [key=value ...]`.
+
+causal: stage 1, diffusion forcing -> a block-causal student (RUN_DIR/model).
+dmd:    stage 2, self-rollout + DMD (+ GAN head) -> a few-step causal student (RUN_DIR/model).
+With no --config the tiny defaults run on the synthetic world (see docs/posttrain.md).
+SIGUSR1/SIGTERM checkpoint and exit 75; a run dir with checkpoints resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from launch.cli_common import add_config_arguments, add_job_arguments, config_from_args
+
+STAGES = ("causal", "dmd")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (parser.description or "") + " [not implemented yet: tracked in issue #8]"
+    parser.add_argument("stage", choices=STAGES, help="causal: diffusion-forcing adaptation; dmd: few-step distillation")
+    add_config_arguments(parser)
+    add_job_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("titan-world post-train: not implemented yet (issue #8)", file=sys.stderr)
-    return 2
+    from launch.torchrun import is_distributed_child, launch_local
+    from titan_world.config import resolve_run_dir
+    from titan_world.posttrain.loop import run_stage
+
+    cfg = config_from_args(args)  # config errors surface before anything starts
+    if args.nproc > 1 and not is_distributed_child():
+        run_dir = resolve_run_dir(cfg)  # fixed once, so every rank writes to the same one
+        argv = ["titan_world.posttrain.cli", args.stage, *(["--config", args.config] if args.config else [])]
+        argv += [*(["--resume"] if args.resume else []), *[o for o in args.overrides if not o.startswith("run.dir=")], f"run.dir={run_dir}"]
+        return launch_local(args.nproc, argv)
+    return run_stage(args.stage, cfg, resume=bool(args.resume))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="titan-world post-train")
+    add_arguments(parser)
+    return int(run(parser.parse_args(argv)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,19 +7,29 @@ from dataclasses import dataclass, field
 
 @dataclass
 class PostTrainConfig:
-    chunk_frames: int = 1  # latent frames per causal chunk (LingBot: 3)
+    chunk_frames: int = 1  # latent frames per causal chunk (LingBot: 3); the start image is its own chunk
     forcing_timesteps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # plus t=0
     denoise_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # student sampling
-    teacher: str | None = None  # run dir / checkpoint of the bidirectional teacher
-    student: str | None = None  # causal-stage checkpoint that DMD starts from
-    fake_updates: int = 5  # two-time-scale ratio: fake-score updates per student update
+    teacher: str | None = None  # bidirectional teacher (Wan folder or run dir); None: runs/demo/train/model, else a fresh tiny one
+    student: str | None = None  # causal-stage checkpoint that DMD starts from; None: runs/demo/causal/model, else the teacher
+    fake_updates: int = 2  # two-time-scale ratio: fake-score updates per student update (DMD2: 5)
     fake_lr: float = 1e-4
     student_lr: float = 2e-5
+    causal_lr: float = 1e-4  # stage 1 (diffusion forcing) learning rate
+    causal_steps: int = 200  # stage 1 steps when train.steps is unset
+    dmd_steps: int = 40  # stage 2 steps (student updates) when train.steps is unset
+    batch_size: int = 2  # per-rank clips per step
+    clip_frames: int = 17  # stage 1 clip length in video frames (1 + 4k); stage 2 loads clips as long as its rollout
     gan_weight: float = 0.0
     gan_blocks: list[int] = field(default_factory=lambda: [1, 3])
     gan_queries: int = 4
-    guidance_scale: float = 1.0  # CFG on the real score
+    guidance_scale: float = 1.0  # CFG on the real score (unconditional = zero text context)
+    dmd_shift: float = 3.0  # DMD noise levels: shifted uniform sigmas in [dmd_sigma_min, dmd_sigma_max]
+    dmd_sigma_min: float = 0.02
+    dmd_sigma_max: float = 0.98
     rollout_chunks: int = 4
     grad_chunks: int = 1  # gradients flow through the last K chunks only
     sink_frames: int = 1  # KV cache: attention-sink latent frames
     window_frames: int = 8  # KV cache: local window of latent frames
+    bootstrap_steps: int = 150  # steps of the tiny teacher trained when no teacher exists
+    eval_clips: int = 4  # clips scored (PSNR vs ground truth, action following) before/after a stage

@@ -1,0 +1,190 @@
+"""Stage 2 step logic: self-rollout + DMD + GAN head, two time scales (LingBot §3.4.2).
+
+One *step* = `fake_updates` critic updates, then one student update:
+  critic update  rollout (no grad) -> x̃ ; L = flow-matching(fake on x̃) + w_gan·L_D(head)
+  student update rollout (grad on the last K chunks) -> x̂ ; L = L_DMD(x̂) + w_gan·L_G(x̂)
+Separate optimizers and learning rates for the student and the critic (fake score + head).
+The frozen teacher has no optimizer and no gradients.
+
+Scores see a *window* of the rollout: the frame just before the last K chunks (given, clean,
+as the teacher's I2V/V2V conditioning) followed by those K chunks — the frames that carry
+gradient. The real-data window for the discriminator has the same frame indices in the clip.
+All randomness of a step comes from generators seeded by (seed, step[, rank]): exit steps and
+DMD sigmas are shared by all ranks (same count of passes, same MoE expert), noise is per rank,
+and a resumed run replays the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from titan_world.model.action import ActionInputs
+from titan_world.posttrain.causal import ChunkLayout
+from titan_world.posttrain.config import PostTrainConfig
+from titan_world.posttrain.dmd import ScoreInputs, dmd_step_loss, draw_sigma, fake_score_loss, noised, route, velocity
+from titan_world.posttrain.gan import FeatureTap, GANHead, d_loss, frozen, g_loss
+from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
+
+
+class Critic(nn.Module):
+    """Fake score + GAN head: one module, one optimizer, one checkpoint entry."""
+
+    def __init__(self, fake: nn.Module, head: GANHead | None):
+        super().__init__()
+        self.fake, self.head = fake, head
+
+
+def step_generators(seed: int, step: int, rank: int, sub: int) -> tuple[torch.Generator, torch.Generator]:
+    """(shared across ranks, per rank) generators for update `sub` of step `step`."""
+    shared = torch.Generator().manual_seed(hash((seed, step, sub, 0)) % 2**63)
+    local = torch.Generator().manual_seed(hash((seed, step, sub, rank, 1)) % 2**63)
+    return shared, local
+
+
+def sync_grads(module: nn.Module) -> None:
+    """Average gradients over ranks (data parallel without FSDP; no-op on one process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for p in module.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+@dataclass
+class Batch:
+    """A data batch as post-training uses it (I2V: the first latent frame is given)."""
+
+    latents: torch.Tensor  # [B, C, F, h, w] real clip (ground truth for the GAN and eval)
+    context: torch.Tensor
+    actions: ActionInputs | None
+    uncond_context: torch.Tensor | None = None
+
+    @staticmethod
+    def from_loader(batch: dict, use_actions: bool, device) -> "Batch":
+        acts = ActionInputs.from_video_frames(batch["actions"], batch["c2w"], batch["intrinsics"]) if use_actions else None
+        if acts is not None:
+            acts = ActionInputs(acts.keys.to(device), acts.c2w.to(device), acts.intrinsics.to(device))
+        text = batch["text"].to(device)
+        return Batch(batch["latents"].to(device), text, acts, torch.zeros_like(text))
+
+
+class DMDTrainer:
+    def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, rank: int = 0, grad_clip: float = 1.0):
+        self.student, self.teacher, self.pcfg, self.seed, self.rank, self.grad_clip = student, teacher, pcfg, seed, rank, grad_clip
+        teacher.requires_grad_(False).eval()
+        head = GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries) if pcfg.gan_weight > 0 else None
+        self.critic = Critic(fake, head)
+        self.tap = FeatureTap(fake, pcfg.gan_blocks) if head is not None else None
+        # DMD practice (DMD2 / Self-Forcing): beta1 = 0 for both players of the min-max game.
+        self.opt_student = torch.optim.AdamW(student.parameters(), lr=pcfg.student_lr, betas=(0.0, 0.999), weight_decay=0.0)
+        self.opt_critic = torch.optim.AdamW(self.critic.parameters(), lr=pcfg.fake_lr, betas=(0.0, 0.999), weight_decay=0.0)
+        self.sigmas = student_sigmas(pcfg.denoise_steps)
+        self.counts = {"critic_updates": 0, "student_updates": 0}
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def layout(self, batch: Batch) -> ChunkLayout:
+        return ChunkLayout(1 + self.pcfg.rollout_chunks * self.pcfg.chunk_frames, 1, self.pcfg.chunk_frames)
+
+    def rollout(self, batch: Batch, shared: torch.Generator, local: torch.Generator, grad: bool) -> Rollout:
+        lay = self.layout(batch)
+        if batch.latents.shape[2] < lay.num_frames:
+            raise ValueError(f"clip has {batch.latents.shape[2]} latent frames; the rollout needs {lay.num_frames} (posttrain.rollout_chunks)")
+        acts = batch.actions.slice(0, lay.num_frames) if batch.actions is not None else None
+        inp = RolloutInputs(batch.latents[:, :, :1], batch.context, acts, lay, self.student.cfg.cond_channels > 0)
+        exits = sample_exit_steps(len(lay.chunks()), len(self.sigmas), shared)
+        p = self.pcfg
+        with torch.set_grad_enabled(grad):
+            return self_rollout(self.student, inp, self.sigmas, local, exit_steps=exits, grad_chunks=p.grad_chunks, sink_frames=p.sink_frames, window_frames=p.window_frames)
+
+    def window(self, batch: Batch, latents: torch.Tensor) -> ScoreInputs:
+        """Frames [g − 1, F) of `latents`, g = first frame of the last K chunks; frame g − 1 given."""
+        lay = self.layout(batch)
+        g = lay.chunks()[-max(1, self.pcfg.grad_chunks)][0]
+        lat = latents[:, :, g - 1 : lay.num_frames]
+        cond = torch.zeros(lat.shape[0], lat.shape[2], dtype=torch.bool, device=lat.device)
+        cond[:, 0] = True
+        acts = batch.actions.slice(g - 1, lay.num_frames) if batch.actions is not None else None
+        return ScoreInputs(lat, cond, batch.context, acts, self.student.cfg.cond_channels > 0, batch.uncond_context)
+
+    def _sigma(self, shared: torch.Generator) -> float:
+        p = self.pcfg
+        return draw_sigma(shared, p.dmd_shift, p.dmd_sigma_min, p.dmd_sigma_max)
+
+    def _logits(self, inp: ScoreInputs, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+        nb = noised(inp, sigma, noise)
+        with self.tap.capture() as feats:
+            velocity(route(self.critic.fake, sigma), nb.x_t, nb.t, inp, nb.cond)
+        return self.critic.head([feats[i] for i in self.tap.blocks])
+
+    def _step(self, opt: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_grads(module)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.grad_clip)
+        opt.step()
+        return float(norm)
+
+    # -- updates --------------------------------------------------------------------------------
+    def critic_update(self, batch: Batch, step: int, sub: int) -> dict[str, float]:
+        shared, local = step_generators(self.seed, step, self.rank, sub)
+        with torch.no_grad():
+            sample = self.rollout(batch, shared, local, grad=False).latents
+        inp = self.window(batch, sample)
+        sigma = self._sigma(shared)
+        noise = torch.randn(inp.latents.shape, generator=local).to(inp.latents.device)
+        head = self.critic.head
+        out: dict[str, float] = {}
+        if head is None:
+            loss = fake_score_loss(self.critic.fake, inp, sigma, noise)
+        else:
+            with self.tap.capture() as feats:
+                loss = fake_score_loss(self.critic.fake, inp, sigma, noise)
+            logit_fake = head([feats[i].detach() for i in self.tap.blocks])  # the trunk never sees L_D
+            real = self.window(batch, batch.latents)
+            with torch.no_grad():
+                nb = noised(real, sigma, torch.randn(real.latents.shape, generator=local).to(real.latents.device))
+                with self.tap.capture() as rfeats:
+                    velocity(route(self.critic.fake, sigma), nb.x_t, nb.t, real, nb.cond)
+            logit_real = head([rfeats[i] for i in self.tap.blocks])
+            ld = d_loss(logit_real, logit_fake)
+            out.update(d_loss=float(ld.detach()), d_real=float(logit_real.detach().mean()), d_fake=float(logit_fake.detach().mean()))
+            out["fake_loss"] = float(loss.detach())
+            loss = loss + self.pcfg.gan_weight * ld
+        out["fake_loss"] = out.get("fake_loss", float(loss.detach()))
+        out["critic_grad_norm"] = self._step(self.opt_critic, self.critic, loss)
+        self.counts["critic_updates"] += 1
+        return out
+
+    def student_update(self, batch: Batch, step: int) -> dict[str, float]:
+        shared, local = step_generators(self.seed, step, self.rank, self.pcfg.fake_updates)
+        roll = self.rollout(batch, shared, local, grad=True)
+        inp = self.window(batch, roll.latents)
+        sigma = self._sigma(shared)
+        noise = torch.randn(inp.latents.shape, generator=local).to(inp.latents.device)
+        terms = dmd_step_loss(inp.latents, inp, self.teacher, self.critic.fake, sigma, noise, self.pcfg.guidance_scale)
+        loss = terms.loss
+        out = {"dmd_loss": float(terms.loss.detach()), "real_fake_gap": terms.gap, "sigma": sigma}
+        if self.critic.head is not None:
+            with frozen(self.critic):  # gradient flows through the critic into x̂, never into it
+                lg = g_loss(self._logits(inp, sigma, noise))
+            loss = loss + self.pcfg.gan_weight * lg
+            out["g_loss"] = float(lg.detach())
+        out["student_grad_norm"] = self._step(self.opt_student, self.student, loss)
+        self.counts["student_updates"] += 1
+        return out
+
+    def step(self, batch: Batch, step: int) -> dict[str, float]:
+        """`fake_updates` critic updates, then one student update (two-time-scale rule)."""
+        logs: dict[str, float] = {}
+        for sub in range(self.pcfg.fake_updates):
+            for k, v in self.critic_update(batch, step, sub).items():
+                logs[k] = logs.get(k, 0.0) + v / self.pcfg.fake_updates
+        logs.update(self.student_update(batch, step))
+        return logs

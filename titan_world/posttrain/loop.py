@@ -1,0 +1,292 @@
+"""Job glue for `titan-world post-train causal|dmd`: models, data, checkpoints, logging, export.
+
+The stage math lives in causal.py / distill.py; this file only wires it to a run directory:
+checkpoints with `parallel.Checkpointer` (DCP, atomic, resumable), metrics.jsonl with the
+trainer's `MetricsLogger`, the final student exported with `save_pretrained`-compatible
+`export_model` to RUN_DIR/model/ (with `causal_chunk_frames` set, so `generate`/`serve` stream
+it), SIGUSR1/SIGTERM -> checkpoint -> exit 75. Data parallel over ranks by gradient averaging.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from titan_world.config import TitanConfig, resolve_run_dir, save_config
+from titan_world.posttrain.causal import ChunkLayout, diffusion_forcing_loss, forcing_sigmas
+from titan_world.posttrain.distill import Batch, DMDTrainer, sync_grads
+
+DEMO_TEACHER = Path("runs/demo/train/model")
+DEMO_STUDENT = Path("runs/demo/causal/model")
+EXIT_PREEMPTED = 75  # launch.torchrun.EXIT_PREEMPTED
+
+
+def log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[post-train] {msg}", file=sys.stderr, flush=True)
+
+
+class StopFlag:
+    """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits 75."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._set)
+            except ValueError:  # not the main thread
+                pass
+
+    def _set(self, *_: object) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Any rank asked to stop -> every rank stops (same step, collective save)."""
+        flag = torch.tensor([float(self.requested)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# -- models -----------------------------------------------------------------------------------------
+def bootstrap_teacher(cfg: TitanConfig, out: Path) -> Path:
+    """A short `titan-world train` run (rank 0, subprocess) when no teacher exists anywhere."""
+    model_dir = out / "model"
+    if not (model_dir / "config.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
+        log(f"no teacher given and none at {DEMO_TEACHER}: training a tiny one ({cfg.posttrain.bootstrap_steps} steps) in {out}")
+        cmd = [sys.executable, "-m", "launch.cli", "train", f"run.dir={out}", f"train.steps={cfg.posttrain.bootstrap_steps}",
+               f"data.path={cfg.data.path}", "run.progress=false", "run.wandb=disabled", "model.action.enabled=true"]
+        subprocess.run(cmd, check=True)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return model_dir
+
+
+def resolve_teacher(cfg: TitanConfig, run_dir: Path) -> Path:
+    p = cfg.posttrain.teacher
+    if p:
+        return Path(p)
+    if DEMO_TEACHER.is_dir():
+        return DEMO_TEACHER
+    existing = run_dir / "teacher" / "model"
+    return existing if (existing / "config.json").is_file() else bootstrap_teacher(cfg, run_dir / "teacher")
+
+
+def load_net(path: Path, device):
+    from titan_world.model.io import load_pretrained
+
+    return load_pretrained(path, dtype=torch.float32, device=device)
+
+
+def student_from(net):
+    """LingBot: the causal student starts from the high-noise expert (a dense teacher: itself)."""
+    from titan_world.model.moe import WanMoE
+
+    return net.high if isinstance(net, WanMoE) else net
+
+
+def export_student(student, run_dir: Path, cfg: TitanConfig, rank: int) -> Path:
+    from titan_world.train.state import export_model
+
+    p = cfg.posttrain
+    student.cfg.causal_chunk_frames = p.chunk_frames
+    out = run_dir / "model"
+    export_model(student, out, rank)
+    if rank == 0:
+        meta = {"chunk_frames": p.chunk_frames, "denoise_steps": p.denoise_steps, "sink_frames": p.sink_frames, "window_frames": p.window_frames}
+        (out / "posttrain.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+# -- data --------------------------------------------------------------------------------------------
+def make_loader(cfg: TitanConfig, frames: int, rank: int, world: int, seed: int):
+    from titan_world.data.loader import build_train_loader, ensure_synthetic_dataset
+
+    ensure_synthetic_dataset(cfg, progress=False)
+    return build_train_loader(cfg, frames, rank, world, seed, cfg.posttrain.batch_size)
+
+
+def eval_batches(cfg: TitanConfig, frames: int, use_actions: bool, device, seed: int = 12345) -> list[tuple[Batch, dict]]:
+    """A few fixed clips (own seed) with ground truth, for before/after comparisons."""
+    loader = make_loader(cfg, frames, 0, 1, seed)
+    out = []
+    try:
+        for raw in loader:
+            out.append((Batch.from_loader(raw, use_actions, device), raw))
+            if len(out) * cfg.posttrain.batch_size >= cfg.posttrain.eval_clips:
+                break
+    finally:
+        loader.close()
+    return out
+
+
+def latent_frames_of(video_frames: int) -> int:
+    return 1 + (video_frames - 1) // 4
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+class PostTrainJob:
+    """Shared skeleton of both stages: setup, resume, step loop with checkpoints, export."""
+
+    stage = "?"
+
+    def __init__(self, cfg: TitanConfig, resume: bool):
+        from parallel.distributed import init_distributed
+
+        self.cfg, self.resume = cfg, resume
+        self.rank, self.world, self.device = init_distributed()
+        if self.world > 1:  # every rank must use rank 0's run dir
+            box = [str(resolve_run_dir(cfg)) if self.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            cfg.run.dir = box[0]
+        self.run_dir = resolve_run_dir(cfg)
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.total = cfg.train.steps if cfg.train.steps is not None else self.default_steps()
+        self.progress = {"step": 0}
+
+    def default_steps(self) -> int:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def train_step(self, step: int, raw: dict) -> dict:
+        raise NotImplementedError
+
+    def finish(self, metrics) -> None:
+        export_student(self.student, self.run_dir, self.cfg, self.rank)
+        metrics.message(f"[post-train {self.stage}] exported the student to {self.run_dir / 'model'}")
+
+    def fit(self) -> int:
+        from parallel.checkpoint import Checkpointer
+        from titan_world.train.metrics import MetricsLogger
+
+        cfg = self.cfg
+        ckpt = Checkpointer(self.run_dir, keep_last=cfg.train.keep_last)
+        start = 0
+        if self.resume or ckpt.latest() is not None:
+            start = ckpt.load_latest(self.state()) or 0
+            if start:
+                log(f"{self.stage}: resumed at step {start} from {ckpt.latest()}")
+        metrics = MetricsLogger(self.run_dir, cfg, rank=self.rank, total_steps=self.total, initial_step=start, resumed=start > 0)
+        stop = StopFlag()
+        batches = self.loader.batches()
+        step = start
+        try:
+            while step < self.total:
+                t0 = time.perf_counter()
+                record = {"step": step, "stage": self.stage, **self.train_step(step, next(batches)), "step_time_s": time.perf_counter() - t0}
+                metrics.log(record)
+                metrics.progress(1, {k: f"{v:.4f}" for k, v in record.items() if k.endswith("loss")})
+                step += 1
+                self.progress["step"] = step
+                preempted = stop.agreed()
+                if preempted or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < self.total):
+                    ckpt.save(step, self.state())
+                if preempted:
+                    metrics.message(f"[post-train {self.stage}] preempted: checkpoint at step {step}; exit {EXIT_PREEMPTED}")
+                    return EXIT_PREEMPTED
+            if start < self.total:
+                ckpt.save(step, self.state())
+            self.finish(metrics)
+            return 0
+        finally:
+            metrics.close()
+            self.loader.close()
+
+
+class CausalJob(PostTrainJob):
+    """Stage 1: diffusion forcing with a block-causal mask (see causal.py)."""
+
+    stage = "causal"
+
+    def __init__(self, cfg: TitanConfig, resume: bool = False):
+        super().__init__(cfg, resume)
+        p = cfg.posttrain
+        self.teacher_path = resolve_teacher(cfg, self.run_dir)
+        log(f"causal: student initialised from {self.teacher_path} (high-noise expert of an MoE); {self.total} steps")
+        self.student = student_from(load_net(self.teacher_path, self.device)).train()
+        self.use_actions = self.student.action_embedding is not None
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=p.causal_lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.loader = make_loader(cfg, p.clip_frames, self.rank, self.world, cfg.train.seed)
+        self.layout = ChunkLayout(latent_frames_of(p.clip_frames), 1, p.chunk_frames)
+
+    def default_steps(self) -> int:
+        return self.cfg.posttrain.causal_steps
+
+    def state(self) -> dict:
+        return {"student": self.student, "optim": self.opt, "progress": self.progress, "dataloader": self.loader}
+
+    def train_step(self, step: int, raw: dict) -> dict:
+        p = self.cfg.posttrain
+        b = Batch.from_loader(raw, self.use_actions, self.device)
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.train.seed}/{step}/{self.rank}".encode()))
+        sigma = forcing_sigmas(b.latents.shape[0], self.layout, p.forcing_timesteps, gen)
+        noise = torch.randn(b.latents.shape, generator=gen).to(self.device)
+        out = diffusion_forcing_loss(self.student, b.latents, b.context, sigma, noise, self.layout, actions=b.actions,
+                                     with_i2v_channels=self.student.cfg.cond_channels > 0, sink_frames=p.sink_frames, window_frames=p.window_frames)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sync_grads(self.student)
+        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
+        self.opt.step()
+        return {"loss": float(out.loss.detach()), "grad_norm": float(norm)}
+
+
+class DMDJob(PostTrainJob):
+    """Stage 2: self-rollout + DMD (+ GAN head), two time scales (see distill.py)."""
+
+    stage = "dmd"
+
+    def __init__(self, cfg: TitanConfig, resume: bool = False):
+        super().__init__(cfg, resume)
+        p = cfg.posttrain
+        self.teacher_path = resolve_teacher(cfg, self.run_dir)
+        student_path = Path(p.student) if p.student else (DEMO_STUDENT if DEMO_STUDENT.is_dir() else None)
+        if student_path is None:
+            log("dmd: no causal student given (posttrain.student) and none in runs/demo: starting from the teacher")
+            student_path = self.teacher_path
+        log(f"dmd: teacher {self.teacher_path}, student {student_path}; {self.total} steps x ({p.fake_updates} critic + 1 student) updates")
+        teacher = load_net(self.teacher_path, self.device)
+        self.student = student_from(load_net(student_path, self.device)).train()
+        fake = load_net(self.teacher_path, self.device).train()  # fake score: initialised from the teacher
+        self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, rank=self.rank, grad_clip=cfg.train.grad_clip)
+        self.use_actions = self.student.action_embedding is not None
+        rollout_latents = 1 + p.rollout_chunks * p.chunk_frames
+        self.clip_frames = 1 + 4 * (rollout_latents - 1)
+        self.loader = make_loader(cfg, self.clip_frames, self.rank, self.world, cfg.train.seed)
+        self.progress.update(self.trainer.counts)
+
+    def default_steps(self) -> int:
+        return self.cfg.posttrain.dmd_steps
+
+    def state(self) -> dict:
+        t = self.trainer
+        return {"student": self.student, "critic": t.critic, "opt_student": t.opt_student, "opt_critic": t.opt_critic,
+                "progress": self.progress, "dataloader": self.loader}
+
+    def train_step(self, step: int, raw: dict) -> dict:
+        t = self.trainer
+        t.counts.update({k: self.progress[k] for k in t.counts if k in self.progress})
+        out = t.step(Batch.from_loader(raw, self.use_actions, self.device), step)
+        self.progress.update(t.counts)
+        return out
+
+
+def run_stage(stage: str, cfg: TitanConfig, resume: bool = False) -> int:
+    from parallel.distributed import destroy
+
+    try:
+        job = (CausalJob if stage == "causal" else DMDJob)(cfg, resume)
+        return job.fit()
+    finally:
+        destroy()

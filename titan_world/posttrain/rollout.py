@@ -1,0 +1,177 @@
+"""Self-rollout through the rolling KV cache (LingBot §3.4.2, Self-Forcing).
+
+The student generates chunk after chunk from its own outputs, exactly as the streaming engine
+serves it: per chunk, fresh noise, a few denoising steps at the student's sigmas (x0 estimate,
+then re-noise to the next sigma), stopping at a random *exit step*; then one pass at t = 0 on the
+clean output writes the chunk's K/V into the cache (sink + rolling window), so later chunks
+attend to clean frames. A rollout may be longer than the training clips: memory is the cache's.
+
+Gradient truncation: only the exit-step pass of the last K chunks is recorded by autograd; every
+other pass (earlier steps, earlier chunks, the t = 0 cache writes) runs under no_grad, so the
+cache holds constants and gradients never reach earlier chunks. A recorded pass reads the cache
+through `RecordedPassCache`, which concatenates instead of writing the chunk's K/V into the
+buffer: the buffer is rewritten in place by later passes, and autograd must not depend on it.
+
+`self_rollout_uncached` is the same computation without a cache (each pass re-runs every earlier
+frame at t = 0 under the block-causal mask); the tests check that both agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from titan_world.conditioning import i2v_condition
+from titan_world.model.action import ActionInputs
+from titan_world.model.kv_cache import KVCache
+from titan_world.posttrain.causal import ChunkLayout
+
+
+def student_sigmas(denoise_steps: list[int]) -> list[float]:
+    """posttrain.denoise_steps (timesteps in 0..1000, decreasing) -> sigmas."""
+    return [t / 1000.0 for t in denoise_steps]
+
+
+class RecordedPassCache(KVCache):
+    """Read-only view of a cache for a pass autograd records: keys = cat[chunk, stored frames],
+    the same order (so the same numbers) as `KVCache.attend_region`, without in-place writes."""
+
+    def __init__(self, base: KVCache):  # noqa: D107 - shares the base's buffers, allocates nothing
+        self.__dict__.update(base.__dict__)
+
+    def attend_region(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = self.chunk * self.tpf
+        hi = lo + self.stored_frames * self.tpf
+        return torch.cat([k, self.k[layer, :, lo:hi]], 1), torch.cat([v, self.v[layer, :, lo:hi]], 1)
+
+    def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise RuntimeError("a recorded (gradient) pass never writes the cache; the t = 0 pass does")
+
+
+def sample_exit_steps(num_chunks: int, num_steps: int, generator: torch.Generator) -> list[int]:
+    """One exit step per chunk, uniform in [0, num_steps). Draw it from a generator seeded the
+    same on every rank (by the step number) so all ranks run the same number of passes."""
+    return torch.randint(num_steps, (num_chunks,), generator=generator).tolist()
+
+
+@dataclass
+class RolloutInputs:
+    """What a rollout is conditioned on. `given`: [B, C, P, h, w] clean latents (the start
+    image); `actions`: per latent frame for the whole rollout (or None)."""
+
+    given: torch.Tensor
+    context: object  # [B, Lt, Dt] tensor or PreparedContext
+    actions: ActionInputs | None
+    layout: ChunkLayout
+    with_i2v_channels: bool = True
+
+    def cond(self) -> torch.Tensor | None:
+        if not self.with_i2v_channels:
+            return None
+        b, c, p, h, w = self.given.shape
+        lat = torch.zeros(b, c, self.layout.num_frames, h, w, device=self.given.device, dtype=self.given.dtype)
+        lat[:, :, :p] = self.given
+        mask = torch.zeros(b, self.layout.num_frames, dtype=torch.bool, device=self.given.device)
+        mask[:, :p] = True
+        return i2v_condition(lat, mask)
+
+
+@dataclass
+class Rollout:
+    latents: torch.Tensor  # [B, C, F, h, w]: given frames then generated chunks
+    grad_start: int  # first latent frame whose values carry gradient (F when none)
+    exit_steps: list[int] = field(default_factory=list)
+
+
+def _call(model, inp: RolloutInputs, cond, x, sigma, s, e, **kw):
+    t = torch.full((x.shape[0],), sigma * 1000.0, device=x.device)
+    acts = inp.actions.slice(s, e) if inp.actions is not None else None
+    ref = inp.actions.c2w[:, 0] if inp.actions is not None else None
+    c = cond[:, :, s:e] if cond is not None else None
+    return model(x, t, inp.context, cond=c, actions=acts, action_reference=ref, frame_offset=s, **kw).float()
+
+
+def self_rollout(
+    model: torch.nn.Module,
+    inp: RolloutInputs,
+    sigmas: list[float],
+    generator: torch.Generator,
+    *,
+    exit_steps: list[int] | None = None,
+    grad_chunks: int = 0,
+    sink_frames: int = 1,
+    window_frames: int = 8,
+) -> Rollout:
+    """Generate every chunk of `inp.layout` with the KV cache; grads only in the last `grad_chunks`."""
+    lay, cfg = inp.layout, model.cfg
+    chunks = lay.chunks()
+    exits = exit_steps if exit_steps is not None else [len(sigmas) - 1] * len(chunks)
+    b, c, p, h, w = inp.given.shape
+    tpf = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    cache = KVCache(
+        cfg.num_layers, b, cfg.num_heads, cfg.head_dim, tpf, sink_frames=sink_frames, window_frames=window_frames,
+        chunk_frames=max(lay.chunk_frames, lay.prefix), dtype=next(model.parameters()).dtype, device=inp.given.device,
+    )
+    cond = inp.cond()
+    out = [inp.given]
+    first_grad = len(chunks) - grad_chunks if torch.is_grad_enabled() else len(chunks)
+    with torch.no_grad():
+        _call(model, inp, cond, inp.given, 0.0, 0, p, kv_cache=cache, cache_write=True)
+    for j, (s, e) in enumerate(chunks):
+        x = torch.randn(b, c, e - s, h, w, generator=generator, device=inp.given.device)
+        with torch.no_grad():
+            for i in range(exits[j]):
+                x0 = x - sigmas[i] * _call(model, inp, cond, x, sigmas[i], s, e, kv_cache=cache)
+                x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(x.shape, generator=generator, device=x.device)
+        sig = sigmas[exits[j]]
+        if j >= first_grad:
+            x0 = x - sig * _call(model, inp, cond, x, sig, s, e, kv_cache=RecordedPassCache(cache))
+        else:
+            with torch.no_grad():
+                x0 = x - sig * _call(model, inp, cond, x, sig, s, e, kv_cache=cache)
+        out.append(x0)
+        with torch.no_grad():
+            _call(model, inp, cond, x0.detach(), 0.0, s, e, kv_cache=cache, cache_write=True)
+    grad_start = chunks[first_grad][0] if first_grad < len(chunks) else lay.num_frames
+    return Rollout(torch.cat(out, dim=2), grad_start, list(exits))
+
+
+@torch.no_grad()
+def self_rollout_uncached(
+    model: torch.nn.Module,
+    inp: RolloutInputs,
+    sigmas: list[float],
+    generator: torch.Generator,
+    *,
+    exit_steps: list[int] | None = None,
+    sink_frames: int = 1,
+    window_frames: int | None = 8,
+) -> torch.Tensor:
+    """Reference: every pass re-runs all earlier (clean, t = 0) frames under the block-causal mask."""
+    lay, cfg = inp.layout, model.cfg
+    chunks = lay.chunks()
+    exits = exit_steps if exit_steps is not None else [len(sigmas) - 1] * len(chunks)
+    b, c, p, h, w = inp.given.shape
+    tpf = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    cond = inp.cond()
+    done = inp.given
+
+    def denoise(x, sigma, s, e):
+        seq = torch.cat([done, x], dim=2)
+        t = torch.zeros(b, e, device=x.device)
+        t[:, s:e] = sigma * 1000.0
+        mask = ChunkLayout(e, lay.prefix, lay.chunk_frames).mask(tpf, sink_frames, window_frames)
+        acts = inp.actions.slice(0, e) if inp.actions is not None else None
+        ref = inp.actions.c2w[:, 0] if inp.actions is not None else None
+        cc = cond[:, :, :e] if cond is not None else None
+        v = model(seq, t, inp.context, cond=cc, actions=acts, action_reference=ref, attn_mask=mask).float()
+        return x - sigma * v[:, :, s:e]
+
+    for j, (s, e) in enumerate(chunks):
+        x = torch.randn(b, c, e - s, h, w, generator=generator, device=inp.given.device)
+        for i in range(exits[j]):
+            x0 = denoise(x, sigmas[i], s, e)
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(x.shape, generator=generator, device=x.device)
+        done = torch.cat([done, denoise(x, sigmas[exits[j]], s, e)], dim=2)
+    return done
