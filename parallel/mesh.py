@@ -14,7 +14,6 @@ all-to-all of Ulysses stays on NVLink as long as cp <= GPUs per node.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -65,16 +64,12 @@ class ParallelMesh:
     dp_replicate: int
     dp_shard: int
     cp: int
+    fsdp_mesh: DeviceMesh
+    dp_mesh: DeviceMesh
 
     @property
     def device_type(self) -> str:
         return self.world.device_type
-
-    @cached_property
-    def fsdp_mesh(self) -> DeviceMesh:
-        if self.dp_replicate > 1:
-            return self.world["dp_replicate", "dp_shard_cp"]
-        return self.world["dp_shard_cp"]
 
     @property
     def cp_mesh(self) -> DeviceMesh:
@@ -83,10 +78,6 @@ class ParallelMesh:
     @property
     def cp_group(self) -> dist.ProcessGroup:
         return self.world.get_group("cp")
-
-    @property
-    def dp_mesh(self) -> DeviceMesh:
-        return self.world["dp"]
 
     @property
     def dp_size(self) -> int:
@@ -119,6 +110,13 @@ def build_mesh(cfg: ParallelConfig, world_size: int | None = None, device_type: 
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     world = init_device_mesh(device_type, (r, s, c), mesh_dim_names=("dp_replicate", "dp_shard", "cp"))
-    world["dp_shard", "cp"]._flatten("dp_shard_cp")
-    world["dp_replicate", "dp_shard"]._flatten("dp")
-    return ParallelMesh(world, r, s, c)
+    # Keep the flattened meshes ourselves: slicing flattened dims from the root is deprecated.
+    shard_cp = world["dp_shard", "cp"]._flatten("dp_shard_cp")
+    dp = world["dp_replicate", "dp_shard"]._flatten("dp")
+    if r > 1:
+        # HSDP needs a 2-D (replicate, shard) mesh; a second mesh with the same row-major rank
+        # layout is portable across torch versions (vs. slicing flattened dims out of the root).
+        fsdp = init_device_mesh(device_type, (r, s * c), mesh_dim_names=("dp_replicate", "dp_shard_cp"))
+    else:
+        fsdp = shard_cp
+    return ParallelMesh(world, r, s, c, fsdp, dp)

@@ -195,3 +195,34 @@ def test_ac_block_selection():
     assert checkpointed_block_ids(4, "none") == []
     assert checkpointed_block_ids(4, "full") == [0, 1, 2, 3]
     assert checkpointed_block_ids(5, "selective", 2) == [0, 2, 4]
+
+
+# ---------------------------------------------------------------- the process harness itself
+def _boom(rank_to_fail: int) -> None:
+    if int(os.environ["RANK"]) == rank_to_fail:
+        raise ValueError("boom from a worker")
+    import time
+
+    time.sleep(60)  # the healthy rank would wait forever on a collective
+
+
+@pytest.mark.xdist_group("dist")
+def test_harness_reports_worker_error_and_reaps():
+    import multiprocessing as mp
+
+    from dist_utils import run_distributed
+
+    with pytest.raises(RuntimeError, match="boom from a worker"):
+        run_distributed(_boom, 2, 1, timeout=60)
+    assert mp.active_children() == []
+
+
+@pytest.mark.xdist_group("dist")
+def test_harness_timeout_kills_workers():
+    import multiprocessing as mp
+
+    from dist_utils import run_distributed
+
+    with pytest.raises(RuntimeError, match="timed out"):
+        run_distributed(_boom, 2, -1, timeout=4)
+    assert mp.active_children() == []

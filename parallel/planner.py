@@ -1,0 +1,182 @@
+"""Per-GPU memory model for FSDP2 + Ulysses CP training of a Wan-style DiT, and a CP/node advisor.
+
+A first-order analytic model (what `titan-world inspect --plan` prints). Assumptions, per GPU:
+- Parameter count from the Wan block layout (self-attn 4 d^2, cross-attn 4 d^2, FFN 2 d ffn, norms,
+  modulation) plus embeddings/head; matches 1.42B (1.3B cfg) and 14.29B (A14B expert) to ~1%.
+- Mixed precision as `apply_fsdp`: fp32 master params, fp32 grads and AdamW's two fp32 moments,
+  all sharded over dp_shard x cp (16 bytes/param / N); plus unsharded bf16 params and grads of
+  `inflight_blocks` blocks (current + prefetched) during forward/backward.
+- Activations in bf16. Without AC a block keeps ~(20 d + 2 ffn) values per token (q/k/v, RoPE'd
+  q/k, attention out, modulated inputs, FFN hidden pre/post GELU, residuals; fp32 modulation
+  temporaries counted twice) on S/cp tokens. Full AC keeps only each block's input (d values per
+  token) plus one block's recompute working set. Selective every n-th keeps full activations of
+  the other blocks. Attention itself is flash/cuDNN style (no S^2 score matrix).
+- `reserve_gb` (CUDA context, NCCL buffers, allocator fragmentation) is added as a constant.
+- Tokens: frames -> 1 + (frames-1)/4 latent frames, height/width / 8 (Wan VAE), patch 1x2x2; so
+  480x832 x 81 frames = 32,760 tokens and 961 frames (60 s at 16 fps) = 375,960 tokens.
+Not modelled: the text encoder/VAE (run offline or on other GPUs), optimizer-step temporaries,
+activation memory of the loss (small). Check against a measured peak before trusting the margin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["Plan", "plan", "format_plan", "recommend", "format_recommendations", "param_count", "num_tokens"]
+
+GB = 1e9
+
+
+def num_tokens(frames: int, height: int, width: int, patch=(1, 2, 2), vae_stride=(4, 8, 8)) -> int:
+    lat_f = 1 + (frames - 1) // vae_stride[0]
+    return (lat_f // patch[0]) * (height // vae_stride[1] // patch[1]) * (width // vae_stride[2] // patch[2])
+
+
+def _block_params(d: int, ffn: int) -> int:
+    attn = 4 * (d * d + d) + 2 * d  # q k v o + norm_q/norm_k
+    return 2 * attn + 2 * d + (d * ffn + ffn + ffn * d + d) + 6 * d  # self + cross + norm3 + ffn + modulation
+
+
+def param_count(cfg) -> int:
+    d, ffn = cfg.dim, cfg.ffn_dim
+    p = list(cfg.patch_size)
+    patch = cfg.in_dim * d * p[0] * p[1] * p[2] + d
+    text = cfg.text_dim * d + d + d * d + d
+    time = cfg.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d
+    head = d * cfg.out_dim * p[0] * p[1] * p[2] + cfg.out_dim * p[0] * p[1] * p[2] + 2 * d
+    return cfg.num_layers * _block_params(d, ffn) + patch + text + time + head
+
+
+@dataclass
+class Plan:
+    model: str
+    params: int
+    tokens: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    ac: str
+    micro_batch: int
+    gpu_mem_gb: float
+    gb: dict[str, float] = field(default_factory=dict)  # params, grads, optimizer, activations, reserve
+
+    @property
+    def total_gb(self) -> float:
+        return sum(self.gb.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gb <= self.gpu_mem_gb
+
+    @property
+    def gpus(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp
+
+
+def plan(
+    model_cfg,
+    frames: int,
+    height: int,
+    width: int,
+    dp_replicate: int = 1,
+    dp_shard: int = 1,
+    cp: int = 1,
+    ac: str = "full",
+    gpu_mem_gb: float = 80.0,
+    *,
+    ac_every: int = 2,
+    micro_batch: int = 1,
+    inflight_blocks: int = 2,
+    reserve_gb: float = 4.0,
+    vae_stride=(4, 8, 8),
+) -> Plan:
+    """Estimated per-GPU memory of one training step (see the module docstring for assumptions)."""
+    if model_cfg.num_heads % cp:
+        raise ValueError(f"cp={cp}: model.num_heads={model_cfg.num_heads} must be divisible by it")
+    n = param_count(model_cfg)
+    shard = dp_shard * cp
+    d, ffn, layers = model_cfg.dim, model_cfg.ffn_dim, model_cfg.num_layers
+    block = _block_params(d, ffn)
+    tokens = num_tokens(frames, height, width, tuple(model_cfg.patch_size), vae_stride)
+    local_tokens = micro_batch * math.ceil(tokens / cp)
+    full_per_block = local_tokens * (20 * d + 2 * ffn) * 2
+    input_per_block = local_tokens * d * 2
+    if ac == "none":
+        act = layers * full_per_block
+    elif ac == "full":
+        act = layers * input_per_block + full_per_block
+    elif ac == "selective":
+        ckpt = len(range(0, layers, ac_every))
+        act = ckpt * input_per_block + (layers - ckpt) * full_per_block + full_per_block
+    else:
+        raise ValueError(f"ac={ac!r}: expected none, full or selective")
+    act += local_tokens * (model_cfg.in_dim + model_cfg.out_dim) * 4 + tokens * micro_batch * model_cfg.out_dim * 4 * 2
+    gb = {
+        "params": (4 * n / shard + 2 * block * inflight_blocks) / GB,
+        "grads": (4 * n / shard + 2 * block * inflight_blocks) / GB,
+        "optimizer": 8 * n / shard / GB,
+        "activations": act / GB,
+        "reserve": reserve_gb,
+    }
+    return Plan(getattr(model_cfg, "name", "model"), n, tokens, dp_replicate, dp_shard, cp, ac, micro_batch, gpu_mem_gb, gb)
+
+
+def format_plan(p: Plan) -> str:
+    rows = [
+        f"model {p.model}: {p.params / 1e9:.2f}B params, {p.tokens:,} tokens/sample, micro-batch {p.micro_batch}",
+        f"mesh dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} cp={p.cp} ({p.gpus} GPUs), AC={p.ac}",
+        "per GPU:",
+    ]
+    rows += [f"  {k:<12} {v:8.1f} GB" for k, v in p.gb.items()]
+    verdict = "fits" if p.fits else "does NOT fit"
+    rows.append(f"  {'total':<12} {p.total_gb:8.1f} GB  -> {verdict} in {p.gpu_mem_gb:.0f} GB")
+    return "\n".join(rows)
+
+
+def _divisors(n: int) -> list[int]:
+    return [i for i in range(1, n + 1) if n % i == 0]
+
+
+def recommend(
+    model_cfg,
+    stages: list[tuple[str, int]],
+    height: int = 480,
+    width: int = 832,
+    ac: str = "full",
+    gpu_mem_gb: float = 80.0,
+    gpus_per_node: int = 8,
+    max_gpus: int = 4096,
+    **plan_kw,
+) -> list[tuple[str, Plan | None]]:
+    """For each (stage name, frames): the smallest mesh (fewest GPUs, then smallest cp: the
+    all-to-all is cheapest inside a node) that fits. cp must divide the heads and either divide
+    `gpus_per_node` or be a multiple of it (no half-empty nodes); dp_shard runs over powers of two."""
+    out: list[tuple[str, Plan | None]] = []
+    cps = [c for c in _divisors(model_cfg.num_heads) if gpus_per_node % c == 0 or c % gpus_per_node == 0]
+    for name, frames in stages:
+        best: Plan | None = None
+        for cp in cps:
+            s = 1
+            while cp * s <= max_gpus:
+                p = plan(model_cfg, frames, height, width, 1, s, cp, ac, gpu_mem_gb, **plan_kw)
+                if p.fits:
+                    if best is None or (p.gpus, p.cp) < (best.gpus, best.cp):
+                        best = p
+                    break
+                s *= 2
+        out.append((name, best))
+    return out
+
+
+def format_recommendations(recs: list[tuple[str, Plan | None]], gpus_per_node: int = 8) -> str:
+    rows = [f"{'stage':<8} {'tokens':>9} {'cp':>3} {'dp_shard':>8} {'GPUs':>5} {'nodes':>5} {'GB/GPU':>7}  AC"]
+    for name, p in recs:
+        if p is None:
+            rows.append(f"{name:<8} does not fit within the GPU limit")
+            continue
+        nodes = math.ceil(p.gpus / gpus_per_node)
+        note = "  (cp spans nodes: all-to-all over InfiniBand)" if p.cp > gpus_per_node else ""
+        rows.append(f"{name:<8} {p.tokens:>9,} {p.cp:>3} {p.dp_shard:>8} {p.gpus:>5} {nodes:>5} {p.total_gb:>7.1f}  {p.ac}{note}")
+    rows.append("(minimum mesh per stage; add dp_shard/dp_replicate for throughput: it lowers the per-GPU share of params/optimizer)")
+    return "\n".join(rows)
