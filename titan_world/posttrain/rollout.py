@@ -82,6 +82,7 @@ class Rollout:
     latents: torch.Tensor  # [B, C, F, h, w]: given frames then generated chunks
     grad_start: int  # first latent frame whose values carry gradient (F when none)
     exit_steps: list[int] = field(default_factory=list)
+    chunks: list[torch.Tensor] = field(default_factory=list)  # each generated chunk's output
 
 
 def _call(model, inp: RolloutInputs, cond, x, sigma, s, e, **kw):
@@ -134,7 +135,7 @@ def self_rollout(
         with torch.no_grad():
             _call(model, inp, cond, x0.detach(), 0.0, s, e, kv_cache=cache, cache_write=True)
     grad_start = chunks[first_grad][0] if first_grad < len(chunks) else lay.num_frames
-    return Rollout(torch.cat(out, dim=2), grad_start, list(exits))
+    return Rollout(torch.cat(out, dim=2), grad_start, list(exits), out[1:])
 
 
 @torch.no_grad()

@@ -1,0 +1,154 @@
+"""Post-training pieces on their own: cached rollout == uncached, DMD gradient, GAN parameter
+isolation, gradient truncation, two-time-scale ratio, causal mask."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from titan_world.model import ActionConfig, ActionInputs, AttnMask, ModelConfig, build_model
+from titan_world.posttrain import distill
+from titan_world.posttrain.causal import ChunkLayout, CausalMask, diffusion_forcing_loss, forcing_sigmas
+from titan_world.posttrain.config import PostTrainConfig
+from titan_world.posttrain.distill import Batch, DMDTrainer
+from titan_world.posttrain.dmd import dmd_direction, dmd_loss
+from titan_world.posttrain.rollout import RolloutInputs, self_rollout, self_rollout_uncached
+
+C, HW = 8, 8
+
+
+def tiny(actions: bool = True):
+    cfg = ModelConfig(dim=48, ffn_dim=96, num_heads=4, num_layers=4, in_dim=2 * C + 4, out_dim=C, text_dim=16, text_len=8,
+                      action=ActionConfig(enabled=actions, spatial_stride=1))
+    m = build_model(cfg)
+    for p in m.parameters():  # Wan init zeroes the head: give every path a signal
+        p.data.normal_(0, 0.05)
+    return m
+
+
+def actions(b: int, f: int) -> ActionInputs:
+    c2w = torch.eye(4).repeat(b, f, 1, 1)
+    c2w[:, :, 0, 3] = torch.linspace(0, 1, f)
+    return ActionInputs(torch.rand(b, f, 8), c2w, torch.tensor([8.0, 8, 4, 4]).repeat(b, f, 1))
+
+
+def rollout_inputs(b=2, chunks=4, chunk=2):
+    f = 1 + chunks * chunk
+    return RolloutInputs(torch.randn(b, C, 1, HW, HW), torch.randn(b, 8, 16), actions(b, f), ChunkLayout(f, 1, chunk))
+
+
+@pytest.mark.parametrize("window", [2, 8])
+def test_cached_rollout_equals_uncached_block_causal(window):
+    """Rolling KV cache (sink + window, RoPE offsets, per-chunk exits) == full masked forwards."""
+    m, inp = tiny(), rollout_inputs()
+    sig, exits = [1.0, 0.75, 0.5, 0.25], [3, 1, 0, 2]
+    a = self_rollout(m, inp, sig, torch.Generator().manual_seed(1), exit_steps=exits, sink_frames=1, window_frames=window).latents
+    b = self_rollout_uncached(m, inp, sig, torch.Generator().manual_seed(1), exit_steps=exits, sink_frames=1, window_frames=window)
+    assert torch.allclose(a, b, atol=2e-5, rtol=0), (a - b).abs().max()
+    # a recorded (gradient) pass reads the cache without writing it and gives the same numbers
+    c = self_rollout(m, inp, sig, torch.Generator().manual_seed(1), exit_steps=exits, grad_chunks=4, sink_frames=1, window_frames=window).latents
+    assert torch.allclose(a, c.detach(), atol=1e-6, rtol=0)
+
+
+def test_causal_mask_without_prefix_is_block_causal():
+    ref = AttnMask.block_causal(7, 3, 2, sink_frames=1, window_frames=2).dense()
+    assert torch.equal(CausalMask(7, 3, 2, 1, 2, None, 0).dense(), ref)
+    m = ChunkLayout(5, 1, 2).mask(1).dense()  # chunks {0} {1,2} {3,4}
+    assert m[0].tolist() == [True, False, False, False, False]
+    assert m[1].tolist() == m[2].tolist() == [True, True, True, False, False]
+
+
+def test_diffusion_forcing_loss_ignores_clean_chunks():
+    m = tiny()
+    lay = ChunkLayout(5, 1, 2)
+    lat = torch.randn(2, C, 5, HW, HW)
+    sig = forcing_sigmas(2, lay, [1000, 500], torch.Generator().manual_seed(0))
+    assert set(sig[:, 1:].unique().tolist()) <= {0.0, 0.5, 1.0} and (sig[:, 0] == 0).all()
+    zero = diffusion_forcing_loss(m, lat, torch.randn(2, 8, 16), torch.zeros(2, 5), torch.randn_like(lat), lay, actions=actions(2, 5))
+    assert float(zero.loss.detach()) == 0.0  # t = 0 everywhere: x0 = x_t exactly, no loss
+    out = diffusion_forcing_loss(m, lat, torch.randn(2, 8, 16), torch.full((2, 5), 0.5), torch.randn_like(lat), lay, actions=actions(2, 5))
+    out.loss.backward()
+    assert float(out.loss) > 0 and m.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
+
+
+def test_dmd_gradient_is_the_normalised_fake_minus_real_direction():
+    torch.manual_seed(0)
+    x = torch.randn(2, C, 4, HW, HW, requires_grad=True)
+    mu_real, mu_fake = torch.randn_like(x), torch.randn_like(x)
+    gen = torch.tensor([[False, True, True, True]] * 2)
+    g = dmd_direction(x.detach(), mu_real, mu_fake, gen)
+    w = (x.detach() - mu_real)[:, :, 1:].abs().mean(dim=(1, 2, 3, 4))  # per-sample mean over generated frames
+    expected = (mu_fake - mu_real) / w.view(-1, 1, 1, 1, 1)
+    expected[:, :, 0] = 0
+    assert torch.allclose(g, expected, atol=1e-6)
+    dmd_loss(x, g, gen).backward()
+    n = C * HW * HW * int(gen.sum())  # L = ½ mean over generated elements
+    assert torch.allclose(x.grad, g / n, atol=1e-9, rtol=1e-5)
+
+
+def _trainer(gan_weight=0.5, fake_updates=3, grad_chunks=1):
+    pcfg = PostTrainConfig(chunk_frames=1, rollout_chunks=3, grad_chunks=grad_chunks, fake_updates=fake_updates,
+                           gan_weight=gan_weight, gan_blocks=[1, 3], window_frames=4)
+    student, teacher = tiny(), tiny()
+    fake = copy.deepcopy(teacher)
+    tr = DMDTrainer(student, teacher, fake, pcfg)
+    b = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4), torch.zeros(2, 8, 16))
+    return tr, b
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def _nonzero(grads):
+    return any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _all_zero(grads):
+    return all(g is None or g.abs().sum() == 0 for g in grads)
+
+
+def test_gan_losses_update_only_head_and_student(monkeypatch):
+    tr, b = _trainer()
+    tr.opt_critic.step = tr.opt_student.step = lambda *a, **k: None  # keep the grads to inspect them
+    real_fake_loss = distill.fake_score_loss
+    monkeypatch.setattr(distill, "fake_score_loss", lambda *a, **k: 0.0 * real_fake_loss(*a, **k))  # L_D alone
+    tr.critic_update(b, step=0, sub=0)
+    assert _nonzero(_grads(tr.critic.head)), "D step must train the head"
+    assert _all_zero(_grads(tr.critic.fake)), "D step must not touch the fake-score trunk"
+    assert _all_zero(_grads(tr.student)) and _all_zero(_grads(tr.teacher))
+    tr.critic.zero_grad(set_to_none=True)
+    monkeypatch.setattr(distill, "dmd_step_loss", lambda *a, **k: _ZeroDMD(a[0]))  # L_G alone
+    tr.student_update(b, step=0)
+    assert _nonzero(_grads(tr.student)), "G step must train the student"
+    assert all(g is None for g in _grads(tr.critic)), "G step must not touch the critic (trunk or head)"
+    assert all(g is None for g in _grads(tr.teacher))
+    assert all(p.requires_grad for p in tr.critic.parameters())  # unfrozen again
+
+
+class _ZeroDMD:
+    def __init__(self, x):
+        self.loss, self.gap = 0.0 * x.sum(), 0.0
+
+
+def test_gradient_truncation_leaves_earlier_chunks_without_graph():
+    m, inp = tiny(), rollout_inputs(chunks=4, chunk=1)
+    r = self_rollout(m, inp, [1.0, 0.5], torch.Generator().manual_seed(0), grad_chunks=2)
+    assert [c.requires_grad for c in r.chunks] == [False, False, True, True]
+    assert r.grad_start == 3
+    r.chunks[-1].sum().backward()
+    assert _nonzero(_grads(m))
+    with torch.no_grad():
+        r2 = self_rollout(m, inp, [1.0, 0.5], torch.Generator().manual_seed(0), grad_chunks=2)
+    assert not any(c.requires_grad for c in r2.chunks)
+
+
+def test_two_time_scale_ratio():
+    tr, b = _trainer(gan_weight=0.0, fake_updates=3)
+    logs = [tr.step(b, s) for s in range(2)]
+    assert tr.counts == {"critic_updates": 6, "student_updates": 2}
+    assert tr.opt_critic.state[next(iter(tr.critic.parameters()))]["step"] == 6
+    assert tr.opt_student.state[next(iter(tr.student.parameters()))]["step"] == 2
+    assert all(k in logs[0] for k in ("fake_loss", "dmd_loss", "real_fake_gap"))
