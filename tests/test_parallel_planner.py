@@ -1,0 +1,40 @@
+"""Memory planner: DESIGN.md numbers (param counts, token counts) and sane monotonic behaviour."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from parallel.planner import format_plan, format_recommendations, num_tokens, param_count, plan, recommend
+from titan_world.config import resolve_config_path
+from titan_world.model.config import ModelConfig
+
+
+def _cfg(name: str) -> ModelConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(resolve_config_path(f"model/{name}"))))
+
+
+def test_counts_match_design():
+    assert num_tokens(81, 480, 832) == 32_760
+    assert num_tokens(961, 480, 832) == 375_960
+    assert param_count(_cfg("wan2.2-i2v-a14b")) / 1e9 == pytest.approx(14.29, rel=0.01)
+    assert param_count(_cfg("wan2.1-1.3b")) / 1e9 == pytest.approx(1.42, rel=0.01)
+
+
+def test_plan_scales_and_formats():
+    a14 = _cfg("wan2.2-i2v-a14b")
+    one = plan(a14, 961, 480, 832, cp=1, ac="full")
+    eight = plan(a14, 961, 480, 832, cp=8, ac="full")
+    assert not one.fits and eight.fits
+    assert eight.gb["activations"] < one.gb["activations"] / 7
+    assert plan(a14, 81, 480, 832, dp_shard=8, ac="none").gb["activations"] > plan(a14, 81, 480, 832, dp_shard=8, ac="full").gb["activations"]
+    assert "fits" in format_plan(eight)
+    with pytest.raises(ValueError, match="num_heads"):
+        plan(a14, 81, 480, 832, cp=3)
+
+
+def test_recommendation_per_stage():
+    recs = recommend(_cfg("wan2.2-i2v-a14b"), [("5s", 81), ("60s", 961)])
+    assert all(p is not None and p.fits for _, p in recs)
+    assert recs[1][1].cp >= recs[0][1].cp
+    assert "60s" in format_recommendations(recs)
