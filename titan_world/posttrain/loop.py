@@ -143,6 +143,7 @@ class PostTrainJob:
 
         self.cfg, self.resume = cfg, resume
         self.rank, self.world, self.device = init_distributed()
+        torch.manual_seed(cfg.train.seed)  # new modules (GAN head) start identical on every rank and run
         if self.world > 1:  # every rank must use rank 0's run dir
             box = [str(resolve_run_dir(cfg)) if self.rank == 0 else None]
             dist.broadcast_object_list(box, src=0)
