@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import signal
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -354,8 +353,6 @@ class Trainer:
                                f"(train.max_bad_steps={t.max_bad_steps}). The last good checkpoint is "
                                f"{last if last else '(none saved yet)'}; lower train.lr or check the data, then --resume.")
                         log.message(msg)
-                        if self.rank == 0:
-                            print(msg, file=sys.stderr, flush=True)
                         rc = EXIT_DIVERGED
                         break
                 else:
@@ -372,7 +369,8 @@ class Trainer:
                     log.message(f"[train] preempted: checkpoint {path}; exiting {EXIT_PREEMPTED} (resume with --resume)")
                     rc = EXIT_PREEMPTED
                     break
-                if t.ckpt_every and pos["step"] % t.ckpt_every == 0 and pos["step"] < self.total_steps:
+                # no periodic save inside a streak of skipped steps: the last checkpoint stays the last good one
+                if t.ckpt_every and pos["step"] % t.ckpt_every == 0 and pos["step"] < self.total_steps and not pos["bad_streak"]:
                     self.ckpt.save(pos["step"], self._state())
             if rc == 0:
                 if (self.ckpt.latest() or Path("step_-1")).name != f"step_{pos['step']:08d}":

@@ -34,7 +34,10 @@ class MetricsLogger:
         self.wandb = None
         if not self.enabled:
             return
-        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
+        path = run_dir / "metrics.jsonl"
+        kept = _lines_before(path, initial_step) if resumed else []
+        self.file = open(path, "w")  # a resumed run drops records past its checkpoint (they are redone)
+        self.file.writelines(kept)
         if cfg.run.progress:
             from tqdm import tqdm
 
@@ -73,6 +76,19 @@ class MetricsLogger:
         if self.wandb is not None:
             with contextlib.suppress(Exception):
                 self.wandb.finish(quiet=True)
+
+
+def _lines_before(path: Path, step: int) -> list[str]:
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] < step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            pass
+    return kept
 
 
 def _start_wandb(run_dir: Path, cfg):
