@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # config errors surface before anything starts
     if args.nproc > 1 and not is_distributed_child():
         run_dir = resolve_run_dir(cfg)  # fixed once, so every rank writes to the same one
-        argv = ["titan_world.posttrain.cli", args.stage, *(["--config", args.config] if args.config else [])]
-        argv += [*(["--resume"] if args.resume else []), *[o for o in args.overrides if not o.startswith("run.dir=")], f"run.dir={run_dir}"]
+        # options first: argparse cannot resume positionals after an option
+        argv = ["titan_world.posttrain.cli", *(["--config", args.config] if args.config else []), *(["--resume"] if args.resume else [])]
+        argv += [args.stage, *[o for o in args.overrides if not o.startswith("run.dir=")], f"run.dir={run_dir}"]
         return launch_local(args.nproc, argv)
     return run_stage(args.stage, cfg, resume=bool(args.resume))
 
