@@ -99,8 +99,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--phases", default="fwd,train")
-    p.add_argument("--variants", default="eager-full,compile-full,compile-selective,compile-none",
-                   help="ours: {eager|compile}-{none|full|selective} activation checkpointing")
+    p.add_argument("--variants", default="compile-attention,compile-full,compile-selective,eager-full",
+                   help="ours: {eager|compile}-{none|full|selective|attention} activation checkpointing")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)

@@ -14,6 +14,6 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     param_dtype: str = "bfloat16"  # on GPU; CPU runs in float32
     reduce_dtype: str = "float32"
-    activation_checkpoint: str = "none"  # none | full | selective
+    activation_checkpoint: str = "none"  # none | full | selective (every ac_every-th block) | attention (keep attention outputs)
     ac_every: int = 2  # selective: checkpoint every n-th block
     compile: bool = False

@@ -140,8 +140,8 @@ def validate(cfg: TitanConfig) -> None:
             raise ConfigError(f"parallel.{key}={getattr(p, key)}: expected an integer >= 1")
     if p.dp_shard == 0 or p.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard={p.dp_shard}: expected -1 (rest of the world) or >= 1")
-    if p.activation_checkpoint not in ("none", "full", "selective"):
-        raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: expected none, full or selective")
+    if p.activation_checkpoint not in ("none", "full", "selective", "attention"):
+        raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: expected none, full, selective or attention")
     if p.cp_backend not in ("native", "deepspeed"):
         raise ConfigError(f"parallel.cp_backend={p.cp_backend!r}: expected native or deepspeed")
     for i, stage in enumerate(cfg.train.stages):
