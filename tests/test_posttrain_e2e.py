@@ -91,3 +91,4 @@ def test_tiny_dmd_before_after_against_the_simulator(world, tmp_path):
     print(f"DMD: real-fake gap {gap0:.4f} -> {gap1:.4f}; dmd_loss {rec[0]['dmd_loss']:.3g} -> {rec[-1]['dmd_loss']:.3g}")
     assert all(torch.isfinite(torch.tensor(r["dmd_loss"])) for r in rec)
     assert after["psnr"] > 0 and before["psnr"] > 0
+    assert gap1 < gap0, "the fake score should track the student: the real-fake gap shrinks"
