@@ -39,6 +39,6 @@ class LaunchConfig:
     stage_resources: dict[str, StageResources] = field(default_factory=dict)  # by stage name
     entry: str = "launch.cli train"  # module (+ leading args) every rank runs
     python: str | None = None  # interpreter on the nodes; None: the one that submits
-    master_port: int | None = None  # None: derived from the job id (20000 + id % 20000)
+    master_port: int | None = None  # None: a free port on the first node, picked at each start
     env: dict[str, str] = field(default_factory=dict)  # extra exports in the job script
     extra_sbatch: list[str] = field(default_factory=list)  # raw `#SBATCH` options, e.g. "--exclusive"

@@ -126,7 +126,9 @@ def render(spec: JobSpec) -> str:
         "MAX_REQUEUES": str(spec.max_requeues if spec.requeue else 0),
         "SCRIPT": str(spec.script_path or "<this script>"),
     }
-    port = str(spec.master_port) if spec.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
+    # a port free right now on this (the first) node: job-id-derived ports collide between jobs sharing a node
+    port = str(spec.master_port) if spec.master_port else (
+        """$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')""")
     user_env = "\n".join(f"export {k}={_q(v)}" for k, v in spec.env.items())
     cmd = " \\\n    ".join(" ".join(g) for g in launch_command(spec))
     body = f"""
@@ -136,7 +138,7 @@ ATTEMPT=${{SLURM_RESTART_COUNT:-0}}
 LOG_DIR="$RUN_DIR/slurm/logs/$SLURM_JOB_ID"
 mkdir -p "$LOG_DIR"
 
-# rendezvous on the first node of the allocation
+# rendezvous on the first node of the allocation (this script runs there)
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT={port}
 # NCCL: fail fast on a lost peer (so torchrun can restart) instead of hanging forever

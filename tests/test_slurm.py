@@ -128,7 +128,17 @@ def _losses(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-slurm_test = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.timeout(240)]
+def _preempt_and_release(run: Path, job_id: str, min_lines: int) -> int:
+    """Signal the batch shell like SLURM does (--signal=B:USR1), wait for the requeue, release the job."""
+    _wait(lambda: (run / "metrics.jsonl").is_file() and len(_losses(run)) >= min_lines, 120, f"{min_lines} training steps", run)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    _wait(lambda: (lambda j: j if j.get("Restarts") == "1" and j.get("JobState") == "PENDING" else None)(_job(job_id)),
+          90, "the job to requeue itself", run)
+    # SLURM holds a requeued job (BeginTime), partly because slurmd rejects a job credential issued in
+    # the same second as the revoked one ("Job credential revoked"); release it, but not within that second
+    time.sleep(2.0)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+    return len(_losses(run))
 
 
 @pytest.mark.slurm
@@ -166,18 +176,8 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm_clus
     run, total = tmp_path / "run", 16
     _submit(capsys, run, "--gpus-per-node", "0", "--tasks-per-node", "2", PAYLOAD, f"train.steps={total}", "train.ckpt_every=1000")
     job_id = json.loads((run / "slurm/jobs.jsonl").read_text().splitlines()[0])["job_id"]
-    _wait(lambda: (run / "metrics.jsonl").is_file() and len(_losses(run)) >= 3, 90, "3 training steps", run)
-    # what SLURM does before the time limit / on preemption (--signal=B:USR1): signal the batch shell
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
-    info = _wait(lambda: (lambda j: j if j.get("Restarts") == "1" and j.get("JobState") == "PENDING" else None)(_job(job_id)),
-                 60, "the job to requeue itself", run)
-    stopped_at = json.loads((run / "payload_ckpt.json").read_text())["step"]
-    assert 3 <= stopped_at < total, "the first attempt must stop mid-run at a checkpoint"
-    assert info.get("Reason") in ("BeginTime", "None", "Priority", "Resources"), info
-    # SLURM holds a requeued job (BeginTime) partly because slurmd rejects a job credential issued in the
-    # same second as the revoked one ("Job credential revoked"); release it, but not within that second
-    time.sleep(2.0)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+    stopped_at = _preempt_and_release(run, job_id, min_lines=3)  # steps logged by the first attempt
+    assert 3 <= stopped_at < total, "the first attempt must stop mid-run"
     _done(job_id, run)
     losses = _losses(run)
     assert [m["step"] for m in losses] == list(range(1, total + 1))  # resumed exactly after the checkpoint
@@ -217,12 +217,26 @@ def _trainer_missing() -> str | None:
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")
 @pytest.mark.skipif(_trainer_missing() is not None, reason=str(_trainer_missing()))
-def test_real_trainer_two_task_job(slurm_cluster, tmp_path, capsys, monkeypatch):
+def test_real_trainer_job_and_preemption(slurm_cluster, tmp_path, capsys, monkeypatch):
+    """The real tiny trainer as a 2-rank job; then the same run preempted mid-way ends with the same loss."""
     monkeypatch.chdir(REPO)
-    run = tmp_path / "run"
-    _submit(capsys, run, "--gpus-per-node", "0", "--tasks-per-node", "2", "train.steps=4", "train.ckpt_every=2",
-            "run.wandb=disabled", "run.progress=false")
-    job_id = json.loads((run / "slurm/jobs.jsonl").read_text().splitlines()[0])["job_id"]
-    _done(job_id, run, timeout=180)
-    steps = [m["step"] for m in _losses(run)]
-    assert steps and steps[-1] == 4
+    steps = 6
+    common = ["--gpus-per-node", "0", "--tasks-per-node", "2", f"train.steps={steps}", "train.ckpt_every=0",
+              "run.wandb=disabled", "run.progress=false"]
+    ref, pre = tmp_path / "uninterrupted", tmp_path / "preempted"
+    _submit(capsys, ref, *common)
+    _submit(capsys, pre, *common)  # queued behind the first (2 CPUs); runs when it ends
+    ref_id, pre_id = (json.loads((d / "slurm/jobs.jsonl").read_text())["job_id"] for d in (ref, pre))
+    _done(ref_id, ref, timeout=180)
+    assert [m["step"] for m in _losses(ref)] == list(range(steps))
+    assert (ref / f"checkpoints/step_{steps:08d}").is_dir()
+
+    first_attempt = _preempt_and_release(pre, pre_id, min_lines=2)
+    assert first_attempt < steps, "the preemption must land mid-run"
+    _done(pre_id, pre, timeout=180)
+    events = [e for _, e in _events(pre)]
+    assert events == ["start", "signal", "requeue", "start", "done"], events
+    losses = _losses(pre)
+    assert [m["step"] for m in losses] == list(range(steps))
+    assert losses[-1]["loss"] == pytest.approx(_losses(ref)[-1]["loss"], rel=1e-6, abs=1e-7)
+    assert "resumed from" in (pre / f"slurm/logs/{pre_id}/rank-0.log").read_text()
