@@ -248,8 +248,9 @@ def log_path(run_dir: Path, rank: int | None = None, job_id: str | None = None) 
     return base / f"{jid}.out" if rank is None else base / str(jid) / f"rank-{rank}.log"
 
 
-def follow(path: Path, job_id: str, out=sys.stdout, poll: float = 1.0) -> None:
+def follow(path: Path, job_id: str, out=None, poll: float = 1.0) -> None:
     """Print `path` and keep printing what is appended until the job leaves SLURM's queue."""
+    out = out or sys.stdout
     pos = 0
     while True:
         if path.is_file():

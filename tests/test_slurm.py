@@ -164,6 +164,32 @@ def test_two_task_job_trains_and_finishes(slurm_cluster, tmp_path, capsys, monke
     assert "rank 1/2: training steps 0..5" in capsys.readouterr().out
     assert cli(["slurm", "logs", str(run)]) == 0
     assert "finished" in capsys.readouterr().out
+    assert cli(["slurm", "logs", str(run), "--rank", "0", "--follow"]) == 0  # job over: prints and returns
+    assert "done at step 5" in capsys.readouterr().out
+
+
+@pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")
+def test_one_task_per_rank_job_then_cancel(slurm_cluster, tmp_path, capsys, monkeypatch):
+    from slurm_payload import reference_losses
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "run"  # srun starts the 2 ranks itself (no torchrun): RANK/WORLD_SIZE from SLURM_*
+    _submit(capsys, run, "--gpus-per-node", "0", "--tasks-per-node", "2", "--one-task-per-gpu", PAYLOAD, "train.steps=3")
+    job_id = json.loads((run / "slurm/jobs.jsonl").read_text())["job_id"]
+    _done(job_id, run)
+    assert [m["loss"] for m in _losses(run)] == reference_losses(3, 2)
+
+    monkeypatch.setenv("TW_PAYLOAD_STEP_SLEEP", "5")
+    long = tmp_path / "long"
+    _submit(capsys, long, "--gpus-per-node", "0", "--tasks-per-node", "1", PAYLOAD, "train.steps=100")
+    long_id = json.loads((long / "slurm/jobs.jsonl").read_text())["job_id"]
+    _wait(lambda: _job(long_id).get("JobState") == "RUNNING", 60, "the job to run", long)
+    assert cli(["slurm", "cancel", str(long)]) == 0
+    assert f"cancelled {long_id}" in capsys.readouterr().out
+    _wait(lambda: _job(long_id).get("JobState") == "CANCELLED", 60, "the job to be cancelled", long)
+    assert cli(["slurm", "cancel", str(long)]) == 0
+    assert "nothing to cancel" in capsys.readouterr().out
 
 
 @pytest.mark.slurm
