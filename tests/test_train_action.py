@@ -74,9 +74,12 @@ def test_train_modulation_also_trains_modulation(base_run):
 def test_action_check_reports_true_and_shuffled(base_run):
     from titan_world.train.action_check import action_following_check, format_check
 
+    from titan_world.train.adapter import build_action_model
+
     root, _ = base_run
     cfg = load_config("train/tiny_action.yaml", [*BASE, "train.stages.0.frames=9"])
-    res = action_following_check(root / "act", cfg, num_episodes=2, steps=2)
+    model = build_action_model(cfg.model, str(root / "base"))  # (a run dir or a Wan folder works too)
+    res = action_following_check(model, cfg, num_episodes=2, steps=2)
     assert res["episodes"] == 2 and res["mse_true"] > 0 and res["mse_shuffled"] > 0
     assert "denoise_mse_true" in res
     assert "shuffled" in format_check(res)

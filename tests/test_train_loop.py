@@ -183,3 +183,17 @@ def test_flops_formula_matches_design_reference():
     f = sample_flops(cfg, 21, 60, 104)
     assert f.tokens == 32760
     assert abs(f.train_step / 2.754 / 1e12 - 308) < 2  # DESIGN.md §8: diffusers' step = 308 model-TFLOP/s
+
+
+def test_ema_profiler_and_grad_accumulation(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = cfg_for(data_dir, run_dir, "train.steps=4", "train.ema_decay=0.5", "train.micro_batch=1", "train.ckpt_every=2")
+    cfg.train.profile_steps = [1, 2]
+    assert train(cfg) == 0
+    assert (run_dir / "profile" / "trace_rank0.json").is_file()
+    assert len(metrics(run_dir)) == 4
+
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(run_dir / "checkpoints" / "step_00000004")).read_metadata()
+    assert any(k.startswith("ema.") for k in meta.state_dict_metadata)
