@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"titan-world {name}", description=help_text)
     module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(argv[1:])
+    # Intermixed parsing lets options follow `key=value` overrides (`train a=1 --nproc 2`);
+    # argparse cannot do that for commands that have sub-commands of their own.
+    has_subcommands = any(isinstance(a, argparse._SubParsersAction) for a in sub_parser._actions)
+    args = sub_parser.parse_args(argv[1:]) if has_subcommands else sub_parser.parse_intermixed_args(argv[1:])
     from titan_world.config import ConfigError
 
     try:
