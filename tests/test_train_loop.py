@@ -165,11 +165,11 @@ def test_config_errors_before_work(data_dir, tmp_path, capsys):
 
 
 def test_plan_stages_truncates_and_extends():
-    cfg = load_config(None, ["train.steps=70"])
+    cfg = load_config(None, ["train.stages.0.steps=60", "train.stages.1.steps=40", "train.steps=70"])
     assert [(s.name, s.start, s.end) for s in plan_stages(cfg)] == [("1s", 0, 60), ("2s", 60, 70)]
-    cfg = load_config(None, ["train.steps=30"])
+    cfg = load_config(None, ["train.stages.0.steps=60", "train.steps=30"])
     assert [(s.name, s.start, s.end) for s in plan_stages(cfg)] == [("1s", 0, 30)]
-    cfg = load_config(None, ["train.steps=150"])
+    cfg = load_config(None, ["train.stages.0.steps=60", "train.stages.1.steps=40", "train.steps=150"])
     assert plan_stages(cfg)[-1].end == 150
 
 
