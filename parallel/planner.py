@@ -106,11 +106,13 @@ def plan(
         act = layers * full_per_block
     elif ac == "full":
         act = layers * input_per_block + full_per_block
+    elif ac == "attention":  # per-op SAC: block input + attention output (and its LSE) kept per block
+        act = layers * 2 * input_per_block + full_per_block
     elif ac == "selective":
         ckpt = len(range(0, layers, ac_every))
         act = ckpt * input_per_block + (layers - ckpt) * full_per_block + full_per_block
     else:
-        raise ValueError(f"ac={ac!r}: expected none, full or selective")
+        raise ValueError(f"ac={ac!r}: expected none, full, selective or attention")
     act += local_tokens * (model_cfg.in_dim + model_cfg.out_dim) * 4 + tokens * micro_batch * model_cfg.out_dim * 4 * 2
     gb = {
         "params": (4 * n / shard + 2 * block * inflight_blocks) / GB,

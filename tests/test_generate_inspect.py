@@ -70,3 +70,13 @@ def test_inspect_checkpoint_folder(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "ckpt"), "--frames", "17", "--height", "64", "--width", "64", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["dtype"] == "f32" and info["clip"]["tokens"] == 5 * 8 * 8
+
+
+def test_inspect_plan_per_stage_and_for_a_mesh(capsys):
+    assert main(["inspect", "wan2.2-i2v-a14b", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "60s" in out and "375,960" in out
+    assert main(["inspect", "wan2.2-i2v-a14b", "--plan", "--cp", "8", "--gpus", "64", "--frames", "961", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["cp"] == 8 and plan["dp_shard"] == 8 and plan["tokens"] == 375_960
+    assert main(["inspect", "wan2.2-i2v-a14b", "--plan", "--cp", "3"]) == 2  # 40 heads

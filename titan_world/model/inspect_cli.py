@@ -109,6 +109,26 @@ def format_report(info: dict, source: str, dtype: str) -> str:
     return "\n".join(lines)
 
 
+CURRICULUM = [("5s", 81), ("10s", 161), ("20s", 321), ("30s", 481), ("60s", 961)]
+
+
+def memory_plan(cfg: ModelConfig, args: argparse.Namespace, stride: int) -> tuple[str, dict]:
+    """--cp given: the plan of that mesh over --gpus; else the smallest mesh per curriculum stage."""
+    import dataclasses
+
+    from parallel.planner import format_plan, format_recommendations, plan, recommend
+
+    vae = (4, stride, stride)
+    if args.cp:
+        if args.gpus % args.cp:
+            raise ValueError(f"--gpus {args.gpus} must be divisible by --cp {args.cp}")
+        p = plan(cfg, args.frames, args.height, args.width, 1, args.gpus // args.cp, args.cp, args.ac, args.gpu_mem, vae_stride=vae)
+        return format_plan(p), dataclasses.asdict(p)
+    recs = recommend(cfg, CURRICULUM, args.height, args.width, args.ac, args.gpu_mem, vae_stride=vae)
+    text = f"memory plan per curriculum stage (AC {args.ac}, {args.gpu_mem:.0f} GB GPUs, 8 per node):\n" + format_recommendations(recs)
+    return text, {name: (dataclasses.asdict(p) if p else None) for name, p in recs}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", default="tiny.yaml", help="checkpoint folder / run dir, model config (e.g. wan2.2-i2v-a14b) or full config")
     parser.add_argument("--frames", type=int, default=81, help="video frames (1 + 4k); default 81 (5 s at 16 fps)")
@@ -119,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", action="store_true", help="per-GPU memory plan (params, grads, optimizer, activations) for a mesh")
     parser.add_argument("--gpus", type=int, default=8, help="--plan: GPUs in all")
     parser.add_argument("--cp", type=int, default=None, help="--plan: context-parallel degree (default: the smallest that fits)")
-    parser.add_argument("--ac", default="full", choices=["none", "full", "selective"], help="--plan: activation checkpointing")
+    parser.add_argument("--ac", default="full", choices=["none", "full", "selective", "attention"], help="--plan: activation checkpointing")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="--plan: GPU memory in GB")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -135,10 +155,7 @@ def run(args: argparse.Namespace) -> int:
     info.update(source=source, dtype=dtype)
     plan_text = None
     if args.plan:
-        from parallel.planner import format_plan, plan_for_cli
-
-        plan, plan_text = plan_for_cli(cfg, args.frames, args.height, args.width, stride, gpus=args.gpus, cp=args.cp, ac=args.ac, gpu_mem_gb=args.gpu_mem)
-        info["plan"] = plan
+        plan_text, info["plan"] = memory_plan(cfg, args, stride)
     if args.json:
         if not args.shapes:
             info.pop("shapes")
