@@ -155,7 +155,11 @@ def run(args: argparse.Namespace) -> int:
     info.update(source=source, dtype=dtype)
     plan_text = None
     if args.plan:
-        plan_text, info["plan"] = memory_plan(cfg, args, stride)
+        try:
+            plan_text, info["plan"] = memory_plan(cfg, args, stride)
+        except ValueError as e:
+            print(f"titan-world inspect --plan: {e}", file=sys.stderr)
+            return 2
     if args.json:
         if not args.shapes:
             info.pop("shapes")
