@@ -26,13 +26,20 @@ DEMO_ROOT = Path("runs/demo")
 
 
 def find_demo_student(root: Path = DEMO_ROOT) -> Path | None:
-    """The newest Wan-format folder (config.json + *.safetensors) under runs/demo named like a student."""
+    """The newest Wan-format folder under runs/demo holding a block-causal student
+    (config.json with `titan_world.causal_chunk_frames > 0`, as post-training exports it)."""
+    import json
+
     if not root.is_dir():
         return None
-    found = [
-        p.parent for p in root.rglob("config.json")
-        if "student" in str(p.parent.relative_to(root)).lower() and any(p.parent.glob("*.safetensors"))
-    ]
+    found = []
+    for p in root.rglob("config.json"):
+        try:
+            causal = json.loads(p.read_text()).get("titan_world", {}).get("causal_chunk_frames", 0)
+        except (OSError, ValueError):
+            continue
+        if causal and any(p.parent.glob("*.safetensors")):
+            found.append(p.parent)
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
