@@ -173,14 +173,16 @@ class Trainer:
                 apply_fsdp(net, self.mesh, cfg.parallel)
         self.model = model
         names = set(self.trainable_names)
-        self.params = [p for n, p in model.named_parameters() if n in names]
+        self.named_trainable = [(n, p) for n, p in model.named_parameters() if n in names]
+        self.params = [p for _, p in self.named_trainable]
         self.optimizer = build_optimizer(self.params, t, self.device)
-        self.ema = EMA([(n, p) for n, p in model.named_parameters() if n in names], t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = EMA(self.named_trainable, t.ema_decay) if t.ema_decay > 0 else None
 
         # -- state, data --------------------------------------------------------------------
         self.position = {"step": 0, "skipped": 0, "bad_streak": 0, "stage": 0}
         self.ckpt = Checkpointer(self.run_dir, keep_last=t.keep_last)
         self.resumed_from: Path | None = None
+        self.last_saved = -1
         path = self.ckpt.latest() if resume else None
         if path is not None:
             self.position.update(peek_trainer_state(path))
@@ -193,7 +195,7 @@ class Trainer:
         self.loader = self._build_loader(self.stage)
         if path is not None:
             self.ckpt.load(path, self._state())
-            self.resumed_from = path
+            self.resumed_from, self.last_saved = path, self.position["step"]
         self.batches = self.loader.batches()
         self.peak = device_peak_tflops(self.device, t.peak_tflops)
 
@@ -228,6 +230,10 @@ class Trainer:
         if self.ema is not None:
             state["ema"] = self.ema
         return state
+
+    def save(self) -> Path:
+        self.last_saved = self.position["step"]
+        return self.ckpt.save(self.position["step"], self._state())
 
     def _enter_stage(self, stage: Stage) -> None:
         self.loader.close()
@@ -310,7 +316,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
-                self.ema.update((n, p) for n, p in self.model.named_parameters() if n in set(self.trainable_names))
+                self.ema.update(self.named_trainable)
         return {"loss": loss_v, "grad_norm": norm_v, "skipped": skipped, "stop": stop_v > 0, "expert": expert,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
@@ -365,16 +371,16 @@ class Trainer:
                     log.message(f"[train] step {pos['step']}: stage {self.stage.name} done -> stage {nxt.name} ({nxt.frames} frames, shift {nxt.shift})")
                     self._enter_stage(nxt)
                 if out["stop"]:
-                    path = self.ckpt.save(pos["step"], self._state())
+                    path = self.save()
                     log.message(f"[train] preempted: checkpoint {path}; exiting {EXIT_PREEMPTED} (resume with --resume)")
                     rc = EXIT_PREEMPTED
                     break
                 # no periodic save inside a streak of skipped steps: the last checkpoint stays the last good one
                 if t.ckpt_every and pos["step"] % t.ckpt_every == 0 and pos["step"] < self.total_steps and not pos["bad_streak"]:
-                    self.ckpt.save(pos["step"], self._state())
+                    self.save()
             if rc == 0:
-                if (self.ckpt.latest() or Path("step_-1")).name != f"step_{pos['step']:08d}":
-                    self.ckpt.save(pos["step"], self._state())
+                if self.last_saved != pos["step"]:
+                    self.save()
                 if t.export:
                     self.export(log)
         finally:
