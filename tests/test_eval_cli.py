@@ -49,8 +49,19 @@ def test_cli_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", "vbench", "--videos", str(tmp_path), "--dimensions", "bogus"]) == 2
     _videos(tmp_path, n=1)
-    assert main(["eval", "vbench", "--videos", str(tmp_path), "--generate", "ckpt"]) == 2
-    assert "generate_to_dir" in capsys.readouterr().err
+    assert main(["eval", "vbench", "--videos", str(tmp_path), "--generate", str(tmp_path / "no_ckpt")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_generate_then_score(tmp_path, capsys):
+    from titan_world.config import load_config
+    from titan_world.model import build_model, save_pretrained
+
+    save_pretrained(build_model(load_config().model), tmp_path / "ckpt")
+    out = tmp_path / "gen"
+    assert main(["eval", "vbench", "--videos", str(out), "--generate", str(tmp_path / "ckpt"), "--dimensions", "temporal_flickering"]) == 0
+    assert len(list(out.glob("*.mp4"))) == 4
+    assert "temporal_flickering" in capsys.readouterr().out
 
 
 def test_action_report_files(tmp_path):

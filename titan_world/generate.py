@@ -182,12 +182,20 @@ def generate(cfg: TitanConfig, checkpoint: str | None, inputs: GenerationInputs,
     return video, source
 
 
-def generate_to_dir(checkpoint: str | None, prompts: list[str], out_dir: str | Path, *, frames: int = 33, cfg: TitanConfig | None = None, seed: int = 0) -> list[Path]:
-    """One mp4 per prompt (synthetic first frame i, its actions) — used by `titan-world eval --generate`."""
+def generate_to_dir(checkpoint: str | None, prompts: list[str] | str | None, out_dir: str | Path, *, count: int = 4, frames: int = 33,
+                    cfg: TitanConfig | None = None, seed: int = 0) -> list[Path]:
+    """One mp4 per prompt (synthetic first frame i, its actions) — used by `titan-world eval --generate`.
+
+    prompts: a list, a text file with one prompt per line, or None for `count` clips captioned by
+    the synthetic world itself."""
     from titan_world.config import load_config
     from titan_world.eval.video_io import write_video
 
     cfg = cfg or load_config()
+    if prompts is None:
+        prompts = [None] * count
+    elif isinstance(prompts, str):
+        prompts = [line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -72,15 +72,14 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
 
 
 def generate_videos(checkpoint: str, prompts: str | None, out_dir: Path) -> None:
-    """Hook into `titan_world.generate` (issue #4): it must provide
-    `generate_to_dir(checkpoint, prompts, out_dir) -> list[Path]`."""
-    import titan_world.generate as gen
+    """Generate the clips to score first (`titan_world.generate.generate_to_dir`)."""
+    from titan_world.generate import generate_to_dir
+    from titan_world.model.io import CheckpointError
 
-    fn = getattr(gen, "generate_to_dir", None)
-    if fn is None:
-        raise RuntimeError("--generate: titan_world.generate has no generate_to_dir(checkpoint, prompts, "
-                           "out_dir) yet (issue #4); generate the videos first and pass --videos")
-    fn(checkpoint, prompts, out_dir)
+    try:
+        generate_to_dir(checkpoint, prompts, out_dir)
+    except (CheckpointError, OSError) as e:
+        raise RuntimeError(f"--generate {checkpoint}: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
