@@ -33,7 +33,8 @@ def test_action_finetune_trains_only_the_adapter(base_run):
     root, data = base_run
     run_dir = root / "act"
     cfg = load_config("train/tiny_action.yaml", [*BASE, f"data.path={data}", f"run.dir={run_dir}", f"train.base_checkpoint={root / 'base'}",
-                                                 "train.stages.0.steps=3", "train.action_check_episodes=0"])
+                                                 "train.stages.0.steps=3", "train.action_check_episodes=0",
+                                                 "train.train_modulation=false"])
     assert train(cfg) == 0
     base = load_pretrained(root / "base" / "model").state_dict()
     merged_model = load_pretrained(run_dir / "model")
