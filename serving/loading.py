@@ -90,8 +90,9 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None) -> Streaming
     if cp is not None:
         model.set_context_parallel(cp)
     if sc.compile:
-        for block in model.blocks:
-            block.compile(dynamic=False)
+        from parallel.compile import compile_blocks
+
+        compile_blocks(model)
     dc, tc = cfg.data.codec, cfg.data.text_encoder
     codec = build_codec(dc.kind, dc.spatial_stride, dc.path, device=device)
     text = build_text_encoder(tc.kind, mc.text_dim, mc.text_len, tc.path, device=device)

@@ -102,6 +102,16 @@ def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: key {key!r}: {str(e).splitlines()[0]}")
 
 
+def _parse_value(text: str):
+    """An override's value as YAML (`10`, `true`, `null`, `[3, 5]`, `{a: 1}`); plain text stays text."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text else text
+    except yaml.YAMLError:
+        return text
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TitanConfig:
     """Compose defaults <- YAML file <- `key=value` overrides, type-check and validate."""
     schema = OmegaConf.structured(TitanConfig)
@@ -115,7 +125,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=10")
         key, value = item.split("=", 1)
         try:
-            OmegaConf.update(merged, key, OmegaConf.create({"v": value})["v"] if value else value, merge=True)
+            OmegaConf.update(merged, key, _parse_value(value), merge=True)
             # a dotted key must name an existing field (update() would happily add new ones)
             if OmegaConf.select(merged, key, throw_on_missing=False) is None and value not in ("null", "None", ""):
                 raise ConfigKeyError(f"unknown key {key}")

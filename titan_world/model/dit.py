@@ -83,11 +83,7 @@ class SelfAttention(nn.Module):
         def attn_fn(q, k, v):  # full sequence, this rank's heads
             if kv is None:
                 return attention(q, k, v, mask, backend)
-            k_all, v_all = kv.cache.attend_region(kv.layer, k, v)
-            out = attention(q, k_all, v_all, None, backend)
-            if kv.write:
-                kv.cache.commit(kv.layer, k, v)
-            return out
+            return cached_attention(kv, q, k, v, backend)
 
         out = cp.attention(q, k, v, attn_fn) if cp is not None else attn_fn(q, k, v)
         return self.o(out.flatten(2))
@@ -118,6 +114,21 @@ class KVStep:
     cache: KVCache
     layer: int
     write: bool
+
+
+@torch.compiler.disable
+def cached_attention(kv: KVStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Attend over the cache's visible keys plus this chunk's, then (clean pass) commit the chunk.
+
+    Kept out of torch.compile on purpose: the cache's layer index, fill level and ring slot are
+    Python ints that change from layer to layer and chunk to chunk, and a compiled block would
+    specialise (recompile) on each; the attention kernel itself is one SDPA call either way.
+    """
+    k_all, v_all = kv.cache.attend_region(kv.layer, k, v)
+    out = attention(q, k_all, v_all, None, backend)
+    if kv.write:
+        kv.cache.commit(kv.layer, k, v)
+    return out
 
 
 class WanBlock(nn.Module):
