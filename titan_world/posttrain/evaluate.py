@@ -1,6 +1,15 @@
-"""How close a causal student's 4-step stream is to the simulator (the synthetic world's ground
-truth for the same actions): PSNR/MSE of decoded frames and the action-following report
-(`titan_world.eval.action_following`), frame 0 given. Used before/after each stage and by tests.
+"""How close a causal student's few-step stream is to the simulator and to its teacher.
+
+The synthetic world gives the ground truth for a start frame and an action sequence, so a
+generated clip is scored against it (PSNR/MSE of decoded frames, and the action-following
+report of `titan_world.eval.action_following`, frame 0 given) next to the copy-last-frame
+baseline. Clips come from *held-out* episodes (seeds from `HELD_OUT_SEED`, which the training
+set never uses), so before/after comparisons see the same starts, actions and noise.
+
+What DMD distils is the teacher's multi-step distribution, so the teacher is scored the same
+way (`teacher_clip`: bidirectional I2V, Euler, many steps): it bounds what the student can
+reach. `latent_mse_teacher` is the student's distance to the teacher's many-step sample for
+the same clip — few-step vs many-step fidelity, which is what DMD is meant to improve.
 """
 
 from __future__ import annotations
@@ -9,15 +18,44 @@ import numpy as np
 import torch
 
 from titan_world.eval.action_following import action_following_report
+from titan_world.model.action import ActionInputs
 from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch
 from titan_world.posttrain.rollout import RolloutInputs, self_rollout, student_sigmas
 
+HELD_OUT_SEED = 10_000  # titan_world.train.action_check: the training set uses seeds 0 .. synth_episodes-1
+
 
 def _frames(codec, latents: torch.Tensor) -> np.ndarray:
     video = codec.decode(latents.float().cpu())  # [B, 3, T, H, W] in [-1, 1]
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+
+
+def held_out_batches(cfg, num_clips: int, frames: int, use_actions: bool, device="cpu", seed: int = HELD_OUT_SEED, batch_size: int = 2,
+                     offset: int = 16) -> list[tuple[Batch, dict]]:
+    """`num_clips` simulator episodes (seeds seed, seed+1, ...), the `frames` video frames from
+    `offset` on (an episode's first second is nearly static: copy-last would score ~36 dB there),
+    encoded like the training data, as (Batch, raw) pairs; raw holds frames and camera truth."""
+    from titan_world.data.mds import frames_to_video
+    from titan_world.data.synth import make_episode
+    from titan_world.data.writer import build_encoders
+
+    codec, text_enc, _ = build_encoders(cfg)
+    seconds = (offset + frames - 1) / cfg.data.fps
+    eps = [make_episode(seed + i, cfg.data.height, cfg.data.width, seconds, cfg.data.fps) for i in range(num_clips)]
+    out = []
+    for i in range(0, num_clips, batch_size):
+        part = eps[i : i + batch_size]
+        raw = {name: np.stack([getattr(e, name)[offset : offset + frames] for e in part]) for name in ("frames", "actions", "c2w", "intrinsics")}
+        video = torch.cat([frames_to_video(f[None]) for f in raw["frames"]])
+        text = text_enc.encode([e.captions["narrative"] for e in part]).float().to(device)
+        acts = None
+        if use_actions:
+            a = ActionInputs.from_video_frames(*(torch.from_numpy(raw[k]).float() for k in ("actions", "c2w", "intrinsics")))
+            acts = ActionInputs(a.keys.to(device), a.c2w.to(device), a.intrinsics.to(device))
+        out.append((Batch(codec.encode(video).float().to(device), text, acts, torch.zeros_like(text)), raw))
+    return out
 
 
 @torch.no_grad()
@@ -31,13 +69,34 @@ def generate_clip(student, batch: Batch, pcfg: PostTrainConfig, num_frames: int,
 
 
 @torch.no_grad()
-def evaluate_student(student, batches: list[tuple[Batch, dict]], pcfg: PostTrainConfig, codec, seed: int = 0) -> dict[str, float]:
-    """Mean over clips: latent MSE, frame PSNR/MSE vs ground truth, action-following camera error."""
-    lat_mse, psnr, mse, copy_psnr, yaw = [], [], [], [], []
-    for batch, raw in batches:
-        f = batch.latents.shape[2]
-        gen = generate_clip(student, batch, pcfg, f, seed)
+def teacher_clip(teacher, batch: Batch, steps: int, shift: float, seed: int = 0) -> torch.Tensor:
+    """The teacher's own sample: bidirectional I2V over the whole clip, `steps` Euler steps."""
+    from titan_world.train.action_check import generate_i2v
+
+    noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(seed)).to(batch.latents.device)
+    return generate_i2v(teacher, batch.latents, batch.context, batch.actions, steps, shift, noise)
+
+
+def gaussian_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between diagonal Gaussians fitted to the per-token latent vectors of two
+    sets of generated frames ([B, C, F, h, w], frame 0 excluded): Σ_c (μa − μb)² + (σa − σb)².
+    A distribution-level distance: independent of which noise produced which sample."""
+    def stats(x: torch.Tensor):
+        v = x[:, :, 1:].transpose(0, 1).reshape(x.shape[1], -1).double()
+        return v.mean(1), v.std(1)
+    (ma, sa), (mb, sb) = stats(a), stats(b)
+    return float(((ma - mb) ** 2 + (sa - sb) ** 2).sum())
+
+
+@torch.no_grad()
+def score_clips(clips: list[torch.Tensor], batches: list[tuple[Batch, dict]], codec, reference: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean over clips of: latent MSE vs ground truth (and vs `reference`, e.g. teacher samples),
+    frame PSNR/MSE vs the simulator, copy-last PSNR, action-following yaw error."""
+    lat_mse, ref_mse, psnr, mse, copy_psnr, yaw = [], [], [], [], [], []
+    for j, (gen, (batch, raw)) in enumerate(zip(clips, batches)):
         lat_mse.append(float((gen[:, :, 1:] - batch.latents[:, :, 1:]).pow(2).mean()))
+        if reference is not None:
+            ref_mse.append(float((gen[:, :, 1:] - reference[j][:, :, 1:]).pow(2).mean()))
         g_frames, t_frames = _frames(codec, gen), _frames(codec, batch.latents)
         for i in range(len(g_frames)):
             rep = action_following_report(g_frames[i], t_frames[i], context_frames=1, poses=raw["c2w"][i], intrinsics=raw["intrinsics"][i, 0])
@@ -48,10 +107,29 @@ def evaluate_student(student, batches: list[tuple[Batch, dict]], pcfg: PostTrain
             y = rep["camera"]["model"]["yaw_mae_deg"]
             if y is not None:
                 yaw.append(y)
-    return {
+    out = {
         "latent_mse": float(np.mean(lat_mse)),
         "psnr": float(np.mean(psnr)),
         "frame_mse": float(np.mean(mse)),
         "copy_last_psnr": float(np.mean(copy_psnr)),
         "yaw_mae_deg": float(np.mean(yaw)) if yaw else float("nan"),
     }
+    out["gauss_gt"] = gaussian_distance(torch.cat(clips), torch.cat([b.latents for b, _ in batches]))
+    if reference is not None:
+        out["latent_mse_teacher"] = float(np.mean(ref_mse))
+        out["gauss_teacher"] = gaussian_distance(torch.cat(clips), torch.cat(reference))
+    return out
+
+
+@torch.no_grad()
+def evaluate_student(student, batches: list[tuple[Batch, dict]], pcfg: PostTrainConfig, codec, seed: int = 0, reference: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """The student's `denoise_steps`-step stream of every clip (same noise seed for every student)."""
+    clips = [generate_clip(student, b, pcfg, b.latents.shape[2], seed + j) for j, (b, _) in enumerate(batches)]
+    return score_clips(clips, batches, codec, reference)
+
+
+@torch.no_grad()
+def evaluate_teacher(teacher, batches: list[tuple[Batch, dict]], codec, steps: int = 20, shift: float = 3.0, seed: int = 0) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """The teacher's many-step samples, scored like a student; also returned as the reference."""
+    clips = [teacher_clip(teacher, b, steps, shift, seed + j) for j, (b, _) in enumerate(batches)]
+    return score_clips(clips, batches, codec), clips
