@@ -8,7 +8,7 @@ Prints model-TFLOP/s (titan_world.train.flops: the formula the trainer logs), MF
 table), tokens/s, step time and peak memory for our WanDiT and, when diffusers is importable, for
 diffusers' WanTransformer3DModel built from the same config and trained the same way (random
 weights, bf16 on GPU, same loss, AdamW), and the step-rate ratio. Latents are random: VAE stride
-4x8x8 (16 ch) for real configs, the TinyCodec (stride 4, 192 ch) for the tiny one.
+4x8x8 (16 ch) for real configs, the TinyCodec (stride 4, 16 low-frequency channels) for the tiny one.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _model_cfg(name: str):
 
 
 def _shapes(cfg, frames: int, height: int, width: int) -> tuple[int, int, int]:
-    tiny = cfg.out_dim == 192
+    tiny = cfg.name == "tiny"
     s = 4 if tiny else 8
     return 1 + (frames - 1) // 4, height // s, width // s
 

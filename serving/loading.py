@@ -94,7 +94,7 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None) -> Streaming
 
         compile_blocks(model)
     dc, tc = cfg.data.codec, cfg.data.text_encoder
-    codec = build_codec(dc.kind, dc.spatial_stride, dc.path, device=device)
+    codec = build_codec(dc.kind, dc.spatial_stride, dc.path, device=device, channels=dc.channels)
     text = build_text_encoder(tc.kind, mc.text_dim, mc.text_len, tc.path, device=device)
     engine = StreamingEngine(model, codec, text, sc, cp=cp)
     engine.source = source  # type: ignore[attr-defined]

@@ -233,8 +233,9 @@ def test_bad_checkpoints_name_keys_and_shapes(tmp_path):
 def test_tiny_default_config_builds_and_runs():
     cfg = load_config().model
     model = build_model(cfg)
-    out = model(torch.randn(1, 192, 2, 16, 16), torch.tensor([100.0]), torch.randn(1, 32, 64), cond=torch.randn(1, 196, 2, 16, 16))
-    assert out.shape == (1, 192, 2, 16, 16)
+    c = cfg.out_dim
+    out = model(torch.randn(1, c, 2, 16, 16), torch.tensor([100.0]), torch.randn(1, 32, 64), cond=torch.randn(1, cfg.in_dim - c, 2, 16, 16))
+    assert out.shape == (1, c, 2, 16, 16)
 
 
 def test_compiled_streaming_matches_eager_without_recompiling_per_chunk():

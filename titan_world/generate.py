@@ -174,7 +174,7 @@ def generate(cfg: TitanConfig, checkpoint: str | None, inputs: GenerationInputs,
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, source = load_generation_model(cfg, checkpoint, dev, dtype)
     mc = model.cfg
-    codec = build_codec(cfg.data.codec.kind, cfg.data.codec.spatial_stride, cfg.data.codec.path, device=dev)
+    codec = build_codec(cfg.data.codec.kind, cfg.data.codec.spatial_stride, cfg.data.codec.path, device=dev, channels=cfg.data.codec.channels)
     text = build_text_encoder(cfg.data.text_encoder.kind, mc.text_dim, mc.text_len, cfg.data.text_encoder.path, device=dev)
     if getattr(mc, "causal_chunk_frames", 0):
         return generate_causal(cfg, model, codec, text, inputs, seed=seed), source

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 class CodecConfig:
     kind: str = "tiny"  # tiny (exact, weight-free) | wan_vae (diffusers AutoencoderKLWan from `path`)
     spatial_stride: int = 4
+    channels: int = 0  # tiny only: 0 = exact (3*4*s*s channels); K = K low-frequency channels (lossy)
     path: str | None = None
 
 

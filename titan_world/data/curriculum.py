@@ -93,6 +93,8 @@ def cut_sample(episode: dict, cur: Curriculum, rng: np.random.Generator, codec) 
         lat = codec.encode(frames_to_video(episode["frames"][None, f0:f1]))[0].to(torch.float16)
     else:
         lat = torch.from_numpy(window_latents(episode["latents"], j, cur.latent_len, codec))
+        if isinstance(codec, TinyCodec):  # stored exact; the model sees `data.codec.channels`
+            lat = codec.compress(lat[None].float())[0].to(torch.float16)
     cond = torch.zeros(cur.latent_len, dtype=torch.bool)
     cond[:n_cond] = True
     sample = {

@@ -1,14 +1,19 @@
 """Video codecs with one latent interface: video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k
   -> latents [B, C, 1 + k, H/s, W/s].
 
-`TinyCodec` is the embedded default: an exact, invertible space-to-depth transform (no weights,
-microseconds per clip) with Wan's temporal rule (the first frame alone, then groups of 4). Its
-latent channel count is 3 * 4 * s * s. `WanVAECodec` wraps diffusers' `AutoencoderKLWan` for
-users who have the weights locally (nothing is downloaded).
+`TinyCodec` is the embedded default, weight-free and microseconds per clip, with Wan's temporal
+rule (the first frame alone, then groups of 4). With `channels=0` it is an exact, invertible
+space-to-depth transform (3 * 4 * s * s channels). With `channels=K` it keeps the K
+lowest-frequency coefficients of an orthonormal colour x DCT basis over each 4 x s x s block: a
+compressing (lossy, low-pass) codec like a VAE, which is what a small DiT can learn on — an
+exact codec makes every token carry 4x more numbers than the tiny model's width. Datasets store
+the exact latents; `compress` maps them to K channels, so one dataset serves any K.
+`WanVAECodec` wraps diffusers' `AutoencoderKLWan` for users who have the weights locally.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,19 +35,81 @@ def latent_frames(num_frames: int) -> int:
     return 1 + check_frame_count(num_frames)
 
 
+def _dct_matrix(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II basis, rows ordered by frequency."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    m = torch.cos(torch.pi * (i + 0.5) * k / n) * (2.0 / n) ** 0.5
+    m[0] /= 2**0.5
+    return m
+
+
+@functools.lru_cache(maxsize=8)
+def low_frequency_basis(spatial_stride: int, channels: int) -> torch.Tensor:
+    """[channels, 3*4*s*s] rows over the exact latent layout (colour, dt, sh, sw): luma/chroma x
+    temporal x vertical x horizontal DCT, lowest total frequency f first (luma first), each row
+    scaled by (1 + 3f) to roughly whiten natural video's falling spectrum (a VAE normalises its
+    latents per channel for the same reason). Rows are orthogonal; `expand` undoes the scale."""
+    colour = torch.tensor([[1, 1, 1], [1, -1, 0], [1, 1, -2]], dtype=torch.float64)
+    colour = colour / colour.norm(dim=1, keepdim=True)
+    d_t, d_s = _dct_matrix(TEMPORAL_STRIDE), _dct_matrix(spatial_stride)
+    full = torch.kron(torch.kron(torch.kron(colour, d_t), d_s), d_s)
+    idx = torch.cartesian_prod(*(torch.arange(n) for n in (3, TEMPORAL_STRIDE, spatial_stride, spatial_stride)))
+    freq = [int(idx[r, 1:].sum()) + int(idx[r, 0] > 0) for r in range(len(idx))]
+    order = sorted(range(len(idx)), key=lambda r: (freq[r], r))
+    if not 0 < channels <= len(order):
+        raise ValueError(f"data.codec.channels={channels}: expected 1..{len(order)} (0 = exact)")
+    keep = order[:channels]
+    gains = torch.tensor([1.0 + 3.0 * freq[r] for r in keep], dtype=torch.float64)
+    return (full[keep] * gains[:, None]).float()
+
+
 @dataclass(frozen=True)
 class TinyCodec:
     spatial_stride: int = 4
+    channels: int = 0  # 0: exact; K: K low-frequency coefficients per block (lossy, compressing)
+
+    @property
+    def exact_channels(self) -> int:
+        return 3 * TEMPORAL_STRIDE * self.spatial_stride**2
 
     @property
     def latent_channels(self) -> int:
-        return 3 * TEMPORAL_STRIDE * self.spatial_stride**2
+        return self.channels or self.exact_channels
 
     @property
     def stride(self) -> tuple[int, int, int]:
         return (TEMPORAL_STRIDE, self.spatial_stride, self.spatial_stride)
 
+    @property
+    def _scale(self) -> float:
+        """Coefficients divided by sqrt(block size / 3) so the luma DC is ~sqrt(3) x mean pixel."""
+        return (TEMPORAL_STRIDE * self.spatial_stride**2) ** 0.5
+
+    def compress(self, exact: torch.Tensor) -> torch.Tensor:
+        """Exact latents [B, 3*4*s*s, ...] -> this codec's [B, K, ...] (identity when exact)."""
+        if not self.channels:
+            return exact
+        basis = low_frequency_basis(self.spatial_stride, self.channels).to(exact.device)
+        return torch.einsum("kc,bc...->bk...", basis, exact.float()).to(exact.dtype) / self._scale
+
+    def expand(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, K, ...] -> the exact layout (the low-pass reconstruction when lossy)."""
+        if not self.channels:
+            return latents
+        basis = low_frequency_basis(self.spatial_stride, self.channels).to(latents.device)
+        inverse = basis / basis.pow(2).sum(dim=1, keepdim=True)  # rows are orthogonal with norms = gains
+        return torch.einsum("kc,bk...->bc...", inverse, latents.float() * self._scale).to(latents.dtype)
+
     def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.compress(self._space_to_depth(video))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents have {latents.shape[1]} channels; {self} expects {self.latent_channels}")
+        return self._depth_to_space(self.expand(latents))
+
+    def _space_to_depth(self, video: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = video.shape
         s = self.spatial_stride
         check_frame_count(t, "video")
@@ -55,11 +122,9 @@ class TinyCodec:
         x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # b, c, dt, sh, sw, f, h', w'
         return x.reshape(b, c * TEMPORAL_STRIDE * s * s, f, h // s, w // s).contiguous()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _depth_to_space(self, latents: torch.Tensor) -> torch.Tensor:
         b, ch, f, hl, wl = latents.shape
         s = self.spatial_stride
-        if ch != self.latent_channels:
-            raise ValueError(f"latents have {ch} channels; TinyCodec(s={s}) expects {self.latent_channels}")
         x = latents.reshape(b, 3, TEMPORAL_STRIDE, s, s, f, hl, wl).permute(0, 1, 5, 2, 6, 3, 7, 4)
         x = x.reshape(b, 3, f * TEMPORAL_STRIDE, hl * s, wl * s)
         return x[:, :, TEMPORAL_STRIDE - 1 :].contiguous()  # the first group decodes to one frame
@@ -91,9 +156,9 @@ class WanVAECodec:
         return self.vae.decode(z.to(self.vae.dtype)).sample.clamp(-1, 1)
 
 
-def build_codec(kind: str = "tiny", spatial_stride: int = 4, path: str | None = None, device="cpu"):
+def build_codec(kind: str = "tiny", spatial_stride: int = 4, path: str | None = None, device="cpu", channels: int = 0):
     if kind == "tiny":
-        return TinyCodec(spatial_stride)
+        return TinyCodec(spatial_stride, channels)
     if kind == "wan_vae":
         if not path:
             raise ValueError("codec.kind=wan_vae needs codec.path: a local folder with the Wan VAE weights")

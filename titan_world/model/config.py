@@ -13,7 +13,7 @@ class ActionConfig:
     num_keys: int = 8  # keyboard multi-hot width (W, A, S, D, ... see titan_world.data.actions)
     hidden_dim: int = 0  # 0: use the model dim
     use_camera: bool = True  # Plücker rays from poses + intrinsics
-    spatial_stride: int = 4  # codec spatial stride: Plücker rays are computed at latent_hw * stride pixels
+    spatial_stride: int = 8  # codec spatial stride (Wan VAE 8): Plücker rays are computed at latent_hw * stride pixels
     translation_scale: float = 1.0  # world units per normalised translation unit
 
 
@@ -25,8 +25,8 @@ class ModelConfig:
     ffn_dim: int = 384
     num_heads: int = 4
     num_layers: int = 4
-    in_dim: int = 388  # noisy latent + (i2v) 4 mask channels + conditioning latent
-    out_dim: int = 192
+    in_dim: int = 36  # noisy latent + (i2v) 4 mask channels + conditioning latent
+    out_dim: int = 16
     text_dim: int = 64
     text_len: int = 32
     freq_dim: int = 256

@@ -56,8 +56,9 @@ def _checkpoint_dtype(folder: Path) -> str:
 
 
 def default_vae_stride(cfg: ModelConfig) -> int:
-    """Spatial stride of the codec the config is paired with: Wan2.1 VAE 8, Wan2.2 TI2V VAE 16, TinyCodec 4."""
-    return {16: 8, 48: 16}.get(cfg.out_dim, 4)
+    """Spatial stride of the codec the config is paired with: Wan2.2 TI2V VAE 16 (48 channels),
+    else `model.action.spatial_stride` (Wan VAE 8; the tiny config sets 4 for TinyCodec)."""
+    return {48: 16}.get(cfg.out_dim, cfg.action.spatial_stride)
 
 
 def describe(cfg: ModelConfig, frames: int, height: int, width: int, vae_stride: int) -> dict:
