@@ -17,7 +17,7 @@ from serving.config import ServingConfig
 from serving.engine import EngineError
 from serving.streaming import StreamingEngine
 from titan_world.config import TitanConfig
-from titan_world.model.codec import build_codec
+from titan_world.model.codec import codec_from_config
 from titan_world.model.io import CheckpointError, build_model, load_pretrained
 from titan_world.model.text_encoder import build_text_encoder
 
@@ -94,7 +94,7 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None) -> Streaming
 
         compile_blocks(model)
     dc, tc = cfg.data.codec, cfg.data.text_encoder
-    codec = build_codec(dc.kind, dc.spatial_stride, dc.path, device=device, channels=dc.channels)
+    codec = codec_from_config(dc, device=device)
     text = build_text_encoder(tc.kind, mc.text_dim, mc.text_len, tc.path, device=device)
     engine = StreamingEngine(model, codec, text, sc, cp=cp)
     engine.source = source  # type: ignore[attr-defined]

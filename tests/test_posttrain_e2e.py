@@ -86,7 +86,7 @@ def test_tiny_dmd_before_after_against_the_simulator(trained_teacher, tmp_path):
     the issue's criterion (after closer to the simulator than before) only when the teacher's own
     samples beat the causal student; otherwise it prints every number (PSNR, yaw error, distances
     to the teacher's 20-step samples) and checks that DMD trained and stayed finite."""
-    from titan_world.data.writer import build_encoders
+    from titan_world.model.codec import codec_from_config
     from titan_world.posttrain.evaluate import evaluate_student, evaluate_teacher, held_out_batches
     from titan_world.posttrain.loop import load_net
 
@@ -98,7 +98,7 @@ def test_tiny_dmd_before_after_against_the_simulator(trained_teacher, tmp_path):
     assert run_stage("dmd", _cfg(tmp_path, data, "dmd", teacher, *dmd)) == 0
     cfg = _cfg(tmp_path, data, "eval", teacher)
     batches = held_out_batches(cfg, 4, 17, True)
-    codec = build_encoders(cfg)[0]
+    codec = codec_from_config(cfg.data.codec)
     t_metrics, t_clips = evaluate_teacher(load_net(teacher, "cpu").eval(), batches, codec, steps=20)
     before = evaluate_student(load_net(tmp_path / "causal" / "model", "cpu").eval(), batches, cfg.posttrain, codec, reference=t_clips)
     after = evaluate_student(load_net(tmp_path / "dmd" / "model", "cpu").eval(), batches, cfg.posttrain, codec, reference=t_clips)

@@ -63,15 +63,19 @@ def conditioned_denoiser(model, context, latents: torch.Tensor, cond_mask: torch
 
     Given frames are overwritten with their latents, get timestep 0 and a zero velocity, so both
     Euler and the multistep sampler leave them exactly unchanged. Start from noise with the given
-    frames already filled in (`fill_given(noise, latents, cond_mask)`).
+    frames already filled in (`fill_given(noise, latents, cond_mask)`). A two-expert model is
+    routed by the sampler's timestep (the given frames' t = 0 does not count).
     """
+    from titan_world.model.moe import WanMoE, expert_for
+
     cond = i2v_condition(latents, cond_mask) if with_i2v_channels else None
     keep = cond_mask[:, None, :, None, None]
 
     def denoise_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        net = model.expert(expert_for(t, model.boundary)) if isinstance(model, WanMoE) else model
         x = torch.where(keep, latents, x)
         t_f = torch.where(cond_mask, torch.zeros_like(t[:, None]), t[:, None].expand_as(cond_mask))
-        v = model(x, t_f, context, cond=cond, actions=actions, **model_kwargs)
+        v = net(x, t_f, context, cond=cond, actions=actions, **model_kwargs)
         return torch.where(keep, torch.zeros_like(v), v)
 
     return denoise_fn

@@ -26,7 +26,7 @@ from titan_world.config import TitanConfig
 from titan_world.conditioning import conditioned_denoiser, fill_given
 from titan_world.diffusion.samplers import sample, with_guidance
 from titan_world.model.action import ActionInputs
-from titan_world.model.codec import TEMPORAL_STRIDE, build_codec, check_frame_count
+from titan_world.model.codec import TEMPORAL_STRIDE, check_frame_count, codec_from_config
 from titan_world.model.io import build_model, load_pretrained
 from titan_world.model.text_encoder import build_text_encoder
 
@@ -174,7 +174,7 @@ def generate(cfg: TitanConfig, checkpoint: str | None, inputs: GenerationInputs,
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, source = load_generation_model(cfg, checkpoint, dev, dtype)
     mc = model.cfg
-    codec = build_codec(cfg.data.codec.kind, cfg.data.codec.spatial_stride, cfg.data.codec.path, device=dev, channels=cfg.data.codec.channels)
+    codec = codec_from_config(cfg.data.codec, device=dev)
     text = build_text_encoder(cfg.data.text_encoder.kind, mc.text_dim, mc.text_len, cfg.data.text_encoder.path, device=dev)
     if getattr(mc, "causal_chunk_frames", 0):
         return generate_causal(cfg, model, codec, text, inputs, seed=seed), source

@@ -28,7 +28,7 @@ import numpy as np
 
 from titan_world.data._streaming import StreamingDataLoader, StreamingDataset, clean_stale_shared_memory, release_prefix
 from titan_world.data.curriculum import Curriculum, collate, cut_sample
-from titan_world.model.codec import TinyCodec, build_codec
+from titan_world.model.codec import TinyCodec, codec_from_config
 
 
 def is_remote(path: str) -> bool:
@@ -142,7 +142,7 @@ def build_dataset(cfg, clip_frames: int, seed: int, batch_size: int, replication
             raise FileNotFoundError(f"{path}: no MDS dataset here (index.json missing); run `titan-world data synth --out {path}`")
         kwargs.update(local=path)
     cur = Curriculum(clip_frames, cfg.data.i2v_ratio, cfg.data.v2v_max_cond_frames, seed)
-    codec = build_codec(cfg.data.codec.kind, cfg.data.codec.spatial_stride, cfg.data.codec.path, channels=cfg.data.codec.channels)
+    codec = codec_from_config(cfg.data.codec)
     ds = EpisodeDataset(curriculum=cur, codec=codec, **kwargs)
     first = StreamingDataset.get_item(ds, 0)
     check_dataset_meta(first["meta"], cfg, path)

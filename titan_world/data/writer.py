@@ -13,6 +13,7 @@ from titan_world.model.text_encoder import build_text_encoder
 
 
 def build_encoders(cfg):
+    """Storage encoders: the TinyCodec is stored exact (the loader compresses to data.codec.channels)."""
     codec = build_codec(cfg.data.codec.kind, cfg.data.codec.spatial_stride, cfg.data.codec.path)
     text = build_text_encoder(cfg.data.text_encoder.kind, cfg.model.text_dim, cfg.model.text_len, cfg.data.text_encoder.path)
     meta = encoder_meta(cfg.data.codec, cfg.data.text_encoder, cfg.model.text_dim, cfg.model.text_len)

@@ -156,6 +156,14 @@ class WanVAECodec:
         return self.vae.decode(z.to(self.vae.dtype)).sample.clamp(-1, 1)
 
 
+def codec_from_config(codec_cfg, device="cpu"):
+    """The codec the model sees (`data.codec`: kind, spatial_stride, channels, path).
+
+    Datasets are written with the exact codec (`channels=0`) and compressed by the loader, so
+    training, sampling and serving all build their codec here."""
+    return build_codec(codec_cfg.kind, codec_cfg.spatial_stride, codec_cfg.path, device=device, channels=codec_cfg.channels)
+
+
 def build_codec(kind: str = "tiny", spatial_stride: int = 4, path: str | None = None, device="cpu", channels: int = 0):
     if kind == "tiny":
         return TinyCodec(spatial_stride, channels)

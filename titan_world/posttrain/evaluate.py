@@ -40,8 +40,10 @@ def held_out_batches(cfg, num_clips: int, frames: int, use_actions: bool, device
     from titan_world.data.mds import frames_to_video
     from titan_world.data.synth import make_episode
     from titan_world.data.writer import build_encoders
+    from titan_world.model.codec import codec_from_config
 
-    codec, text_enc, _ = build_encoders(cfg)
+    _, text_enc, _ = build_encoders(cfg)
+    codec = codec_from_config(cfg.data.codec)
     seconds = (offset + frames - 1) / cfg.data.fps
     eps = [make_episode(seed + i, cfg.data.height, cfg.data.width, seconds, cfg.data.fps) for i in range(num_clips)]
     out = []

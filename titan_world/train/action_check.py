@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from titan_world.conditioning import i2v_condition, noise_batch
+from titan_world.conditioning import conditioned_denoiser, fill_given, noise_batch
 from titan_world.diffusion.samplers import sample
 from titan_world.model import ActionInputs, WanMoE, expert_for, load_pretrained
 
@@ -43,17 +43,8 @@ def generate_i2v(model: nn.Module, clean: torch.Tensor, text: torch.Tensor, acti
     b, _, f = clean.shape[:3]
     cond_mask = torch.zeros(b, f, dtype=torch.bool)
     cond_mask[:, 0] = True
-    cond = i2v_condition(clean, cond_mask)
-    keep = cond_mask[:, None, :, None, None]
-
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        net = model.expert(expert_for(t[0], model.boundary)) if isinstance(model, WanMoE) else model
-        t_f = t[:, None].expand(b, f).clone()
-        t_f[cond_mask] = 0.0
-        v = net(torch.where(keep, clean, x), t_f, text, cond=cond, actions=actions)
-        return v.masked_fill(keep, 0.0)
-
-    return torch.where(keep, clean, sample(denoise, noise, steps, shift))
+    denoise = conditioned_denoiser(model, text, clean, cond_mask, actions, with_i2v_channels=True)
+    return sample(denoise, fill_given(noise, clean, cond_mask), steps, shift)
 
 
 def action_following_check(run_dir_or_model: str | Path | nn.Module, cfg, num_episodes: int = 4, *, steps: int | None = None, seed: int = HELD_OUT_SEED) -> dict[str, Any]:
@@ -65,13 +56,15 @@ def action_following_check(run_dir_or_model: str | Path | nn.Module, cfg, num_ep
     """
     from titan_world.data.mds import frames_to_video
     from titan_world.data.writer import build_encoders
+    from titan_world.model.codec import codec_from_config
     from titan_world.eval.action_following import action_following_report
 
     if num_episodes < 2:
         raise ValueError(f"num_episodes={num_episodes}: expected >= 2 (shuffled actions come from another episode)")
     model = _load(run_dir_or_model).eval().float()
     stage = cfg.train.stages[-1]
-    codec, text_enc, _ = build_encoders(cfg)
+    _, text_enc, _ = build_encoders(cfg)
+    codec = codec_from_config(cfg.data.codec)
     eps = _episodes(cfg, num_episodes, stage.frames, seed)
     video = torch.cat([frames_to_video(e.frames[None]) for e in eps])
     clean = codec.encode(video).float()
