@@ -40,11 +40,11 @@ def a2a_cost(cfg, tokens: int, cp: int, ac: str = "full") -> dict[str, float]:
     return {"cp": cp, "bytes_per_gpu_GB": total / 1e9, "bandwidth_GBs": bw, "seconds_per_step": total / (bw * 1e9)}
 
 
-def model_flops_per_step(cfg, tokens: int) -> float:
-    """DESIGN.md §8: forward 12 d^2 + 4 d ffn per token per layer (+ 4 S d attention), x3 for train."""
-    d, L = cfg.dim, cfg.num_layers
-    per_tok = L * (2 * (4 * d * d) + 2 * (4 * d * d) + 4 * d * cfg.ffn_dim + 4 * tokens * d)
-    return 3 * per_tok * tokens
+def model_flops_per_step(cfg, frames: int, height: int, width: int) -> float:
+    """Train-step model FLOPs of one sample, from the project's one formula (titan_world.train.flops)."""
+    from titan_world.train.flops import sample_flops
+
+    return sample_flops(cfg, 1 + (frames - 1) // 4, height // 8, width // 8).train_step
 
 
 def cmd_plan(a) -> None:
@@ -64,7 +64,7 @@ def cmd_a2a(a) -> None:
 
     cfg = _model_cfg(a.model)
     tokens = num_tokens(a.frames, a.height, a.width)
-    flops = model_flops_per_step(cfg, tokens)
+    flops = model_flops_per_step(cfg, a.frames, a.height, a.width)
     print(f"{a.model}: {tokens:,} tokens, {flops / 1e15:.1f} PFLOP per sample-step")
     for cp in sorted({8, 16, 32, 64} | {c for c in range(8, 65) if cfg.num_heads % c == 0}):
         if cfg.num_heads % cp:
@@ -118,7 +118,7 @@ def cmd_step(a) -> None:
     tokens = num_tokens(a.frames, a.height, a.width)
     step = sorted(times[1:] or times)[len(times[1:] or times) // 2]
     out = {"model": a.model, "gpus": world, "cp": a.cp, "ac": a.ac, "tokens": tokens, "step_s": step,
-           "model_tflops_per_gpu": model_flops_per_step(cfg, tokens) / step / world / 1e12}
+           "model_tflops_per_gpu": model_flops_per_step(cfg, a.frames, a.height, a.width) / step / world / 1e12}
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if rank == 0:

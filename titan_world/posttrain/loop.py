@@ -214,7 +214,7 @@ class CausalJob(PostTrainJob):
         super().__init__(cfg, resume)
         p = cfg.posttrain
         self.teacher_path = resolve_teacher(cfg, self.run_dir)
-        log(f"causal: student initialised from {self.teacher_path} (high-noise expert of an MoE); {self.total} steps")
+        log(f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); {self.total} steps")
         self.student = student_from(load_net(self.teacher_path, self.device)).train()
         self.use_actions = self.student.action_embedding is not None
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=p.causal_lr, betas=(0.9, 0.99), weight_decay=0.0)
