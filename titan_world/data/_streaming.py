@@ -14,6 +14,7 @@ prefixes that no live process maps.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import sys
@@ -27,6 +28,7 @@ if "streaming.vision" not in sys.modules:
 import streaming  # noqa: E402
 from streaming import MDSWriter, StreamingDataLoader, StreamingDataset  # noqa: E402
 from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN  # noqa: E402
+from streaming.base.util import merge_index as _merge_index  # noqa: E402
 
 __all__ = [
     "streaming",
@@ -36,6 +38,8 @@ __all__ = [
     "release_prefix",
     "clean_stale_shared_memory",
     "streaming_shm_files",
+    "merge_index",
+    "leaked_shm_files",
 ]
 
 _SHM_RE = re.compile(r"^(\d{6})_(%s)$" % "|".join(SHM_TO_CLEAN))
@@ -44,6 +48,20 @@ _SHM_RE = re.compile(r"^(\d{6})_(%s)$" % "|".join(SHM_TO_CLEAN))
 def streaming_shm_files() -> list[str]:
     """Paths of streaming's shared-memory files currently in /dev/shm."""
     return sorted(p for p in glob.glob("/dev/shm/*") if _SHM_RE.match(os.path.basename(p)))
+
+
+def merge_index(index_files: list[str], out: str) -> None:
+    """streaming's `merge_index(list, out)`: one index.json in `out` over sub-folder indexes.
+
+    Its "temporary folder created" message goes to the root logger as a warning on every call;
+    it is not one, so warnings are muted for the duration.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        _merge_index(list(index_files), out)
+    finally:
+        logging.disable(previous)
 
 
 def release_prefix(prefix_int: int) -> None:
@@ -67,12 +85,14 @@ def release_prefix(prefix_int: int) -> None:
             pass
 
 
-def _mapped_shm_names() -> set[str] | None:
+def _mapped_shm_names(exclude_pid: int | None = None) -> set[str] | None:
     """Basenames of /dev/shm files mapped by any live process we can inspect (None: unknown)."""
     if not os.path.isdir("/proc/self"):
         return None
     names: set[str] = set()
     for maps in glob.glob("/proc/[0-9]*/maps"):
+        if exclude_pid is not None and maps == f"/proc/{exclude_pid}/maps":
+            continue
         try:
             with open(maps) as f:
                 for line in f:
@@ -82,6 +102,21 @@ def _mapped_shm_names() -> set[str] | None:
         except OSError:
             continue
     return names
+
+
+def leaked_shm_files(before: list[str]) -> list[str]:
+    """Streaming shm files that appeared since `before` and are this process's or nobody's.
+
+    On a shared machine other jobs create and remove their own prefixes at any time; those are
+    mapped by their (live) processes and are left out, so the check sees only our leaks.
+    """
+    new = set(streaming_shm_files()) - set(before)
+    if not new:
+        return []
+    mapped_elsewhere = _mapped_shm_names(exclude_pid=os.getpid())
+    if mapped_elsewhere is None:  # pragma: no cover - non-Linux: cannot tell whose they are
+        return sorted(new)
+    return sorted(p for p in new if os.path.basename(p) not in mapped_elsewhere)
 
 
 def clean_stale_shared_memory() -> int:

@@ -147,14 +147,19 @@ def load_item(video: Path, height: int, width: int, fps: int, min_size: int = 16
     )
 
 
-def ingest(cfg, src: str | Path, out: str | Path, *, keep_raw: bool = False, progress: bool = True) -> list[ItemReport]:
-    from titan_world.data.mds import write_episodes
-    from titan_world.data.writer import build_encoders
-
+def list_videos(src: str | Path) -> list[Path]:
+    """The videos `ingest` reads from `src`, sorted by name (item i of a parallel ingest)."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"--src {src}: not a directory")
-    videos = sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_EXTS)
+    return sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_EXTS)
+
+
+def ingest_videos(cfg, videos: list[Path], out: str | Path, *, keep_raw: bool = False) -> list[ItemReport]:
+    """Validate and encode `videos` into an MDS dataset at `out` (not created if none is good)."""
+    from titan_world.data.mds import write_episodes
+    from titan_world.data.writer import build_encoders
+
     reports: list[ItemReport] = []
 
     def good():
@@ -172,6 +177,11 @@ def ingest(cfg, src: str | Path, out: str | Path, *, keep_raw: bool = False, pro
     if episodes:
         write_episodes(episodes, out, codec, text, {**meta, "source": "ingest"}, keep_raw=keep_raw)
     return reports
+
+
+def ingest(cfg, src: str | Path, out: str | Path, *, keep_raw: bool = False, progress: bool = True) -> list[ItemReport]:
+    """One process, straight into `out` (the CLI goes through `parallel_write` instead)."""
+    return ingest_videos(cfg, list_videos(src), out, keep_raw=keep_raw)
 
 
 def format_summary(reports: list[ItemReport]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from titan_world.data.mds import encoder_meta, write_episodes
 from titan_world.data.synth import Episode, make_episode
@@ -20,14 +20,20 @@ def build_encoders(cfg):
     return codec, text, meta
 
 
-def synthesize(cfg, out: str | os.PathLike, episodes: int, seconds: float, *, keep_raw: bool = False, seed: int = 0, progress: bool = True) -> dict:
-    """Write `episodes` episodes (seeds seed .. seed+episodes-1); returns counts and timings."""
+def synthesize(cfg, out: str | os.PathLike, episodes: int, seconds: float, *, keep_raw: bool = False, seed: int = 0,
+               progress: bool = True, indices: Sequence[int] | None = None) -> dict:
+    """Write `episodes` episodes (seeds seed .. seed+episodes-1); returns counts and timings.
+
+    `indices`: only these episodes of the `episodes` (a rank's share in a data-parallel write);
+    episode i keeps seed + i, so the shares together are exactly the one-process dataset.
+    """
+    todo = list(range(episodes)) if indices is None else list(indices)
     codec, text, meta = build_encoders(cfg)
     h, w, fps = cfg.data.height, cfg.data.width, cfg.data.fps
     stats = {"episodes": 0, "frames": 0, "render_s": 0.0}
 
     def gen() -> Iterator[Episode]:
-        for i in range(episodes):
+        for i in todo:
             t0 = time.perf_counter()
             ep = make_episode(seed + i, h, w, seconds, fps)
             stats["render_s"] += time.perf_counter() - t0
@@ -38,7 +44,7 @@ def synthesize(cfg, out: str | os.PathLike, episodes: int, seconds: float, *, ke
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=episodes, desc="synth", unit="ep")
+        bar = tqdm(total=len(todo), desc="synth", unit="ep")
     t0 = time.perf_counter()
     stats["episodes"] = write_episodes(gen(), out, codec, text, {**meta, "source": "synthetic"}, keep_raw=keep_raw, on_written=(lambda ep: bar.update(1)) if bar else None)
     stats["total_s"] = time.perf_counter() - t0
