@@ -15,10 +15,10 @@ import torch
 
 from serving.config import ServingConfig
 from serving.engine import EngineError
-from serving.streaming import StreamingEngine
+from serving.streaming import StreamingEngine, default_sigmas
 from titan_world.config import TitanConfig
 from titan_world.model.codec import codec_from_config
-from titan_world.model.io import CheckpointError, build_model, load_pretrained
+from titan_world.model.io import CheckpointError, build_model, load_pretrained, resolve_checkpoint_dir
 from titan_world.model.text_encoder import build_text_encoder
 
 log = logging.getLogger("titan_world.serving")
@@ -82,10 +82,32 @@ def resolved_serving(cfg: TitanConfig) -> ServingConfig:
     return replace(sc, height=sc.height or d.height, width=sc.width or d.width, fps=sc.fps or float(d.fps))
 
 
+def student_settings(sc: ServingConfig, model_cfg, source: str) -> ServingConfig:
+    """Stream a student the way it was trained: its chunk size (config.json) and its denoising
+    timesteps (`posttrain.json`, written by post-training next to the weights). The cache's sink
+    and window stay the serving config's (they trade memory for context)."""
+    import json
+
+    changes: dict = {}
+    if model_cfg.causal_chunk_frames and model_cfg.causal_chunk_frames != sc.chunk_frames:
+        changes["chunk_frames"] = model_cfg.causal_chunk_frames
+    meta = Path(source) / "posttrain.json"
+    if meta.is_file():
+        steps = json.loads(meta.read_text()).get("denoise_steps")
+        trained = [t / 1000.0 for t in steps or []]
+        if trained and not sc.sigmas and trained != default_sigmas(sc.denoise_steps):
+            changes["sigmas"] = trained
+    if changes:
+        log.warning("serving the student with its trained settings: %s", changes)
+    return replace(sc, **changes)
+
+
 def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None) -> StreamingEngine:
     sc = resolved_serving(cfg)
     device, dtype = resolve_device(sc, local_rank)
     model, source = load_model(cfg, device, dtype)
+    if source != "random":
+        sc = student_settings(sc, model.cfg, str(resolve_checkpoint_dir(source)))
     mc = model.cfg
     if cp is not None:
         model.set_context_parallel(cp)

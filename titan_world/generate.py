@@ -149,14 +149,14 @@ def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs,
     return to_uint8(codec.decode(out))[:t]
 
 
-def generate_causal(cfg: TitanConfig, model, codec, text_encoder, inputs: GenerationInputs, *, seed: int = 0) -> np.ndarray:
-    """Stream a block-causal student through the serving engine (KV cache, few steps per chunk)."""
-    from dataclasses import replace
-
-    from serving.loading import resolved_serving
+def generate_causal(cfg: TitanConfig, model, codec, text_encoder, inputs: GenerationInputs, *, seed: int = 0, source: str = "") -> np.ndarray:
+    """Stream a block-causal student through the serving engine (KV cache, few steps per chunk),
+    with the chunk size and timesteps it was trained with."""
+    from serving.loading import resolved_serving, student_settings
     from serving.streaming import StreamingEngine
+    from titan_world.model.io import resolve_checkpoint_dir
 
-    sc = replace(resolved_serving(cfg), chunk_frames=model.cfg.causal_chunk_frames)
+    sc = student_settings(resolved_serving(cfg), model.cfg, str(resolve_checkpoint_dir(source)) if source else "")
     engine = StreamingEngine(model, codec, text_encoder, sc)
     session = engine.start(inputs.first_frame, inputs.prompt, seed)
     frames = [session.first_frames()]
@@ -177,7 +177,7 @@ def generate(cfg: TitanConfig, checkpoint: str | None, inputs: GenerationInputs,
     codec = codec_from_config(cfg.data.codec, device=dev)
     text = build_text_encoder(cfg.data.text_encoder.kind, mc.text_dim, mc.text_len, cfg.data.text_encoder.path, device=dev)
     if getattr(mc, "causal_chunk_frames", 0):
-        return generate_causal(cfg, model, codec, text, inputs, seed=seed), source
+        return generate_causal(cfg, model, codec, text, inputs, seed=seed, source=source), source
     video = generate_bidirectional(model, codec, text, inputs, steps=steps or 20, shift=shift, sampler=sampler, guidance=guidance, seed=seed, device=dev, progress=progress)
     return video, source
 
