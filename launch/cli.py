@@ -55,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     has_subcommands = any(isinstance(a, argparse._SubParsersAction) for a in sub_parser._actions)
     args = sub_parser.parse_args(argv[1:]) if has_subcommands else sub_parser.parse_intermixed_args(argv[1:])
     from titan_world.config import ConfigError
+    from titan_world.model.io import CheckpointError
 
     try:
         return int(module.run(args) or 0)
     except ConfigError as e:
         print(f"titan-world {name}: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # a checkpoint path given by the user that does not fit
+        print(f"titan-world {name}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"titan-world {name}: interrupted", file=sys.stderr)

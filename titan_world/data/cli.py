@@ -106,6 +106,9 @@ def _synth(cfg, args: argparse.Namespace) -> int:
     from titan_world.data.writer import synthesize
 
     n, secs = _episodes(args, cfg), _seconds(args, cfg)
+    if n < 1 or secs <= 0:
+        print(f"titan-world data synth: --episodes {n} / --seconds {secs}: expected at least 1 episode of > 0 s", file=sys.stderr)
+        return 2
     group = RankGroup()
     try:
         mine = rank_items(n, group.rank, group.world)
