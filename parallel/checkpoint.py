@@ -19,6 +19,7 @@ shapes by DCP, so a checkpoint written by N ranks loads on any M ranks and on 1 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -74,10 +75,33 @@ class _OptimState(Stateful):
         self.model, self.optim = model, optim
 
     def state_dict(self) -> dict[str, Any]:
+        _fill_missing_optimizer_state(self.optim)
         return get_optimizer_state_dict(self.model, self.optim)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         set_optimizer_state_dict(self.model, self.optim, sd)
+
+
+def _fill_missing_optimizer_state(optim: torch.optim.Optimizer) -> None:
+    """Give trainable parameters that never had a gradient the state a zero step creates.
+
+    DCP's loader initialises optimizer state for *every* trainable parameter (a zero-gradient,
+    zero-lr step), so a checkpoint saved while some parameters had no state yet (an adapter that
+    saw no actions, a head not used so far) could not be loaded. The other states are untouched.
+    """
+    missing = [p for g in optim.param_groups for p in g["params"] if p.requires_grad and p not in optim.state]
+    if not missing or not optim.state:
+        return  # nothing missing, or nothing at all (DCP initialises every state itself)
+    accepted = inspect.signature(type(optim).__init__).parameters
+    defaults = {k: v for k, v in optim.defaults.items() if k in accepted and k != "lr"}
+    scratch = type(optim)(missing, lr=0.0, **defaults)
+    saved_grads = [p.grad for p in missing]
+    for p in missing:
+        p.grad = torch.zeros_like(p)
+    scratch.step()
+    for p, g in zip(missing, saved_grads):
+        optim.state[p] = scratch.state[p]
+        p.grad = g
 
 
 def _owner_module(optim: torch.optim.Optimizer, modules: dict[str, nn.Module]) -> nn.Module:
