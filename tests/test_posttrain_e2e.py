@@ -41,7 +41,7 @@ def _losses(run_dir: Path) -> list[dict]:
 
 def test_dmd_resume_reproduces_uninterrupted_losses(world):
     tmp, data, teacher = world
-    common = ["posttrain.rollout_chunks=2", "posttrain.gan_weight=0.1", "posttrain.fake_updates=2", "train.ckpt_every=0"]
+    common = ["posttrain.rollout_chunks=2", "posttrain.grad_chunks=2", "posttrain.gan_weight=0.1", "posttrain.fake_updates=2", "train.ckpt_every=0"]
     assert run_stage("dmd", _cfg(tmp, data, "full", teacher, "train.steps=4", *common)) == 0
     assert run_stage("dmd", _cfg(tmp, data, "cut", teacher, "train.steps=2", *common)) == 0
     assert run_stage("dmd", _cfg(tmp, data, "cut", teacher, "train.steps=4", *common), resume=True) == 0
@@ -93,7 +93,7 @@ def test_tiny_dmd_before_after_against_the_simulator(trained_teacher, tmp_path):
     torch.set_num_threads(1)
     teacher, data = trained_teacher
     assert run_stage("causal", _cfg(tmp_path, data, "causal", teacher, "train.steps=40", "train.ckpt_every=0")) == 0
-    dmd = ["train.steps=30", "train.ckpt_every=0", f"posttrain.student={tmp_path / 'causal' / 'model'}", "posttrain.rollout_chunks=2",
+    dmd = ["train.steps=30", "train.ckpt_every=0", f"posttrain.student={tmp_path / 'causal' / 'model'}", "posttrain.rollout_chunks=2", "posttrain.grad_chunks=2",
            "posttrain.student_lr=5e-5"]
     assert run_stage("dmd", _cfg(tmp_path, data, "dmd", teacher, *dmd)) == 0
     cfg = _cfg(tmp_path, data, "eval", teacher)

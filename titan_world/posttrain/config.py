@@ -28,7 +28,7 @@ class PostTrainConfig:
     dmd_sigma_min: float = 0.02
     dmd_sigma_max: float = 0.98
     rollout_chunks: int = 4
-    grad_chunks: int = 1  # gradients flow through the last K chunks only
+    grad_chunks: int = 4  # gradients flow through the last K chunks only (tiny: all, so DMD's scores see the teacher's I2V clip)
     sink_frames: int = 1  # KV cache: attention-sink latent frames
     window_frames: int = 8  # KV cache: local window of latent frames
     bootstrap_steps: int = 150  # steps of the tiny teacher trained when no teacher exists
