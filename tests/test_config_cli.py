@@ -35,6 +35,7 @@ def test_overrides_apply_with_types():
         ("train.expert=medium", "train.expert"),
         ("data.height=30", "data.height"),
         ("nonsense", "key=value"),
+        ("posttrain.grad_chunks=9", "posttrain.grad_chunks=9"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

@@ -176,6 +176,9 @@ def validate(cfg: TitanConfig) -> None:
         raise ConfigError(f"train.task={cfg.train.task!r}: expected pretrain or action_finetune")
     if cfg.train.schedule not in ("cosine", "constant"):
         raise ConfigError(f"train.schedule={cfg.train.schedule!r}: expected cosine or constant")
+    pt = cfg.posttrain
+    if not 1 <= pt.grad_chunks <= pt.rollout_chunks:
+        raise ConfigError(f"posttrain.grad_chunks={pt.grad_chunks}: expected 1 .. posttrain.rollout_chunks={pt.rollout_chunks}")
     if cfg.run.wandb not in ("offline", "online", "disabled"):
         raise ConfigError(f"run.wandb={cfg.run.wandb!r}: expected offline, online or disabled")
     if not 0.0 <= cfg.data.i2v_ratio <= 1.0:

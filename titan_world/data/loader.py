@@ -132,6 +132,22 @@ def check_dataset_meta(meta: dict, cfg, path: str) -> None:
         raise ValueError(f"{path}: meta.text_encoder={t} but model.text_dim={cfg.model.text_dim} text_len={cfg.model.text_len}; re-encode the dataset")
 
 
+def _open_with_retry(open_dataset, attempts: int = 8):
+    """streaming picks a free shared-memory prefix by looking, then creating: two processes that
+    open datasets at the same instant can pick the same one (FileExistsError). Retry after a
+    short random pause instead of failing the job."""
+    import random
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return open_dataset()
+        except FileExistsError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.5))
+
+
 def build_dataset(cfg, clip_frames: int, seed: int, batch_size: int, replication: int | None = None, path: str | None = None) -> EpisodeDataset:
     path = str(path or cfg.data.path)
     kwargs: dict[str, Any] = dict(shuffle=True, shuffle_seed=seed, batch_size=batch_size, replication=replication)
@@ -143,7 +159,7 @@ def build_dataset(cfg, clip_frames: int, seed: int, batch_size: int, replication
         kwargs.update(local=path)
     cur = Curriculum(clip_frames, cfg.data.i2v_ratio, cfg.data.v2v_max_cond_frames, seed)
     codec = codec_from_config(cfg.data.codec)
-    ds = EpisodeDataset(curriculum=cur, codec=codec, **kwargs)
+    ds = _open_with_retry(lambda: EpisodeDataset(curriculum=cur, codec=codec, **kwargs))
     first = StreamingDataset.get_item(ds, 0)
     check_dataset_meta(first["meta"], cfg, path)
     return ds
