@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from titan_world.model.action import keys_per_latent_frame
 from titan_world.model.codec import TEMPORAL_STRIDE, TinyCodec, check_frame_count
 
 
@@ -72,12 +73,8 @@ def window_latents(latents: np.ndarray, start: int, length: int, codec) -> np.nd
 
 
 def latent_actions(actions: torch.Tensor) -> torch.Tensor:
-    """Per-latent-frame actions [..., F, 8] from per-video-frame [..., 1 + 4k, 8]: frame 0 alone,
-    then the mean over each group of 4 (the rule of ActionInputs.from_video_frames)."""
-    first = actions[..., :1, :]
-    rest = actions[..., 1:, :]
-    groups = rest.reshape(*rest.shape[:-2], -1, TEMPORAL_STRIDE, rest.shape[-1]).mean(-2)
-    return torch.cat([first, groups], dim=-2)
+    """Per-latent-frame actions [..., F, 8] from per-video-frame [..., 1 + 4k, 8] (the model's rule)."""
+    return keys_per_latent_frame(actions)
 
 
 def cut_sample(episode: dict, cur: Curriculum, rng: np.random.Generator, codec) -> dict:

@@ -26,6 +26,15 @@ def plucker_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, height: int, width
     return _plucker(c2w, intrinsics, height, width)
 
 
+def keys_per_latent_frame(keys: torch.Tensor) -> torch.Tensor:
+    """[..., 1 + 4k, K] per video frame -> [..., 1 + k, K]: frame 0 alone, then the mean over each
+    group of 4 frames (the fraction of time a key was held)."""
+    check_frame_count(keys.shape[-2], "actions")
+    rest = keys[..., 1:, :]
+    groups = rest.reshape(*rest.shape[:-2], -1, TEMPORAL_STRIDE, rest.shape[-1]).mean(-2)
+    return torch.cat([keys[..., :1, :], groups], dim=-2)
+
+
 @dataclass
 class ActionInputs:
     keys: torch.Tensor  # [B, F, K] per latent frame
@@ -36,12 +45,8 @@ class ActionInputs:
     def from_video_frames(keys: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor) -> "ActionInputs":
         """Per-video-frame actions (T = 1 + 4k) -> per latent frame: latent 0 <- frame 0; latent i
         <- frames 4i-3..4i (keys averaged = fraction of time pressed, pose/intrinsics of frame 4i)."""
-        b, t, k = keys.shape
-        n = check_frame_count(t, "actions")
-        first = keys[:, :1]
-        rest = keys[:, 1:].reshape(b, n, TEMPORAL_STRIDE, k).mean(2)
-        idx = torch.arange(0, t, TEMPORAL_STRIDE, device=keys.device)
-        return ActionInputs(torch.cat([first, rest], 1), c2w[:, idx], intrinsics[:, idx])
+        idx = torch.arange(0, keys.shape[1], TEMPORAL_STRIDE, device=keys.device)
+        return ActionInputs(keys_per_latent_frame(keys), c2w[:, idx], intrinsics[:, idx])
 
     def slice(self, start: int, end: int) -> "ActionInputs":
         return ActionInputs(self.keys[:, start:end], self.c2w[:, start:end], self.intrinsics[:, start:end])
