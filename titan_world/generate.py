@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from launch.cli_common import add_config_arguments, config_from_args
+from serving.engine import to_uint8_frames
 from titan_world.config import TitanConfig
 from titan_world.conditioning import conditioned_denoiser, fill_given
 from titan_world.diffusion.samplers import sample, with_guidance
@@ -110,22 +111,14 @@ def load_generation_model(cfg: TitanConfig, checkpoint: str | None, device, dtyp
     return load_pretrained(path, dtype=dtype, device=device).eval(), str(path)
 
 
-def to_video_tensor(frames_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1]."""
-    return torch.from_numpy(frames_uint8).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    return ((video[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
-
-
 @torch.no_grad()
 def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs, *, steps: int, shift: float, sampler: str = "dpmpp2m",
                            guidance: float = 1.0, seed: int = 0, device="cpu", progress=None) -> np.ndarray:
     """Sample the clip conditioned on its first frame; returns uint8 [T, H, W, 3]."""
     t = len(inputs.actions)
-    first = to_video_tensor(inputs.first_frame[None]).to(device)
+    from titan_world.data.mds import frames_to_video  # imports streaming: only when sampling
+
+    first = frames_to_video(inputs.first_frame[None, None]).to(device)
     first_latent = codec.encode(first)  # [1, C, 1, h, w]
     c, _, h, w = first_latent.shape[1:]
     f = 1 + (t - 1) // TEMPORAL_STRIDE
@@ -146,7 +139,7 @@ def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs,
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g, device=device)
     out = sample(lambda x, tt: denoise(x.to(dtype), tt).float(), fill_given(noise, latents, cond_mask), steps, shift, sampler, progress=progress)
-    return to_uint8(codec.decode(out))[:t]
+    return to_uint8_frames(codec.decode(out))[:t]
 
 
 def generate_causal(cfg: TitanConfig, model, codec, text_encoder, inputs: GenerationInputs, *, seed: int = 0, source: str = "") -> np.ndarray:
