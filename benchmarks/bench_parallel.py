@@ -2,14 +2,12 @@
 
   python -m benchmarks.bench_parallel plan   [--model wan2.2-i2v-a14b]      memory plan per stage
   python -m benchmarks.bench_parallel a2a    [--model ...] [--frames 961]   all-to-all cost model, cp 8..64
+  python -m benchmarks.bench_parallel cluster [--nodes 8] [--tflops 397]    predicted step on N x 8 H100, 5 s / 60 s
   torchrun --nproc-per-node N -m benchmarks.bench_parallel step [--model wan2.1-1.3b] [--frames 81]
        [--height 480 --width 832] [--cp 1] [--ac full] [--steps 5]     measured step time + peak memory
 
-The a2a model: per attention layer Ulysses does 4 all-to-alls (q, k, v in; out back), each
-sending (P-1)/P of a [S/P, d] bf16 shard per GPU; backward repeats them, full AC recomputes the
-forward ones once more (x3 total). Bandwidths (per GPU, one direction): NVLink4 450 GB/s inside a
-node of 8, InfiniBand NDR 400 Gb/s = 50 GB/s across nodes (a group wider than a node is limited
-by its slowest link). Latency terms are ignored (messages are MBs).
+The communication and cluster models (all-to-all, FSDP traffic, bandwidths) are in
+parallel/planner.py, next to the memory model they share a mesh with.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import argparse
 import json
 import time
 
-NVLINK_GBS, IB_GBS, GPUS_PER_NODE = 450.0, 50.0, 8
+from parallel.planner import GPUS_PER_NODE, IB_GBS, NVLINK_GBS
 
 
 def _model_cfg(name: str):
@@ -29,15 +27,6 @@ def _model_cfg(name: str):
 
     path = resolve_config_path(f"model/{name}")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
-
-
-def a2a_cost(cfg, tokens: int, cp: int, ac: str = "full") -> dict[str, float]:
-    shard_bytes = tokens / cp * cfg.dim * 2
-    per_a2a = shard_bytes * (cp - 1) / cp
-    passes = 3 if ac == "full" else 2
-    total = per_a2a * 4 * cfg.num_layers * passes
-    bw = NVLINK_GBS if cp <= GPUS_PER_NODE else IB_GBS
-    return {"cp": cp, "bytes_per_gpu_GB": total / 1e9, "bandwidth_GBs": bw, "seconds_per_step": total / (bw * 1e9)}
 
 
 def model_flops_per_step(cfg, frames: int, height: int, width: int) -> float:
@@ -60,7 +49,7 @@ def cmd_plan(a) -> None:
 
 
 def cmd_a2a(a) -> None:
-    from parallel.planner import num_tokens
+    from parallel.planner import a2a_cost, num_tokens
 
     cfg = _model_cfg(a.model)
     tokens = num_tokens(a.frames, a.height, a.width)
@@ -74,6 +63,27 @@ def cmd_a2a(a) -> None:
         compute = flops / cp / (a.tflops * 1e12)
         print(f"cp={cp:>2}: {c['bytes_per_gpu_GB']:7.1f} GB/GPU, {c['seconds_per_step']:6.2f} s at {c['bandwidth_GBs']:.0f} GB/s "
               f"vs compute {compute:6.2f} s at {a.tflops:.0f} TFLOP/s")
+
+
+def cmd_cluster(a) -> None:
+    from parallel.planner import cluster_prediction
+
+    cfg = _model_cfg(a.model)
+    gpus = a.nodes * GPUS_PER_NODE
+    print(f"{a.model} on {a.nodes} x {GPUS_PER_NODE} H100 ({gpus} GPUs), {a.height}x{a.width}, AC {a.ac}, "
+          f"assumed {a.tflops:.0f} achieved model-TFLOP/s per GPU, NVLink {NVLINK_GBS:.0f} / IB {IB_GBS:.0f} GB/s per GPU")
+    print(f"{'clip':>5} {'tokens':>8} {'cp':>3} {'dp_shard':>8} {'GB/GPU':>7} {'batch':>5} {'compute':>8} {'a2a':>6} "
+          f"{'fsdp':>6} {'step':>7} {'samples/s':>9} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>5}")
+    for name, frames in (("5s", 81), ("60s", 961)):
+        flops = model_flops_per_step(cfg, frames, a.height, a.width)
+        r = cluster_prediction(cfg, frames, gpus, a.height, a.width, flops, a.tflops, a.ac)
+        if r is None:
+            print(f"{name:>5} does not fit on {gpus} GPUs")
+            continue
+        print(f"{name:>5} {r['tokens']:>8,} {r['cp']:>3} {r['dp_shard']:>8} {r['gb_per_gpu']:>7.1f} {r['global_batch']:>5} "
+              f"{r['compute_s']:>7.2f}s {r['a2a_s']:>5.2f}s {r['fsdp_comm_s']:>5.2f}s {r['step_s']:>6.2f}s "
+              f"{r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9,.0f} {r['model_tflops_per_gpu']:>8.0f} {r['mfu']:>5.0%}")
+    print("(one sample per cp group per step; raise the global batch with gradient accumulation: the FSDP traffic is paid once per step)")
 
 
 def cmd_step(a) -> None:
@@ -128,7 +138,7 @@ def cmd_step(a) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["plan", "a2a", "step"])
+    ap.add_argument("mode", choices=["plan", "a2a", "cluster", "step"])
     ap.add_argument("--model", default="wan2.2-i2v-a14b")
     ap.add_argument("--frames", type=int, default=961)
     ap.add_argument("--height", type=int, default=480)
@@ -137,8 +147,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ac", default="full")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tflops", type=float, default=300.0, help="achieved model TFLOP/s per GPU for the compute comparison")
+    ap.add_argument("--nodes", type=int, default=8, help="cluster mode: nodes of 8 GPUs")
     a = ap.parse_args(argv)
-    {"plan": cmd_plan, "a2a": cmd_a2a, "step": cmd_step}[a.mode](a)
+    {"plan": cmd_plan, "a2a": cmd_a2a, "cluster": cmd_cluster, "step": cmd_step}[a.mode](a)
 
 
 if __name__ == "__main__":

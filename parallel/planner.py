@@ -23,9 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Plan", "plan", "format_plan", "recommend", "format_recommendations", "param_count", "num_tokens"]
+__all__ = ["Plan", "plan", "format_plan", "recommend", "format_recommendations", "param_count", "num_tokens",
+           "a2a_cost", "fsdp_comm_cost", "cluster_prediction"]
 
 GB = 1e9
+# Per-GPU, one-direction bandwidths: NVLink4 inside a node of 8, InfiniBand NDR 400 Gb/s across.
+NVLINK_GBS, IB_GBS, GPUS_PER_NODE = 450.0, 50.0, 8
 
 
 def num_tokens(frames: int, height: int, width: int, patch=(1, 2, 2), vae_stride=(4, 8, 8)) -> int:
@@ -182,3 +185,49 @@ def format_recommendations(recs: list[tuple[str, Plan | None]], gpus_per_node: i
         rows.append(f"{name:<8} {p.tokens:>9,} {p.cp:>3} {p.dp_shard:>8} {p.gpus:>5} {nodes:>5} {p.total_gb:>7.1f}  {p.ac}{note}")
     rows.append("(minimum mesh per stage; add dp_shard/dp_replicate for throughput: it lowers the per-GPU share of params/optimizer)")
     return "\n".join(rows)
+
+
+def a2a_cost(cfg, tokens: int, cp: int, ac: str = "full") -> dict[str, float]:
+    """Ulysses traffic per GPU per step: per attention layer 4 all-to-alls (q, k, v in; out back),
+    each sending (cp-1)/cp of a [S/cp, d] bf16 shard; backward repeats them and full AC recomputes
+    the forward ones (x3). A group wider than a node runs at its slowest link. Latency ignored."""
+    shard_bytes = tokens / cp * cfg.dim * 2
+    per_a2a = shard_bytes * (cp - 1) / cp
+    passes = 3 if ac == "full" else 2
+    total = per_a2a * 4 * cfg.num_layers * passes
+    bw = NVLINK_GBS if cp <= GPUS_PER_NODE else IB_GBS
+    return {"cp": cp, "bytes_per_gpu_GB": total / 1e9, "bandwidth_GBs": bw, "seconds_per_step": total / (bw * 1e9)}
+
+
+def fsdp_comm_cost(params: int, shard: int, gpus_per_node: int = GPUS_PER_NODE) -> dict[str, float]:
+    """FSDP2 traffic per GPU per optimizer step (one gradient sync): bf16 all-gather in forward and
+    again in backward (blocks reshard after forward) + fp32 reduce-scatter of the gradients, each
+    moving (shard-1)/shard of the full size through every GPU. A shard group wider than a node
+    runs at InfiniBand speed. Unlike the Ulysses all-to-all this overlaps with compute (prefetch)."""
+    total = params * (2 + 2 + 4) * (shard - 1) / shard
+    bw = NVLINK_GBS if shard <= gpus_per_node else IB_GBS
+    return {"bytes_per_gpu_GB": total / 1e9, "bandwidth_GBs": bw, "seconds_per_step": total / (bw * 1e9)}
+
+
+def cluster_prediction(cfg, frames: int, gpus: int, height: int, width: int, flops_per_sample: float, tflops: float,
+                       ac: str = "full", peak_tflops: float = 989.0) -> dict | None:
+    """First-order training-step prediction on `gpus` GPUs, one sample per CP group per step.
+
+    Mesh: the smallest cp (inside a node, dividing the heads) for which cp x dp_shard = gpus fits
+    this module's memory model. Time: `flops_per_sample` (model FLOPs of fwd + bwd) at `tflops`
+    achieved per GPU, plus the Ulysses all-to-all (on the critical path), plus FSDP traffic only
+    where it outlasts compute (it is prefetched). None when no mesh fits."""
+    cps = [c for c in range(1, GPUS_PER_NODE + 1) if cfg.num_heads % c == 0 and gpus % c == 0 and GPUS_PER_NODE % c == 0]
+    p = next((q for c in cps if (q := plan(cfg, frames, height, width, dp_shard=gpus // c, cp=c, ac=ac)).fits), None)
+    if p is None:
+        return None
+    compute = flops_per_sample / p.cp / (tflops * 1e12)
+    a2a = a2a_cost(cfg, p.tokens, p.cp, ac)["seconds_per_step"] if p.cp > 1 else 0.0
+    fsdp = fsdp_comm_cost(p.params, gpus)["seconds_per_step"]
+    step = compute + a2a + max(0.0, fsdp - compute)
+    samples = gpus // p.cp
+    achieved = samples * flops_per_sample / step / gpus / 1e12
+    return {"frames": frames, "tokens": p.tokens, "cp": p.cp, "dp_shard": p.dp_shard, "gb_per_gpu": p.total_gb,
+            "global_batch": samples, "compute_s": compute, "a2a_s": a2a, "fsdp_comm_s": fsdp, "step_s": step,
+            "samples_per_s": samples / step, "tokens_per_s": samples * p.tokens / step,
+            "model_tflops_per_gpu": achieved, "mfu": achieved / peak_tflops}

@@ -38,3 +38,32 @@ def test_recommendation_per_stage():
     assert all(p is not None and p.fits for _, p in recs)
     assert recs[1][1].cp >= recs[0][1].cp
     assert "60s" in format_recommendations(recs)
+
+
+@pytest.mark.parametrize("name", ["tiny", "wan2.1-1.3b", "wan2.2-i2v-a14b"])
+def test_param_count_formula_matches_the_model(name):
+    """The planner's closed-form count (one expert: a job trains one) must equal the real module's
+    (built on meta: no memory), so a change to the model cannot silently skew the memory plan."""
+    import torch
+
+    from titan_world.model import build_model
+
+    cfg = _cfg(name)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    real = sum(p.numel() for p in model.parameters()) // cfg.num_experts
+    assert param_count(cfg) == real
+
+
+def test_cluster_prediction_picks_the_smallest_fitting_cp():
+    from parallel.planner import cluster_prediction
+
+    a14 = _cfg("wan2.2-i2v-a14b")
+    five = cluster_prediction(a14, 81, 64, 480, 832, flops_per_sample=3.0e15, tflops=400.0)
+    assert five["cp"] == 1 and five["a2a_s"] == 0.0 and five["global_batch"] == 64
+    assert five["step_s"] == pytest.approx(3.0e15 / 400e12)  # FSDP traffic (2.25 s) hides under 7.5 s of compute
+    sixty = cluster_prediction(a14, 961, 64, 480, 832, flops_per_sample=3.7e17, tflops=400.0)
+    assert sixty["cp"] > 1 and sixty["gb_per_gpu"] <= 80.0
+    assert not plan(a14, 961, 480, 832, dp_shard=64 // (sixty["cp"] // 2), cp=sixty["cp"] // 2).fits
+    assert sixty["step_s"] > sixty["compute_s"] > 0  # the all-to-all is on the critical path
+    assert cluster_prediction(a14, 961, 1, 480, 832, flops_per_sample=3.7e17, tflops=400.0) is None
