@@ -112,6 +112,20 @@ def test_drop_rule(dataset):
     loader.close()
 
 
+def test_plain_process_environment_is_left_alone(dataset, monkeypatch):
+    """streaming needs RANK/WORLD_SIZE while a dataset is built; a plain process must not keep
+    them afterwards (a later `--nproc` launch would think it already runs under torchrun)."""
+    cfg, out = dataset
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    loader = build_train_loader(cfg, 17, 0, 1, seed=0, batch_size=2)
+    try:
+        assert next(iter(loader))["latents"].shape[0] == 2
+        assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"} & set(os.environ)
+    finally:
+        loader.close()
+
+
 def _ids(batches) -> list[tuple[str, int]]:
     return [(e, int(s)) for b in batches for e, s in zip(b["episode_ids"], b["start_frames"])]
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -107,14 +108,23 @@ class TrainLoader:
         self._finalizer()
 
 
-def _world(rank: int, world_size: int) -> int:
-    """Make streaming's env-var view of the world agree with the caller's; returns the env world."""
+@contextlib.contextmanager
+def _streaming_world(rank: int, world_size: int) -> Iterator[int]:
+    """streaming reads the world from RANK/WORLD_SIZE/LOCAL_* when a dataset is built (torchrun
+    sets them). In a plain process they are set for the construction only, so the caller's
+    environment is left as it was (a later launch must not think it runs inside torchrun).
+    Yields the global world size."""
     env_world = int(os.environ.get("WORLD_SIZE", world_size))
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     if env_world % world_size:
         raise ValueError(f"data world_size={world_size} must divide WORLD_SIZE={env_world} (ranks of one CP group share samples)")
-    return env_world
+    keys = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world_size}
+    added = [] if "WORLD_SIZE" in os.environ else [k for k in keys if k not in os.environ]
+    os.environ.update({k: str(keys[k]) for k in added})
+    try:
+        yield env_world
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _cache_dir(cfg_data, path: str) -> str:
@@ -174,12 +184,12 @@ def build_train_loader(cfg, stage, rank: int = 0, world_size: int = 1, seed: int
     `batch_size`: per-rank batch (default: train.micro_batch, else global batch / world_size).
     """
     frames = int(stage if isinstance(stage, int) else stage.frames)
-    env_world = _world(rank, world_size)
     if batch_size is None:
         gb = getattr(stage, "global_batch", None) or cfg.train.global_batch
         batch_size = cfg.train.micro_batch or max(1, gb // world_size)
     seed = cfg.train.seed if seed is None else seed
-    ds = build_dataset(cfg, frames, seed, batch_size, replication=env_world // world_size if env_world > world_size else None)
+    with _streaming_world(rank, world_size) as env_world:
+        ds = build_dataset(cfg, frames, seed, batch_size, replication=env_world // world_size if env_world > world_size else None)
     return TrainLoader(ds, batch_size, cfg.data.num_workers)
 
 
