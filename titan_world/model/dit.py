@@ -199,23 +199,47 @@ class WanDiT(nn.Module):
 
     # -- setup -----------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """Wan's initialisation; action modulations stay zero so a fresh adapter is a no-op."""
+        """Wan's initialisation (see `init_parameter`), drawn from the global RNG; a no-op on meta."""
         if self.patch_embedding.weight.is_meta:
             return
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
-        for seq in (self.text_embedding, self.time_embedding):
-            for m in seq:
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
-        nn.init.zeros_(self.head.head.weight)
-        for block in self.blocks:
-            if block.action_proj is not None:
-                nn.init.zeros_(block.action_proj.proj.weight)
-                nn.init.zeros_(block.action_proj.proj.bias)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                self.init_parameter(name, p)
+
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Fill `tensor` (the full shape of parameter `name`) with Wan's initialisation.
+
+        One rule per parameter, so a meta-built (sharded) model can be initialised one tensor at
+        a time (titan_world.model.io.weight_reader). Linear: xavier-uniform weights, zero biases;
+        text/time embeddings: normal(0.02); head and action modulations: zero, so a fresh adapter
+        is a no-op; AdaLN modulations: normal(0, dim^-1/2); norms: ones/zeros; patch embedding:
+        xavier on the flattened kernel, bias as torch's Conv3d default.
+        """
+        owner, _, leaf = name.rpartition(".")
+        module = self.get_submodule(owner)
+        with torch.no_grad():
+            if leaf == "modulation":
+                nn.init.normal_(tensor, std=self.cfg.dim**-0.5, generator=generator)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                if leaf == "weight":
+                    nn.init.ones_(tensor)
+                else:
+                    nn.init.zeros_(tensor)
+            elif module is self.patch_embedding:
+                fan_in = module.in_channels * math.prod(module.kernel_size)  # (no op on a sharded weight)
+                if leaf == "weight":
+                    nn.init.xavier_uniform_(tensor.view(tensor.shape[0], fan_in), generator=generator)
+                else:
+                    nn.init.uniform_(tensor, -fan_in**-0.5, fan_in**-0.5, generator=generator)
+            elif isinstance(module, nn.Linear):
+                if leaf == "bias" or module is self.head.head or ".action_proj." in name:
+                    nn.init.zeros_(tensor)
+                elif name.startswith(("text_embedding.", "time_embedding.")):
+                    nn.init.normal_(tensor, std=0.02, generator=generator)
+                else:
+                    nn.init.xavier_uniform_(tensor, generator=generator)
+            else:
+                raise ValueError(f"WanDiT.init_parameter: no initialisation rule for {name!r}")
 
     def set_context_parallel(self, cp: ContextParallel | None) -> None:
         self.cp = cp if cp is not None and cp.size > 1 else None
