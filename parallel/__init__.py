@@ -15,6 +15,8 @@ _EXPORTS = {
     "build_mesh": "mesh",
     "resolve_dims": "mesh",
     "apply_fsdp": "fsdp",
+    "materialize": "meta_init",
+    "local_region": "meta_init",
     "UlyssesContext": "ulysses",
     "UlyssesAttention": "ulysses",
     "apply_activation_checkpointing": "checkpointing",
