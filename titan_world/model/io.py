@@ -3,6 +3,10 @@
 `load_pretrained` reads the official Wan2.2 folders as they are (`high_noise_model/`,
 `low_noise_model/`, or a single expert folder), diffusers-format folders (renamed on the fly),
 and what `save_pretrained` writes. Every mismatch is reported by key, file and shape.
+
+`WeightFolder` reads a folder one tensor (or one region of a tensor) at a time; `weight_reader`
+turns it, plus Wan's per-tensor initialisation, into the reader `parallel.materialize` fills a
+meta-built, possibly FSDP-sharded model with: the one path by which training gets its weights.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import dataclasses
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -103,11 +109,14 @@ def read_state_dict(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}" for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+def check_shapes(expected: dict[str, tuple], found: dict[str, tuple], where: str, files: dict[str, str] | None = None) -> None:
+    """Raise CheckpointError listing missing, unexpected and mis-shaped keys (with the file holding
+    each mis-shaped one when `files` is given)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    in_file = (lambda k: f" in {files[k]}") if files else (lambda k: "")
+    misshaped = [f"{k}: checkpoint {tuple(found[k])}{in_file(k)} vs model {tuple(expected[k])}"
+                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
         if items:
@@ -117,17 +126,100 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
         raise CheckpointError(f"{where}: checkpoint does not match the model config — " + "; ".join(problems))
 
 
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, where)
+
+
+# the fields that fix tensor shapes (action fields are checked through the adapter's shapes)
+_SHAPE_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim", "patch_size")
+
+
+def check_config_matches(cfg: ModelConfig, folder: Path) -> None:
+    """CheckpointError naming the first field where `folder`/config.json disagrees with `model.*`."""
+    saved, _ = read_config(folder)
+    for key in _SHAPE_FIELDS:
+        have, want = getattr(saved, key), getattr(cfg, key)
+        if key == "patch_size":  # a list or a tuple, depending on where it came from
+            have, want = list(have), list(want)
+        if have != want:
+            raise CheckpointError(f"{folder / 'config.json'}: {key}={have!r} but model.{key}={want!r}")
+
+
+class WeightFolder:
+    """One Wan (or diffusers) folder's tensors by native name, read one at a time and only the
+    region asked for (safetensors `get_slice`): peak host memory is one region, not the model."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.config, is_diffusers = read_config(self.folder)
+        stored = _weight_files(self.folder)  # key in the file -> file
+        for f in sorted(set(stored.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{self.folder}: index names {f.name}, which is missing")
+        native = diffusers_to_native({k: k for k in stored}) if is_diffusers else {k: k for k in stored}
+        self.sources = {name: (stored[key], key) for name, key in native.items()}  # native -> (file, key)
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sources
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the file headers (no tensor data is read)."""
+        if self._shapes is None:
+            self._shapes = {}
+            for f in sorted({f for f, _ in self.sources.values()}):
+                with safe_open(str(f), "pt") as fh:
+                    for name, (g, key) in self.sources.items():
+                        if g == f:
+                            self._shapes[name] = tuple(fh.get_slice(key).get_shape())
+        return self._shapes
+
+    def check(self, expected: dict[str, tuple], ignore: Callable[[str], bool] = lambda name: False) -> None:
+        """CheckpointError naming every missing / unexpected / mis-shaped key (and its file)."""
+        found = {k: v for k, v in self.shapes().items() if not ignore(k)}
+        files = {k: f.name for k, (f, _) in self.sources.items()}
+        check_shapes({k: v for k, v in expected.items() if not ignore(k)}, found, str(self.folder), files)
+
+    def read(self, name: str, region: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """Tensor `name` (native name), or only `region` of it (one slice per dim)."""
+        f, key = self.sources[name]
+        with safe_open(str(f), "pt") as fh:
+            return fh.get_tensor(key) if region is None else fh.get_slice(key)[region]
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return zlib.crc32(f"{seed}/{name}".encode())
+
+
+def weight_reader(net: WanDiT, source: WeightFolder | None, *, seed: int, prefix: str = "",
+                  fresh: Callable[[str], bool] = lambda name: False) -> Callable[[str, torch.Size, tuple[slice, ...]], torch.Tensor]:
+    """The `read(name, shape, region)` with which `parallel.materialize` fills `net` (meta-built,
+    sharded or not): tensors from `source`, and Wan's initialisation (`WanDiT.init_parameter`)
+    for the names `fresh` selects (all of them without a source; such names in the checkpoint are
+    ignored). Each initialised tensor gets its own generator, seeded by (seed, prefix + name), so
+    any world size and sharding draws the same values; the full tensor is built on the CPU and only
+    the region is kept. Checks `source` against `net` first (CheckpointError naming the keys)."""
+    if source is not None:
+        source.check({k: tuple(v.shape) for k, v in net.state_dict().items()}, ignore=fresh)
+
+    def read(name: str, shape: torch.Size, region: tuple[slice, ...]) -> torch.Tensor:
+        if source is not None and not fresh(name):
+            return source.read(name, region)
+        full = torch.empty(shape)
+        net.init_parameter(name, full, torch.Generator().manual_seed(_tensor_seed(seed, prefix + name)))
+        return full[region]
+
+    return read
+
+
 def _load_dense(folder: Path, dtype, device, cfg_override: ModelConfig | None = None) -> WanDiT:
-    cfg, is_diffusers = read_config(folder)
-    if cfg_override is not None:
-        cfg = cfg_override
-    state = read_state_dict(folder, device="cpu")
-    if is_diffusers:
-        state = diffusers_to_native(state)
+    source = WeightFolder(folder)
+    cfg = cfg_override if cfg_override is not None else source.config
     with torch.device("meta"):
         model = WanDiT(cfg)
-    check_state_dict(model, state, str(folder))
-    model.load_state_dict(state, assign=True)
+    source.check({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    model.load_state_dict({name: source.read(name) for name in source.sources}, assign=True)  # keeps the file's dtypes
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
