@@ -25,9 +25,7 @@ HELD_OUT_SEED = 10_000
 def _load(run_dir_or_model: str | Path | nn.Module) -> nn.Module:
     if isinstance(run_dir_or_model, nn.Module):
         return run_dir_or_model
-    from titan_world.train.adapter import base_checkpoint_path
-
-    return load_pretrained(base_checkpoint_path(str(run_dir_or_model)))
+    return load_pretrained(run_dir_or_model)  # a Wan folder, or a run dir's model/
 
 
 def _episodes(cfg, num: int, frames: int, seed: int):

@@ -16,43 +16,37 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from titan_world.model import WanDiT, WanMoE, build_model, load_pretrained
+from titan_world.model import WanMoE, build_model
 from titan_world.model.io import CheckpointError, config_json
+from titan_world.train.weights import base_folders, fill_weights
 
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def base_checkpoint_path(path: str) -> Path:
-    """A Wan folder as given, or a training run dir's exported `model/`."""
-    p = Path(path)
-    if (p / "model").is_dir() and not (p / "config.json").is_file():
-        return p / "model"
-    return p
+def is_adapter_name(name: str) -> bool:
+    """Whether `name` (a dense network's parameter name) belongs to the action adapter."""
+    return name.startswith("action_embedding.") or ".action_proj." in name
 
 
-def _experts(model: nn.Module) -> list[tuple[str, WanDiT]]:
-    return [("high.", model.high), ("low.", model.low)] if isinstance(model, WanMoE) else [("", model)]
+def adapter_starts_fresh(task: str):
+    """Which adapter tensors start from Wan's (zero) initialisation rather than the base
+    checkpoint: all of them for action finetuning (a base's own adapter is ignored); for
+    pretraining only those the base lacks (actions added to an action-free Wan model)."""
+    if task == "action_finetune":
+        return lambda name, in_checkpoint: is_adapter_name(name)
+    return lambda name, in_checkpoint: is_adapter_name(name) and not in_checkpoint
 
 
-def build_action_model(model_cfg, base_checkpoint: str) -> nn.Module:
-    """The model of `model_cfg` with actions enabled, backbone weights from `base_checkpoint`."""
-    path = base_checkpoint_path(base_checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"train.base_checkpoint={base_checkpoint!r}: no such folder (a Wan folder or a run dir with model/)")
-    base = load_pretrained(path)
+def build_action_model(model_cfg, base_checkpoint: str, device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
+    """The model of `model_cfg` with actions enabled, on `device`: backbone weights from
+    `base_checkpoint`, a fresh zero-initialised adapter. The same path as the trainer's (meta build,
+    one tensor at a time), unsharded."""
     cfg = copy.deepcopy(model_cfg)
     cfg.action.enabled = True
-    base_cfg = _experts(base)[0][1].cfg
-    for key in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "text_len"):
-        if getattr(base_cfg, key) != getattr(cfg, key):
-            raise CheckpointError(f"train.base_checkpoint={str(path)!r}: {key}={getattr(base_cfg, key)} but model.{key}={getattr(cfg, key)}")
-    model = build_model(cfg)
-    for (_, dst), (_, src) in zip(_experts(model), _experts(base)):
-        state = {k: v for k, v in src.state_dict().items() if ".action_proj." not in k and not k.startswith("action_embedding.")}
-        missing, unexpected = dst.load_state_dict(state, strict=False)
-        extra = [k for k in missing if not (k.startswith("action_embedding.") or ".action_proj." in k)]
-        if extra or unexpected:
-            raise CheckpointError(f"{path}: backbone keys do not match: missing {extra[:5]}, unexpected {unexpected[:5]}")
+    folders = base_folders(base_checkpoint, cfg)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    fill_weights(model, folders, device=device, seed=seed, fresh=adapter_starts_fresh("action_finetune"))
     return model
 
 
@@ -61,7 +55,7 @@ def adapter_names(model: nn.Module, train_modulation: bool) -> list[str]:
     names = []
     for name, _ in model.named_parameters():
         leaf = name.split(".", 1)[1] if isinstance(model, WanMoE) else name
-        if leaf.startswith("action_embedding.") or ".action_proj." in leaf:
+        if is_adapter_name(leaf):
             names.append(name)
         elif train_modulation and name.endswith("modulation"):
             names.append(name)

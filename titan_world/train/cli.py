@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         (parser.description or "")
         + ". Trains the tiny model on the synthetic world by default (configs/tiny.yaml); "
+        "start from Wan weights: train.base_checkpoint=WAN_FOLDER (train.expert=high|low picks one expert of a two-expert folder); "
         "action finetuning: --config configs/train/tiny_action.yaml train.base_checkpoint=RUN_DIR. "
         "SIGUSR1/SIGTERM checkpoint and exit 75; see docs/train.md."
     )
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         resume = True
     # a torchrun/srun rank has MASTER_ADDR too (the data loader may set RANK in a plain process)
     if args.nproc > 1 and not (is_distributed_child() and "MASTER_ADDR" in os.environ):
-        check_train_config(cfg, args.nproc)
+        check_train_config(cfg, args.nproc, resuming=resume and _has_checkpoints(cfg.run.dir))
         run_dir = resolve_run_dir(cfg)
         argv = ["launch.cli", "train", *(["--config", args.config] if args.config else []), *args.overrides, f"run.dir={run_dir}"]
         return launch_local(args.nproc, argv + (["--resume"] if resume else []))

@@ -8,7 +8,6 @@ over ranks), forward/backward over micro-batches, clip, one collective + one hos
 
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import time
@@ -24,13 +23,14 @@ from launch.torchrun import EXIT_PREEMPTED
 from titan_world.conditioning import actions_from_batch, noise_batch
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.diffusion.flow import sample_sigma, unshift_sigma
-from titan_world.model import WanDiT, WanMoE, build_model
+from titan_world.model import WanMoE, build_model
 from titan_world.model.codec import TEMPORAL_STRIDE
 from titan_world.train import adapter as adapter_mod
 from titan_world.train.flops import device_peak_tflops, train_step_flops
 from titan_world.train.metrics import MetricsLogger, ProfilerWindow, peak_memory_gb
 from titan_world.train.optim import EMA, build_optimizer, clip_grad_norm, lr_factor, set_lr
 from titan_world.train.state import export_model, full_state_dict, peek_trainer_state
+from titan_world.train.weights import base_folders, fill_weights, networks, train_model_config
 
 EXIT_DIVERGED = 3  # too many consecutive non-finite losses
 
@@ -70,8 +70,10 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
     return stages[-1]
 
 
-def check_train_config(cfg: TitanConfig, world_size: int) -> None:
-    """Checks that need the world size; raised before any work starts (names the key)."""
+def check_train_config(cfg: TitanConfig, world_size: int, resuming: bool = False) -> None:
+    """Checks that need the world size or the file system; raised before any work starts (names
+    the key). `train.base_checkpoint` is checked (folder layout, config.json vs model.*) unless
+    the run resumes from its own checkpoint, which holds the weights."""
     from parallel.mesh import resolve_dims
 
     try:
@@ -91,11 +93,10 @@ def check_train_config(cfg: TitanConfig, world_size: int) -> None:
             raise ConfigError(f"train.stages[{i}].cp={st.cp}: this job runs cp={c}; run stages with another CP degree as their own job (launch.stages=chain)")
     if t.steps is not None and t.steps < 1:
         raise ConfigError(f"train.steps={t.steps}: expected >= 1")
-    if t.task == "action_finetune":
-        if not t.base_checkpoint:
-            raise ConfigError("train.base_checkpoint=None: action_finetune needs a base model (a Wan folder or a run dir with model/)")
-        if not adapter_mod.base_checkpoint_path(t.base_checkpoint).exists():
-            raise ConfigError(f"train.base_checkpoint={t.base_checkpoint!r}: no such folder")
+    if t.task == "action_finetune" and not t.base_checkpoint:
+        raise ConfigError("train.base_checkpoint=None: action_finetune needs a base model (a Wan folder or a run dir with model/)")
+    if t.base_checkpoint and not resuming:
+        base_folders(t.base_checkpoint, train_model_config(cfg), t.expert)
     if t.profile_steps and len(t.profile_steps) != 2:
         raise ConfigError(f"train.profile_steps={t.profile_steps}: expected [start, end]")
     if t.ckpt_every < 0:
@@ -139,7 +140,7 @@ class Trainer:
 
         self.cfg, t = cfg, cfg.train
         self.rank, self.world, self.device = init_distributed()
-        check_train_config(cfg, self.world)
+        check_train_config(cfg, self.world, resuming=resume)
         self.mesh = build_mesh(cfg.parallel, self.world, self.device.type)
         self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp_size
         self.run_dir = self._shared_run_dir()
@@ -148,22 +149,17 @@ class Trainer:
         self.stop = _StopFlag()
         self.amp = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and self.device.type == "cuda")
 
-        # -- model ------------------------------------------------------------------------
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model_cfg = copy.deepcopy(cfg.model)
+        # -- model: built on the meta device, wrapped, then each rank fills only its shards ---------
+        torch.manual_seed(t.seed)  # (weights draw from their own per-tensor generators, see train/weights.py)
+        self.model_cfg = model_cfg = train_model_config(cfg)
+        with torch.device("meta"):
+            model = build_model(model_cfg)
         if t.task == "action_finetune":
-            model = adapter_mod.build_action_model(model_cfg, t.base_checkpoint)
             self.trainable_names = adapter_mod.freeze_backbone(model, t.train_modulation)
         else:
-            if model_cfg.num_experts == 2 and t.expert != "all":
-                model_cfg.num_experts = 1  # one expert per job: a dense network trained on its sigma range
-            model = build_model(model_cfg)
             self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.model_cfg = model_cfg
-        nets = [model.high, model.low] if isinstance(model, WanMoE) else [model]
         cp = UlyssesContext.from_mesh(self.mesh, cfg.parallel.cp_backend)
-        for net in nets:
-            net.to(self.device)
+        for _, net in networks(model):
             net.set_attn_backend(net.attn_backend, self.device.type)
             net.set_context_parallel(cp)
             apply_activation_checkpointing(net, cfg.parallel)
@@ -171,6 +167,9 @@ class Trainer:
                 compile_blocks(net)
             if self.world > 1:
                 apply_fsdp(net, self.mesh, cfg.parallel)
+        self.ckpt = Checkpointer(self.run_dir, keep_last=t.keep_last)
+        path = self.ckpt.latest() if resume else None
+        self.weights_note = self._fill_weights(model, resuming=path is not None)
         self.model = model
         names = set(self.trainable_names)
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if n in names]
@@ -180,10 +179,8 @@ class Trainer:
 
         # -- state, data --------------------------------------------------------------------
         self.position = {"step": 0, "skipped": 0, "bad_streak": 0, "stage": 0}
-        self.ckpt = Checkpointer(self.run_dir, keep_last=t.keep_last)
         self.resumed_from: Path | None = None
         self.last_saved = -1
-        path = self.ckpt.latest() if resume else None
         if path is not None:
             self.position.update(peek_trainer_state(path))
         from titan_world.data.loader import ensure_synthetic_dataset
@@ -200,6 +197,24 @@ class Trainer:
         self.peak = device_peak_tflops(self.device, t.peak_tflops)
 
     # -- setup helpers ------------------------------------------------------------------------
+    def _fill_weights(self, model: nn.Module, resuming: bool) -> str:
+        """Materialise the meta-built model's local shards: from `train.base_checkpoint`, or Wan's
+        random initialisation (seeded by train.seed); left to the checkpoint load when resuming
+        (the base weights are not read). Returns a line for the log."""
+        from parallel import materialize
+
+        t = self.cfg.train
+        if resuming:
+            for _, net in networks(model):
+                materialize(net, self.device, None)  # Checkpointer.load sets every tensor (strict)
+            return "weights from the checkpoint"
+        folders = base_folders(t.base_checkpoint, self.model_cfg, t.expert) if t.base_checkpoint else None
+        fresh = fill_weights(model, folders, device=self.device, seed=t.seed, fresh=adapter_mod.adapter_starts_fresh(t.task))
+        if not folders:
+            return f"weights: Wan's random initialisation (train.seed={t.seed})"
+        note = "weights from " + ", ".join(str(f) for f in folders)
+        return note + (f"; the action adapter ({len(fresh)} tensors) starts fresh, a no-op until trained" if fresh else "")
+
     def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -284,7 +299,7 @@ class Trainer:
 
     def _set_grad_sync(self, enabled: bool) -> None:
         if self.world > 1:
-            for net in ([self.model.high, self.model.low] if isinstance(self.model, WanMoE) else [self.model]):
+            for _, net in networks(self.model):
                 if hasattr(net, "set_requires_gradient_sync"):
                     net.set_requires_gradient_sync(enabled)
 
@@ -329,6 +344,8 @@ class Trainer:
         self.stop.install()
         if self.resumed_from is not None:
             log.message(f"[train] resumed from {self.resumed_from} at step {pos['step']} (stage {self.stage.name})")
+        else:
+            log.message(f"[train] {self.weights_note}")
         log.message(f"[train] run dir {self.run_dir}; {self.total_steps} steps over stages "
                     + ", ".join(f"{s.name} ({s.frames} frames, shift {s.shift}, steps {s.start}-{s.end})" for s in self.stages)
                     + f"; {self.world} rank(s), mesh {self.mesh}")
