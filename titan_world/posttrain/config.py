@@ -33,3 +33,4 @@ class PostTrainConfig:
     window_frames: int = 8  # KV cache: local window of latent frames
     bootstrap_steps: int = 150  # steps of the tiny teacher trained when no teacher exists
     eval_clips: int = 4  # clips scored (PSNR vs ground truth, action following) before/after a stage
+    fsdp: bool = True  # >1 rank: FSDP2-shard student, fake score + GAN head, frozen teacher; false: full replicas + gradient all-reduce

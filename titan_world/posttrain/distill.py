@@ -6,6 +6,10 @@ One *step* = `fake_updates` critic updates, then one student update:
 Separate optimizers and learning rates for the student and the critic (fake score + head).
 The frozen teacher has no optimizer and no gradients.
 
+Several ranks: with a `Sharding` (FSDP2, the default) the student, teacher, fake score and GAN
+head are sharded and FSDP averages the gradients inside backward; without one every rank holds
+full replicas and `sync_grads` all-reduces them after backward. Both give the same updates.
+
 Scores see a *window* of the rollout: the frame just before the last K chunks (given, clean,
 as the teacher's I2V/V2V conditioning) followed by those K chunks — the frames that carry
 gradient. The real-data window for the discriminator has the same frame indices in the clip.
@@ -17,6 +21,7 @@ and a resumed run replays the same numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -28,6 +33,7 @@ from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.dmd import ScoreInputs, dmd_step_loss, draw_sigma, fake_score_loss, noised, route, velocity
 from titan_world.posttrain.gan import FeatureTap, GANHead, d_loss, frozen, g_loss
 from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
+from titan_world.posttrain.sharding import Sharding
 
 
 class Critic(nn.Module):
@@ -45,16 +51,36 @@ def step_generators(seed: int, step: int, rank: int, sub: int) -> tuple[torch.Ge
     return shared, local
 
 
-def sync_grads(module: nn.Module) -> None:
+def sync_grads(params: Iterable[nn.Parameter]) -> None:
     """Average gradients over ranks (data parallel without FSDP; no-op on one process)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    for p in module.parameters():
+    for p in params:
         if p.requires_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
+
+
+def average_and_clip(opt: torch.optim.Optimizer, max_norm: float, sharded: bool) -> float:
+    """Finish a backward for the parameters `opt` updates: gradients averaged over ranks, clipped;
+    returns the norm before clipping.
+
+    Sharded (FSDP2): the gradients were already reduce-scattered (averaged) into the shards during
+    backward, and their norm needs a reduction over the mesh (`train.optim.clip_grad_norm`).
+    Replicas: all-reduce every gradient first, then every rank clips the same full gradients.
+    The optimizer's list, not `module.parameters()`: a sharded module lists the gathered copies
+    of the units FSDP keeps gathered after a forward (root, last block), whose .grad is not the one
+    the optimizer reads.
+    """
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    if sharded:
+        from titan_world.train.optim import clip_grad_norm
+
+        return float(clip_grad_norm(params, max_norm))
+    sync_grads(params)
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
 @dataclass
@@ -76,10 +102,22 @@ class Batch:
 
 
 class DMDTrainer:
-    def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, rank: int = 0, grad_clip: float = 1.0):
+    """Owns the stage-2 networks and optimizers. With `sharding` every network is sharded here,
+    before the optimizers are built on its parameters (the teacher frozen first)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, rank: int = 0,
+                 grad_clip: float = 1.0, sharding: Sharding | None = None):
         self.student, self.teacher, self.pcfg, self.seed, self.rank, self.grad_clip = student, teacher, pcfg, seed, rank, grad_clip
+        self.sharding = sharding
         teacher.requires_grad_(False).eval()
-        head = GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries) if pcfg.gan_weight > 0 else None
+        head = GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries).to(next(fake.parameters()).device) if pcfg.gan_weight > 0 else None
+        if sharding is not None:
+            sharding.network(teacher, frozen=True)
+            sharding.network(student)
+            sharding.network(fake)
+            if head is not None:
+                sharding.head(head)
+        self.cache_dtype = sharding.compute_dtype if sharding is not None else None
         self.critic = Critic(fake, head)
         self.tap = FeatureTap(fake, pcfg.gan_blocks) if head is not None else None
         # DMD practice (DMD2 / Self-Forcing): beta1 = 0 for both players of the min-max game.
@@ -101,7 +139,8 @@ class DMDTrainer:
         exits = sample_exit_steps(len(lay.chunks()), len(self.sigmas), shared)
         p = self.pcfg
         with torch.set_grad_enabled(grad):
-            return self_rollout(self.student, inp, self.sigmas, local, exit_steps=exits, grad_chunks=p.grad_chunks, sink_frames=p.sink_frames, window_frames=p.window_frames)
+            return self_rollout(self.student, inp, self.sigmas, local, exit_steps=exits, grad_chunks=p.grad_chunks, sink_frames=p.sink_frames,
+                                window_frames=p.window_frames, cache_dtype=self.cache_dtype)
 
     def window(self, batch: Batch, latents: torch.Tensor) -> ScoreInputs:
         """Frames [g − 1, F) of `latents`, g = first frame of the last K chunks; frame g − 1 given."""
@@ -123,13 +162,12 @@ class DMDTrainer:
             velocity(route(self.critic.fake, sigma), nb.x_t, nb.t, inp, nb.cond)
         return self.critic.head([feats[i] for i in self.tap.blocks])
 
-    def _step(self, opt: torch.optim.Optimizer, module: nn.Module, loss: torch.Tensor) -> float:
+    def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        sync_grads(module)
-        norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.grad_clip)
+        norm = average_and_clip(opt, self.grad_clip, sharded=self.sharding is not None)
         opt.step()
-        return float(norm)
+        return norm
 
     # -- updates --------------------------------------------------------------------------------
     def critic_update(self, batch: Batch, step: int, sub: int) -> dict[str, float]:
@@ -158,7 +196,7 @@ class DMDTrainer:
             out["fake_loss"] = float(loss.detach())
             loss = loss + self.pcfg.gan_weight * ld
         out["fake_loss"] = out.get("fake_loss", float(loss.detach()))
-        out["critic_grad_norm"] = self._step(self.opt_critic, self.critic, loss)
+        out["critic_grad_norm"] = self._step(self.opt_critic, loss)
         self.counts["critic_updates"] += 1
         return out
 
@@ -176,7 +214,7 @@ class DMDTrainer:
                 lg = g_loss(self._logits(inp, sigma, noise))
             loss = loss + self.pcfg.gan_weight * lg
             out["g_loss"] = float(lg.detach())
-        out["student_grad_norm"] = self._step(self.opt_student, self.student, loss)
+        out["student_grad_norm"] = self._step(self.opt_student, loss)
         self.counts["student_updates"] += 1
         return out
 

@@ -86,7 +86,13 @@ def g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """requires_grad=False on every parameter of `modules` for the block (restored after), so a
-    loss can flow *through* them to their inputs without touching their gradients."""
+    loss can flow *through* them to their inputs without touching their gradients.
+
+    FSDP2-sharded modules work too: `parameters()` lists the gathered parameters of a unit FSDP
+    keeps gathered after a forward (root, last block) and the sharded ones of the others, and FSDP
+    copies a sharded parameter's flag to its gathered copy at every gather. So every parameter the
+    block computes with reads False, the critic gets no gradient and no reduce-scatter (checked on
+    2 ranks, torch 2.13, by tests/test_posttrain_fsdp.py)."""
     params = [p for m in modules for p in m.parameters()]
     before = [p.requires_grad for p in params]
     for p in params:

@@ -4,7 +4,12 @@ The stage math lives in causal.py / distill.py; this file only wires it to a run
 checkpoints with `parallel.Checkpointer` (DCP, atomic, resumable), metrics.jsonl with the
 trainer's `MetricsLogger`, the final student exported with `save_pretrained`-compatible
 `export_model` to RUN_DIR/model/ (with `causal_chunk_frames` set, so `generate`/`serve` stream
-it), SIGUSR1/SIGTERM -> checkpoint -> exit 75. Data parallel over ranks by gradient averaging.
+it), SIGUSR1/SIGTERM -> checkpoint -> exit 75.
+
+Several ranks are data parallel (each its own clips). With `posttrain.fsdp` (default) the
+networks are FSDP2-sharded over the ranks (`sharding.py`; the checkpoint holds DCP shards, the
+export gathers the full student); `posttrain.fsdp=false` keeps full replicas and all-reduces
+gradients (`distill.sync_grads`).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titan_world.config import TitanConfig, resolve_run_dir, save_config
+from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.posttrain.causal import ChunkLayout, diffusion_forcing_loss, forcing_sigmas
-from titan_world.posttrain.distill import Batch, DMDTrainer, sync_grads
+from titan_world.posttrain.distill import Batch, DMDTrainer, average_and_clip
+from titan_world.posttrain.sharding import Sharding
 
 DEMO_TEACHER = Path("runs/demo/train/model")
 DEMO_STUDENT = Path("runs/demo/causal/model")
@@ -48,9 +54,10 @@ class StopFlag:
     def _set(self, *_: object) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
-        """Any rank asked to stop -> every rank stops (same step, collective save)."""
-        flag = torch.tensor([float(self.requested)])
+    def agreed(self, device: torch.device) -> bool:
+        """Any rank asked to stop -> every rank stops (same step, collective save). The flag
+        lives on `device`: NCCL reduces only GPU tensors."""
+        flag = torch.tensor([float(self.requested)], device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -133,6 +140,16 @@ def latent_frames_of(video_frames: int) -> int:
 
 
 # -- the loop ----------------------------------------------------------------------------------------
+def sharding_for(cfg: TitanConfig, world: int, device: torch.device) -> Sharding | None:
+    """FSDP2 sharding when the job has several ranks and `posttrain.fsdp` is on, else None
+    (one process, or full replicas with gradient all-reduce)."""
+    if world == 1 or not cfg.posttrain.fsdp:
+        return None
+    if cfg.parallel.cp != 1:
+        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: post-training has no context parallelism; expected 1")
+    return Sharding.build(cfg.parallel, world, device)
+
+
 class PostTrainJob:
     """Shared skeleton of both stages: setup, resume, step loop with checkpoints, export."""
 
@@ -153,6 +170,10 @@ class PostTrainJob:
             save_config(cfg, self.run_dir / "config.yaml")
         self.total = cfg.train.steps if cfg.train.steps is not None else self.default_steps()
         self.progress = {"step": 0}
+        self.sharding = sharding_for(cfg, self.world, self.device)
+        if self.world > 1:
+            how = f"networks FSDP2-sharded, mesh {self.sharding.mesh}" if self.sharding else "full replicas, gradient all-reduce (posttrain.fsdp=false)"
+            log(f"{self.world} ranks: {how}")
 
     def default_steps(self) -> int:
         raise NotImplementedError
@@ -190,7 +211,7 @@ class PostTrainJob:
                 metrics.progress(1, {k: f"{v:.4f}" for k, v in record.items() if k.endswith("loss")})
                 step += 1
                 self.progress["step"] = step
-                preempted = stop.agreed()
+                preempted = stop.agreed(self.device) or step == cfg.train.preempt_at_step  # the latter: test hook
                 if preempted or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < self.total):
                     ckpt.save(step, self.state())
                 if preempted:
@@ -216,6 +237,8 @@ class CausalJob(PostTrainJob):
         self.teacher_path = resolve_teacher(cfg, self.run_dir)
         log(f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); {self.total} steps")
         self.student = student_from(load_net(self.teacher_path, self.device)).train()
+        if self.sharding is not None:
+            self.sharding.network(self.student)  # before the optimizer: its params become DTensor shards
         self.use_actions = self.student.action_embedding is not None
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=p.causal_lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.loader = make_loader(cfg, p.clip_frames, self.rank, self.world, cfg.train.seed)
@@ -237,10 +260,9 @@ class CausalJob(PostTrainJob):
                                      with_i2v_channels=self.student.cfg.cond_channels > 0, sink_frames=p.sink_frames, window_frames=p.window_frames)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        sync_grads(self.student)
-        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
+        norm = average_and_clip(self.opt, self.cfg.train.grad_clip, sharded=self.sharding is not None)
         self.opt.step()
-        return {"loss": float(out.loss.detach()), "grad_norm": float(norm)}
+        return {"loss": float(out.loss.detach()), "grad_norm": norm}
 
 
 class DMDJob(PostTrainJob):
@@ -260,7 +282,8 @@ class DMDJob(PostTrainJob):
         teacher = load_net(self.teacher_path, self.device)
         self.student = student_from(load_net(student_path, self.device)).train()
         fake = load_net(self.teacher_path, self.device).train()  # fake score: initialised from the teacher
-        self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, rank=self.rank, grad_clip=cfg.train.grad_clip)
+        self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, rank=self.rank, grad_clip=cfg.train.grad_clip,
+                                  sharding=self.sharding)  # shards all of them (teacher frozen) before building optimizers
         self.use_actions = self.student.action_embedding is not None
         rollout_latents = 1 + p.rollout_chunks * p.chunk_frames
         self.clip_frames = 1 + 4 * (rollout_latents - 1)

@@ -103,8 +103,12 @@ def self_rollout(
     grad_chunks: int = 0,
     sink_frames: int = 1,
     window_frames: int = 8,
+    cache_dtype: torch.dtype | None = None,
 ) -> Rollout:
-    """Generate every chunk of `inp.layout` with the KV cache; grads only in the last `grad_chunks`."""
+    """Generate every chunk of `inp.layout` with the KV cache; grads only in the last `grad_chunks`.
+
+    `cache_dtype`: the dtype the model computes K/V in; default its parameters' dtype. An FSDP
+    student stores fp32 shards but may compute in bf16 (`Sharding.compute_dtype`)."""
     lay, cfg = inp.layout, model.cfg
     chunks = lay.chunks()
     exits = exit_steps if exit_steps is not None else [len(sigmas) - 1] * len(chunks)
@@ -112,7 +116,7 @@ def self_rollout(
     tpf = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     cache = KVCache(
         cfg.num_layers, b, cfg.num_heads, cfg.head_dim, tpf, sink_frames=sink_frames, window_frames=window_frames,
-        chunk_frames=max(lay.chunk_frames, lay.prefix), dtype=next(model.parameters()).dtype, device=inp.given.device,
+        chunk_frames=max(lay.chunk_frames, lay.prefix), dtype=cache_dtype or next(model.parameters()).dtype, device=inp.given.device,
     )
     cond = inp.cond()
     out = [inp.given]

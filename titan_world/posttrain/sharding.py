@@ -1,0 +1,85 @@
+"""FSDP2 sharding of the post-training networks (student, fake score + GAN head, frozen teacher).
+
+Used when a job runs on more than one rank with `posttrain.fsdp` on (the default); with it off,
+every rank holds full replicas and `distill.sync_grads` all-reduces the gradients instead.
+Every network is sharded with the project's `parallel.apply_fsdp` (one unit per block + root,
+mixed precision as in pretraining); an MoE is two independent FSDP roots, `.high` and `.low`,
+as in `train.loop.Trainer`. Parameters must be sharded *before* an optimizer is built on them:
+`fully_shard` replaces them with DTensor parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from parallel.config import ParallelConfig
+
+if TYPE_CHECKING:
+    from parallel.mesh import ParallelMesh
+
+
+def experts_of(net: nn.Module) -> list[nn.Module]:
+    """The block-structured networks inside `net`: an MoE's two experts, else `net` itself."""
+    from titan_world.model.moe import WanMoE
+
+    return [net.high, net.low] if isinstance(net, WanMoE) else [net]
+
+
+@dataclass
+class Sharding:
+    """The mesh and parallel settings the networks of one job are sharded with."""
+
+    mesh: ParallelMesh
+    parallel: ParallelConfig
+
+    @classmethod
+    def build(cls, parallel: ParallelConfig, world: int, device: torch.device) -> "Sharding":
+        from parallel.mesh import build_mesh
+
+        return cls(build_mesh(parallel, world, device.type), parallel)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the sharded networks compute in (bf16 on GPU, fp32 on CPU: `apply_fsdp`'s
+        policy). The rollout's KV cache must hold it: the stored (sharded) params stay fp32."""
+        from parallel.fsdp import mixed_precision_policy
+
+        return mixed_precision_policy(self.parallel, self.mesh.device_type).param_dtype or torch.float32
+
+    def network(self, net: nn.Module, frozen: bool = False) -> nn.Module:
+        """Shard `net` in place (each MoE expert separately); returns it.
+
+        `frozen` (the teacher): requires_grad is turned off *before* sharding, so FSDP sees no
+        trainable parameter (no gradient buffers, no reduce-scatter, and no optimizer is ever
+        built on it), and every unit, root and last block included, reshards after its forward:
+        `apply_fsdp` keeps those two gathered for the backward, which a frozen net never runs.
+        """
+        from parallel.fsdp import apply_fsdp
+
+        if frozen:
+            net.requires_grad_(False).eval()
+        for expert in experts_of(net):
+            apply_fsdp(expert, self.mesh, self.parallel)
+            if frozen:
+                expert.set_reshard_after_forward(True)
+        return net
+
+    def head(self, head: nn.Module) -> nn.Module:
+        """Shard the GAN head as one FSDP unit, computing in fp32.
+
+        Why shard rather than replicate it (it is ~0.1% of a network): the critic's optimizer,
+        gradient-norm clip and checkpoint then see one kind of parameter, DTensors on one mesh,
+        and its gradients are reduced by FSDP in the same backward as the fake score's; a
+        replicated head would need its own all-reduce path and a norm over mixed DTensor/plain
+        gradients. The cost is one small all-gather per head forward. fp32 compute because the
+        head normalises fp32 features itself (`GANHead.forward`) and its weights must match.
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        fully_shard(head, mesh=self.mesh.fsdp_mesh, mp_policy=fp32)
+        return head
