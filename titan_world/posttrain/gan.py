@@ -72,7 +72,7 @@ class GANHead(nn.Module):
             kv = self.norm(h.float())
             o, _ = attn(q.expand(h.shape[0], -1, -1), kv, kv, need_weights=False)
             outs.append(o.flatten(1))
-        return self.mlp(torch.cat(outs, dim=1)).squeeze(-1)
+        return self.mlp(torch.cat(outs, dim=1)).squeeze(-1).clone()  # not a view: FSDP2 warns on view outputs
 
 
 def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
