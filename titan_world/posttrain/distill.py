@@ -70,6 +70,7 @@ def average_and_clip(opt: torch.optim.Optimizer, max_norm: float, sharded: bool)
     Sharded (FSDP2): the gradients were already reduce-scattered (averaged) into the shards during
     backward, and their norm needs a reduction over the mesh (`train.optim.clip_grad_norm`).
     Replicas: all-reduce every gradient first, then every rank clips the same full gradients.
+    `max_norm` 0 means no clipping on both paths (as `train.grad_clip` in pretraining).
     The optimizer's list, not `module.parameters()`: a sharded module lists the gathered copies
     of the units FSDP keeps gathered after a forward (root, last block), whose .grad is not the one
     the optimizer reads.
@@ -80,7 +81,7 @@ def average_and_clip(opt: torch.optim.Optimizer, max_norm: float, sharded: bool)
 
         return float(clip_grad_norm(params, max_norm))
     sync_grads(params)
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
 
 
 @dataclass
