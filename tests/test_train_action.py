@@ -79,9 +79,10 @@ def test_action_check_reports_true_and_shuffled(base_run):
     from titan_world.train.adapter import build_action_model
 
     root, _ = base_run
-    cfg = load_config("train/tiny_action.yaml", [*BASE, "train.stages.0.frames=9"])
+    cfg = load_config("train/tiny_action.yaml", [*BASE, "train.stages.0.frames=9", "train.action_check_frames=13"])
     model = build_action_model(cfg.model, str(root / "base"))  # (a run dir or a Wan folder works too)
     res = action_following_check(model, cfg, num_episodes=2, steps=2)
-    assert res["episodes"] == 2 and res["mse_true"] > 0 and res["mse_shuffled"] > 0
+    assert res["episodes"] == 2 and res["frames"] == 13 and res["mse_true"] > 0 and res["mse_shuffled"] > 0
+    assert res["reports"][0]["settings"]["num_frames"] == 13
     assert "denoise_mse_true" in res
     assert "shuffled" in format_check(res)

@@ -166,6 +166,11 @@ def validate(cfg: TitanConfig) -> None:
             raise ConfigError(str(e)) from None
         if stage.steps < 0:
             raise ConfigError(f"train.stages[{i}].steps={stage.steps}: expected >= 0")
+    if cfg.train.action_check_frames:
+        try:
+            check_frame_count(cfg.train.action_check_frames, f"train.action_check_frames={cfg.train.action_check_frames}:")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.model.num_heads % p.cp:
         raise ConfigError(f"parallel.cp={p.cp}: model.num_heads={cfg.model.num_heads} must be divisible by it")
     if cfg.train.global_batch < 1:

@@ -50,6 +50,7 @@ class TrainConfig:
     export: bool = True  # write RUN_DIR/model/ (Wan format) at the end (and RUN_DIR/adapter/ for action finetune)
     sample_steps: int = 8  # sampler steps of the action-following check
     action_check_episodes: int = 0  # >0: after action finetuning, print true-vs-shuffled action errors
+    action_check_frames: int = 0  # clip length of that check (1 + 4k video frames); 0: the last stage's
     # test hooks (deterministic fault injection; leave empty in real runs)
     inject_nan_steps: list[int] = field(default_factory=list)  # multiply the loss by NaN at these steps
     preempt_at_step: int | None = None  # behave as if SIGUSR1 arrived during this step (checkpoint + exit 75)
