@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from benchmarks.common import parse_serving_args
+
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -43,22 +45,11 @@ def _actions(i: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None)
     p.add_argument("--chunks", type=int, default=300, help="chunks in the long session (memory + steady fps)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import logging
-
-    logging.basicConfig(level=logging.ERROR)
-    from launch.cli_common import config_from_args
+    args, cfg = parse_serving_args(p, argv)
     from serving.loading import build_engine
     from serving.server import encode_jpeg
 
-    cfg = config_from_args(args)
     engine = build_engine(cfg)
     sc, dev = engine.cfg, engine.device
     cuda = dev.type == "cuda"

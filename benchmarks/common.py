@@ -69,3 +69,22 @@ class Row:
 
 
 HEADER = f"{'implementation':<34} {'phase':<6} {'time':>12} {'TFLOP/s':>8} {'MFU':>6} {'tokens/s':>11} {'peakGB':>6} {'vs base':>6}"
+
+
+def parse_serving_args(p, argv: list[str] | None):
+    """The options the serving benchmarks share (--config, --threads, --json, key=value
+    overrides) added to parser `p`, parsed; sets the thread count, quiets logging and returns
+    (args, TitanConfig)."""
+    import logging
+
+    from launch.cli_common import config_from_args
+
+    p.add_argument("--config", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.ERROR)
+    return args, config_from_args(args)
