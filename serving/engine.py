@@ -100,14 +100,6 @@ class BaseSession:
         pass
 
 
-def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """Video [3, T, H, W] (or [1, 3, T, H, W]) in [-1, 1] -> uint8 [T, H, W, 3]."""
-    if video.ndim == 5:
-        video = video[0]
-    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
-
-
 def image_to_tensor(image: np.ndarray, height: int, width: int) -> torch.Tensor:
     """uint8 [H, W, 3] (or [T, H, W, 3]) -> float [1, 3, T, height, width] in [-1, 1], resized."""
     arr = np.asarray(image)

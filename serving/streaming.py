@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from serving.config import ServingConfig
-from serving.engine import TEMPORAL_STRIDE, BaseSession, Chunk, EngineError, image_to_tensor, to_uint8_frames
+from serving.engine import TEMPORAL_STRIDE, BaseSession, Chunk, EngineError, image_to_tensor
+from titan_world.model.codec import video_to_frames
 from serving.pose import PoseTracker
 from titan_world.model.action import ActionInputs
 from titan_world.model.dit import PreparedContext, WanDiT
@@ -157,7 +158,7 @@ class StreamingSession(BaseSession):
         self.prompt = text
 
     def first_frames(self) -> np.ndarray:
-        return to_uint8_frames(self._start_video)
+        return video_to_frames(self._start_video)[0]
 
     @torch.no_grad()
     def denoise(self, actions: torch.Tensor) -> Chunk:
@@ -228,7 +229,7 @@ class StreamingSession(BaseSession):
     def _decode(self, p: _Payload) -> np.ndarray:
         lat = torch.cat([p.context, p.latents], dim=2).to(torch.float32)
         video = self.engine.codec.decode(lat)  # [1, 3, 1 + 4n, H, W]: frame 0 is the context's
-        return to_uint8_frames(video[:, :, -TEMPORAL_STRIDE * p.latents.shape[2] :])
+        return video_to_frames(video[:, :, -TEMPORAL_STRIDE * p.latents.shape[2] :])[0]
 
     def _forward(self, x: torch.Tensor, sigma: float, cond, actions, *, write: bool) -> torch.Tensor:
         e = self.engine

@@ -17,7 +17,7 @@ from titan_world.config import load_config
 from titan_world.data._streaming import StreamingDataset, leaked_shm_files, streaming_shm_files
 from titan_world.data.curriculum import Curriculum, window_latents
 from titan_world.data.loader import build_train_loader
-from titan_world.data.mds import frames_to_video
+from titan_world.model.codec import frames_to_video
 from titan_world.data.synth import make_episode
 from titan_world.data.writer import synthesize
 from titan_world.model.codec import TinyCodec

@@ -29,8 +29,7 @@ def test_generate_tiny_clip_from_checkpoint(tmp_path, capsys):
 
 def test_generate_keeps_the_given_first_frame(tmp_path):
     """The conditioning frame's latent is untouched by sampling: frame 0 is its codec round trip."""
-    from serving.engine import to_uint8_frames
-    from titan_world.data.mds import frames_to_video
+    from titan_world.model.codec import frames_to_video, video_to_frames
     from titan_world.generate import generate
     from titan_world.model.codec import build_codec
 
@@ -39,7 +38,7 @@ def test_generate_keeps_the_given_first_frame(tmp_path):
     inputs = build_inputs(cfg, image=None, prompt=None, actions=None, frames=5, episode_seed=3)
     video, _ = generate(cfg, str(tmp_path / "ckpt"), inputs, steps=2, device="cpu")
     codec = build_codec("tiny", 4, channels=cfg.data.codec.channels)
-    expected = to_uint8_frames(codec.decode(codec.encode(frames_to_video(inputs.first_frame[None, None]))))[0]
+    expected = video_to_frames(codec.decode(codec.encode(frames_to_video(inputs.first_frame[None, None]))))[0, 0]
     assert np.abs(video[0].astype(int) - expected.astype(int)).max() <= 1
 
 

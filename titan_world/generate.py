@@ -22,12 +22,11 @@ import numpy as np
 import torch
 
 from launch.cli_common import add_config_arguments, config_from_args
-from serving.engine import to_uint8_frames
 from titan_world.config import TitanConfig
 from titan_world.conditioning import conditioned_denoiser, fill_given
 from titan_world.diffusion.samplers import sample, with_guidance
 from titan_world.model.action import ActionInputs
-from titan_world.model.codec import TEMPORAL_STRIDE, check_frame_count, codec_from_config
+from titan_world.model.codec import TEMPORAL_STRIDE, check_frame_count, codec_from_config, frames_to_video, video_to_frames
 from titan_world.model.io import build_model, load_pretrained
 from titan_world.model.text_encoder import build_text_encoder
 
@@ -116,7 +115,6 @@ def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs,
                            guidance: float = 1.0, seed: int = 0, device="cpu", progress=None) -> np.ndarray:
     """Sample the clip conditioned on its first frame; returns uint8 [T, H, W, 3]."""
     t = len(inputs.actions)
-    from titan_world.data.mds import frames_to_video  # imports streaming: only when sampling
 
     first = frames_to_video(inputs.first_frame[None, None]).to(device)
     first_latent = codec.encode(first)  # [1, C, 1, h, w]
@@ -139,7 +137,7 @@ def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs,
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g, device=device)
     out = sample(lambda x, tt: denoise(x.to(dtype), tt).float(), fill_given(noise, latents, cond_mask), steps, shift, sampler, progress=progress)
-    return to_uint8_frames(codec.decode(out))[:t]
+    return video_to_frames(codec.decode(out))[0, :t]
 
 
 def generate_causal(cfg: TitanConfig, model, codec, text_encoder, inputs: GenerationInputs, *, seed: int = 0, source: str = "") -> np.ndarray:

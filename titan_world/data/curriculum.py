@@ -85,7 +85,7 @@ def cut_sample(episode: dict, cur: Curriculum, rng: np.random.Generator, codec) 
     j, task, n_cond = cur.choose(rng, t, any_start)
     f0, f1 = TEMPORAL_STRIDE * j, TEMPORAL_STRIDE * j + cur.clip_frames
     if j > 0 and not isinstance(codec, TinyCodec):
-        from titan_world.data.mds import frames_to_video
+        from titan_world.model.codec import frames_to_video
 
         lat = codec.encode(frames_to_video(episode["frames"][None, f0:f1]))[0].to(torch.float16)
     else:

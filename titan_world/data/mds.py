@@ -30,6 +30,7 @@ import torch
 
 from titan_world.data._streaming import MDSWriter
 from titan_world.data.synth import Episode
+from titan_world.model.codec import frames_to_video
 
 COLUMNS: dict[str, str] = {
     "episode_id": "str",
@@ -47,12 +48,6 @@ COLUMNS: dict[str, str] = {
 RAW_COLUMN = "frames"
 LATENT_DTYPE = np.float16
 FORMAT_VERSION = 1
-
-
-def frames_to_video(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1] (the codec's input)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
-    return x.permute(0, 4, 1, 2, 3).contiguous()
 
 
 def encoder_meta(codec_cfg, text_cfg, text_dim: int, text_len: int) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 TEMPORAL_STRIDE = 4
@@ -172,3 +173,16 @@ def build_codec(kind: str = "tiny", spatial_stride: int = 4, path: str | None = 
             raise ValueError("codec.kind=wan_vae needs codec.path: a local folder with the Wan VAE weights")
         return WanVAECodec(path, device=device)
     raise ValueError(f"codec.kind={kind!r}; expected 'tiny' or 'wan_vae'")
+
+
+def frames_to_video(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1] (the codec's input)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def video_to_frames(video: torch.Tensor) -> np.ndarray:
+    """The inverse: float [B, 3, T, H, W] in [-1, 1] (the codec's output; any device) -> uint8
+    [B, T, H, W, 3] on the host."""
+    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).contiguous().cpu().numpy()

@@ -19,6 +19,7 @@ import torch
 
 from titan_world.eval.action_following import action_following_report
 from titan_world.model.action import ActionInputs
+from titan_world.model.codec import video_to_frames
 from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch
@@ -27,17 +28,12 @@ from titan_world.posttrain.rollout import RolloutInputs, self_rollout, student_s
 HELD_OUT_SEED = 10_000  # titan_world.train.action_check: the training set uses seeds 0 .. synth_episodes-1
 
 
-def _frames(codec, latents: torch.Tensor) -> np.ndarray:
-    video = codec.decode(latents.float().cpu())  # [B, 3, T, H, W] in [-1, 1]
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
-
-
 def held_out_batches(cfg, num_clips: int, frames: int, use_actions: bool, device="cpu", seed: int = HELD_OUT_SEED, batch_size: int = 2,
                      offset: int = 16) -> list[tuple[Batch, dict]]:
     """`num_clips` simulator episodes (seeds seed, seed+1, ...), the `frames` video frames from
     `offset` on (an episode's first second is nearly static: copy-last would score ~36 dB there),
     encoded like the training data, as (Batch, raw) pairs; raw holds frames and camera truth."""
-    from titan_world.data.mds import frames_to_video
+    from titan_world.model.codec import frames_to_video
     from titan_world.data.synth import make_episode
     from titan_world.data.writer import build_encoders
     from titan_world.model.codec import codec_from_config
@@ -99,7 +95,7 @@ def score_clips(clips: list[torch.Tensor], batches: list[tuple[Batch, dict]], co
         lat_mse.append(float((gen[:, :, 1:] - batch.latents[:, :, 1:]).pow(2).mean()))
         if reference is not None:
             ref_mse.append(float((gen[:, :, 1:] - reference[j][:, :, 1:]).pow(2).mean()))
-        g_frames, t_frames = _frames(codec, gen), _frames(codec, batch.latents)
+        g_frames, t_frames = (video_to_frames(codec.decode(x.float().cpu())) for x in (gen, batch.latents))
         for i in range(len(g_frames)):
             rep = action_following_report(g_frames[i], t_frames[i], context_frames=1, poses=raw["c2w"][i], intrinsics=raw["intrinsics"][i, 0])
             fe = rep["frame_error"]

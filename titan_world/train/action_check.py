@@ -57,7 +57,7 @@ def action_following_check(run_dir_or_model: str | Path | nn.Module, cfg, num_ep
     episodes (`mse_true`, `mse_shuffled`, `mse_copy_last`, PSNRs), `actions_help` (true < shuffled)
     and the per-episode reports of `titan_world.eval.action_following.action_following_report`.
     """
-    from titan_world.data.mds import frames_to_video
+    from titan_world.model.codec import frames_to_video, video_to_frames
     from titan_world.data.writer import build_encoders
     from titan_world.model.codec import codec_from_config
     from titan_world.eval.action_following import action_following_report
@@ -85,7 +85,7 @@ def action_following_check(run_dir_or_model: str | Path | nn.Module, cfg, num_ep
     noise = torch.cat([half, half])  # the same noise for the true and the shuffled batch: only the actions differ
     lat = generate_i2v(model, clean.repeat(2, 1, 1, 1, 1), text.repeat(2, 1, 1), both if model_uses_actions(model) else None,
                        steps or cfg.train.sample_steps, stage.shift, noise)
-    generated = ((codec.decode(lat).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    generated = video_to_frames(codec.decode(lat))
     reports = [
         action_following_report(generated[i], eps[i].frames, shuffled=generated[n + i], context_frames=1, poses=eps[i].c2w, intrinsics=eps[i].intrinsics[0])
         for i in range(n)
