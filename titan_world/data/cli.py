@@ -72,7 +72,8 @@ def _error(msg: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from launch.torchrun import launch_local
-    from titan_world.data.parallel_write import WriteError, check_out_free, in_rank_group
+    from launch.torchrun import is_distributed_child
+    from titan_world.data.parallel_write import WriteError, check_out_free
 
     cfg = config_from_args(args)
     if getattr(args, "height", None):
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--nproc={args.nproc}: expected >= 1")
     if args.data_command == "ingest" and not os.path.isdir(args.src):
         return _error(f"ingest: --src {args.src}: not a directory")
-    if not in_rank_group():
+    if not is_distributed_child():
         try:  # checked before any rank starts (rank 0 checks again when it creates the temp folder)
             check_out_free(args.out)
         except FileExistsError as e:
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _synth(cfg, args) if args.data_command == "synth" else _ingest(cfg, args)
     except WriteError as e:  # every rank gets it; the temp folder is gone and OUT untouched
-        if not in_rank_group() or os.environ.get("RANK") == "0":
+        if not is_distributed_child() or os.environ.get("RANK") == "0":
             print(f"titan-world data {args.data_command}: failed, nothing written to {args.out}: {e}", file=sys.stderr)
         return 1
 

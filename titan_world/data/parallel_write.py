@@ -23,6 +23,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from launch.torchrun import is_distributed_child
+
 T = TypeVar("T")
 
 META_FILE = "titan_dataset.json"
@@ -41,14 +43,6 @@ def rank_items(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
-def in_rank_group() -> bool:
-    """True inside a torchrun/srun rank (RANK and MASTER_ADDR set).
-
-    RANK alone is not enough: the data loader sets RANK/WORLD_SIZE in a plain process.
-    """
-    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
-
-
 def check_out_free(out: str | os.PathLike) -> None:
     """Refuse to write over something: OUT must not exist or be an empty folder."""
     p = Path(out)
@@ -61,7 +55,7 @@ class RankGroup:
 
     def __init__(self) -> None:
         self.rank, self.world, self._owned = 0, 1, False
-        if in_rank_group() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if is_distributed_child() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
 
             if not dist.is_initialized():  # gloo: only Python objects travel, never tensors on a GPU

@@ -9,7 +9,6 @@ automatically (as `--resume` does); `--resume` without `run.dir` picks the newes
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -53,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     elif not resume and _has_checkpoints(cfg.run.dir):
         print(f"[train] {cfg.run.dir} has checkpoints: resuming from the newest complete one", file=sys.stderr)
         resume = True
-    # a torchrun/srun rank has MASTER_ADDR too (the data loader may set RANK in a plain process)
-    if args.nproc > 1 and not (is_distributed_child() and "MASTER_ADDR" in os.environ):
+    if args.nproc > 1 and not is_distributed_child():
         check_train_config(cfg, args.nproc, resuming=resume and _has_checkpoints(cfg.run.dir))
         run_dir = resolve_run_dir(cfg)
         argv = ["launch.cli", "train", *(["--config", args.config] if args.config else []), *args.overrides, f"run.dir={run_dir}"]
