@@ -27,8 +27,11 @@ def mixed_precision_policy(cfg: ParallelConfig, device_type: str) -> MixedPrecis
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=_DTYPES[cfg.reduce_dtype], cast_forward_inputs=True)
 
 
-def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     """Shard `model` in place (per block, then root) and return it.
+
+    `mp_policy` overrides `mixed_precision_policy(cfg, ...)` (post-training: a bf16-stored frozen
+    teacher must not be upcast to fp32 on all-gather on CPU).
 
     Frozen parameters (requires_grad=False, e.g. the backbone during action finetuning) are
     sharded like the rest (FSDP2 supports mixed frozen/trainable params in one unit): they are
@@ -40,7 +43,7 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig) -> nn.
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"apply_fsdp: {type(model).__name__} has no `blocks` nn.ModuleList")
-    mp = mixed_precision_policy(cfg, mesh.device_type)
+    mp = mp_policy or mixed_precision_policy(cfg, mesh.device_type)
     fsdp_mesh = mesh.fsdp_mesh
     for i, block in enumerate(blocks):
         # The last block's params are needed again right at the start of backward: keep them.

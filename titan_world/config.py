@@ -184,6 +184,8 @@ def validate(cfg: TitanConfig) -> None:
     pt = cfg.posttrain
     if not 1 <= pt.grad_chunks <= pt.rollout_chunks:
         raise ConfigError(f"posttrain.grad_chunks={pt.grad_chunks}: expected 1 .. posttrain.rollout_chunks={pt.rollout_chunks}")
+    if pt.teacher_dtype not in ("auto", "bfloat16", "float32"):
+        raise ConfigError(f"posttrain.teacher_dtype={pt.teacher_dtype!r}: expected auto, bfloat16 or float32")
     if cfg.run.wandb not in ("offline", "online", "disabled"):
         raise ConfigError(f"run.wandb={cfg.run.wandb!r}: expected offline, online or disabled")
     if not 0.0 <= cfg.data.i2v_ratio <= 1.0:

@@ -33,4 +33,5 @@ class PostTrainConfig:
     window_frames: int = 8  # KV cache: local window of latent frames
     bootstrap_steps: int = 150  # steps of the tiny teacher trained when no teacher exists
     eval_clips: int = 4  # clips scored (PSNR vs ground truth, action following) before/after a stage
+    teacher_dtype: str = "auto"  # frozen teacher's stored weights: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     fsdp: bool = True  # >1 rank: FSDP2-shard student, fake score + GAN head, frozen teacher; false: full replicas + gradient all-reduce

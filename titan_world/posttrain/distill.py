@@ -27,11 +27,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from parallel.config import ParallelConfig
 from titan_world.model.action import ActionInputs
 from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.dmd import ScoreInputs, dmd_step_loss, draw_sigma, fake_score_loss, noised, route, velocity
 from titan_world.posttrain.gan import FeatureTap, GANHead, d_loss, frozen, g_loss
+from titan_world.posttrain.memory import checkpoint_fake_score, store_teacher, teacher_dtype
 from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
 from titan_world.posttrain.sharding import Sharding
 
@@ -103,14 +105,18 @@ class Batch:
 
 
 class DMDTrainer:
-    """Owns the stage-2 networks and optimizers. With `sharding` every network is sharded here,
-    before the optimizers are built on its parameters (the teacher frozen first)."""
+    """Owns the stage-2 networks and optimizers. Here, in this order (the pretraining order: AC,
+    then FSDP, then optimizers): the teacher is frozen and stored in `posttrain.teacher_dtype`,
+    the fake score gets `parallel.activation_checkpoint` (never the student: see memory.py), and
+    with `sharding` every network is sharded before the optimizers are built on its parameters.
+    `parallel` defaults to the sharding's settings; without either, no AC."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, rank: int = 0,
-                 grad_clip: float = 1.0, sharding: Sharding | None = None):
+                 grad_clip: float = 1.0, sharding: Sharding | None = None, parallel: ParallelConfig | None = None):
         self.student, self.teacher, self.pcfg, self.seed, self.rank, self.grad_clip = student, teacher, pcfg, seed, rank, grad_clip
         self.sharding = sharding
-        teacher.requires_grad_(False).eval()
+        store_teacher(teacher, teacher_dtype(pcfg.teacher_dtype, next(teacher.parameters()).device))
+        self.fake_checkpointed = checkpoint_fake_score(fake, parallel or (sharding.parallel if sharding is not None else None))
         head = GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries).to(next(fake.parameters()).device) if pcfg.gan_weight > 0 else None
         if sharding is not None:
             sharding.network(teacher, frozen=True)
@@ -210,12 +216,16 @@ class DMDTrainer:
         terms = dmd_step_loss(inp.latents, inp, self.teacher, self.critic.fake, sigma, noise, self.pcfg.guidance_scale)
         loss = terms.loss
         out = {"dmd_loss": float(terms.loss.detach()), "real_fake_gap": terms.gap, "sigma": sigma}
-        if self.critic.head is not None:
-            with frozen(self.critic):  # gradient flows through the critic into x̂, never into it
+        if self.critic.head is None:
+            out["student_grad_norm"] = self._step(self.opt_student, loss)
+        else:
+            # The critic stays frozen through the backward too: the gradient flows through it into
+            # x̂, never into it, and a checkpointed fake-score block recomputes its forward during
+            # this backward, which must see the same (frozen) parameters as the recorded one.
+            with frozen(self.critic):
                 lg = g_loss(self._logits(inp, sigma, noise))
-            loss = loss + self.pcfg.gan_weight * lg
-            out["g_loss"] = float(lg.detach())
-        out["student_grad_norm"] = self._step(self.opt_student, loss)
+                out["g_loss"] = float(lg.detach())
+                out["student_grad_norm"] = self._step(self.opt_student, loss + self.pcfg.gan_weight * lg)
         self.counts["student_updates"] += 1
         return out
 

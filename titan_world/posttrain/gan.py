@@ -26,7 +26,12 @@ from titan_world.model.moe import WanMoE
 
 
 class FeatureTap:
-    """Capture the outputs of `net.blocks[i]` for i in `blocks` (of every expert of an MoE)."""
+    """Capture the outputs of `net.blocks[i]` for i in `blocks` (of every expert of an MoE).
+
+    Checkpointed blocks (`parallel.activation_checkpoint` on the fake score) are fine: the project's
+    AC replaces the block's `forward`, and its backward recomputation calls the inner forward, not
+    the block's `__call__`, so the hooks fire once per real forward, never on a recompute.
+    """
 
     def __init__(self, net: nn.Module, blocks: list[int]):
         self.blocks, self.features = list(blocks), {}

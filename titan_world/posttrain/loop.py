@@ -28,6 +28,7 @@ import torch.distributed as dist
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.posttrain.causal import ChunkLayout, diffusion_forcing_loss, forcing_sigmas
 from titan_world.posttrain.distill import Batch, DMDTrainer, average_and_clip
+from titan_world.posttrain.memory import teacher_dtype
 from titan_world.posttrain.sharding import Sharding
 
 DEMO_TEACHER = Path("runs/demo/train/model")
@@ -87,10 +88,10 @@ def resolve_teacher(cfg: TitanConfig, run_dir: Path) -> Path:
     return existing if (existing / "config.json").is_file() else bootstrap_teacher(cfg, run_dir / "teacher")
 
 
-def load_net(path: Path, device):
+def load_net(path: Path, device, dtype: torch.dtype = torch.float32):
     from titan_world.model.io import load_pretrained
 
-    return load_pretrained(path, dtype=torch.float32, device=device)
+    return load_pretrained(path, dtype=dtype, device=device)
 
 
 def student_from(net):
@@ -279,11 +280,11 @@ class DMDJob(PostTrainJob):
             log("dmd: no causal student given (posttrain.student) and none in runs/demo: starting from the teacher")
             student_path = self.teacher_path
         log(f"dmd: teacher {self.teacher_path}, student {student_path}; {self.total} steps x ({p.fake_updates} critic + 1 student) updates")
-        teacher = load_net(self.teacher_path, self.device)
+        teacher = load_net(self.teacher_path, self.device, teacher_dtype(p.teacher_dtype, self.device))  # stored as it will be used
         self.student = student_from(load_net(student_path, self.device)).train()
         fake = load_net(self.teacher_path, self.device).train()  # fake score: initialised from the teacher
         self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, rank=self.rank, grad_clip=cfg.train.grad_clip,
-                                  sharding=self.sharding)  # shards all of them (teacher frozen) before building optimizers
+                                  sharding=self.sharding, parallel=cfg.parallel)  # AC on the fake score, then shards all of them (teacher frozen)
         self.use_actions = self.student.action_embedding is not None
         rollout_latents = 1 + p.rollout_chunks * p.chunk_frames
         self.clip_frames = 1 + 4 * (rollout_latents - 1)

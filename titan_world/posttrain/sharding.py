@@ -10,7 +10,7 @@ as in `train.loop.Trainer`. Parameters must be sharded *before* an optimizer is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +19,8 @@ import torch.nn as nn
 from parallel.config import ParallelConfig
 
 if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     from parallel.mesh import ParallelMesh
 
 
@@ -50,6 +52,20 @@ class Sharding:
 
         return mixed_precision_policy(self.parallel, self.mesh.device_type).param_dtype or torch.float32
 
+    def policy(self, stored: torch.dtype = torch.float32) -> "MixedPrecisionPolicy":
+        """`apply_fsdp`'s mixed-precision policy, except for parameters stored narrower than its
+        compute dtype (a bf16 teacher on CPU, where the policy computes in fp32): they compute in
+        their own dtype, never upcast on all-gather, and the root's inputs are not cast: the
+        model casts what its layers read to their dtype itself, while casting every input would
+        round the timesteps and the camera poses to bf16 (and `torch.linalg.inv` refuses bf16).
+        On GPU a bf16 teacher gets the same policy as the other networks."""
+        from parallel.fsdp import mixed_precision_policy
+
+        mp = mixed_precision_policy(self.parallel, self.mesh.device_type)
+        if stored.itemsize < (mp.param_dtype or torch.float32).itemsize:
+            return replace(mp, param_dtype=stored, cast_forward_inputs=False)
+        return mp
+
     def network(self, net: nn.Module, frozen: bool = False) -> nn.Module:
         """Shard `net` in place (each MoE expert separately); returns it.
 
@@ -57,13 +73,15 @@ class Sharding:
         trainable parameter (no gradient buffers, no reduce-scatter, and no optimizer is ever
         built on it), and every unit, root and last block included, reshards after its forward:
         `apply_fsdp` keeps those two gathered for the backward, which a frozen net never runs.
+        The mixed-precision policy follows the dtype `net` is stored in (`policy`).
         """
         from parallel.fsdp import apply_fsdp
 
         if frozen:
             net.requires_grad_(False).eval()
+        mp = self.policy(next(net.parameters()).dtype)
         for expert in experts_of(net):
-            apply_fsdp(expert, self.mesh, self.parallel)
+            apply_fsdp(expert, self.mesh, self.parallel, mp_policy=mp)
             if frozen:
                 expert.set_reshard_after_forward(True)
         return net

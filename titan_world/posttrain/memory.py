@@ -1,0 +1,56 @@
+"""Memory levers of stage 2 (docs/posttrain.md, "Memory plan"): activation checkpointing on the
+fake score, and the frozen teacher stored in bf16.
+
+Activation checkpointing goes on the fake score only (every expert of an MoE):
+  - the fake score has no KV cache: each of its passes is one self-contained forward over the
+    score window, so recomputing a block in backward gives exactly the recorded activations;
+  - the student is never checkpointed: its recorded rollout passes read K/V from the rolling
+    ring-buffer cache, which later chunks' t = 0 passes overwrite in place before the backward,
+    so a recomputed pass would attend to other K/V and give wrong gradients (lever (3) in the doc);
+  - the frozen teacher runs no backward: nothing to recompute.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from parallel.config import ParallelConfig
+from titan_world.posttrain.sharding import experts_of
+
+TEACHER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def checkpoint_fake_score(fake: nn.Module, parallel: ParallelConfig | None) -> list[int]:
+    """Apply `parallel.activation_checkpoint` to every expert of the fake score, in place;
+    returns the checkpointed block indices (of one expert). Call before compile and FSDP.
+
+    The GAN head's `FeatureTap` keeps working: the project's AC replaces a block's `forward`, and
+    the recomputation in backward calls that inner forward directly, not the block's `__call__`,
+    so the block's forward hooks (the tap) fire once, on the recorded forward's output.
+    """
+    if parallel is None or parallel.activation_checkpoint == "none":
+        return []
+    from parallel.checkpointing import apply_activation_checkpointing
+
+    ids: list[int] = []
+    for expert in experts_of(fake):
+        ids = apply_activation_checkpointing(expert, parallel)
+    return ids
+
+
+def teacher_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`posttrain.teacher_dtype` on `device`: auto = bf16 on CUDA (the dtype FSDP computes it in
+    there anyway), fp32 on CPU (keeps the tiny runs' numerics; CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in TEACHER_DTYPES:
+        raise ValueError(f"posttrain.teacher_dtype={name!r}: expected auto, bfloat16 or float32")
+    return TEACHER_DTYPES[name]
+
+
+def store_teacher(teacher: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Freeze the teacher and store its weights in `dtype` (before sharding: FSDP then shards and
+    gathers them in that dtype). Its outputs are cast to fp32 where the DMD math reads them
+    (`dmd.velocity`), so only the scores' rounding changes, not the loss arithmetic."""
+    return teacher.requires_grad_(False).eval().to(dtype)
