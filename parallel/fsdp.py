@@ -22,9 +22,14 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 def mixed_precision_policy(cfg: ParallelConfig, device_type: str) -> MixedPrecisionPolicy:
     """bf16 compute params on GPU, fp32 on CPU (CPU bf16 matmuls are slow and break parity tests);
-    gradients are always reduced in `cfg.reduce_dtype` (fp32 by default)."""
+    gradients are always reduced in `cfg.reduce_dtype` (fp32 by default).
+
+    Forward inputs are not cast: the model casts what each layer reads to that layer's dtype and
+    keeps the rest in fp32 by design (timesteps before the sinusoidal embedding, AdaLN modulation,
+    RoPE tables, camera poses). Casting every input to bf16 would round t (937 -> 936), the
+    modulation and RoPE at every block boundary, and `torch.linalg.inv` refuses bf16 poses."""
     param = _DTYPES[cfg.param_dtype] if device_type == "cuda" else torch.float32
-    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=_DTYPES[cfg.reduce_dtype], cast_forward_inputs=True)
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=_DTYPES[cfg.reduce_dtype], cast_forward_inputs=False)
 
 
 def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:

@@ -55,15 +55,13 @@ class Sharding:
     def policy(self, stored: torch.dtype = torch.float32) -> "MixedPrecisionPolicy":
         """`apply_fsdp`'s mixed-precision policy, except for parameters stored narrower than its
         compute dtype (a bf16 teacher on CPU, where the policy computes in fp32): they compute in
-        their own dtype, never upcast on all-gather, and the root's inputs are not cast: the
-        model casts what its layers read to their dtype itself, while casting every input would
-        round the timesteps and the camera poses to bf16 (and `torch.linalg.inv` refuses bf16).
-        On GPU a bf16 teacher gets the same policy as the other networks."""
+        their own dtype and are never upcast on all-gather. On GPU a bf16 teacher gets the same
+        policy as the other networks."""
         from parallel.fsdp import mixed_precision_policy
 
         mp = mixed_precision_policy(self.parallel, self.mesh.device_type)
         if stored.itemsize < (mp.param_dtype or torch.float32).itemsize:
-            return replace(mp, param_dtype=stored, cast_forward_inputs=False)
+            return replace(mp, param_dtype=stored)
         return mp
 
     def network(self, net: nn.Module, frozen: bool = False) -> nn.Module:
