@@ -9,7 +9,8 @@ fixture keeps what they report, and each test checks one property of it:
   - each rank stores about half of every network; the teacher has no grads, no optimizer state;
   - under FSDP a student update leaves the critic bit-identical and a critic update the student;
   - an MoE teacher and fake score shard expert by expert;
-  - preempted (checkpoint, exit 75) then resumed under FSDP == uninterrupted.
+  - preempted (checkpoint, exit 75) then resumed under FSDP == uninterrupted;
+  - sharded jobs never load a full copy of a network (built on meta, each rank reads its rows).
 Tiny sizes: 32x32 video (16 tokens per latent frame), 2 student sigmas, 2-chunk rollouts.
 """
 
@@ -100,12 +101,19 @@ def _probe(job) -> dict:
 def all_jobs(tmp: Path) -> dict:
     """Every job of this module on one rank (the process group stays up between jobs)."""
     from parallel.distributed import init_distributed
+    from titan_world.posttrain import loop
     from titan_world.posttrain.loop import EXIT_PREEMPTED, CausalJob, DMDJob
 
     init_distributed()
     out: dict = {}
+    replica_load = loop.load_net
+
+    def no_full_copy(path, *args, **kwargs):
+        raise AssertionError(f"a sharded job loaded a full copy of {path} (it must build on meta and read its shards)")
+
     for fsdp in (False, True):
         tag = "fsdp" if fsdp else "allreduce"
+        loop.load_net = no_full_copy if fsdp else replica_load  # from here on every job is sharded
         assert CausalJob(_cfg(tmp, f"causal-{tag}", fsdp, "train.steps=2")).fit() == 0
         dmd = DMDJob(_cfg(tmp, f"dmd-{tag}", fsdp, f"train.steps={DMD_STEPS}"))
         assert dmd.fit() == 0

@@ -223,19 +223,41 @@ def _load_dense(folder: Path, dtype, device, cfg_override: ModelConfig | None = 
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu", config: ModelConfig | None = None):
-    """Load a Wan checkpoint folder: a MoE root (high_noise_model/ + low_noise_model/) -> WanMoE,
-    else one network -> WanDiT. `config` overrides the folder's config.json (e.g. to add actions)."""
+def checkpoint_networks(path: str | os.PathLike) -> tuple[list[Path], float | None]:
+    """The folder of each network of a checkpoint: a MoE root (high_noise_model/ +
+    low_noise_model/) -> [high, low], else [folder]; and the boundary of its moe.json if any."""
     folder = resolve_checkpoint_dir(path)
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
-    experts = {name: folder / sub for name, sub in EXPERT_DIRS.items()}
-    if all(p.is_dir() for p in experts.values()):
-        high = _load_dense(experts["high"], dtype, device, config)
-        low = _load_dense(experts["low"], dtype, device, config)
-        boundary = json.loads((folder / "moe.json").read_text())["boundary"] if (folder / "moe.json").is_file() else high.cfg.boundary
-        return WanMoE(high, low, boundary)
-    return _load_dense(folder, dtype, device, config)
+    experts = [folder / EXPERT_DIRS["high"], folder / EXPERT_DIRS["low"]]
+    if not all(p.is_dir() for p in experts):
+        return [folder], None
+    moe = folder / "moe.json"
+    return experts, json.loads(moe.read_text())["boundary"] if moe.is_file() else None
+
+
+def _assemble(nets: list[WanDiT], boundary: float | None) -> WanDiT | WanMoE:
+    """One network, or the two experts routed at `boundary` (default: the high expert's config)."""
+    if len(nets) == 1:
+        return nets[0]
+    return WanMoE(*nets, boundary if boundary is not None else nets[0].cfg.boundary)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu", config: ModelConfig | None = None):
+    """Load a Wan checkpoint folder: a MoE root (high_noise_model/ + low_noise_model/) -> WanMoE,
+    else one network -> WanDiT. `config` overrides the folder's config.json (e.g. to add actions)."""
+    folders, boundary = checkpoint_networks(path)
+    return _assemble([_load_dense(f, dtype, device, config) for f in folders], boundary)
+
+
+def pretrained_on_meta(path: str | os.PathLike) -> tuple[WanDiT | WanMoE, list[Path]]:
+    """The architecture of a checkpoint built on the meta device (no storage) and the folder of
+    each of its networks, for `parallel.materialize`-style loading after sharding: no rank then
+    ever holds a full copy (`titan_world.train.weights.fill_weights` fills it from the folders)."""
+    folders, boundary = checkpoint_networks(path)
+    with torch.device("meta"):
+        nets = [WanDiT(WeightFolder(f).config) for f in folders]
+    return _assemble(nets, boundary), folders
 
 
 def _atomic_dir_write(folder: Path, write) -> None:

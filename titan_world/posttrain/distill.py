@@ -21,7 +21,7 @@ and a resumed run replays the same numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -109,21 +109,27 @@ class DMDTrainer:
     then FSDP, then optimizers): the teacher is frozen and stored in `posttrain.teacher_dtype`,
     the fake score gets `parallel.activation_checkpoint` (never the student: see memory.py), and
     with `sharding` every network is sharded before the optimizers are built on its parameters.
-    `parallel` defaults to the sharding's settings; without either, no AC."""
+    `parallel` defaults to the sharding's settings; without either, no AC. Networks built on the
+    meta device (`loop.network`) are filled by `fill` right after sharding, each rank its shards;
+    `device` is then where they live (default: where the fake score's parameters are)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, rank: int = 0,
-                 grad_clip: float = 1.0, sharding: Sharding | None = None, parallel: ParallelConfig | None = None):
+                 grad_clip: float = 1.0, sharding: Sharding | None = None, parallel: ParallelConfig | None = None,
+                 device: torch.device | str | None = None, fill: Callable[[], None] | None = None):
         self.student, self.teacher, self.pcfg, self.seed, self.rank, self.grad_clip = student, teacher, pcfg, seed, rank, grad_clip
         self.sharding = sharding
-        store_teacher(teacher, teacher_dtype(pcfg.teacher_dtype, next(teacher.parameters()).device))
+        device = torch.device(device) if device is not None else next(fake.parameters()).device
+        store_teacher(teacher, teacher_dtype(pcfg.teacher_dtype, device))
         self.fake_checkpointed = checkpoint_fake_score(fake, parallel or (sharding.parallel if sharding is not None else None))
-        head = GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries).to(next(fake.parameters()).device) if pcfg.gan_weight > 0 else None
+        head = GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries).to(device) if pcfg.gan_weight > 0 else None
         if sharding is not None:
             sharding.network(teacher, frozen=True)
             sharding.network(student)
             sharding.network(fake)
             if head is not None:
                 sharding.head(head)
+        if fill is not None:
+            fill()
         self.cache_dtype = sharding.compute_dtype if sharding is not None else None
         self.critic = Critic(fake, head)
         self.tap = FeatureTap(fake, pcfg.gan_blocks) if head is not None else None

@@ -94,6 +94,33 @@ def load_net(path: Path, device, dtype: torch.dtype = torch.float32):
     return load_pretrained(path, dtype=dtype, device=device)
 
 
+def network(path: Path, device, pending: list | None, dtype: torch.dtype = torch.float32, student: bool = False):
+    """The network(s) of checkpoint `path` (`student`: its high-noise expert, see `student_from`).
+
+    `pending` None (one process, or replicas): loaded whole onto `device` in `dtype`. A list (the
+    job shards): built on the meta device and queued there for `fill_pending`, which runs after
+    the networks are sharded, so each rank allocates and reads only its own rows of every tensor:
+    no rank ever holds a full copy (a 14B network is 57 GB of fp32)."""
+    if pending is None:
+        net = load_net(path, device, dtype)
+        return student_from(net) if student else net
+    from titan_world.model.io import pretrained_on_meta
+
+    net, folders = pretrained_on_meta(path)
+    if student:
+        net, folders = student_from(net), folders[:1]
+    pending.append((net, folders))
+    return net.to(dtype)
+
+
+def fill_pending(pending: list, device) -> None:
+    """Materialise the sharded meta networks queued by `network`, each rank its own shards."""
+    from titan_world.train.weights import fill_weights
+
+    for net, folders in pending:
+        fill_weights(net, folders, device=device, seed=0)
+
+
 def student_from(net):
     """LingBot: the causal student starts from the high-noise expert (a dense teacher: itself)."""
     from titan_world.model.moe import WanMoE
@@ -237,9 +264,11 @@ class CausalJob(PostTrainJob):
         p = cfg.posttrain
         self.teacher_path = resolve_teacher(cfg, self.run_dir)
         log(f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); {self.total} steps")
-        self.student = student_from(load_net(self.teacher_path, self.device)).train()
+        pending = [] if self.sharding is not None else None
+        self.student = network(self.teacher_path, self.device, pending, student=True).train()
         if self.sharding is not None:
             self.sharding.network(self.student)  # before the optimizer: its params become DTensor shards
+            fill_pending(pending, self.device)
         self.use_actions = self.student.action_embedding is not None
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=p.causal_lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.loader = make_loader(cfg, p.clip_frames, self.rank, self.world, cfg.train.seed)
@@ -280,11 +309,13 @@ class DMDJob(PostTrainJob):
             log("dmd: no causal student given (posttrain.student) and none in runs/demo: starting from the teacher")
             student_path = self.teacher_path
         log(f"dmd: teacher {self.teacher_path}, student {student_path}; {self.total} steps x ({p.fake_updates} critic + 1 student) updates")
-        teacher = load_net(self.teacher_path, self.device, teacher_dtype(p.teacher_dtype, self.device))  # stored as it will be used
-        self.student = student_from(load_net(student_path, self.device)).train()
-        fake = load_net(self.teacher_path, self.device).train()  # fake score: initialised from the teacher
+        pending = [] if self.sharding is not None else None  # sharded: meta-built, filled per shard after sharding
+        teacher = network(self.teacher_path, self.device, pending, teacher_dtype(p.teacher_dtype, self.device))  # stored as it will be used
+        self.student = network(student_path, self.device, pending, student=True).train()
+        fake = network(self.teacher_path, self.device, pending).train()  # fake score: initialised from the teacher
         self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, rank=self.rank, grad_clip=cfg.train.grad_clip,
-                                  sharding=self.sharding, parallel=cfg.parallel)  # AC on the fake score, then shards all of them (teacher frozen)
+                                  sharding=self.sharding, parallel=cfg.parallel, device=self.device,
+                                  fill=(lambda: fill_pending(pending, self.device)) if pending is not None else None)
         self.use_actions = self.student.action_embedding is not None
         rollout_latents = 1 + p.rollout_chunks * p.chunk_frames
         self.clip_frames = 1 + 4 * (rollout_latents - 1)
