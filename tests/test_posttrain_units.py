@@ -73,6 +73,29 @@ def test_diffusion_forcing_loss_ignores_clean_chunks():
     assert float(out.loss) > 0 and m.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["full", "attention"])
+def test_causal_stage_activation_checkpointing_is_exact(mode):
+    """`post-train causal` applies `parallel.activation_checkpoint` to the student (no KV cache in
+    stage 1): the block-causal loss and every gradient match the un-checkpointed student."""
+    from parallel.checkpointing import apply_activation_checkpointing
+    from parallel.config import ParallelConfig
+
+    m = tiny()
+    ac = copy.deepcopy(m)
+    assert apply_activation_checkpointing(ac, ParallelConfig(activation_checkpoint=mode))
+    lay = ChunkLayout(5, 1, 2)
+    lat, ctx = torch.randn(2, C, 5, HW, HW), torch.randn(2, 8, 16)
+    sig, noise, acts = forcing_sigmas(2, lay, [1000, 500], torch.Generator().manual_seed(0)), torch.randn_like(lat), actions(2, 5)
+    losses = []
+    for net in (m, ac):
+        out = diffusion_forcing_loss(net, lat, ctx, sig, noise, lay, actions=acts, sink_frames=1, window_frames=2)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for (name, p), q in zip(m.named_parameters(), ac.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=lambda msg, name=name: f"{name}: {msg}")
+
+
 def test_dmd_gradient_is_the_normalised_fake_minus_real_direction():
     torch.manual_seed(0)
     x = torch.randn(2, C, 4, HW, HW, requires_grad=True)
