@@ -54,14 +54,14 @@ def diffusers_model(cfg: ModelConfig, device, dtype):
     return WanTransformer3DModel(**kw).to(device=device, dtype=dtype)
 
 
-def ours_model(cfg: ModelConfig, device, dtype, ac: str, compile_blocks: bool):
+def ours_model(cfg: ModelConfig, device, dtype, ac: str, compile_blocks: bool, skip_last: int = 0):
     from parallel.checkpointing import apply_activation_checkpointing
     from parallel.compile import compile_blocks as compile_fn
     from parallel.config import ParallelConfig
 
     model = WanDiT(cfg).to(device=device, dtype=dtype)
     model.set_attn_backend("sdpa", device)
-    apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint=ac, ac_every=2))
+    apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint=ac, ac_every=2, ac_skip_last=skip_last))
     if compile_blocks:
         compile_fn(model)
     return model
@@ -100,7 +100,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--phases", default="fwd,train")
     p.add_argument("--variants", default="compile-attention,compile-full,compile-selective,eager-full",
-                   help="ours: {eager|compile}-{none|full|selective|attention} activation checkpointing")
+                   help="ours: {eager|compile}-{none|full|selective|attention}[:N] activation checkpointing; "
+                        ":N leaves the last N blocks un-checkpointed (parallel.ac_skip_last), e.g. compile-attention:14")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -141,11 +142,13 @@ def main() -> None:
     call = lambda m, x, t, c: m(x[:, : cfg.out_dim], t, c, cond=x[:, cfg.out_dim :] if cfg.in_dim > cfg.out_dim else None)  # noqa: E731
     for variant in args.variants.split(","):
         mode, ac = variant.split("-")
+        ac, _, skip = ac.partition(":")  # "attention:14": the last 14 blocks keep their activations
+        label = f"AC {ac}" + (f", last {skip} blocks not checkpointed" if skip else "")
         try:
-            model = ours_model(cfg, device, dtype, ac, mode == "compile")
-            report(bench(f"titan-world ({mode}, AC {ac})", model, call, x, t, ctx, target, fl, fl.tokens, device, peak, phases, args.warmup, args.iters))
+            model = ours_model(cfg, device, dtype, ac, mode == "compile", int(skip or 0))
+            report(bench(f"titan-world ({mode}, {label})", model, call, x, t, ctx, target, fl, fl.tokens, device, peak, phases, args.warmup, args.iters))
         except torch.OutOfMemoryError:
-            print(f"titan-world ({mode}, AC {ac}): out of memory")
+            print(f"titan-world ({mode}, {label}): out of memory")
         model = None
         gc.collect()
         if device.type == "cuda":

@@ -45,17 +45,23 @@ def _attention_context():
     return create_selective_checkpoint_contexts(_save_attention_policy)
 
 
-def checkpointed_block_ids(num_blocks: int, mode: str, every: int = 2) -> list[int]:
-    """Which blocks recompute: full / attention = all; selective = every `every`-th (0, n, 2n, ...)."""
+def checkpointed_block_ids(num_blocks: int, mode: str, every: int = 2, skip_last: int = 0) -> list[int]:
+    """Which blocks recompute: full / attention = all; selective = every `every`-th (0, n, 2n, ...);
+    minus the last `skip_last` blocks, which keep their activations when memory allows (the last
+    blocks: the first ones backward needs, so their memory is also freed first)."""
+    if skip_last < 0:
+        raise ValueError(f"parallel.ac_skip_last={skip_last}: expected >= 0")
     if mode == "none":
         return []
     if mode in ("full", "attention"):
-        return list(range(num_blocks))
-    if mode == "selective":
+        ids = list(range(num_blocks))
+    elif mode == "selective":
         if every < 1:
             raise ValueError(f"parallel.ac_every={every}: expected >= 1")
-        return [i for i in range(num_blocks) if i % every == 0]
-    raise ValueError(f"parallel.activation_checkpoint={mode!r}: expected none, full, selective or attention")
+        ids = [i for i in range(num_blocks) if i % every == 0]
+    else:
+        raise ValueError(f"parallel.activation_checkpoint={mode!r}: expected none, full, selective or attention")
+    return [i for i in ids if i < num_blocks - skip_last]
 
 
 def _checkpointed(forward, *args, **kwargs):
@@ -71,7 +77,7 @@ def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> lis
 
     Apply before `compile_blocks` and `apply_fsdp` (the torchtitan order: AC, compile, FSDP).
     """
-    ids = checkpointed_block_ids(len(model.blocks), cfg.activation_checkpoint, cfg.ac_every)
+    ids = checkpointed_block_ids(len(model.blocks), cfg.activation_checkpoint, cfg.ac_every, cfg.ac_skip_last)
     for i in ids:
         block = model.blocks[i]
         if getattr(block, "_titan_ac", False):

@@ -16,4 +16,5 @@ class ParallelConfig:
     reduce_dtype: str = "float32"
     activation_checkpoint: str = "none"  # none | full | selective (every ac_every-th block) | attention (keep attention outputs)
     ac_every: int = 2  # selective: checkpoint every n-th block
+    ac_skip_last: int = 0  # leave the last N blocks un-checkpointed: spare memory spent on speed (`inspect --plan` says how many fit)
     compile: bool = False

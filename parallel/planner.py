@@ -23,8 +23,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .checkpointing import checkpointed_block_ids
+
 __all__ = ["Plan", "plan", "format_plan", "recommend", "format_recommendations", "param_count", "num_tokens",
-           "a2a_cost", "fsdp_comm_cost", "cluster_prediction"]
+           "max_ac_skip", "a2a_cost", "fsdp_comm_cost", "cluster_prediction"]
 
 GB = 1e9
 # Per-GPU, one-direction bandwidths: NVLink4 inside a node of 8, InfiniBand NDR 400 Gb/s across.
@@ -89,6 +91,7 @@ def plan(
     gpu_mem_gb: float = 80.0,
     *,
     ac_every: int = 2,
+    ac_skip_last: int = 0,
     micro_batch: int = 1,
     inflight_blocks: int = 2,
     reserve_gb: float = 4.0,
@@ -105,17 +108,13 @@ def plan(
     local_tokens = micro_batch * math.ceil(tokens / cp)
     full_per_block = local_tokens * (20 * d + 2 * ffn) * 2
     input_per_block = local_tokens * d * 2
-    if ac == "none":
-        act = layers * full_per_block
-    elif ac == "full":
-        act = layers * input_per_block + full_per_block
-    elif ac == "attention":  # per-op SAC: block input + attention output (and its LSE) kept per block
-        act = layers * 2 * input_per_block + full_per_block
-    elif ac == "selective":
-        ckpt = len(range(0, layers, ac_every))
-        act = ckpt * input_per_block + (layers - ckpt) * full_per_block + full_per_block
-    else:
+    if ac not in ("none", "full", "selective", "attention"):
         raise ValueError(f"ac={ac!r}: expected none, full, selective or attention")
+    # a checkpointed block keeps its input (attention mode: + the attention output); the others
+    # keep everything; one block's full working set is live during a recompute
+    ckpt = len(checkpointed_block_ids(layers, ac, ac_every, ac_skip_last))
+    kept = (2 if ac == "attention" else 1) * input_per_block
+    act = ckpt * kept + (layers - ckpt) * full_per_block + (full_per_block if ckpt else 0)
     act += local_tokens * (model_cfg.in_dim + model_cfg.out_dim) * 4 + tokens * micro_batch * model_cfg.out_dim * 4 * 2
     gb = {
         "params": (4 * n / shard + 2 * block * inflight_blocks) / GB,
@@ -125,6 +124,19 @@ def plan(
         "reserve": reserve_gb,
     }
     return Plan(getattr(model_cfg, "name", "model"), n, tokens, dp_replicate, dp_shard, cp, ac, micro_batch, gpu_mem_gb, gb)
+
+
+def max_ac_skip(model_cfg, frames: int, height: int, width: int, **plan_kw) -> int | None:
+    """The most blocks `parallel.ac_skip_last` can leave un-checkpointed while the plan still fits
+    (what spare memory buys: every skipped block saves its recompute); None if even 0 does not fit."""
+    fits = lambda k: plan(model_cfg, frames, height, width, ac_skip_last=k, **plan_kw).fits  # noqa: E731
+    if not fits(0):
+        return None
+    lo, hi = 0, model_cfg.num_layers  # memory grows with k: binary search for the last k that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def format_plan(p: Plan) -> str:

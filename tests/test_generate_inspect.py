@@ -84,3 +84,6 @@ def test_inspect_plan_per_stage_and_for_a_mesh(capsys):
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["cp"] == 8 and plan["dp_shard"] == 8 and plan["tokens"] == 375_960
     assert main(["inspect", "wan2.2-i2v-a14b", "--plan", "--cp", "3"]) == 2  # 40 heads
+    assert main(["inspect", "wan2.1-1.3b", "--plan", "--cp", "1", "--gpus", "1", "--ac", "attention", "--json"]) == 0
+    one_gpu = json.loads(capsys.readouterr().out)["plan"]  # 36 GB with every block checkpointed: spare memory to spend
+    assert 0 < one_gpu["max_ac_skip_last"] < 30

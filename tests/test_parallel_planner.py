@@ -67,3 +67,18 @@ def test_cluster_prediction_picks_the_smallest_fitting_cp():
     assert not plan(a14, 961, 480, 832, dp_shard=64 // (sixty["cp"] // 2), cp=sixty["cp"] // 2).fits
     assert sixty["step_s"] > sixty["compute_s"] > 0  # the all-to-all is on the critical path
     assert cluster_prediction(a14, 961, 1, 480, 832, flops_per_sample=3.7e17, tflops=400.0) is None
+
+
+def test_ac_skip_spends_spare_memory_up_to_the_limit():
+    """parallel.ac_skip_last: each un-checkpointed block costs its activations; `max_ac_skip` is the
+    last count that still fits (1.3B at 480p x 81 on one 80 GB GPU: about half the blocks)."""
+    from parallel.planner import max_ac_skip
+
+    c = _cfg("wan2.1-1.3b")
+    acts = [plan(c, 81, 480, 832, ac="attention", ac_skip_last=k).gb["activations"] for k in (0, 1, 10, c.num_layers)]
+    assert acts == sorted(acts) and acts[-1] == pytest.approx(plan(c, 81, 480, 832, ac="none").gb["activations"])
+    k = max_ac_skip(c, 81, 480, 832, ac="attention")
+    assert 0 < k < c.num_layers
+    assert plan(c, 81, 480, 832, ac="attention", ac_skip_last=k).fits
+    assert not plan(c, 81, 480, 832, ac="attention", ac_skip_last=k + 1).fits
+    assert max_ac_skip(_cfg("wan2.2-i2v-a14b"), 961, 480, 832, ac="full") is None  # 60 s on one GPU: nothing fits

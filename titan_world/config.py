@@ -152,6 +152,8 @@ def validate(cfg: TitanConfig) -> None:
         raise ConfigError(f"parallel.dp_shard={p.dp_shard}: expected -1 (rest of the world) or >= 1")
     if p.activation_checkpoint not in ("none", "full", "selective", "attention"):
         raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: expected none, full, selective or attention")
+    if not 0 <= p.ac_skip_last <= cfg.model.num_layers:
+        raise ConfigError(f"parallel.ac_skip_last={p.ac_skip_last}: expected 0 .. model.num_layers={cfg.model.num_layers} (blocks left un-checkpointed)")
     if p.cp_backend not in ("native", "deepspeed"):
         raise ConfigError(f"parallel.cp_backend={p.cp_backend!r}: expected native or deepspeed")
     for i, stage in enumerate(cfg.train.stages):

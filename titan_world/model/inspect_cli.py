@@ -117,14 +117,21 @@ def memory_plan(cfg: ModelConfig, args: argparse.Namespace, stride: int) -> tupl
     """--cp given: the plan of that mesh over --gpus; else the smallest mesh per curriculum stage."""
     import dataclasses
 
-    from parallel.planner import format_plan, format_recommendations, plan, recommend
+    from parallel.planner import format_plan, format_recommendations, max_ac_skip, plan, recommend
 
     vae = (4, stride, stride)
     if args.cp:
         if args.gpus % args.cp:
             raise ValueError(f"--gpus {args.gpus} must be divisible by --cp {args.cp}")
-        p = plan(cfg, args.frames, args.height, args.width, 1, args.gpus // args.cp, args.cp, args.ac, args.gpu_mem, vae_stride=vae)
-        return format_plan(p), dataclasses.asdict(p)
+        mesh = dict(dp_replicate=1, dp_shard=args.gpus // args.cp, cp=args.cp, ac=args.ac, gpu_mem_gb=args.gpu_mem, vae_stride=vae)
+        p = plan(cfg, args.frames, args.height, args.width, **mesh)
+        text, info = format_plan(p), dataclasses.asdict(p)
+        skip = max_ac_skip(cfg, args.frames, args.height, args.width, **mesh) if args.ac != "none" else None
+        if skip:
+            text += (f"\nspare memory: parallel.ac_skip_last={skip} leaves the last {skip} of {cfg.num_layers} blocks "
+                     f"un-checkpointed and still fits (less recompute)")
+            info["max_ac_skip_last"] = skip
+        return text, info
     recs = recommend(cfg, CURRICULUM, args.height, args.width, args.ac, args.gpu_mem, vae_stride=vae)
     text = f"memory plan per curriculum stage (AC {args.ac}, {args.gpu_mem:.0f} GB GPUs, 8 per node):\n" + format_recommendations(recs)
     return text, {name: (dataclasses.asdict(p) if p else None) for name, p in recs}
