@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU measurements benchmarks/RESULTS.md is waiting for, in parts that each fit one
+# 10-minute device command (run from the repository root, torch with CUDA and diffusers installed):
+#
+#   bash benchmarks/gpu_session.sh checks     # GPU correctness: parity, cuDNN/flex attention, KV cache, compile
+#   bash benchmarks/gpu_session.sh model      # 1.3B train step vs diffusers, AC attention with 0/12/16/20 blocks skipped
+#   bash benchmarks/gpu_session.sh fsdp       # FSDP2 1.3B step (re-measure after the input-cast fix), AC full/attention
+#   bash benchmarks/gpu_session.sh serving    # 1.3B student at 480p: clean vs last-step KV refresh, window 6 vs 3
+#
+# Results go to $OUT (default ./gpu_results) as text logs (+ JSON where the benchmark writes one).
+set -euo pipefail
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+part=${1:?usage: gpu_session.sh checks|model|fsdp|serving}
+py=${PYTHON:-python3}
+
+case "$part" in
+  checks)
+    $py -m benchmarks.gpu_checks 2>&1 | tee "$OUT/gpu_checks.txt"
+    ;;
+  model)
+    $py -m benchmarks.bench_model --model wan2.1-1.3b --phases train \
+      --variants compile-attention,compile-attention:12,compile-attention:16,compile-attention:20 2>&1 | tee "$OUT/bench_model_1.3b.txt"
+    ;;
+  fsdp)
+    for ac in full attention; do
+      torchrun --standalone --nproc-per-node 1 -m benchmarks.bench_parallel step --model wan2.1-1.3b --frames 81 --ac "$ac" 2>&1 \
+        | tee "$OUT/bench_parallel_step_$ac.txt"
+    done
+    ;;
+  serving)
+    # TinyCodec with 16 low-frequency channels at stride 8 has the Wan VAE's latent interface
+    # (16 x T/4 x H/8 x W/8): the DiT cost is the real model's; the decode column is not the VAE's.
+    common=(--config serving/gpu-1.3b-480p.yaml --chunks 60 data.codec.kind=tiny data.codec.channels=16
+            data.text_encoder.kind=tiny)
+    for lever in serving.kv_refresh=clean serving.kv_refresh=last_step "serving.kv_refresh=last_step serving.window_frames=3"; do
+      tag=$(echo "$lever" | tr ' =' '__')
+      # shellcheck disable=SC2086
+      $py -m benchmarks.bench_serving "${common[@]}" $lever --json "$OUT/serving_$tag.json" 2>&1 | tee "$OUT/serving_$tag.txt"
+    done
+    ;;
+  *)
+    echo "unknown part: $part (checks|model|fsdp|serving)" >&2
+    exit 2
+    ;;
+esac
