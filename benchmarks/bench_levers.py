@@ -33,8 +33,6 @@ import torch
 
 from benchmarks.common import parse_serving_args
 
-HELD_OUT_SEED = 10_000  # as titan_world.posttrain.evaluate / train.action_check
-
 
 def _levers(sc, sigmas: list[float]) -> list[tuple[str, dict]]:
     """(name, serving overrides) pairs; the first is the baseline (the student's own settings).
@@ -90,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.loading import build_engine
     from titan_world.data.synth import make_episode
     from titan_world.eval.action_following import action_following_report
+    from titan_world.train.action_check import HELD_OUT_SEED
 
     base = build_engine(cfg)
     sc, dev = base.cfg, base.device

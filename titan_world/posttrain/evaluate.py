@@ -24,8 +24,8 @@ from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch
 from titan_world.posttrain.rollout import RolloutInputs, self_rollout, student_sigmas
+from titan_world.train.action_check import HELD_OUT_SEED
 
-HELD_OUT_SEED = 10_000  # titan_world.train.action_check: the training set uses seeds 0 .. synth_episodes-1
 
 
 def held_out_batches(cfg, num_clips: int, frames: int, use_actions: bool, device="cpu", seed: int = HELD_OUT_SEED, batch_size: int = 2,

@@ -266,10 +266,9 @@ class CausalJob(PostTrainJob):
         log(f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); {self.total} steps")
         pending = [] if self.sharding is not None else None
         self.student = network(self.teacher_path, self.device, pending, student=True).train()
-        if cfg.parallel.activation_checkpoint != "none":  # safe here: stage 1 runs full clips, no KV cache
-            from parallel.checkpointing import apply_activation_checkpointing
+        from parallel.checkpointing import apply_activation_checkpointing
 
-            apply_activation_checkpointing(self.student, cfg.parallel)
+        apply_activation_checkpointing(self.student, cfg.parallel)  # safe here (no-op for "none"): stage 1 has no KV cache
         if self.sharding is not None:
             self.sharding.network(self.student)  # before the optimizer: its params become DTensor shards
             fill_pending(pending, self.device)

@@ -19,7 +19,7 @@ from titan_world.conditioning import conditioned_denoiser, fill_given, noise_bat
 from titan_world.diffusion.samplers import sample
 from titan_world.model import ActionInputs, WanMoE, expert_for, load_pretrained
 
-HELD_OUT_SEED = 10_000
+HELD_OUT_SEED = 10_000  # first held-out episode seed: the training set uses seeds 0 .. data.synth_episodes-1
 
 
 def _load(run_dir_or_model: str | Path | nn.Module) -> nn.Module:
