@@ -7,7 +7,7 @@ CPU. GPU example (the lead's runs):
     python -m benchmarks.bench_serving --config wan2.1-1.3b.yaml serving.height=480 serving.width=832 \\
         serving.chunk_frames=3 data.codec.kind=wan_vae data.codec.path=/weights/vae
 Levers to compare: serving.kv_refresh=last_step, serving.window_frames=N, serving.denoise_steps=N,
-serving.compile=true.
+serving.compile=true, serving.cuda_graphs=true.
 
 Reports: start (prompt encode + first-frame cache write) and first-chunk latency (start -> first
 chunk's frames JPEG-encoded); per-stage medians (denoise, KV refresh, decode, JPEG); fps run
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         stages["jpeg"].append(time.perf_counter() - tj)
         for k in ("denoise", "kv_refresh", "decode"):
             stages[k].append(getattr(session.times, k))
-        if i % 25 == 0:
+        if i >= 10 and (i - 10) % 25 == 0:  # from chunk 10: the cache is full and graphs are captured
             rss.append(_rss_mb())
             state.append(session.state_bytes())
     serial_s = time.perf_counter() - t0
@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(dev), "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "model": f"{cfg.model.name} ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M params, {engine.source})",
         "geometry": f"{sc.width}x{sc.height}, {engine.frames_per_chunk} frames/chunk, {len(engine.sigmas)} steps, "
-                    f"sink {sc.sink_frames} + window {sc.window_frames} latent frames, kv_refresh={sc.kv_refresh}",
+                    f"sink {sc.sink_frames} + window {sc.window_frames} latent frames, kv_refresh={sc.kv_refresh}, "
+                    f"compile={sc.compile}, cuda_graphs={sc.cuda_graphs}",
+        "graph_replays": session.graphs.replays if session.graphs is not None else 0,
+        "graph_failure": session.graphs.failed if session.graphs is not None else None,
         "start_ms": 1e3 * t_start, "first_chunk_ms": 1e3 * t_first,
         "stage_median_ms": med,
         "serial_fps": n_frames / serial_s,
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         res["cuda_allocated_mb"] = torch.cuda.memory_allocated(dev) / 2**20
     print(f"serving benchmark: {res['model']} on {res['device']} {res['dtype']} ({res['threads']} threads)")
     print(f"  {res['geometry']}")
+    if sc.cuda_graphs:
+        print(f"  CUDA graphs: {res['graph_replays']} passes replayed" + (f", capture failed: {res['graph_failure']}" if res["graph_failure"] else ""))
     print(f"  start {res['start_ms']:.1f} ms, first chunk {res['first_chunk_ms']:.1f} ms (start -> JPEG frames)")
     print("  per chunk (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
     print(f"  fps incl. decode + JPEG: serial {res['serial_fps']:.1f}, pipelined {res['pipelined_fps'] or 0:.1f} "

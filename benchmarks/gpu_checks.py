@@ -4,6 +4,8 @@
 - SDPA with cuDNN first == math attention; flex_attention (compiled) block-causal == dense mask
 - KV-cache streaming == block-causal full forward on CUDA (bf16)
 - torch.compile'd blocks == eager
+- a streaming session with CUDA graphs (`serving.cuda_graphs`) == the same session without,
+  eager and compiled blocks (bf16)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import torch
 
 from titan_world.model import AttnMask, KVCache, WanDiT
-from titan_world.model.config import ModelConfig
+from titan_world.model.config import ActionConfig, ModelConfig
 
 failures = 0
 
@@ -39,6 +41,41 @@ def randomized(c: ModelConfig, device, dtype) -> WanDiT:
     for p in m.parameters():
         p.data.normal_(0, 0.05)
     return m.to(device=device, dtype=dtype)
+
+
+def check_graphed_streaming(dev: torch.device) -> None:
+    """12 chunks (the cache fills after 3, so most passes replay a graph), with a prompt change."""
+    from serving.config import ServingConfig
+    from serving.streaming import StreamingEngine
+    from titan_world.model.codec import TinyCodec
+    from titan_world.model.text_encoder import TinyTextEncoder
+
+    sc = dict(height=240, width=416, fps=16.0, chunk_frames=3, sink_frames=1, window_frames=6, kv_refresh="last_step")
+    for compiled in (False, True):
+        streams = []
+        for graphs in (False, True):
+            model = randomized(cfg(model_type="t2v", in_dim=16, action=ActionConfig(enabled=True)), dev, torch.bfloat16)
+            model.set_attn_backend("sdpa", dev)
+            if compiled:
+                from parallel.compile import compile_blocks
+
+                compile_blocks(model)
+            engine = StreamingEngine(model, TinyCodec(8, 16), TinyTextEncoder(64, 32), ServingConfig(**sc, cuda_graphs=graphs))
+            session = engine.start(None, "a red house", seed=0)
+            keys = torch.zeros(12, 8)
+            out = []
+            for i in range(12):
+                if i == 6:
+                    session.set_prompt("a snowy mountain at night")
+                keys[:, i % 4] = 1.0
+                out.append(session.denoise(keys).payload.latents.float())
+            if graphs:
+                ok = session.graphs.failed is None and session.graphs.replays > 0
+                print(f"{'PASS' if ok else 'FAIL'} CUDA graphs captured ({session.graphs.replays} replays, failure: {session.graphs.failed})", flush=True)
+                global failures
+                failures += not ok
+            streams.append(torch.cat(out, 2))
+        check(f"CUDA-graph streaming == eager streaming ({'compiled' if compiled else 'eager'} blocks, bf16)", streams[1], streams[0], 3e-2)
 
 
 def main() -> int:
@@ -94,6 +131,7 @@ def main() -> int:
         compile_blocks(model)
         compiled = model(x, torch.tensor([500.0], device=dev), ctx)
         check("compiled blocks == eager (bf16)", compiled, eager, 2e-2)
+    check_graphed_streaming(dev)
     print(f"{failures} failed")
     return 1 if failures else 0
 

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh checks     # GPU correctness: parity, cuDNN/flex attention, KV cache, compile
 #   bash benchmarks/gpu_session.sh model      # 1.3B train step vs diffusers, AC attention with 0/12/16/20 blocks skipped
 #   bash benchmarks/gpu_session.sh fsdp       # FSDP2 1.3B step (re-measure after the input-cast fix), AC full/attention
-#   bash benchmarks/gpu_session.sh serving    # 1.3B student at 480p: clean vs last-step KV refresh, window 6 vs 3
+#   bash benchmarks/gpu_session.sh serving    # 1.3B student at 480p: clean vs last-step KV refresh, window 6 vs 3, CUDA graphs
 #
 # Results go to $OUT (default ./gpu_results) as text logs (+ JSON where the benchmark writes one).
 set -euo pipefail
@@ -33,7 +33,9 @@ case "$part" in
     # (16 x T/4 x H/8 x W/8): the DiT cost is the real model's; the decode column is not the VAE's.
     common=(--config serving/gpu-1.3b-480p.yaml --chunks 60 data.codec.kind=tiny data.codec.channels=16
             data.text_encoder.kind=tiny)
-    for lever in serving.kv_refresh=clean serving.kv_refresh=last_step "serving.kv_refresh=last_step serving.window_frames=3"; do
+    for lever in serving.kv_refresh=clean serving.kv_refresh=last_step "serving.kv_refresh=last_step serving.window_frames=3" \
+                 "serving.kv_refresh=last_step serving.cuda_graphs=true" \
+                 "serving.kv_refresh=last_step serving.cuda_graphs=true serving.compile=false"; do
       tag=$(echo "$lever" | tr ' =' '__')
       # shellcheck disable=SC2086
       $py -m benchmarks.bench_serving "${common[@]}" $lever --json "$OUT/serving_$tag.json" 2>&1 | tee "$OUT/serving_$tag.txt"

@@ -8,8 +8,10 @@ Per chunk of `chunk_frames` latent frames (4 video frames each):
   3. `decode` (another thread, another CUDA stream) turns latents into uint8 frames, with one
      latent frame of decoder context carried in the chunk so decode is stateless.
 What never changes within a prompt is computed once: the text embedding and every block's
-cross-attention K/V (`WanDiT.prepare_context`). Every tensor a session holds is allocated at
-start (cache, conditioning buffers, prompt K/V), so memory is flat for any session length.
+cross-attention K/V (`WanDiT.prepare_context`), updated in place on a new prompt. Every tensor a
+session holds is allocated at start (cache, conditioning buffers, prompt K/V), so memory is flat
+for any session length. With `serving.cuda_graphs`, full-cache passes replay the blocks from a
+CUDA graph (serving/graphs.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from serving.config import ServingConfig
 from serving.engine import TEMPORAL_STRIDE, BaseSession, Chunk, EngineError, image_to_tensor
+from serving.graphs import GraphedBackbone
 from titan_world.model.codec import video_to_frames
 from serving.pose import PoseTracker
 from titan_world.model.action import ActionInputs
@@ -96,6 +99,10 @@ class StreamingEngine:
             raise EngineError(f"serving.sampler={cfg.sampler!r}: expected renoise or euler")
         if cfg.kv_refresh not in ("clean", "last_step"):
             raise EngineError(f"serving.kv_refresh={cfg.kv_refresh!r}: expected clean or last_step")
+        self.cuda_graphs = cfg.cuda_graphs
+        if cfg.cuda_graphs and self.cp_size > 1:
+            log.warning("serving.cuda_graphs is not supported with --gpus %d yet; serving without graphs", self.cp_size)
+            self.cuda_graphs = False
 
     @torch.no_grad()
     def encode_prompt(self, text: str) -> PreparedContext:
@@ -119,6 +126,8 @@ class StreamingSession(BaseSession):
             sink_frames=cfg.sink_frames, window_frames=cfg.window_frames, chunk_frames=cfg.chunk_frames,
             dtype=e.dtype, device=dev,
         )
+        self.graphs = GraphedBackbone(e.model, self.cache) if e.cuda_graphs else None
+        self.context: PreparedContext | None = None
         self.pose = PoseTracker(cfg.fps, cfg.height, cfg.width)
         self.generator = torch.Generator(dev)
         self.decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
@@ -141,7 +150,7 @@ class StreamingSession(BaseSession):
         self.generator.manual_seed(self.seed)
         self.cache.reset()
         self.pose.reset()
-        self.context = self.engine.encode_prompt(self.start_prompt)
+        self._load_prompt(self.start_prompt)
         self.prompt = self.start_prompt
         self.chunk_index = 0
         self.frame = 0
@@ -154,7 +163,7 @@ class StreamingSession(BaseSession):
 
     @torch.no_grad()
     def set_prompt(self, text: str) -> None:
-        self.context = self.engine.encode_prompt(text)  # replaces the per-prompt cross-attn K/V
+        self._load_prompt(text)
         self.prompt = text
 
     def first_frames(self) -> np.ndarray:
@@ -214,8 +223,10 @@ class StreamingSession(BaseSession):
         return frames
 
     def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.close()
         self.cache = None  # type: ignore[assignment]
-        self.context = None  # type: ignore[assignment]
+        self.context = None
 
     def state_bytes(self) -> int:
         """Bytes of every tensor this session holds (flat for any session length)."""
@@ -223,7 +234,8 @@ class StreamingSession(BaseSession):
         tensors += [t for kv in self.context.kv for t in kv]
         if self._cond_chunk is not None:
             tensors.append(self._cond_chunk)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        graph_bytes = self.graphs.state_bytes() if self.graphs is not None else 0
+        return sum(t.numel() * t.element_size() for t in tensors) + graph_bytes
 
     # ---- internals -----------------------------------------------------------------------------
     def _decode(self, p: _Payload) -> np.ndarray:
@@ -231,13 +243,32 @@ class StreamingSession(BaseSession):
         video = self.engine.codec.decode(lat)  # [1, 3, 1 + 4n, H, W]: frame 0 is the context's
         return video_to_frames(video[:, :, -TEMPORAL_STRIDE * p.latents.shape[2] :])[0]
 
+    def _load_prompt(self, text: str) -> None:
+        """Encode `text` into the session's prompt K/V, in place after the first time (the CUDA
+        graphs read those buffers)."""
+        new = self.engine.encode_prompt(text)
+        if self.context is None:
+            self.context = new
+            return
+        for (k, v), (nk, nv) in zip(self.context.kv, new.kv):
+            k.copy_(nk)
+            v.copy_(nv)
+
     def _forward(self, x: torch.Tensor, sigma: float, cond, actions, *, write: bool) -> torch.Tensor:
+        """One pass of the student over the chunk, reading (and with `write`, extending) the cache."""
         e = self.engine
         t = torch.full((1,), sigma * 1000.0, device=e.device)
-        return e.model(
+        tokens = e.model.embed(
             x.to(e.dtype), t, self.context, cond=cond, actions=actions, action_reference=self.pose.origin[None].to(e.device),
-            frame_offset=self.frame, kv_cache=self.cache, cache_write=write,
+            frame_offset=self.frame,
         )
+        if self.graphs is not None and self.graphs.ready(tokens):
+            out = self.graphs(tokens, write)
+        else:
+            out = e.model.backbone(tokens, self.cache, write)
+        if write:
+            self.cache.advance(tokens.grid[0])
+        return out
 
     def _cond(self, start: int, n: int) -> torch.Tensor | None:
         """i2v conditioning as in training (`titan_world.conditioning.i2v_condition`): 4 mask

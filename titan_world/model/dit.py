@@ -171,6 +171,23 @@ class Head(nn.Module):
 
 
 @dataclass
+class Tokens:
+    """What the blocks read, computed by `WanDiT.embed` from the raw inputs (for this rank's
+    shard of the sequence under context parallelism)."""
+
+    x: torch.Tensor  # [B, L, D] patch tokens
+    e0: torch.Tensor  # [B, S, D] time embedding (the head's modulation)
+    e: torch.Tensor  # [B, S, 6, D] the blocks' AdaLN modulation, S = 1, frames or tokens
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [L, head_dim / 2]
+    action: torch.Tensor | None  # [B, L, D] action embedding
+    context: torch.Tensor | None  # [B, Lt, D] embedded text (None with a PreparedContext)
+    context_kv: list  # per block: (k, v) from a PreparedContext, or None
+    mask: AttnMask | None
+    grid: tuple[int, int, int]  # (frames, height, width) in tokens
+    seq_len: int  # tokens before CP padding
+
+
+@dataclass
 class PreparedContext:
     """Text context embedded once, with every block's cross-attention K/V (prompt-level cache)."""
 
@@ -304,6 +321,27 @@ class WanDiT(nn.Module):
         t: [B] (one timestep per sample) or [B, F] (per latent frame: diffusion forcing).
         cond: [B, in_dim - out_dim, F, H, W] concatenated after x (i2v mask + conditioning latent).
         """
+        tokens = self.embed(x, t, context, cond=cond, actions=actions, action_reference=action_reference,
+                            frame_offset=frame_offset, attn_mask=attn_mask)
+        out = self.backbone(tokens, kv_cache, cache_write)
+        if kv_cache is not None and cache_write:
+            kv_cache.advance(tokens.grid[0])
+        return out
+
+    def embed(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | PreparedContext,
+        *,
+        cond: torch.Tensor | None = None,
+        actions: ActionInputs | None = None,
+        action_reference: torch.Tensor | None = None,
+        frame_offset: int = 0,
+        attn_mask: AttnMask | None = None,
+    ) -> Tokens:
+        """Patch tokens, time modulation, RoPE angles, action and text embeddings (this rank's
+        shard of the sequence under context parallelism)."""
         b = x.shape[0]
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
@@ -328,8 +366,6 @@ class WanDiT(nn.Module):
         mask = attn_mask
         cp = self.cp
         if cp is not None:
-            if kv_cache is not None and seq_len % cp.size:
-                raise ValueError(f"context parallel streaming needs chunk tokens ({seq_len}) divisible by cp={cp.size}")
             padded = -(-seq_len // cp.size) * cp.size
             pad = padded - seq_len
             if pad and mask is None:
@@ -344,13 +380,18 @@ class WanDiT(nn.Module):
             cos, sin = (cp.scatter(F.pad(r, (0, 0, 0, pad)), 0) for r in (cos, sin))
             if action is not None:
                 action = cp.scatter(F.pad(action, (0, 0, 0, pad)), 1)
+        return Tokens(x, e0, e, (cos, sin), action, ctx, list(context_kv), mask, grid, seq_len)
 
-        for block, ckv in zip(self.blocks, context_kv):
-            x = block(x, e, ctx, (cos, sin), mask, action, cp, kv_cache, cache_write, self.attn_backend, ckv)
-        if kv_cache is not None and cache_write:
-            kv_cache.advance(grid[0])
-
-        x = self.head(x, e0)
+    def backbone(self, tokens: Tokens, kv_cache: KVCache | None = None, cache_write: bool = False) -> torch.Tensor:
+        """Blocks, head and unpatchify: [B, out_dim, F, H, W]. Reads only `tokens`, the weights and
+        the cache's fixed buffers, so a streaming pass can be replayed as a CUDA graph."""
+        cp = self.cp
+        if cp is not None and kv_cache is not None and tokens.seq_len % cp.size:
+            raise ValueError(f"context parallel streaming needs chunk tokens ({tokens.seq_len}) divisible by cp={cp.size}")
+        x = tokens.x
+        for block, ckv in zip(self.blocks, tokens.context_kv):
+            x = block(x, tokens.e, tokens.context, tokens.rope, tokens.mask, tokens.action, cp, kv_cache, cache_write, self.attn_backend, ckv)
+        x = self.head(x, tokens.e0)
         if cp is not None:
-            x = cp.gather(x, 1)[:, :seq_len]
-        return self.unpatchify(x, grid)
+            x = cp.gather(x, 1)[:, : tokens.seq_len]
+        return self.unpatchify(x, tokens.grid)

@@ -9,6 +9,11 @@ at absolute frame positions, so their order in memory does not matter for attent
 
 Equivalent mask (tested): `AttnMask.block_causal(..., sink_frames=S, window_frames=W)` — a chunk
 sees its own frames, the first S frames, and the W frames before it.
+
+Every read and write is a fixed view or an `index_copy_` with a device index tensor, never a
+Python slice that moves from chunk to chunk: once the cache is full (`is_full`), a pass does the
+same work at the same addresses every time, which is what a CUDA graph replays
+(`serving/graphs.py`). Only `write_index` touches the host, once per written chunk.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.committed_frames = 0  # frames ever written (the window keeps the last W of them)
+        self._write_index = torch.zeros(chunk_frames * tokens_per_frame, dtype=torch.long, device=device)
+        self._write_index_for: tuple[int, int] | None = None  # (committed_frames, frames) it holds
 
     def reset(self) -> None:
         self.committed_frames = 0
@@ -46,6 +53,11 @@ class KVCache:
     @property
     def stored_frames(self) -> int:
         return min(self.committed_frames, self.sink + self.window)
+
+    @property
+    def is_full(self) -> bool:
+        """Sink and window are full: from here on every chunk's pass has the same shapes."""
+        return self.committed_frames >= self.sink + self.window
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -64,17 +76,27 @@ class KVCache:
 
     def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the chunk's k/v into the sink/window slots (after it attended). Call `advance` once after."""
-        for i in range(k.shape[1] // self.tpf):  # loop over frames of one chunk (<= C), not tokens
-            slot = self._slot(self.committed_frames + i)
-            dst = slice((self.chunk + slot) * self.tpf, (self.chunk + slot + 1) * self.tpf)
-            src = slice(i * self.tpf, (i + 1) * self.tpf)
-            self.k[layer, :, dst] = k[:, src]
-            self.v[layer, :, dst] = v[:, src]
+        index = self.write_index(k.shape[1] // self.tpf)
+        self.k[layer].index_copy_(1, index, k.to(self.k.dtype))
+        self.v[layer].index_copy_(1, index, v.to(self.v.dtype))
+
+    def write_index(self, frames: int) -> torch.Tensor:
+        """Token slots the next `frames` committed frames go to, as a device tensor.
+
+        Filled from the host once per chunk (the first layer's commit) into one preallocated
+        buffer; a graph replay calls this before replaying, so the captured `index_copy_` reads
+        the new slots from the same address.
+        """
+        if frames > self.chunk:
+            raise ValueError(f"committing {frames} frames: the cache was built for chunks of at most {self.chunk}")
+        key = (self.committed_frames, frames)
+        if self._write_index_for != key:
+            frame = torch.arange(self.committed_frames, self.committed_frames + frames)
+            slot = torch.where(frame < self.sink, frame, self.sink + (frame - self.sink) % self.window)
+            tokens = (self.chunk + slot)[:, None] * self.tpf + torch.arange(self.tpf)
+            self._write_index[: frames * self.tpf].copy_(tokens.flatten())
+            self._write_index_for = key
+        return self._write_index[: frames * self.tpf]
 
     def advance(self, frames: int) -> None:
         self.committed_frames += frames
-
-    def _slot(self, frame: int) -> int:
-        if frame < self.sink:
-            return frame
-        return self.sink + (frame - self.sink) % self.window
