@@ -12,6 +12,10 @@ baseline with one serving setting changed:
   kv_refresh=last_step   the last denoising step writes the cache: one pass per chunk fewer
   window_frames=W/2      a tighter attention window: fewer keys per pass, less memory
   steps=...              fewer denoising passes per chunk (a subset of the trained timesteps)
+  float8=rowwise|tensorwise   FP8 GEMMs in the blocks (torchao; on a CPU FP8 is emulated, so
+                         only the quality columns mean anything there)
+  cuda_graphs=true       replay full-cache passes from CUDA graphs (GPU only: the same numbers,
+                         listed for its speed)
 
 Speed is the serial frame rate (denoise + KV refresh + decode) on this device, as a ratio to the
 baseline measured in the same run; quality is the change in PSNR next to `detail` (the frames'
@@ -34,7 +38,7 @@ import torch
 from benchmarks.common import parse_serving_args
 
 
-def _levers(sc, sigmas: list[float]) -> list[tuple[str, dict]]:
+def _levers(sc, sigmas: list[float], device: torch.device) -> list[tuple[str, dict]]:
     """(name, serving overrides) pairs; the first is the baseline (the student's own settings).
     Fewer steps keep the first of the student's trained timesteps and spread the rest evenly
     over the trained ones (4 -> 3: 1.0, 0.5, 0.25; 4 -> 2: 1.0, 0.25)."""
@@ -48,6 +52,10 @@ def _levers(sc, sigmas: list[float]) -> list[tuple[str, dict]]:
             keep = np.linspace(0, len(sigmas) - 1, steps).round().astype(int)
             subset = [float(sigmas[i]) for i in keep]
             out.append((f"steps={','.join(f'{x:g}' for x in subset)}", {"denoise_steps": steps, "sigmas": subset}))
+    if sc.float8 == "none":
+        out += [(f"float8={recipe}", {"float8": recipe}) for recipe in ("rowwise", "tensorwise")]
+    if device.type == "cuda" and not sc.cuda_graphs:
+        out.append(("cuda_graphs=true", {"cuda_graphs": True}))
     return out
 
 
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{frames} frames at {sc.width}x{sc.height}; baseline: {len(base.sigmas)} steps, kv_refresh={sc.kv_refresh}, "
           f"sink {sc.sink_frames} + window {sc.window_frames}")
     rows = []
-    for name, change in _levers(sc, [float(x) for x in base.sigmas]):
+    for name, change in _levers(sc, [float(x) for x in base.sigmas], dev):
         lever_cfg = copy.deepcopy(cfg)
         for k, v in change.items():
             setattr(lever_cfg.serving, k, v)

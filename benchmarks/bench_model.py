@@ -54,13 +54,15 @@ def diffusers_model(cfg: ModelConfig, device, dtype):
     return WanTransformer3DModel(**kw).to(device=device, dtype=dtype)
 
 
-def ours_model(cfg: ModelConfig, device, dtype, ac: str, compile_blocks: bool, skip_last: int = 0):
+def ours_model(cfg: ModelConfig, device, dtype, ac: str, compile_blocks: bool, skip_last: int = 0, float8: str = "none"):
     from parallel.checkpointing import apply_activation_checkpointing
     from parallel.compile import compile_blocks as compile_fn
     from parallel.config import ParallelConfig
+    from parallel.float8 import apply_float8
 
     model = WanDiT(cfg).to(device=device, dtype=dtype)
     model.set_attn_backend("sdpa", device)
+    apply_float8(model, float8)
     apply_activation_checkpointing(model, ParallelConfig(activation_checkpoint=ac, ac_every=2, ac_skip_last=skip_last))
     if compile_blocks:
         compile_fn(model)
@@ -100,8 +102,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--phases", default="fwd,train")
     p.add_argument("--variants", default="compile-attention,compile-full,compile-selective,eager-full",
-                   help="ours: {eager|compile}-{none|full|selective|attention}[:N] activation checkpointing; "
-                        ":N leaves the last N blocks un-checkpointed (parallel.ac_skip_last), e.g. compile-attention:14")
+                   help="ours: {eager|compile}-{none|full|selective|attention}[:N][+RECIPE] activation checkpointing; "
+                        ":N leaves the last N blocks un-checkpointed (parallel.ac_skip_last), +RECIPE runs the blocks' "
+                        "GEMMs in FP8 (parallel.float8: rowwise|tensorwise), e.g. compile-attention:14+rowwise")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -141,11 +144,12 @@ def main() -> None:
             gc.collect()
     call = lambda m, x, t, c: m(x[:, : cfg.out_dim], t, c, cond=x[:, cfg.out_dim :] if cfg.in_dim > cfg.out_dim else None)  # noqa: E731
     for variant in args.variants.split(","):
+        variant, _, float8 = variant.partition("+")  # "+rowwise": FP8 GEMMs
         mode, ac = variant.split("-")
         ac, _, skip = ac.partition(":")  # "attention:14": the last 14 blocks keep their activations
-        label = f"AC {ac}" + (f", last {skip} blocks not checkpointed" if skip else "")
+        label = f"AC {ac}" + (f", last {skip} blocks not checkpointed" if skip else "") + (f", FP8 {float8}" if float8 else "")
         try:
-            model = ours_model(cfg, device, dtype, ac, mode == "compile", int(skip or 0))
+            model = ours_model(cfg, device, dtype, ac, mode == "compile", int(skip or 0), float8 or "none")
             report(bench(f"titan-world ({mode}, {label})", model, call, x, t, ctx, target, fl, fl.tokens, device, peak, phases, args.warmup, args.iters))
         except torch.OutOfMemoryError:
             print(f"titan-world ({mode}, {label}): out of memory")

@@ -4,6 +4,7 @@
 - SDPA with cuDNN first == math attention; flex_attention (compiled) block-causal == dense mask
 - KV-cache streaming == block-causal full forward on CUDA (bf16)
 - torch.compile'd blocks == eager
+- FP8 GEMMs (torchao Float8Linear, rowwise and tensorwise) stay close to bf16, eager and compiled
 - a streaming session with CUDA graphs (`serving.cuda_graphs`) == the same session without,
   eager and compiled blocks (bf16)
 """
@@ -41,6 +42,28 @@ def randomized(c: ModelConfig, device, dtype) -> WanDiT:
     for p in m.parameters():
         p.data.normal_(0, 0.05)
     return m.to(device=device, dtype=dtype)
+
+
+def check_float8(dev: torch.device) -> None:
+    """The FP8 path runs on this GPU (torchao + torch._scaled_mm) and stays at FP8's error."""
+    import copy
+
+    from parallel.compile import compile_blocks
+    from parallel.float8 import apply_float8
+
+    base = randomized(cfg(model_type="t2v", in_dim=16, dim=512, ffn_dim=1024, num_heads=4), dev, torch.bfloat16)
+    x = torch.randn(1, 16, 5, 30, 52, device=dev, dtype=torch.bfloat16)
+    ctx, t = torch.randn(1, 32, 64, device=dev, dtype=torch.bfloat16), torch.tensor([700.0], device=dev)
+    with torch.no_grad():
+        ref = base(x, t, ctx)
+    for recipe in ("rowwise", "tensorwise"):
+        m = copy.deepcopy(base)
+        apply_float8(m, recipe)
+        with torch.no_grad():
+            eager = m(x, t, ctx)
+            check(f"FP8 {recipe} (eager) ~= bf16", eager, ref, 1e-1)
+            compile_blocks(m)
+            check(f"FP8 {recipe} compiled == eager", m(x, t, ctx), eager, 2e-2)
 
 
 def check_graphed_streaming(dev: torch.device) -> None:
@@ -131,6 +154,7 @@ def main() -> int:
         compile_blocks(model)
         compiled = model(x, torch.tensor([500.0], device=dev), ctx)
         check("compiled blocks == eager (bf16)", compiled, eager, 2e-2)
+    check_float8(dev)
     check_graphed_streaming(dev)
     print(f"{failures} failed")
     return 1 if failures else 0

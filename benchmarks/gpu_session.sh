@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh checks     # GPU correctness: parity, cuDNN/flex attention, KV cache, compile
 #   bash benchmarks/gpu_session.sh model      # 1.3B train step vs diffusers, AC attention with 0/12/16/20 blocks skipped
+#   bash benchmarks/gpu_session.sh fp8        # 1.3B forward + train step with FP8 GEMMs (torchao rowwise / tensorwise)
 #   bash benchmarks/gpu_session.sh fsdp       # FSDP2 1.3B step (re-measure after the input-cast fix), AC full/attention
 #   bash benchmarks/gpu_session.sh serving    # 1.3B student at 480p: clean vs last-step KV refresh, window 6 vs 3, CUDA graphs
 #
@@ -11,7 +12,7 @@
 set -euo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
-part=${1:?usage: gpu_session.sh checks|model|fsdp|serving}
+part=${1:?usage: gpu_session.sh checks|model|fp8|fsdp|serving}
 py=${PYTHON:-python3}
 
 case "$part" in
@@ -21,6 +22,10 @@ case "$part" in
   model)
     $py -m benchmarks.bench_model --model wan2.1-1.3b --phases train \
       --variants compile-attention,compile-attention:12,compile-attention:16,compile-attention:20 2>&1 | tee "$OUT/bench_model_1.3b.txt"
+    ;;
+  fp8)
+    $py -m benchmarks.bench_model --model wan2.1-1.3b --phases fwd,train \
+      --variants compile-attention,compile-attention+rowwise,compile-attention+tensorwise 2>&1 | tee "$OUT/bench_model_1.3b_fp8.txt"
     ;;
   fsdp)
     for ac in full attention; do
@@ -42,7 +47,7 @@ case "$part" in
     done
     ;;
   *)
-    echo "unknown part: $part (checks|model|fsdp|serving)" >&2
+    echo "unknown part: $part (checks|model|fp8|fsdp|serving)" >&2
     exit 2
     ;;
 esac

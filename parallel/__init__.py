@@ -21,6 +21,7 @@ _EXPORTS = {
     "UlyssesAttention": "ulysses",
     "apply_activation_checkpointing": "checkpointing",
     "compile_blocks": "compile",
+    "apply_float8": "float8",
     "Checkpointer": "checkpoint",
     "export_safetensors": "checkpoint",
     "plan": "planner",

@@ -18,3 +18,4 @@ class ParallelConfig:
     ac_every: int = 2  # selective: checkpoint every n-th block
     ac_skip_last: int = 0  # leave the last N blocks un-checkpointed: spare memory spent on speed (`inspect --plan` says how many fit)
     compile: bool = False
+    float8: str = "none"  # none | tensorwise | rowwise: FP8 GEMMs in the blocks' linears (torchao; parallel/float8.py)

@@ -33,6 +33,7 @@ class ServingConfig:
     queue_size: int = 0  # clients waiting while the GPU set is busy; 0: refuse at once
     send_buffer_chunks: int = 2  # encoded chunks waiting for the wire (bounded: backpressure)
     compile: bool = False
+    float8: str = "none"  # none | tensorwise | rowwise: FP8 GEMMs in the blocks (parallel/float8.py)
     # Replay full-cache passes from CUDA graphs (serving/graphs.py); no effect on CPU apart from
     # running the same fixed-buffer path. Opt-in until measured on a GPU (benchmarks/RESULTS.md).
     cuda_graphs: bool = False

@@ -111,6 +111,10 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None) -> Streaming
     mc = model.cfg
     if cp is not None:
         model.set_context_parallel(cp)
+    if sc.float8 != "none":
+        from parallel.float8 import apply_float8
+
+        log.warning("serving.float8=%s: %d linear layers run FP8 GEMMs", sc.float8, apply_float8(model, sc.float8, key="serving.float8"))
     if sc.compile:
         from parallel.compile import compile_blocks
 

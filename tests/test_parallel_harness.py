@@ -96,12 +96,13 @@ def make_optimizer(model, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
 
-def setup(dims: dict[str, Any] | None, frozen: bool = False, optim: str = "sgd"):
+def setup(dims: dict[str, Any] | None, frozen: bool = False, optim: str = "sgd", float8: str = "none"):
     """(model, optimizer, mesh | None) for `dims` (None: plain single-process model, no FSDP)."""
-    from parallel import apply_activation_checkpointing, apply_fsdp, build_mesh, compile_blocks, init_distributed
+    from parallel import apply_activation_checkpointing, apply_float8, apply_fsdp, build_mesh, compile_blocks, init_distributed
     from parallel.ulysses import UlyssesContext
 
     model = make_model(frozen=frozen)
+    apply_float8(model, float8)
     mesh = None
     if dims is not None:
         dims = dict(dims)
@@ -134,10 +135,10 @@ def train_step(model, opt, mesh, step: int) -> float:
     return global_loss(loss, mesh)
 
 
-def train_worker(dims: dict[str, Any] | None, steps: int = STEPS, frozen: bool = False, optim: str = "sgd") -> dict[str, Any]:
+def train_worker(dims: dict[str, Any] | None, steps: int = STEPS, frozen: bool = False, optim: str = "sgd", float8: str = "none") -> dict[str, Any]:
     """Run `steps` optimizer steps; losses on all ranks, full parameters from rank 0."""
     torch.manual_seed(0)
-    model, opt, mesh = setup(dims, frozen, optim)
+    model, opt, mesh = setup(dims, frozen, optim, float8)
     losses = [train_step(model, opt, mesh, s) for s in range(steps)]
     params = full_params(model)
     grads_none = {n for n, p in model.named_parameters() if not p.requires_grad and p.grad is None}
@@ -151,9 +152,9 @@ def jobs_worker(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [train_worker(**job) for job in jobs]
 
 
-def reference(steps: int = STEPS, frozen: bool = False, optim: str = "sgd") -> dict[str, Any]:
+def reference(steps: int = STEPS, frozen: bool = False, optim: str = "sgd", float8: str = "none") -> dict[str, Any]:
     """Single process, plain model (no process group, no FSDP, no CP)."""
-    return train_worker(None, steps, frozen, optim)
+    return train_worker(None, steps, frozen, optim, float8)
 
 
 # Tolerance of every parity test (fp32 on CPU, SGD+momentum, 3 steps): losses and parameters.

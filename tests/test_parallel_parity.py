@@ -73,3 +73,21 @@ def test_compile_with_cp_and_ac(ref):
     jobs = [{"dims": {"cp": 2, "compile": True, "activation_checkpoint": "full"}}]
     results = run_distributed(jobs_worker, 2, jobs, timeout=400)[0]
     _check(results, ref, ["cp2 + compile + full AC"])
+
+
+def test_float8_under_fsdp_and_cp():
+    """FP8 GEMMs (parallel.float8) with FSDP2 and with Ulysses CP train like the single-process FP8 run.
+
+    Not bitwise: dynamic FP8 scales of the weight-gradient GEMM are taken over the tokens each
+    rank holds, so a split batch rounds differently; the tolerance is half the
+    FP8-vs-fp32 difference (a sharded run that lost its FP8 GEMMs, or broke them, fails)."""
+    ref8 = reference(float8="rowwise")
+    jobs = [{"dims": {"dp_shard": 2}, "float8": "rowwise"}, {"dims": {"cp": 2}, "float8": "rowwise"}]
+    results = run_distributed(jobs_worker, 2, jobs, timeout=300)[0]
+    fp32 = reference()
+    gap = max((ref8["params"][k] - fp32["params"][k]).abs().max().item() for k in fp32["params"])
+    assert gap > 1e-5, "the FP8 reference must differ from the fp32 one"
+    for label, got in zip(["fsdp2 + fp8", "cp2 + fp8"], results):  # observed: gap / 12 (FSDP), gap / 4 (CP)
+        diff = max((got["params"][k] - ref8["params"][k]).abs().max().item() for k in ref8["params"])
+        assert diff < gap / 2, f"{label}: parameters differ by {diff:.2e} from single-process FP8 (FP8 vs fp32: {gap:.2e})"
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref8["losses"]), rtol=1e-3, atol=1e-5)

@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from launch.config import LaunchConfig
 from parallel.config import ParallelConfig
+from parallel.float8 import RECIPES as FLOAT8_RECIPES
 from serving.config import ServingConfig
 from titan_world.data.config import DataConfig
 from titan_world.eval.config import EvalConfig
@@ -154,6 +155,9 @@ def validate(cfg: TitanConfig) -> None:
         raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: expected none, full, selective or attention")
     if not 0 <= p.ac_skip_last <= cfg.model.num_layers:
         raise ConfigError(f"parallel.ac_skip_last={p.ac_skip_last}: expected 0 .. model.num_layers={cfg.model.num_layers} (blocks left un-checkpointed)")
+    for key, recipe in (("parallel.float8", p.float8), ("serving.float8", cfg.serving.float8)):
+        if recipe not in FLOAT8_RECIPES:
+            raise ConfigError(f"{key}={recipe!r}: expected one of {', '.join(FLOAT8_RECIPES)}")
     if p.cp_backend not in ("native", "deepspeed"):
         raise ConfigError(f"parallel.cp_backend={p.cp_backend!r}: expected native or deepspeed")
     for i, stage in enumerate(cfg.train.stages):

@@ -136,7 +136,10 @@ def _sample_seed(seed: int, step: int, episode_id: str, start_frame: int) -> int
 
 class Trainer:
     def __init__(self, cfg: TitanConfig, resume: bool = False):
-        from parallel import Checkpointer, UlyssesContext, apply_activation_checkpointing, apply_fsdp, build_mesh, compile_blocks, init_distributed
+        from parallel import (
+            Checkpointer, UlyssesContext, apply_activation_checkpointing, apply_float8, apply_fsdp, build_mesh, compile_blocks,
+            init_distributed,
+        )
 
         self.cfg, t = cfg, cfg.train
         self.rank, self.world, self.device = init_distributed()
@@ -159,9 +162,11 @@ class Trainer:
         else:
             self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         cp = UlyssesContext.from_mesh(self.mesh, cfg.parallel.cp_backend)
+        self.float8_layers = 0
         for _, net in networks(model):
             net.set_attn_backend(net.attn_backend, self.device.type)
             net.set_context_parallel(cp)
+            self.float8_layers += apply_float8(net, cfg.parallel.float8)
             apply_activation_checkpointing(net, cfg.parallel)
             if cfg.parallel.compile:
                 compile_blocks(net)
@@ -348,7 +353,8 @@ class Trainer:
             log.message(f"[train] {self.weights_note}")
         log.message(f"[train] run dir {self.run_dir}; {self.total_steps} steps over stages "
                     + ", ".join(f"{s.name} ({s.frames} frames, shift {s.shift}, steps {s.start}-{s.end})" for s in self.stages)
-                    + f"; {self.world} rank(s), mesh {self.mesh}")
+                    + f"; {self.world} rank(s), mesh {self.mesh}"
+                    + (f"; FP8 GEMMs ({cfg.parallel.float8}) in {self.float8_layers} linear layers" if self.float8_layers else ""))
         rc = 0
         try:
             while pos["step"] < self.total_steps:
