@@ -120,9 +120,10 @@ class KVStep:
 def cached_attention(kv: KVStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """Attend over the cache's visible keys plus this chunk's, then (clean pass) commit the chunk.
 
-    Kept out of torch.compile on purpose: the cache's layer index, fill level and ring slot are
-    Python ints that change from layer to layer and chunk to chunk, and a compiled block would
-    specialise (recompile) on each; the attention kernel itself is one SDPA call either way.
+    Kept out of torch.compile on purpose: the cache's layer index and fill level are Python ints
+    that change from layer to layer (and chunk to chunk until the cache is full), and a compiled
+    block would specialise (recompile) on each; the attention kernel is one SDPA call either way.
+    (CUDA graphs capture it regardless: serving/graphs.py.)
     """
     k_all, v_all = kv.cache.attend_region(kv.layer, k, v)
     out = attention(q, k_all, v_all, None, backend)
