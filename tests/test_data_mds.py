@@ -191,3 +191,52 @@ def test_two_ranks_disjoint_and_cover(dataset):
     assert not set(results[0]) & set(results[1])
     assert set(results[0]) | set(results[1]) == {f"synth-{i:08d}" for i in range(12)}
     assert leaked_shm_files(before) == []  # ours only: other jobs on the machine come and go
+
+
+def _open_while_another_job_registers(out: str) -> int:
+    """Rank 0 scans for a free prefix; then "another job" takes that prefix (rank 1 makes the file)
+    and rank 1 scans: without agreement the two ranks pick different prefixes."""
+    import torch.distributed as dist
+    from multiprocessing.shared_memory import SharedMemory
+
+    from parallel.distributed import init_distributed
+    from streaming.base.constant import SHM_TO_CLEAN
+    from streaming.base.shared import prefix
+
+    rank, _, _ = init_distributed()
+    real_scan, other_job = prefix._check_and_find, []
+
+    def scan(local, remote, shm_name):
+        if not other_job and rank == 0:
+            found = real_scan(local, remote, shm_name)
+            other_job.append(None)
+            dist.barrier()
+            return found
+        if not other_job:  # rank 1: wait for rank 0's scan, then register its pick as another job would
+            dist.barrier()
+            taken = real_scan(local, remote, shm_name)
+            other_job.append(SharedMemory(f"{taken:06}_{SHM_TO_CLEAN[0]}", create=True, size=8))
+        return real_scan(local, remote, shm_name)
+
+    prefix._check_and_find = scan
+    try:
+        cfg = load_config(None, [f"data.path={out}", "data.height=32", "data.width=32"])
+        loader = build_train_loader(cfg, 9, rank, 2, seed=3, batch_size=2)
+        picked = loader.dataset._shm_prefix_int
+        next(iter(loader))
+        loader.close()
+    finally:
+        prefix._check_and_find = real_scan
+        if other_job and other_job[-1] is not None:
+            other_job[-1].close()
+            other_job[-1].unlink()
+    return picked
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_the_shared_memory_prefix_when_another_job_starts(dataset):
+    from dist_utils import run_distributed
+
+    _, out = dataset
+    picks = run_distributed(_open_while_another_job_registers, 2, str(out), timeout=120)
+    assert picks[0] == picks[1]

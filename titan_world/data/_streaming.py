@@ -8,7 +8,8 @@ Shared-memory hygiene: streaming keeps its coordination state in `/dev/shm/<pref
 file locks in the temp dir. `streaming.base.util.clean_stale_shared_memory()` unlinks *every*
 prefix (live ones of other jobs too), so on a shared machine (or under pytest-xdist) we use
 `release_prefix` for our own datasets and `clean_stale_shared_memory` below, which only removes
-prefixes that no live process maps.
+prefixes that no live process maps. `_agree_on_prefix` closes a race of streaming's prefix choice
+between the ranks of a node.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import glob
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
 import types
@@ -41,6 +43,40 @@ __all__ = [
     "merge_index",
     "leaked_shm_files",
 ]
+
+def _agree_on_prefix() -> None:
+    """Make the ranks of a node agree on the shared-memory prefix of a new dataset.
+
+    streaming lets every rank scan /dev/shm for the first free prefix on its own; the node's local
+    leader then registers *its* pick and the others look for *theirs*. When another job on the
+    node registers a prefix between two ranks' scans (two jobs starting at once: two SLURM jobs
+    sharing a node, or parallel tests), the ranks pick different prefixes and the job dies with
+    "shared memory prefix=N was not registered by local leader". Here each rank's pick is
+    exchanged and every rank takes the largest pick of its node: free when that rank scanned, and
+    the scans of a node run between the same two barriers. One small all-gather per dataset.
+    """
+    from streaming.base.shared import prefix as _prefix
+
+    scan = _prefix._check_and_find_retrying
+    if getattr(scan, "agreed_by_node", False):
+        return
+
+    def agreed(*args, **kwargs) -> int:
+        pick = scan(*args, **kwargs)
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return pick
+        node = socket.gethostname()
+        picks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(picks, (node, pick))
+        return max(p for n, p in picks if n == node)
+
+    agreed.agreed_by_node = True  # type: ignore[attr-defined]
+    _prefix._check_and_find_retrying = agreed
+
+
+_agree_on_prefix()
 
 _SHM_RE = re.compile(r"^(\d{6})_(%s)$" % "|".join(SHM_TO_CLEAN))
 
