@@ -16,22 +16,17 @@ Tiny sizes: 32x32 video (16 tokens per latent frame), 2 student sigmas, 2-chunk 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from dist_utils import run_distributed
+from posttrain_runs import COMMON, records, save_teacher, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(name="posttrain_fsdp")]
 
 DMD_STEPS = 3
-COMMON = ["data.height=32", "data.width=32", "data.synth_episodes=4", "data.synth_seconds=1.0", "run.progress=false",
-          "run.wandb=disabled", "train.ckpt_every=0", "posttrain.batch_size=1", "posttrain.clip_frames=9",
-          "posttrain.denoise_steps=[1000,500]", "posttrain.rollout_chunks=2", "posttrain.grad_chunks=2",
-          "posttrain.fake_updates=1", "posttrain.gan_weight=0.1", "posttrain.student_lr=1e-3", "posttrain.fake_lr=1e-3",
-          "posttrain.causal_lr=1e-3", "train.grad_clip=0.002"]  # every step clips: the norm over shards must be the full one
 
 
 def _cfg(tmp: Path, run: str, fsdp: bool, *extra: str, teacher: str = "teacher"):
@@ -40,10 +35,6 @@ def _cfg(tmp: Path, run: str, fsdp: bool, *extra: str, teacher: str = "teacher")
     path = tmp / teacher
     return load_config(None, [f"run.dir={tmp / run}", f"data.path={tmp / 'data'}", f"posttrain.teacher={path}",
                               f"posttrain.student={path}", f"posttrain.fsdp={str(fsdp).lower()}", *COMMON, *extra])
-
-
-def _losses(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _local(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -132,45 +123,33 @@ def all_jobs(tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from titan_world.config import load_config
     from titan_world.data.loader import ensure_synthetic_dataset
-    from titan_world.model import build_model, save_pretrained
 
     tmp = tmp_path_factory.mktemp("posttrain_fsdp")
-    torch.manual_seed(0)
-    teacher = build_model(load_config(None, ["model.action.enabled=true"]).model)
-    for p in teacher.head.parameters():  # Wan zero-inits the head: give the scores a signal
-        p.data.normal_(0, 0.02)
-    save_pretrained(teacher, tmp / "teacher")
-    save_pretrained(build_model(load_config(None, ["model.action.enabled=true", "model.num_experts=2"]).model), tmp / "moe")
+    save_teacher(tmp / "teacher")
+    save_teacher(tmp / "moe", "model.num_experts=2")
     ensure_synthetic_dataset(_cfg(tmp, "data", True), progress=False)
     ranks = run_distributed(all_jobs, 2, tmp, timeout=300)
     return tmp, ranks
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("stage,keys", [("causal", ["loss", "grad_norm"]),
                                         ("dmd", ["fake_loss", "d_loss", "dmd_loss", "g_loss", "critic_grad_norm", "student_grad_norm"])])
 def test_fsdp_matches_allreduce(runs, stage, keys):
     tmp, _ = runs
-    ref, got = _losses(tmp / f"{stage}-allreduce"), _losses(tmp / f"{stage}-fsdp")
+    ref, got = records(tmp / f"{stage}-allreduce"), records(tmp / f"{stage}-fsdp")
     assert [r["step"] for r in got] == [r["step"] for r in ref] and len(ref) >= 2
     for a, b in zip(ref, got):
         for k in keys:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (stage, a["step"], k)
-    full, sharded = _weights(tmp / f"{stage}-allreduce" / "model"), _weights(tmp / f"{stage}-fsdp" / "model")
+    full, sharded = weights(tmp / f"{stage}-allreduce" / "model"), weights(tmp / f"{stage}-fsdp" / "model")
     assert full.keys() == sharded.keys()
     # The export gathered the whole student from the shards. atol = 1% of one lr step: the
     # gradients agree to float rounding (reduce-scatter vs all-reduce, a norm summed over shards),
     # and DMD's AdamW (beta1 = 0) turns a gradient near its eps into a step of any size up to lr.
     for k in full:
         torch.testing.assert_close(sharded[k], full[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{stage} {k}: {m}")
-    teacher = _weights(tmp / "teacher")
+    teacher = weights(tmp / "teacher")
     assert max(float((full[k] - teacher[k]).abs().max()) for k in full) > 1e-4, "the stage must move the student"
 
 
@@ -201,7 +180,7 @@ def test_moe_teacher_and_fake_shard_each_expert(runs):
     for rank, res in enumerate(ranks):
         for net, share in res["moe_shares"].items():
             assert 0.4 < share < 0.6, (rank, net, share)
-    rec = _losses(tmp / "dmd-moe")
+    rec = records(tmp / "dmd-moe")
     assert len(rec) == 2 and all(torch.isfinite(torch.tensor([r["dmd_loss"], r["fake_loss"], r["g_loss"]])).all() for r in rec)
     assert min(r["sigma"] for r in rec) < 0.9 < max(r["sigma"] for r in rec), "both experts must have been used"
     assert (tmp / "dmd-moe" / "model" / "config.json").is_file()
@@ -209,7 +188,7 @@ def test_moe_teacher_and_fake_shard_each_expert(runs):
 
 def test_fsdp_resume_reproduces_uninterrupted_losses(runs):
     tmp, _ = runs
-    full, cut = _losses(tmp / "dmd-fsdp"), _losses(tmp / "dmd-cut")
+    full, cut = records(tmp / "dmd-fsdp"), records(tmp / "dmd-cut")
     assert [r["step"] for r in cut] == list(range(DMD_STEPS))
     for a, b in zip(full, cut):
         for k in ("fake_loss", "d_loss", "dmd_loss", "g_loss"):

@@ -35,7 +35,7 @@ def _trainer(ac: str = "none", dtype: str = "auto", sharding=None) -> tuple[DMDT
                            window_frames=4, teacher_dtype=dtype)
     student, teacher = tiny(), tiny()
     fake = copy.deepcopy(teacher)
-    tr = DMDTrainer(student, teacher, fake, pcfg, rank=dist.get_rank() if dist.is_initialized() else 0, sharding=sharding,
+    tr = DMDTrainer(student, teacher, fake, pcfg, dp_rank=dist.get_rank() if dist.is_initialized() else 0, sharding=sharding,
                     parallel=ParallelConfig(activation_checkpoint=ac))
     batch = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4), torch.zeros(2, 8, 16))
     return tr, batch

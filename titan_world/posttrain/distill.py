@@ -14,12 +14,14 @@ Scores see a *window* of the rollout: the frame just before the last K chunks (g
 as the teacher's I2V/V2V conditioning) followed by those K chunks — the frames that carry
 gradient. The real-data window for the discriminator has the same frame indices in the clip.
 All randomness of a step comes from generators seeded by (seed, step[, rank]): exit steps and
-DMD sigmas are shared by all ranks (same count of passes, same MoE expert), noise is per rank,
+DMD sigmas are shared by all ranks (same count of passes, same MoE expert), noise is per
+data-parallel rank (the CP ranks of a group share it),
 and a resumed run replays the same numbers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -35,7 +37,7 @@ from titan_world.posttrain.dmd import ScoreInputs, dmd_step_loss, draw_sigma, fa
 from titan_world.posttrain.gan import FeatureTap, GANHead, d_loss, frozen, g_loss
 from titan_world.posttrain.memory import checkpoint_fake_score, store_teacher, teacher_dtype
 from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
-from titan_world.posttrain.sharding import Sharding
+from titan_world.posttrain.sharding import Sharding, experts_of
 
 
 class Critic(nn.Module):
@@ -46,15 +48,18 @@ class Critic(nn.Module):
         self.fake, self.head = fake, head
 
 
-def step_generators(seed: int, step: int, rank: int, sub: int) -> tuple[torch.Generator, torch.Generator]:
-    """(shared across ranks, per rank) generators for update `sub` of step `step`."""
+def step_generators(seed: int, step: int, dp_rank: int, sub: int) -> tuple[torch.Generator, torch.Generator]:
+    """(shared by all ranks, per data-parallel rank) generators for update `sub` of step `step`.
+    The CP ranks of one group share a clip, so they share its noise too."""
     shared = torch.Generator().manual_seed(hash((seed, step, sub, 0)) % 2**63)
-    local = torch.Generator().manual_seed(hash((seed, step, sub, rank, 1)) % 2**63)
+    local = torch.Generator().manual_seed(hash((seed, step, sub, dp_rank, 1)) % 2**63)
     return shared, local
 
 
 def sync_grads(params: Iterable[nn.Parameter]) -> None:
-    """Average gradients over ranks (data parallel without FSDP; no-op on one process)."""
+    """Average gradients over all ranks (data parallel without FSDP; no-op on one process). With
+    context parallelism too: the mean over the CP ranks of their scaled partial gradients is the
+    full gradient (`parallel.ulysses`' convention)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     for p in params:
@@ -113,10 +118,10 @@ class DMDTrainer:
     meta device (`loop.network`) are filled by `fill` right after sharding, each rank its shards;
     `device` is then where they live (default: where the fake score's parameters are)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, rank: int = 0,
+    def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, dp_rank: int = 0,
                  grad_clip: float = 1.0, sharding: Sharding | None = None, parallel: ParallelConfig | None = None,
                  device: torch.device | str | None = None, fill: Callable[[], None] | None = None):
-        self.student, self.teacher, self.pcfg, self.seed, self.rank, self.grad_clip = student, teacher, pcfg, seed, rank, grad_clip
+        self.student, self.teacher, self.pcfg, self.seed, self.dp_rank, self.grad_clip = student, teacher, pcfg, seed, dp_rank, grad_clip
         self.sharding = sharding
         device = torch.device(device) if device is not None else next(fake.parameters()).device
         store_teacher(teacher, teacher_dtype(pcfg.teacher_dtype, device))
@@ -147,6 +152,11 @@ class DMDTrainer:
         lay = self.layout(batch)
         if batch.latents.shape[2] < lay.num_frames:
             raise ValueError(f"clip has {batch.latents.shape[2]} latent frames; the rollout needs {lay.num_frames} (posttrain.rollout_chunks)")
+        cp = self.student.cp
+        _, h, w = self.student.token_grid(batch.latents.shape)
+        if cp is not None and (h * w) % cp.size:
+            raise ValueError(f"parallel.cp={cp.size}: a latent frame has {h}x{w} = {h * w} tokens; the rollout's cached passes split "
+                             "every chunk over the CP ranks, so it must be divisible by the CP degree (change data.height/width or parallel.cp)")
         acts = batch.actions.slice(0, lay.num_frames) if batch.actions is not None else None
         inp = RolloutInputs(batch.latents[:, :, :1], batch.context, acts, lay, self.student.cfg.cond_channels > 0)
         exits = sample_exit_steps(len(lay.chunks()), len(self.sigmas), shared)
@@ -173,7 +183,19 @@ class DMDTrainer:
         nb = noised(inp, sigma, noise)
         with self.tap.capture() as feats:
             velocity(route(self.critic.fake, sigma), nb.x_t, nb.t, inp, nb.cond)
-        return self.critic.head([feats[i] for i in self.tap.blocks])
+        return self._discriminate(feats, inp)
+
+    def _discriminate(self, feats: dict[int, torch.Tensor], inp: ScoreInputs, detach: bool = False) -> torch.Tensor:
+        """GAN head logits from the tapped block outputs of a fake-score pass over `inp`. Under
+        context parallelism every rank tapped its shard of the sequence: the shards are gathered
+        (padding dropped) so the learned queries attend to every token, as on one rank; the
+        gather's backward hands each rank its own tokens' gradient (`parallel.ulysses`)."""
+        hs = [feats[i].detach() if detach else feats[i] for i in self.tap.blocks]
+        cp = experts_of(self.critic.fake)[0].cp
+        if cp is not None:
+            tokens = math.prod(self.student.token_grid(inp.latents.shape))
+            hs = [cp.gather(h, 1)[:, :tokens] for h in hs]
+        return self.critic.head(hs)
 
     def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
         opt.zero_grad(set_to_none=True)
@@ -184,7 +206,7 @@ class DMDTrainer:
 
     # -- updates --------------------------------------------------------------------------------
     def critic_update(self, batch: Batch, step: int, sub: int) -> dict[str, float]:
-        shared, local = step_generators(self.seed, step, self.rank, sub)
+        shared, local = step_generators(self.seed, step, self.dp_rank, sub)
         with torch.no_grad():
             sample = self.rollout(batch, shared, local, grad=False).latents
         inp = self.window(batch, sample)
@@ -197,13 +219,13 @@ class DMDTrainer:
         else:
             with self.tap.capture() as feats:
                 loss = fake_score_loss(self.critic.fake, inp, sigma, noise)
-            logit_fake = head([feats[i].detach() for i in self.tap.blocks])  # the trunk never sees L_D
+            logit_fake = self._discriminate(feats, inp, detach=True)  # the trunk never sees L_D
             real = self.window(batch, batch.latents)
             with torch.no_grad():
                 nb = noised(real, sigma, torch.randn(real.latents.shape, generator=local).to(real.latents.device))
                 with self.tap.capture() as rfeats:
                     velocity(route(self.critic.fake, sigma), nb.x_t, nb.t, real, nb.cond)
-            logit_real = head([rfeats[i] for i in self.tap.blocks])
+            logit_real = self._discriminate(rfeats, real)
             ld = d_loss(logit_real, logit_fake)
             out.update(d_loss=float(ld.detach()), d_real=float(logit_real.detach().mean()), d_fake=float(logit_fake.detach().mean()))
             out["fake_loss"] = float(loss.detach())
@@ -214,7 +236,7 @@ class DMDTrainer:
         return out
 
     def student_update(self, batch: Batch, step: int) -> dict[str, float]:
-        shared, local = step_generators(self.seed, step, self.rank, self.pcfg.fake_updates)
+        shared, local = step_generators(self.seed, step, self.dp_rank, self.pcfg.fake_updates)
         roll = self.rollout(batch, shared, local, grad=True)
         inp = self.window(batch, roll.latents)
         sigma = self._sigma(shared)

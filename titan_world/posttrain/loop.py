@@ -6,10 +6,12 @@ trainer's `MetricsLogger`, the final student exported with `save_pretrained`-com
 `export_model` to RUN_DIR/model/ (with `causal_chunk_frames` set, so `generate`/`serve` stream
 it), SIGUSR1/SIGTERM -> checkpoint -> exit 75.
 
-Several ranks are data parallel (each its own clips). With `posttrain.fsdp` (default) the
-networks are FSDP2-sharded over the ranks (`sharding.py`; the checkpoint holds DCP shards, the
-export gathers the full student); `posttrain.fsdp=false` keeps full replicas and all-reduces
-gradients (`distill.sync_grads`).
+Several ranks form the pretraining mesh (`parallel.dp_replicate x dp_shard x cp`). The
+data-parallel ranks read their own clips and draw their own noise; the `parallel.cp` ranks of one
+group share a clip and its noise and split every sequence with Ulysses (`sharding.set_context_parallel`).
+With `posttrain.fsdp` (default) the networks are FSDP2-sharded over dp_shard x cp (`sharding.py`;
+the checkpoint holds DCP shards, the export gathers the full student); `posttrain.fsdp=false`
+keeps full replicas and all-reduces gradients (`distill.sync_grads`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from parallel.ulysses import UlyssesContext
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.posttrain.causal import ChunkLayout, diffusion_forcing_loss, forcing_sigmas
 from titan_world.posttrain.distill import Batch, DMDTrainer, average_and_clip
 from titan_world.posttrain.memory import teacher_dtype
-from titan_world.posttrain.sharding import Sharding
+from titan_world.posttrain.sharding import Sharding, set_context_parallel
 
 DEMO_TEACHER = Path("runs/demo/train/model")
 DEMO_STUDENT = Path("runs/demo/causal/model")
@@ -168,14 +171,27 @@ def latent_frames_of(video_frames: int) -> int:
 
 
 # -- the loop ----------------------------------------------------------------------------------------
-def sharding_for(cfg: TitanConfig, world: int, device: torch.device) -> Sharding | None:
+def job_mesh(cfg: TitanConfig, world: int, device: torch.device):
+    """The job's `ParallelMesh` (None on one process): data-parallel rank and size for the loader
+    and the noise, the CP group for Ulysses, the FSDP mesh. The config errors name the keys."""
+    if world == 1:
+        if cfg.parallel.cp != 1:
+            raise ConfigError(f"parallel.cp={cfg.parallel.cp}: one process has no context parallelism; launch with --nproc N (a multiple of it)")
+        return None
+    from parallel.mesh import build_mesh
+
+    try:
+        return build_mesh(cfg.parallel, world, device.type)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def sharding_for(cfg: TitanConfig, mesh) -> Sharding | None:
     """FSDP2 sharding when the job has several ranks and `posttrain.fsdp` is on, else None
     (one process, or full replicas with gradient all-reduce)."""
-    if world == 1 or not cfg.posttrain.fsdp:
+    if mesh is None or not cfg.posttrain.fsdp:
         return None
-    if cfg.parallel.cp != 1:
-        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: post-training has no context parallelism; expected 1")
-    return Sharding.build(cfg.parallel, world, device)
+    return Sharding(mesh, cfg.parallel)
 
 
 class PostTrainJob:
@@ -188,6 +204,7 @@ class PostTrainJob:
 
         self.cfg, self.resume = cfg, resume
         self.rank, self.world, self.device = init_distributed()
+        self.mesh = job_mesh(cfg, self.world, self.device)  # before any work: a bad mesh is a config error
         torch.manual_seed(cfg.train.seed)  # new modules (GAN head) start identical on every rank and run
         if self.world > 1:  # every rank must use rank 0's run dir
             box = [str(resolve_run_dir(cfg)) if self.rank == 0 else None]
@@ -198,10 +215,20 @@ class PostTrainJob:
             save_config(cfg, self.run_dir / "config.yaml")
         self.total = cfg.train.steps if cfg.train.steps is not None else self.default_steps()
         self.progress = {"step": 0}
-        self.sharding = sharding_for(cfg, self.world, self.device)
+        self.dp_rank, self.dp_size = (self.mesh.dp_rank, self.mesh.dp_size) if self.mesh is not None else (0, 1)
+        self.cp = UlyssesContext.from_mesh(self.mesh, cfg.parallel.cp_backend) if self.mesh is not None else None
+        self.sharding = sharding_for(cfg, self.mesh)
         if self.world > 1:
-            how = f"networks FSDP2-sharded, mesh {self.sharding.mesh}" if self.sharding else "full replicas, gradient all-reduce (posttrain.fsdp=false)"
-            log(f"{self.world} ranks: {how}")
+            how = "networks FSDP2-sharded" if self.sharding else "full replicas, gradient all-reduce (posttrain.fsdp=false)"
+            log(f"{self.world} ranks, {self.mesh}: {how}" + (f"; Ulysses over {self.mesh.cp} ranks" if self.mesh.cp > 1 else ""))
+
+    def spread(self, net: torch.nn.Module) -> torch.nn.Module:
+        """Put `net` (every expert of an MoE) on the job's CP group; no-op without CP."""
+        if self.cp is not None and self.cp.size > 1:
+            heads = net.cfg.num_heads
+            if heads % self.cp.size:
+                raise ConfigError(f"parallel.cp={self.cp.size}: the network has {heads} attention heads; Ulysses needs them divisible by the CP degree")
+        return set_context_parallel(net, self.cp)
 
     def default_steps(self) -> int:
         raise NotImplementedError
@@ -265,7 +292,7 @@ class CausalJob(PostTrainJob):
         self.teacher_path = resolve_teacher(cfg, self.run_dir)
         log(f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); {self.total} steps")
         pending = [] if self.sharding is not None else None
-        self.student = network(self.teacher_path, self.device, pending, student=True).train()
+        self.student = self.spread(network(self.teacher_path, self.device, pending, student=True).train())
         from parallel.checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(self.student, cfg.parallel)  # safe here (no-op for "none"): stage 1 has no KV cache
@@ -274,7 +301,7 @@ class CausalJob(PostTrainJob):
             fill_pending(pending, self.device)
         self.use_actions = self.student.action_embedding is not None
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=p.causal_lr, betas=(0.9, 0.99), weight_decay=0.0)
-        self.loader = make_loader(cfg, p.clip_frames, self.rank, self.world, cfg.train.seed)
+        self.loader = make_loader(cfg, p.clip_frames, self.dp_rank, self.dp_size, cfg.train.seed)
         self.layout = ChunkLayout(latent_frames_of(p.clip_frames), 1, p.chunk_frames)
 
     def default_steps(self) -> int:
@@ -286,7 +313,7 @@ class CausalJob(PostTrainJob):
     def train_step(self, step: int, raw: dict) -> dict:
         p = self.cfg.posttrain
         b = Batch.from_loader(raw, self.use_actions, self.device)
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.train.seed}/{step}/{self.rank}".encode()))
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.train.seed}/{step}/{self.dp_rank}".encode()))
         sigma = forcing_sigmas(b.latents.shape[0], self.layout, p.forcing_timesteps, gen)
         noise = torch.randn(b.latents.shape, generator=gen).to(self.device)
         out = diffusion_forcing_loss(self.student, b.latents, b.context, sigma, noise, self.layout, actions=b.actions,
@@ -313,16 +340,16 @@ class DMDJob(PostTrainJob):
             student_path = self.teacher_path
         log(f"dmd: teacher {self.teacher_path}, student {student_path}; {self.total} steps x ({p.fake_updates} critic + 1 student) updates")
         pending = [] if self.sharding is not None else None  # sharded: meta-built, filled per shard after sharding
-        teacher = network(self.teacher_path, self.device, pending, teacher_dtype(p.teacher_dtype, self.device))  # stored as it will be used
-        self.student = network(student_path, self.device, pending, student=True).train()
-        fake = network(self.teacher_path, self.device, pending).train()  # fake score: initialised from the teacher
-        self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, rank=self.rank, grad_clip=cfg.train.grad_clip,
+        teacher = self.spread(network(self.teacher_path, self.device, pending, teacher_dtype(p.teacher_dtype, self.device)))  # stored as it will be used
+        self.student = self.spread(network(student_path, self.device, pending, student=True).train())
+        fake = self.spread(network(self.teacher_path, self.device, pending).train())  # fake score: initialised from the teacher
+        self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, dp_rank=self.dp_rank, grad_clip=cfg.train.grad_clip,
                                   sharding=self.sharding, parallel=cfg.parallel, device=self.device,
                                   fill=(lambda: fill_pending(pending, self.device)) if pending is not None else None)
         self.use_actions = self.student.action_embedding is not None
         rollout_latents = 1 + p.rollout_chunks * p.chunk_frames
         self.clip_frames = 1 + 4 * (rollout_latents - 1)
-        self.loader = make_loader(cfg, self.clip_frames, self.rank, self.world, cfg.train.seed)
+        self.loader = make_loader(cfg, self.clip_frames, self.dp_rank, self.dp_size, cfg.train.seed)
         self.progress.update(self.trainer.counts)
 
     def default_steps(self) -> int:

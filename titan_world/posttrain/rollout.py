@@ -114,8 +114,9 @@ def self_rollout(
     exits = exit_steps if exit_steps is not None else [len(sigmas) - 1] * len(chunks)
     b, c, p, h, w = inp.given.shape
     tpf = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    heads = cfg.num_heads // (model.cp.size if model.cp is not None else 1)  # Ulysses: this rank's heads, every token
     cache = KVCache(
-        cfg.num_layers, b, cfg.num_heads, cfg.head_dim, tpf, sink_frames=sink_frames, window_frames=window_frames,
+        cfg.num_layers, b, heads, cfg.head_dim, tpf, sink_frames=sink_frames, window_frames=window_frames,
         chunk_frames=max(lay.chunk_frames, lay.prefix), dtype=cache_dtype or next(model.parameters()).dtype, device=inp.given.device,
     )
     cond = inp.cond()

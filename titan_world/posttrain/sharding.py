@@ -1,4 +1,5 @@
-"""FSDP2 sharding of the post-training networks (student, fake score + GAN head, frozen teacher).
+"""How the post-training networks (student, fake score + GAN head, frozen teacher) are spread over
+ranks: FSDP2 sharding of their parameters, and Ulysses context parallelism of their sequences.
 
 Used when a job runs on more than one rank with `posttrain.fsdp` on (the default); with it off,
 every rank holds full replicas and `distill.sync_grads` all-reduces the gradients instead.
@@ -29,6 +30,16 @@ def experts_of(net: nn.Module) -> list[nn.Module]:
     from titan_world.model.moe import WanMoE
 
     return [net.high, net.low] if isinstance(net, WanMoE) else [net]
+
+
+def set_context_parallel(net: nn.Module, cp) -> nn.Module:
+    """Ulysses on every expert of `net` (a `parallel.UlyssesContext`, or None: off); returns it.
+
+    Every score and rollout pass then runs on this rank's shard of the sequence and its share of
+    the attention heads; outputs are gathered, so the losses are the same on every CP rank."""
+    for expert in experts_of(net):
+        expert.set_context_parallel(cp)
+    return net
 
 
 @dataclass
