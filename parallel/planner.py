@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .checkpointing import checkpointed_block_ids
 
-__all__ = ["Plan", "plan", "format_plan", "recommend", "format_recommendations", "param_count", "num_tokens",
+__all__ = ["Plan", "plan", "format_plan", "recommend", "format_recommendations", "param_count", "block_params", "num_tokens",
            "max_ac_skip", "a2a_cost", "fsdp_comm_cost", "cluster_prediction"]
 
 GB = 1e9
@@ -38,7 +38,7 @@ def num_tokens(frames: int, height: int, width: int, patch=(1, 2, 2), vae_stride
     return (lat_f // patch[0]) * (height // vae_stride[1] // patch[1]) * (width // vae_stride[2] // patch[2])
 
 
-def _block_params(d: int, ffn: int) -> int:
+def block_params(d: int, ffn: int) -> int:
     attn = 4 * (d * d + d) + 2 * d  # q k v o + norm_q/norm_k
     return 2 * attn + 2 * d + (d * ffn + ffn + ffn * d + d) + 6 * d  # self + cross + norm3 + ffn + modulation
 
@@ -50,7 +50,7 @@ def param_count(cfg) -> int:
     text = cfg.text_dim * d + d + d * d + d
     time = cfg.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d
     head = d * cfg.out_dim * p[0] * p[1] * p[2] + cfg.out_dim * p[0] * p[1] * p[2] + 2 * d
-    return cfg.num_layers * _block_params(d, ffn) + patch + text + time + head
+    return cfg.num_layers * block_params(d, ffn) + patch + text + time + head
 
 
 @dataclass
@@ -103,7 +103,7 @@ def plan(
     n = param_count(model_cfg)
     shard = dp_shard * cp
     d, ffn, layers = model_cfg.dim, model_cfg.ffn_dim, model_cfg.num_layers
-    block = _block_params(d, ffn)
+    block = block_params(d, ffn)
     tokens = num_tokens(frames, height, width, tuple(model_cfg.patch_size), vae_stride)
     local_tokens = micro_batch * math.ceil(tokens / cp)
     full_per_block = local_tokens * (20 * d + 2 * ffn) * 2

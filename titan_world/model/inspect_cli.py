@@ -137,6 +137,34 @@ def memory_plan(cfg: ModelConfig, args: argparse.Namespace, stride: int) -> tupl
     return text, {name: (dataclasses.asdict(p) if p else None) for name, p in recs}
 
 
+def posttrain_memory_plan(target: str, source: str, cfg: ModelConfig, args: argparse.Namespace, stride: int) -> tuple[str, dict]:
+    """--posttrain: stage 2 (DMD) per GPU for the config's `posttrain` section (defaults for a model
+    file or checkpoint): the student is one expert of `cfg`, the teacher and fake score all of it."""
+    import copy
+    import dataclasses
+
+    from titan_world.posttrain.config import PostTrainConfig
+    from titan_world.posttrain.plan import format_posttrain_plan, posttrain_plan, smallest_mesh
+
+    full = load_config(target) if source.startswith("config ") else None  # (see resolve_target)
+    pcfg = full.posttrain if full is not None else PostTrainConfig()
+    fake_ac = full.parallel.activation_checkpoint if full is not None else "full"
+    student = copy.deepcopy(cfg)
+    student.num_experts = 1
+    kw = dict(teacher_experts=cfg.num_experts, teacher_bytes=4 if pcfg.teacher_dtype == "float32" else 2, fake_ac=fake_ac,
+              gpu_mem_gb=args.gpu_mem, vae_stride=stride)
+    if args.cp:
+        plan = posttrain_plan(student, pcfg, args.height, args.width, gpus=args.gpus, cp=args.cp, **kw)
+        head = ""
+    else:
+        plan = smallest_mesh(student, pcfg, args.height, args.width, **kw)
+        if plan is None:
+            return f"post-training stage 2: no mesh of up to 1024 {args.gpu_mem:.0f} GB GPUs fits", {"fits": False}
+        head = f"smallest mesh that fits {args.gpu_mem:.0f} GB GPUs (fewest GPUs, then smallest cp; set --gpus/--cp to see another):\n"
+    info = dataclasses.asdict(plan) | {"student_step_gb": plan.student_step_gb, "critic_step_gb": plan.critic_step_gb, "fits": plan.fits}
+    return head + format_posttrain_plan(plan), info
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="?", default="tiny.yaml", help="checkpoint folder / run dir, model config (e.g. wan2.2-i2v-a14b) or full config")
     parser.add_argument("--frames", type=int, default=81, help="video frames (1 + 4k); default 81 (5 s at 16 fps)")
@@ -145,10 +173,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-stride", type=int, default=None, help="codec spatial stride (default: 8 for 16-ch, 16 for 48-ch, 4 for tiny)")
     parser.add_argument("--shapes", action="store_true", help="print parameter shapes (block 0 stands for all blocks)")
     parser.add_argument("--plan", action="store_true", help="per-GPU memory plan (params, grads, optimizer, activations) for a mesh")
-    parser.add_argument("--gpus", type=int, default=8, help="--plan: GPUs in all")
-    parser.add_argument("--cp", type=int, default=None, help="--plan: context-parallel degree (default: the smallest that fits)")
+    parser.add_argument("--gpus", type=int, default=8, help="--plan/--posttrain: GPUs in all")
+    parser.add_argument("--cp", type=int, default=None, help="--plan/--posttrain: context-parallel degree (default: the smallest mesh that fits)")
     parser.add_argument("--ac", default="full", choices=["none", "full", "selective", "attention"], help="--plan: activation checkpointing")
-    parser.add_argument("--gpu-mem", type=float, default=80.0, help="--plan: GPU memory in GB")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="--plan/--posttrain: GPU memory in GB")
+    parser.add_argument("--posttrain", action="store_true",
+                        help="per-GPU memory of post-training stage 2 (DMD) for the config's posttrain section; "
+                             "with --gpus/--cp for that mesh, else the smallest mesh that fits")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -167,6 +198,13 @@ def run(args: argparse.Namespace) -> int:
             plan_text, info["plan"] = memory_plan(cfg, args, stride)
         except ValueError as e:
             print(f"titan-world inspect --plan: {e}", file=sys.stderr)
+            return 2
+    if args.posttrain:
+        try:
+            text, info["posttrain_plan"] = posttrain_memory_plan(args.target, source, cfg, args, stride)
+            plan_text = f"{plan_text}\n{text}" if plan_text else text
+        except (ConfigError, ValueError) as e:
+            print(f"titan-world inspect --posttrain: {e}", file=sys.stderr)
             return 2
     if args.json:
         if not args.shapes:

@@ -351,6 +351,35 @@ class DMDJob(PostTrainJob):
         self.clip_frames = 1 + 4 * (rollout_latents - 1)
         self.loader = make_loader(cfg, self.clip_frames, self.dp_rank, self.dp_size, cfg.train.seed)
         self.progress.update(self.trainer.counts)
+        self.check_memory(teacher)
+
+    def check_memory(self, teacher: torch.nn.Module) -> None:
+        """Stage 2's per-GPU memory on this mesh (`posttrain.plan`), logged on GPU with a warning
+        when it exceeds the device: a 14B job would otherwise load for minutes and then run out of
+        memory in its first rollout. Computed on every device (so CPU runs exercise it)."""
+        from titan_world.posttrain.plan import posttrain_plan
+        from titan_world.posttrain.sharding import experts_of
+
+        if self.world > 1 and self.sharding is None:
+            return  # full replicas: the plan models FSDP
+        cfg, data = self.cfg, self.cfg.data
+        stride = 8 if data.codec.kind == "wan_vae" else data.codec.spatial_stride
+        cuda = self.device.type == "cuda"
+        try:
+            plan = posttrain_plan(self.student.cfg, cfg.posttrain, data.height, data.width, gpus=self.mesh.fsdp_size if self.mesh else 1,
+                                  cp=self.mesh.cp if self.mesh else 1, teacher_experts=len(experts_of(teacher)),
+                                  teacher_bytes=next(teacher.parameters()).dtype.itemsize, fake_ac=cfg.parallel.activation_checkpoint,
+                                  ac_every=cfg.parallel.ac_every,
+                                  gpu_mem_gb=torch.cuda.get_device_properties(self.device).total_memory / 1e9 if cuda else float("inf"),
+                                  vae_stride=stride)
+        except ValueError:
+            return  # a geometry the plan does not cover; the job itself names what is wrong
+        if cuda:
+            log(f"dmd: estimated peak per GPU: student step {plan.student_step_gb:.1f} GB, critic step {plan.critic_step_gb:.1f} GB "
+                f"(titan-world inspect CONFIG --posttrain)")
+            if not plan.fits:
+                log(f"WARNING: that exceeds this GPU's {plan.gpu_mem_gb:.0f} GB: raise parallel.cp (up to 8 in a node), add GPUs, "
+                    "or lower posttrain.grad_chunks / window_frames; `titan-world inspect CONFIG --posttrain --gpu-mem N` finds a mesh")
 
     def default_steps(self) -> int:
         return self.cfg.posttrain.dmd_steps
