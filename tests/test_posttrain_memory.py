@@ -1,5 +1,6 @@
 """Stage-2 memory levers (titan_world/posttrain/memory.py): activation checkpointing on the fake
-score only, and the frozen teacher stored in bf16 (`posttrain.teacher_dtype`).
+score and the student (whose recorded rollout passes then read snapshots of the KV cache), and the
+frozen teacher stored in bf16 (`posttrain.teacher_dtype`).
 
 Every DMD step here has the GAN head on, so the `FeatureTap` path runs through checkpointed
 blocks both in the critic update (L_D on detached features) and in the student update (L_G
@@ -21,18 +22,20 @@ from test_posttrain_units import C, HW, actions, tiny
 from titan_world.model import ModelConfig, build_model
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch, DMDTrainer
-from titan_world.posttrain.memory import checkpoint_fake_score, teacher_dtype
+from titan_world.posttrain.memory import checkpoint_network, teacher_dtype
 
 pytestmark = pytest.mark.xdist_group(name="posttrain_memory")
 
 STEPS = 2
 
 
-def _trainer(ac: str = "none", dtype: str = "auto", sharding=None) -> tuple[DMDTrainer, Batch]:
-    """Same nets, batch and seeds for every call: only `ac` / `dtype` differ."""
+def _trainer(ac: str = "none", dtype: str = "auto", sharding=None, window: int = 4) -> tuple[DMDTrainer, Batch]:
+    """Same nets, batch and seeds for every call: only `ac` / `dtype` / `window` differ. With
+    window 1 the ring of the rollout's cache wraps: each chunk's t = 0 pass overwrites the frame
+    the previous recorded pass attended to, before the backward."""
     torch.manual_seed(0)
     pcfg = PostTrainConfig(chunk_frames=1, rollout_chunks=3, grad_chunks=3, fake_updates=1, gan_weight=0.5, gan_blocks=[1, 3],
-                           window_frames=4, teacher_dtype=dtype)
+                           window_frames=window, teacher_dtype=dtype)
     student, teacher = tiny(), tiny()
     fake = copy.deepcopy(teacher)
     tr = DMDTrainer(student, teacher, fake, pcfg, dp_rank=dist.get_rank() if dist.is_initialized() else 0, sharding=sharding,
@@ -89,19 +92,42 @@ def test_fake_score_ac_gives_the_same_dmd_steps(mode):
     assert attn1[0] > attn0[0], f"{mode}: no fake-score block was recomputed in backward"
 
 
-def test_only_the_fake_score_is_checkpointed():
-    """parallel.activation_checkpoint=full: every fake-score block (both MoE experts) recomputes;
-    the student (rolling KV cache: a recomputed pass would read overwritten K/V) and the frozen
-    teacher (no backward) never do."""
+def test_trained_networks_are_checkpointed_and_the_teacher_never():
+    """parallel.activation_checkpoint=full: every fake-score block (both MoE experts) and every
+    student block recomputes; the frozen teacher (no backward) never does."""
     tr, _ = _trainer("full")
     assert all(_is_checkpointed(b) for b in tr.critic.fake.blocks) and tr.fake_checkpointed == [0, 1, 2, 3]
-    assert not any(_is_checkpointed(b) for b in tr.student.blocks), "the student must never be checkpoint-wrapped"
+    assert all(_is_checkpointed(b) for b in tr.student.blocks) and tr.student_checkpointed == [0, 1, 2, 3]
     assert not any(_is_checkpointed(b) for b in tr.teacher.blocks)
     moe = build_model(ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=3, in_dim=2 * C + 4, out_dim=C, text_dim=16, text_len=8,
                                   num_experts=2))
-    assert checkpoint_fake_score(moe, ParallelConfig(activation_checkpoint="selective", ac_every=2)) == [0, 2]
+    assert checkpoint_network(moe, ParallelConfig(activation_checkpoint="selective", ac_every=2)) == [0, 2]
     assert [_is_checkpointed(b) for e in (moe.high, moe.low) for b in e.blocks] == [True, False, True] * 2
-    assert checkpoint_fake_score(tiny(), ParallelConfig()) == [] and checkpoint_fake_score(tiny(), None) == []
+    assert checkpoint_network(tiny(), ParallelConfig()) == [] and checkpoint_network(tiny(), None) == []
+
+
+@pytest.mark.parametrize("mode", ["full", "attention"])
+def test_checkpointed_student_over_a_wrapping_cache_gives_the_same_dmd_steps(mode):
+    """Window 1: the ring is overwritten between each recorded pass and the backward. With the
+    student checkpointed its recorded passes recompute in backward, reading the snapshots they
+    took, and the steps equal the uncheckpointed ones; without the snapshots (the plain view of
+    the ring) the recomputed passes read other K/V and the student's update differs."""
+    ref_logs, ref_critic, ref_student = _run(*_trainer("none", window=1))
+    tr, batch = _trainer(mode, window=1)
+    assert tr.student_checkpointed == [0, 1, 2, 3]
+    attn = _count_calls([b.self_attn for b in tr.student.blocks])
+    logs, critic, student = _run(tr, batch)
+    assert attn[0] > 0
+    for a, b in zip(ref_logs, logs):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), k
+    torch.testing.assert_close(critic, ref_critic, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(student, ref_student, rtol=1e-6, atol=1e-7)
+    broken, batch = _trainer(mode, window=1)
+    broken.student_checkpointed = []  # blocks still recompute, but the rollout no longer snapshots
+    _, _, wrong = _run(broken, batch)
+    # measured: the equal runs above are bit-identical; these differ by about one lr step (2e-5)
+    assert max(float((a - b).abs().max()) for a, b in zip(wrong, ref_student)) > 5e-6
 
 
 def test_teacher_dtype_auto_is_fp32_on_cpu_bf16_on_cuda():
@@ -163,13 +189,15 @@ def _sharded_runs(_tmp: Path) -> dict:
 
     _, world, device = init_distributed()
 
-    def sharded(ac: str = "none", dtype: str = "auto"):
-        return _trainer(ac, dtype, Sharding.build(ParallelConfig(activation_checkpoint=ac), world, device))
+    def sharded(ac: str = "none", dtype: str = "auto", window: int = 4):
+        return _trainer(ac, dtype, Sharding.build(ParallelConfig(activation_checkpoint=ac), world, device), window)
 
     out = {"none": _run(*sharded())}
     tr, batch = sharded("full")
-    out["full_wrapped"] = all(_is_checkpointed(b) for b in tr.critic.fake.blocks) and not any(_is_checkpointed(b) for b in tr.student.blocks)
+    out["full_wrapped"] = all(_is_checkpointed(b) for b in (*tr.critic.fake.blocks, *tr.student.blocks))
     out["full"] = _run(tr, batch)
+    out["wrap_none"] = _run(*sharded(window=1))  # the ring wraps: the checkpointed student reads its snapshots
+    out["wrap_full"] = _run(*sharded("full", window=1))
     tr, batch = sharded(dtype="bfloat16")
     seen: set[torch.dtype] = set()
     tr.teacher.blocks[0].self_attn.q.register_forward_pre_hook(lambda m, _: seen.add(m.weight.dtype))
@@ -181,18 +209,21 @@ def _sharded_runs(_tmp: Path) -> dict:
 
 @pytest.mark.slow
 def test_fsdp_fake_score_ac_and_bf16_teacher(tmp_path):
-    """2 ranks: AC on the sharded fake score == no AC; a bf16 teacher is sharded and gathered in
-    bf16 (the CPU policy would upcast it to fp32) and lands close to the fp32 run."""
+    """2 ranks: AC on the sharded fake score and student == no AC (also over a wrapping cache); a
+    bf16 teacher is sharded and gathered in bf16 (the CPU policy would upcast it to fp32) and
+    lands close to the fp32 run."""
     from dist_utils import run_distributed
 
     for rank, res in enumerate(run_distributed(_sharded_runs, 2, tmp_path, timeout=120)):
         assert res["full_wrapped"], rank
-        (ref_logs, ref_critic, ref_student), (logs, critic, student) = res["none"], res["full"]
-        for a, b in zip(ref_logs, logs):
-            for k in a:
-                assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (rank, k)
-        torch.testing.assert_close(critic, ref_critic, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(student, ref_student, rtol=1e-6, atol=1e-7)
+        for ref, got in (("none", "full"), ("wrap_none", "wrap_full")):
+            (ref_logs, ref_critic, ref_student), (logs, critic, student) = res[ref], res[got]
+            for a, b in zip(ref_logs, logs):
+                for k in a:
+                    assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (rank, got, k)
+            torch.testing.assert_close(critic, ref_critic, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(student, ref_student, rtol=1e-6, atol=1e-7)
+        ref_logs = res["none"][0]
         assert res["bf16_stored"] == res["bf16_computed"] == {torch.bfloat16}, rank
         for a, b in zip(ref_logs, res["bf16"][0]):
             assert b["dmd_loss"] == pytest.approx(a["dmd_loss"], rel=0.1) and b["fake_loss"] == pytest.approx(a["fake_loss"], rel=1e-3), rank

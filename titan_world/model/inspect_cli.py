@@ -148,10 +148,10 @@ def posttrain_memory_plan(target: str, source: str, cfg: ModelConfig, args: argp
 
     full = load_config(target) if source.startswith("config ") else None  # (see resolve_target)
     pcfg = full.posttrain if full is not None else PostTrainConfig()
-    fake_ac = full.parallel.activation_checkpoint if full is not None else "full"
+    ac = full.parallel.activation_checkpoint if full is not None else "full"
     student = copy.deepcopy(cfg)
     student.num_experts = 1
-    kw = dict(teacher_experts=cfg.num_experts, teacher_bytes=4 if pcfg.teacher_dtype == "float32" else 2, fake_ac=fake_ac,
+    kw = dict(teacher_experts=cfg.num_experts, teacher_bytes=4 if pcfg.teacher_dtype == "float32" else 2, ac=ac,
               gpu_mem_gb=args.gpu_mem, vae_stride=stride)
     if args.cp:
         plan = posttrain_plan(student, pcfg, args.height, args.width, gpus=args.gpus, cp=args.cp, **kw)

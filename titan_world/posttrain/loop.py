@@ -368,7 +368,7 @@ class DMDJob(PostTrainJob):
         try:
             plan = posttrain_plan(self.student.cfg, cfg.posttrain, data.height, data.width, gpus=self.mesh.fsdp_size if self.mesh else 1,
                                   cp=self.mesh.cp if self.mesh else 1, teacher_experts=len(experts_of(teacher)),
-                                  teacher_bytes=next(teacher.parameters()).dtype.itemsize, fake_ac=cfg.parallel.activation_checkpoint,
+                                  teacher_bytes=next(teacher.parameters()).dtype.itemsize, ac=cfg.parallel.activation_checkpoint,
                                   ac_every=cfg.parallel.ac_every,
                                   gpu_mem_gb=torch.cuda.get_device_properties(self.device).total_memory / 1e9 if cuda else float("inf"),
                                   vae_stride=stride)

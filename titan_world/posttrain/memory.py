@@ -1,12 +1,14 @@
 """Memory levers of stage 2 (docs/posttrain.md, "Memory plan"): activation checkpointing on the
-fake score, and the frozen teacher stored in bf16.
+trained networks, and the frozen teacher stored in bf16.
 
-Activation checkpointing goes on the fake score only (every expert of an MoE):
+Activation checkpointing goes on the fake score and the student (every expert of an MoE):
   - the fake score has no KV cache: each of its passes is one self-contained forward over the
     score window, so recomputing a block in backward gives exactly the recorded activations;
-  - the student is never checkpointed: its recorded rollout passes read K/V from the rolling
-    ring-buffer cache, which later chunks' t = 0 passes overwrite in place before the backward,
-    so a recomputed pass would attend to other K/V and give wrong gradients (lever (3) in the doc);
+  - the student's recorded rollout passes read K/V from the rolling ring-buffer cache, which later
+    chunks' t = 0 passes overwrite in place before the backward. A checkpointed student therefore
+    rolls out with `snapshot_recorded` (`rollout.RecordedPassCache`): each recorded pass reads a
+    copy of the keys it attends to, which lives until backward, so a recomputed pass reads the
+    same K/V (the copy is what the uncheckpointed pass saves for backward anyway);
   - the frozen teacher runs no backward: nothing to recompute.
 """
 
@@ -21,9 +23,10 @@ from titan_world.posttrain.sharding import experts_of
 TEACHER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def checkpoint_fake_score(fake: nn.Module, parallel: ParallelConfig | None) -> list[int]:
-    """Apply `parallel.activation_checkpoint` to every expert of the fake score, in place;
-    returns the checkpointed block indices (of one expert). Call before compile and FSDP.
+def checkpoint_network(net: nn.Module, parallel: ParallelConfig | None) -> list[int]:
+    """Apply `parallel.activation_checkpoint` to every expert of a trained network (the fake score
+    or the student), in place; returns the checkpointed block indices (of one expert). Call
+    before compile and FSDP. A checkpointed student must roll out with `snapshot_recorded`.
 
     The GAN head's `FeatureTap` keeps working: the project's AC replaces a block's `forward`, and
     the recomputation in backward calls that inner forward directly, not the block's `__call__`,
@@ -34,7 +37,7 @@ def checkpoint_fake_score(fake: nn.Module, parallel: ParallelConfig | None) -> l
     from parallel.checkpointing import apply_activation_checkpointing
 
     ids: list[int] = []
-    for expert in experts_of(fake):
+    for expert in experts_of(net):
         ids = apply_activation_checkpointing(expert, parallel)
     return ids
 

@@ -15,11 +15,14 @@ what the stage-2 code does (docs/posttrain.md, "Memory plan"):
   experts) after a forward, plus two blocks in flight;
 - the rollout's KV cache, `(chunk + sink + window)` latent frames for every layer, 1/cp per rank
   (each rank holds its heads); it lives during the rollout only;
-- the student step's recorded passes (the last `grad_chunks` chunks, with grad, no AC): the
-  block activations of the chunk's tokens and the saved keys/values it attended to, 1/cp;
+- the student step's recorded passes (the last `grad_chunks` chunks, with grad), 1/cp: without
+  AC the block activations of the chunk's tokens and the keys/values it attended to; with
+  `parallel.activation_checkpoint` the checkpointed blocks keep their inputs, the pass keeps a
+  snapshot of the cache's stored frames (`rollout.RecordedPassCache`), and one block's working
+  set comes back during the recompute;
 - passes over the score window (frame before the last K chunks + those chunks): the fake
-  score's with grad (critic loss; GAN generator loss) under `parallel.activation_checkpoint`, the
-  teacher's and fake's DMD scores without grad (one block's working set).
+  score's with grad (critic loss; GAN generator loss) under the same AC, the teacher's and
+  fake's DMD scores without grad (one block's working set).
 A step's peak = state + gathered units + the recorded passes it keeps + the largest of the
 phases that come and go (rollout with its cache, scores, the fake score's graded pass), + a
 reserve for the CUDA context, NCCL buffers and fragmentation. Not measured at 14B yet.
@@ -95,7 +98,7 @@ def posttrain_plan(
     cp: int = 1,
     teacher_experts: int = 1,
     teacher_bytes: int = 2,
-    fake_ac: str = "none",
+    ac: str = "none",
     ac_every: int = 2,
     gpu_mem_gb: float = 80.0,
     vae_stride: int = 8,
@@ -103,7 +106,8 @@ def posttrain_plan(
     inflight_blocks: int = 2,
 ) -> PostTrainPlan:
     """Stage 2 on `gpus` ranks with context parallelism `cp` (FSDP over all of them); `cfg` is the
-    student's model config (one expert), the teacher and fake score have `teacher_experts`."""
+    student's model config (one expert), the teacher and fake score have `teacher_experts`; `ac`
+    is `parallel.activation_checkpoint`, which stage 2 applies to the student and the fake score."""
     if gpus % cp:
         raise ValueError(f"--gpus {gpus} must be divisible by cp={cp}")
     if cfg.num_heads % cp:
@@ -127,15 +131,19 @@ def posttrain_plan(
     }
     working = 20 * d + 2 * ffn  # values per token a block keeps without AC (parallel.planner)
     chunk_tokens = p.chunk_frames * tpf
-    visible = (max(p.chunk_frames, 1) + p.sink_frames + p.window_frames) * tpf
+    stored = (p.sink_frames + p.window_frames) * tpf  # cached frames a chunk attends to besides its own
     window = (1 + p.grad_chunks * p.chunk_frames) * tpf
-    ckpt = len(checkpointed_block_ids(layers, fake_ac, ac_every))
-    kept = (2 if fake_ac == "attention" else 1) * d
+    ckpt = len(checkpointed_block_ids(layers, ac, ac_every))
+    kept = (2 if ac == "attention" else 1) * d
     fake_pass = window * (ckpt * kept + (layers - ckpt) * working + (working if ckpt else 0)) * 2
+    recorded = chunk_tokens * (ckpt * kept + (layers - ckpt) * working)  # block activations, per pass
+    recorded += (layers - ckpt) * (chunk_tokens + stored) * 2 * d  # keys/values saved by uncheckpointed attention
+    recorded += (layers * stored * 2 * d if ckpt else 0)  # the snapshot a checkpointed pass recomputes from
+    recompute = chunk_tokens * working if ckpt else 0
     phases = {
         "kv_cache": kv_cache_bytes(cfg, p, tpf, cp, b) / GB,
         "rollout_pass": b * chunk_tokens * working * 2 / cp / GB,
-        "recorded_passes": b * p.grad_chunks * layers * (chunk_tokens * working + visible * 2 * d) * 2 / cp / GB,
+        "recorded_passes": b * (p.grad_chunks * recorded + recompute) * 2 / cp / GB,
         "score_passes": b * window * working * 2 / cp / GB,
         "fake_grad_pass": b * fake_pass / cp / GB,
         "gan": 1.0 if p.gan_weight > 0 else 0.0,

@@ -10,7 +10,8 @@ Gradient truncation: only the exit-step pass of the last K chunks is recorded by
 other pass (earlier steps, earlier chunks, the t = 0 cache writes) runs under no_grad, so the
 cache holds constants and gradients never reach earlier chunks. A recorded pass reads the cache
 through `RecordedPassCache`, which concatenates instead of writing the chunk's K/V into the
-buffer: the buffer is rewritten in place by later passes, and autograd must not depend on it.
+buffer: the buffer is rewritten in place by later passes, and autograd must not depend on it (a
+checkpointed student, whose recorded passes recompute in backward, reads a snapshot instead).
 
 `self_rollout_uncached` is the same computation without a cache (each pass re-runs every earlier
 frame at t = 0 under the block-causal mask); the tests check that both agree.
@@ -35,15 +36,24 @@ def student_sigmas(denoise_steps: list[int]) -> list[float]:
 
 class RecordedPassCache(KVCache):
     """Read-only view of a cache for a pass autograd records: keys = cat[chunk, stored frames],
-    the same order (so the same numbers) as `KVCache.attend_region`, without in-place writes."""
+    the same order (so the same numbers) as `KVCache.attend_region`, without in-place writes.
 
-    def __init__(self, base: KVCache):  # noqa: D107 - shares the base's buffers, allocates nothing
+    `snapshot`: copy the stored frames of every layer now. A checkpointed (recomputed) pass reads
+    its keys again in backward, after later chunks' t = 0 passes have overwritten the ring; the
+    copy lives as long as the pass's graph (the checkpoint keeps this object), so the recompute
+    reads what the forward read. Without recomputation the view suffices: autograd saves the
+    concatenation, a copy of the same size."""
+
+    def __init__(self, base: KVCache, snapshot: bool = False):  # noqa: D107 - shares the base's buffers
         self.__dict__.update(base.__dict__)
-
-    def attend_region(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo = self.chunk * self.tpf
         hi = lo + self.stored_frames * self.tpf
-        return torch.cat([k, self.k[layer, :, lo:hi]], 1), torch.cat([v, self.v[layer, :, lo:hi]], 1)
+        self.stored_k, self.stored_v = self.k[:, :, lo:hi], self.v[:, :, lo:hi]
+        if snapshot:
+            self.stored_k, self.stored_v = self.stored_k.clone(), self.stored_v.clone()
+
+    def attend_region(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([k, self.stored_k[layer]], 1), torch.cat([v, self.stored_v[layer]], 1)
 
     def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         raise RuntimeError("a recorded (gradient) pass never writes the cache; the t = 0 pass does")
@@ -104,11 +114,14 @@ def self_rollout(
     sink_frames: int = 1,
     window_frames: int = 8,
     cache_dtype: torch.dtype | None = None,
+    snapshot_recorded: bool = False,
 ) -> Rollout:
     """Generate every chunk of `inp.layout` with the KV cache; grads only in the last `grad_chunks`.
 
     `cache_dtype`: the dtype the model computes K/V in; default its parameters' dtype. An FSDP
-    student stores fp32 shards but may compute in bf16 (`Sharding.compute_dtype`)."""
+    student stores fp32 shards but may compute in bf16 (`Sharding.compute_dtype`).
+    `snapshot_recorded`: the recorded passes read copies of the cache (`RecordedPassCache`); needed
+    when the student's blocks are checkpointed and so recompute those passes in backward."""
     lay, cfg = inp.layout, model.cfg
     chunks = lay.chunks()
     exits = exit_steps if exit_steps is not None else [len(sigmas) - 1] * len(chunks)
@@ -132,7 +145,7 @@ def self_rollout(
                 x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(x.shape, generator=generator, device=x.device)
         sig = sigmas[exits[j]]
         if j >= first_grad:
-            x0 = x - sig * _call(model, inp, cond, x, sig, s, e, kv_cache=RecordedPassCache(cache))
+            x0 = x - sig * _call(model, inp, cond, x, sig, s, e, kv_cache=RecordedPassCache(cache, snapshot_recorded))
         else:
             with torch.no_grad():
                 x0 = x - sig * _call(model, inp, cond, x, sig, s, e, kv_cache=cache)
