@@ -95,6 +95,9 @@ def plan_jobs(cfg: TitanConfig, run_dir: Path, config_path: Path, *, workdir: Pa
 
     if lc.stages == "single":
         return [spec(None, None, [], "job")]
+    if "post-train" in entry:
+        raise ConfigError(f"launch.stages=chain with launch.entry={lc.entry!r}: a chain splits train.stages into jobs, which only "
+                          "`train` runs; submit post-training with launch.stages=single")
     jobs, done = [], 0
     limit = cfg.train.steps
     for i, stage in enumerate(cfg.train.stages):

@@ -78,6 +78,18 @@ def test_dry_run_chain_stages_with_own_resources(tmp_path, capsys):
     assert out.count("dry run: wrote") == 2
 
 
+def test_dry_run_post_training_job(tmp_path, capsys):
+    """Post-training runs under the same script with another entry: one job, resumable (exit 75
+    on SIGUSR1 -> requeue -> `--resume`), its config in the run dir; a chain is refused."""
+    _submit(capsys, tmp_path / "p", "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "launch.entry=launch.cli post-train dmd")
+    script = (tmp_path / "p/slurm/job.sbatch").read_text()
+    assert f"launch.cli post-train dmd --config {tmp_path}/p/config.yaml --resume" in script
+    assert "#SBATCH --nodes=2" in script and "trap on_preempt USR1" in script
+    assert cli(["slurm", "submit", "--config", "tiny", "--stages", "chain", "--dry-run", "launch.entry=launch.cli post-train dmd",
+                f"run.dir={tmp_path}/q"]) == 2
+    assert "launch.stages=single" in capsys.readouterr().err
+
+
 def test_bad_values_and_missing_sbatch(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("defaults:\n  - tiny\nlaunch:\n  stage_resources:\n    nope: {nodes: 2}\n")
