@@ -7,7 +7,8 @@ CPU. GPU example (the lead's runs):
     python -m benchmarks.bench_serving --config wan2.1-1.3b.yaml serving.height=480 serving.width=832 \\
         serving.chunk_frames=3 data.codec.kind=wan_vae data.codec.path=/weights/vae
 Levers to compare: serving.kv_refresh=last_step, serving.window_frames=N, serving.denoise_steps=N,
-serving.compile=true, serving.cuda_graphs=true.
+serving.compile=true, serving.cuda_graphs=true. Without VAE weights, `--random-vae` decodes with the
+Wan2.1 VAE's architecture (random weights, same cost).
 
 Reports: start (prompt encode + first-frame cache write) and first-chunk latency (start -> first
 chunk's frames JPEG-encoded); per-stage medians (denoise, KV refresh, decode, JPEG); fps run
@@ -43,10 +44,27 @@ def _actions(i: int) -> torch.Tensor:
     return a
 
 
+def random_wan_vae() -> str:
+    """A temp folder holding diffusers' default `AutoencoderKLWan` (the Wan2.1 VAE's architecture)
+    with random weights: decode cost does not depend on the weights."""
+    import tempfile
+
+    from diffusers import AutoencoderKLWan
+
+    path = os.path.join(tempfile.mkdtemp(prefix="titan-vae-"), "vae")
+    AutoencoderKLWan().save_pretrained(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chunks", type=int, default=300, help="chunks in the long session (memory + steady fps)")
+    p.add_argument("--random-vae", action="store_true",
+                   help="decode with a random-weight Wan2.1 VAE (diffusers' default AutoencoderKLWan: the real architecture "
+                        "and cost) when no VAE weights are at hand; sets data.codec.kind=wan_vae")
     args, cfg = parse_serving_args(p, argv)
+    if args.random_vae:
+        cfg.data.codec.kind, cfg.data.codec.path = "wan_vae", random_wan_vae()
     from serving.loading import build_engine
     from serving.server import encode_jpeg
 

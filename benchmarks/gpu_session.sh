@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh model      # 1.3B train step vs diffusers, AC attention with 0/12/16/20 blocks skipped
 #   bash benchmarks/gpu_session.sh fp8        # 1.3B forward + train step with FP8 GEMMs (torchao rowwise / tensorwise)
 #   bash benchmarks/gpu_session.sh fsdp       # FSDP2 1.3B step (re-measure after the input-cast fix), AC full/attention
-#   bash benchmarks/gpu_session.sh serving    # 1.3B student at 480p: clean vs last-step KV refresh, window 6 vs 3, CUDA graphs
+#   bash benchmarks/gpu_session.sh serving    # 1.3B student at 480p: clean vs last-step KV refresh, window 6 vs 3, CUDA graphs, Wan VAE decode
 #
 # Results go to $OUT (default ./gpu_results) as text logs (+ JSON where the benchmark writes one).
 set -euo pipefail
@@ -45,6 +45,9 @@ case "$part" in
       # shellcheck disable=SC2086
       $py -m benchmarks.bench_serving "${common[@]}" $lever --json "$OUT/serving_$tag.json" 2>&1 | tee "$OUT/serving_$tag.txt"
     done
+    # the real decoder's cost: the Wan2.1 VAE's architecture (random weights), streamed chunk by chunk in bf16
+    $py -m benchmarks.bench_serving --config serving/gpu-1.3b-480p.yaml --chunks 30 --random-vae data.text_encoder.kind=tiny \
+      serving.kv_refresh=last_step --json "$OUT/serving_wan_vae.json" 2>&1 | tee "$OUT/serving_wan_vae.txt"
     ;;
   *)
     echo "unknown part: $part (checks|model|fp8|fsdp|serving)" >&2

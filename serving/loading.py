@@ -120,7 +120,7 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None) -> Streaming
 
         compile_blocks(model)
     dc, tc = cfg.data.codec, cfg.data.text_encoder
-    codec = codec_from_config(dc, device=device)
+    codec = codec_from_config(dc, device=device, dtype=dtype)  # the Wan VAE decodes in the serving dtype (bf16 on GPU)
     text = build_text_encoder(tc.kind, mc.text_dim, mc.text_len, tc.path, device=device)
     engine = StreamingEngine(model, codec, text, sc, cp=cp)
     engine.source = source  # type: ignore[attr-defined]

@@ -5,8 +5,10 @@ Per chunk of `chunk_frames` latent frames (4 video frames each):
      re-noising the x0 estimate to the next sigma (Self-Forcing) or taking an Euler step;
   2. one pass at t = 0 on the clean x0 that writes the chunk's K/V into the cache (`kv_refresh`;
      `kv_refresh="last_step"` instead writes during the last denoising step: one pass cheaper);
-  3. `decode` (another thread, another CUDA stream) turns latents into uint8 frames, with one
-     latent frame of decoder context carried in the chunk so decode is stateless.
+  3. `decode` (another thread, another CUDA stream) turns latents into uint8 frames with the
+     codec's stream decoder (`_DecodeStream`): the Wan VAE's causal memory is carried from chunk
+     to chunk, so the frames are those of one decode of the whole session (no seams, no context
+     latents decoded twice); a chunk that finds a gap restarts it from the latent before it.
 What never changes within a prompt is computed once: the text embedding and every block's
 cross-attention K/V (`WanDiT.prepare_context`), updated in place on a new prompt. Every tensor a
 session holds is allocated at start (cache, conditioning buffers, prompt K/V), so memory is flat
@@ -58,8 +60,35 @@ def _sync(device: torch.device) -> None:
 @dataclass
 class _Payload:
     latents: torch.Tensor  # [1, C, n, h, w] clean latents of the chunk
-    context: torch.Tensor  # [1, C, 1, h, w] the latent frame before it (decoder context)
+    context: torch.Tensor  # [1, C, 1, h, w] the latent frame before it (to restart the decoder after a gap)
     ready: "torch.cuda.Event | None"
+    stream: "_DecodeStream"  # the session's decoder when the chunk was made (a reset makes a new one)
+    index: int  # chunk number since that reset
+
+
+class _DecodeStream:
+    """A session's stream decoder and the next chunk it expects; used on the decode thread only.
+
+    Created (cheaply) by `reset`; its first use decodes the start latents to fill the decoder's
+    causal memory (their frames were sent as the start image). Chunks normally arrive in order;
+    one that does not (an earlier chunk was never decoded: its client left) restarts the decoder
+    from the latent frame before it, as a stateless decode would.
+    """
+
+    def __init__(self, codec, start_latents: torch.Tensor) -> None:
+        self.codec, self.decoder, self.prime, self.next = codec, codec.stream_decoder(), start_latents, 0
+
+    def decode(self, p: "_Payload") -> torch.Tensor:
+        if p.index != self.next:
+            self.decoder, self.prime = self.codec.stream_decoder(), p.context
+        if self.prime is not None:
+            self.decoder.decode(self.prime.to(torch.float32))
+            self.prime = None
+        self.next = p.index + 1
+        return self.decoder.decode(p.latents.to(torch.float32))
+
+    def nbytes(self) -> int:
+        return self.decoder.nbytes()
 
 
 class StreamingEngine:
@@ -154,6 +183,7 @@ class StreamingSession(BaseSession):
         self.prompt = self.start_prompt
         self.chunk_index = 0
         self.frame = 0
+        self._stream = _DecodeStream(self.engine.codec, self.start_latents)
         lat = self.start_latents
         for start in range(0, lat.shape[2], self.chunk_frames):  # write the given frames, clean
             part = lat[:, :, start : start + self.chunk_frames]
@@ -200,7 +230,7 @@ class StreamingSession(BaseSession):
         if dev.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        payload = _Payload(x, self._last_latent, ready)
+        payload = _Payload(x, self._last_latent, ready, self._stream, self.chunk_index)
         self._last_latent = x[:, :, -1:]
         self.frame += n
         chunk = Chunk(self.chunk_index, payload, self.frames_per_chunk)
@@ -235,13 +265,11 @@ class StreamingSession(BaseSession):
         if self._cond_chunk is not None:
             tensors.append(self._cond_chunk)
         graph_bytes = self.graphs.state_bytes() if self.graphs is not None else 0
-        return sum(t.numel() * t.element_size() for t in tensors) + graph_bytes
+        return sum(t.numel() * t.element_size() for t in tensors) + graph_bytes + self._stream.nbytes()
 
     # ---- internals -----------------------------------------------------------------------------
     def _decode(self, p: _Payload) -> np.ndarray:
-        lat = torch.cat([p.context, p.latents], dim=2).to(torch.float32)
-        video = self.engine.codec.decode(lat)  # [1, 3, 1 + 4n, H, W]: frame 0 is the context's
-        return video_to_frames(video[:, :, -TEMPORAL_STRIDE * p.latents.shape[2] :])[0]
+        return video_to_frames(p.stream.decode(p))[0]  # [4n, H, W, 3]
 
     def _load_prompt(self, text: str) -> None:
         """Encode `text` into the session's prompt K/V, in place after the first time (the CUDA

@@ -46,3 +46,43 @@ def test_bad_inputs_are_named():
         TinyCodec(4, 500).encode(_video())
     with pytest.raises(ValueError, match="expects 16"):
         TinyCodec(4, 16).decode(torch.zeros(1, 8, 2, 4, 4))
+
+
+def test_tiny_stream_decoder_equals_decoding_the_whole_stream():
+    codec = TinyCodec(4, 16)
+    lat = codec.encode(_video())  # 5 latent frames
+    stream = codec.stream_decoder()
+    parts = [stream.decode(lat[:, :, :1]), stream.decode(lat[:, :, 1:3]), stream.decode(lat[:, :, 3:])]
+    assert [p.shape[2] for p in parts] == [1, 8, 8]
+    torch.testing.assert_close(torch.cat(parts, 2), codec.decode(lat), rtol=0, atol=1e-6)
+
+
+def tiny_wan_vae(path) -> None:
+    """A small random-weight Wan VAE saved where `WanVAECodec` loads from (the real loading path;
+    weights do not matter for what these tests check)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).save_pretrained(path)
+
+
+def test_wan_stream_decoder_equals_one_decode_of_the_stream(tmp_path):
+    """Chunk by chunk through the causal cache == diffusers' decode of all latents at once; a fresh
+    decoder per chunk with one latent of context (the old stateless way) leaves seams."""
+    from titan_world.model.codec import ContextStreamDecoder, WanStreamDecoder, WanVAECodec
+
+    tiny_wan_vae(tmp_path / "vae")
+    codec = WanVAECodec(str(tmp_path / "vae"))
+    lat = torch.randn(1, 16, 7, 4, 4)
+    whole = codec.decode(lat)
+    assert whole.shape == (1, 3, 25, 32, 32)
+    stream = codec.stream_decoder()
+    assert isinstance(stream, WanStreamDecoder)
+    parts = [stream.decode(lat[:, :, s:e]) for s, e in ((0, 1), (1, 4), (4, 7))]
+    assert [p.shape[2] for p in parts] == [1, 12, 12]
+    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-5)
+    assert stream.nbytes() > 0
+    restarted = ContextStreamDecoder(codec)  # the per-chunk restart
+    restarted.decode(lat[:, :, 3:4])
+    seam = (restarted.decode(lat[:, :, 4:7]) - whole[:, :, 13:]).abs().max()
+    assert seam > 1e-3, "a restarted decoder must differ from the causal one (else this test shows nothing)"

@@ -171,3 +171,34 @@ def test_action_accumulator_spreads_and_caps_mouse():
     assert acc.take(4)[:, 6].sum() == 0  # mouse consumed, keys still held
     acc.update(ParsedAction([], (1e9, 0)))
     assert acc.take(4)[:, 6].max().item() == 1.0  # at most one max-turn per frame
+
+
+def test_stream_decode_equals_one_decode_of_the_session_with_the_wan_vae(tmp_path):
+    """With a (tiny, random) Wan VAE the session's frames are those of one decode of all its
+    latents: the causal decoder's memory is carried from chunk to chunk. A chunk after a gap (an
+    earlier one never decoded) restarts the decoder from the latent before it."""
+    from test_model_codec import tiny_wan_vae
+
+    from titan_world.model.codec import ContextStreamDecoder, WanVAECodec, video_to_frames
+
+    tiny_wan_vae(tmp_path / "vae")
+    vae = WanVAECodec(str(tmp_path / "vae"))
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    torch.nn.init.normal_(model.head.head.weight, std=0.2)
+    sc = ServingConfig(height=32, width=32, fps=16.0, chunk_frames=2, sink_frames=1, window_frames=2)
+    eng = StreamingEngine(model, vae, TinyTextEncoder(cfg.model.text_dim, cfg.model.text_len), sc)
+    session = eng.start(None, "a red house", seed=1)
+    chunks = [session.denoise(keys("w", n=8)) for _ in range(3)]
+    frames = np.concatenate([session.decode(c) for c in chunks])
+    assert frames.shape == (24, 32, 32, 3)
+    latents = torch.cat([session.start_latents] + [c.payload.latents for c in chunks], dim=2)
+    whole = video_to_frames(vae.decode(latents))[0][1:]  # frame 0: the start image's latent
+    assert np.abs(frames.astype(int) - whole.astype(int)).max() <= 1
+    gap = [session.denoise(keys("w", n=8)) for _ in range(2)]
+    after_gap = session.decode(gap[1])  # gap[0] is never decoded
+    restart = ContextStreamDecoder(vae)
+    restart.decode(gap[0].payload.latents[:, :, -1:])
+    expected = video_to_frames(restart.decode(gap[1].payload.latents))[0]
+    assert np.abs(after_gap.astype(int) - expected.astype(int)).max() <= 1

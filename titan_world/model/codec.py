@@ -9,17 +9,22 @@ compressing (lossy, low-pass) codec like a VAE, which is what a small DiT can le
 exact codec makes every token carry 4x more numbers than the tiny model's width. Datasets store
 the exact latents; `compress` maps them to K channels, so one dataset serves any K.
 `WanVAECodec` wraps diffusers' `AutoencoderKLWan` for users who have the weights locally.
+Both give a `stream_decoder()`: chunk-by-chunk decoding of a latent stream (serving) that equals
+decoding the whole stream at once.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 TEMPORAL_STRIDE = 4
+log = logging.getLogger("titan_world.codec")
 
 
 def check_frame_count(num_frames: int, what: str = "clip") -> int:
@@ -110,6 +115,10 @@ class TinyCodec:
             raise ValueError(f"latents have {latents.shape[1]} channels; {self} expects {self.latent_channels}")
         return self._depth_to_space(self.expand(latents))
 
+    def stream_decoder(self) -> "ContextStreamDecoder":
+        """Latent frames decode independently here, so streaming is exact with one frame of context."""
+        return ContextStreamDecoder(self)
+
     def _space_to_depth(self, video: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = video.shape
         s = self.spatial_stride
@@ -139,7 +148,7 @@ class WanVAECodec:
             from diffusers import AutoencoderKLWan
         except ImportError as e:  # pragma: no cover - depends on the optional extra
             raise ImportError("the Wan VAE codec needs diffusers: pip install diffusers") from e
-        self.vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device).eval()
+        self.vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
         cfg = self.vae.config
         self.latent_channels = cfg.z_dim
         self.stride = (TEMPORAL_STRIDE, 2 ** len(cfg.temperal_downsample), 2 ** len(cfg.temperal_downsample))
@@ -153,25 +162,97 @@ class WanVAECodec:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self._inv_std.to(latents) + self._mean.to(latents)
-        return self.vae.decode(z.to(self.vae.dtype)).sample.clamp(-1, 1)
+        return self.vae.decode(self._unnormalize(latents)).sample.clamp(-1, 1)
+
+    def _unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents / self._inv_std.to(latents) + self._mean.to(latents)).to(self.vae.dtype)
+
+    def stream_decoder(self) -> "WanStreamDecoder | ContextStreamDecoder":
+        """The causal decoder carried across calls (`WanStreamDecoder`); a diffusers whose decoder
+        has no causal cache argument gets the one-frame-of-context fallback."""
+        if "feat_cache" in inspect.signature(self.vae.decoder.forward).parameters:
+            return WanStreamDecoder(self)
+        log.warning("this diffusers' Wan decoder takes no causal cache: streaming decode re-decodes one latent of context per call")
+        return ContextStreamDecoder(self)
 
 
-def codec_from_config(codec_cfg, device="cpu"):
+class ContextStreamDecoder:
+    """Decode a latent stream call by call: each call decodes [the previous call's last latent,
+    the new latents] and drops the context's frame. Exact for a codec whose latent frames decode
+    independently (TinyCodec); for a causal VAE it restarts the decoder's memory at the context
+    frame (the fallback, and how a stream resumes after a gap). The first call decodes as a clip
+    start (its first latent is one frame)."""
+
+    def __init__(self, codec) -> None:
+        self.codec, self.last = codec, None
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, n, h, w] -> the video frames of these latents [B, 3, 4n (first call: 1 + 4(n-1)), H, W]."""
+        if self.last is None:
+            video = self.codec.decode(latents)
+        else:
+            video = self.codec.decode(torch.cat([self.last, latents], dim=2))[:, :, 1:]
+        self.last = latents[:, :, -1:].clone()
+        return video
+
+    def nbytes(self) -> int:
+        return 0 if self.last is None else self.last.numel() * self.last.element_size()
+
+
+class WanStreamDecoder:
+    """The Wan VAE's causal decoder run across calls as over one clip.
+
+    diffusers decodes a clip one latent frame at a time, every causal convolution reading the
+    last frames of its input from a cache that lives for that one `decode` call. Here the cache
+    lives as long as this object, so decoding a stream chunk by chunk gives exactly the frames of
+    one `vae.decode` of the whole stream (tested), without re-decoding context latents and
+    without the seams a fresh decoder memory leaves at every chunk. Memory is bounded: per
+    convolution the cache holds its last two input frames.
+    """
+
+    def __init__(self, codec: "WanVAECodec") -> None:
+        self.codec = codec
+        convs = sum(type(m).__name__ == "WanCausalConv3d" for m in codec.vae.decoder.modules())
+        self.cache: list = [None] * convs
+        self.first = True
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.codec.vae
+        x = vae.post_quant_conv(self.codec._unnormalize(latents))  # a 1x1x1 convolution: no temporal state
+        out = []
+        for i in range(x.shape[2]):
+            out.append(vae.decoder(x[:, :, i : i + 1], feat_cache=self.cache, feat_idx=[0], first_chunk=self.first))
+            self.first = False
+        video = torch.cat(out, dim=2)
+        if vae.config.patch_size is not None:  # Wan2.2's VAE decodes 2x2 patches
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            video = unpatchify(video, patch_size=vae.config.patch_size)
+        return video.clamp(-1, 1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.cache if isinstance(t, torch.Tensor))
+
+
+def codec_from_config(codec_cfg, device="cpu", dtype: torch.dtype = torch.float32):
     """The codec the model sees (`data.codec`: kind, spatial_stride, channels, path).
 
     Datasets are written with the exact codec (`channels=0`) and compressed by the loader, so
-    training, sampling and serving all build their codec here."""
-    return build_codec(codec_cfg.kind, codec_cfg.spatial_stride, codec_cfg.path, device=device, channels=codec_cfg.channels)
+    training, sampling and serving all build their codec here. `dtype`: the Wan VAE's weights
+    (serving on GPU decodes in bf16; TinyCodec has none)."""
+    return build_codec(codec_cfg.kind, codec_cfg.spatial_stride, codec_cfg.path, device=device, channels=codec_cfg.channels, dtype=dtype)
 
 
-def build_codec(kind: str = "tiny", spatial_stride: int = 4, path: str | None = None, device="cpu", channels: int = 0):
+def build_codec(kind: str = "tiny", spatial_stride: int = 4, path: str | None = None, device="cpu", channels: int = 0,
+                dtype: torch.dtype = torch.float32):
     if kind == "tiny":
         return TinyCodec(spatial_stride, channels)
     if kind == "wan_vae":
         if not path:
             raise ValueError("codec.kind=wan_vae needs codec.path: a local folder with the Wan VAE weights")
-        return WanVAECodec(path, device=device)
+        return WanVAECodec(path, device=device, dtype=dtype)
     raise ValueError(f"codec.kind={kind!r}; expected 'tiny' or 'wan_vae'")
 
 
