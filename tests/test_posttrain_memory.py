@@ -10,6 +10,7 @@ flows through the frozen, checkpointed fake score into the student).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,14 @@ from test_posttrain_units import C, HW, actions, tiny
 from titan_world.model import ModelConfig, build_model
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch, DMDTrainer
-from titan_world.posttrain.memory import checkpoint_network, teacher_dtype
+from titan_world.posttrain.memory import prepare_network, teacher_dtype
 
 pytestmark = pytest.mark.xdist_group(name="posttrain_memory")
 
 STEPS = 2
 
 
-def _trainer(ac: str = "none", dtype: str = "auto", sharding=None, window: int = 4) -> tuple[DMDTrainer, Batch]:
+def _trainer(ac: str = "none", dtype: str = "auto", sharding=None, window: int = 4, **speed) -> tuple[DMDTrainer, Batch]:
     """Same nets, batch and seeds for every call: only `ac` / `dtype` / `window` differ. With
     window 1 the ring of the rollout's cache wraps: each chunk's t = 0 pass overwrites the frame
     the previous recorded pass attended to, before the backward."""
@@ -39,7 +40,7 @@ def _trainer(ac: str = "none", dtype: str = "auto", sharding=None, window: int =
     student, teacher = tiny(), tiny()
     fake = copy.deepcopy(teacher)
     tr = DMDTrainer(student, teacher, fake, pcfg, dp_rank=dist.get_rank() if dist.is_initialized() else 0, sharding=sharding,
-                    parallel=ParallelConfig(activation_checkpoint=ac))
+                    parallel=ParallelConfig(activation_checkpoint=ac, **speed))
     batch = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4), torch.zeros(2, 8, 16))
     return tr, batch
 
@@ -101,9 +102,9 @@ def test_trained_networks_are_checkpointed_and_the_teacher_never():
     assert not any(_is_checkpointed(b) for b in tr.teacher.blocks)
     moe = build_model(ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=3, in_dim=2 * C + 4, out_dim=C, text_dim=16, text_len=8,
                                   num_experts=2))
-    assert checkpoint_network(moe, ParallelConfig(activation_checkpoint="selective", ac_every=2)) == [0, 2]
+    assert prepare_network(moe, ParallelConfig(activation_checkpoint="selective", ac_every=2)) == [0, 2]
     assert [_is_checkpointed(b) for e in (moe.high, moe.low) for b in e.blocks] == [True, False, True] * 2
-    assert checkpoint_network(tiny(), ParallelConfig()) == [] and checkpoint_network(tiny(), None) == []
+    assert prepare_network(tiny(), ParallelConfig()) == [] and prepare_network(tiny(), None) == []
 
 
 @pytest.mark.parametrize("mode", ["full", "attention"])
@@ -128,6 +129,33 @@ def test_checkpointed_student_over_a_wrapping_cache_gives_the_same_dmd_steps(mod
     _, _, wrong = _run(broken, batch)
     # measured: the equal runs above are bit-identical; these differ by about one lr step (2e-5)
     assert max(float((a - b).abs().max()) for a, b in zip(wrong, ref_student)) > 5e-6
+
+
+def test_compile_and_float8_reach_every_network(monkeypatch):
+    """parallel.compile compiles the blocks of the student (rolling out over its KV cache, with AC
+    and snapshots), the fake score and the teacher, and the DMD steps stay what they were;
+    parallel.float8 gives all three FP8 block linears (`memory.prepare_network`, as pretraining)."""
+    import torch._dynamo.testing
+
+    from titan_world.posttrain import memory
+
+    ref_logs, ref_critic, ref_student = _run(*_trainer("full", window=1))
+    counter = torch._dynamo.testing.CompileCounter()  # a counting backend: no inductor build on CPU
+    monkeypatch.setattr(memory, "COMPILE_BACKEND", counter)
+    tr, batch = _trainer("full", window=1, compile=True)
+    nets = (tr.student, tr.critic.fake, tr.teacher)
+    assert all(getattr(b, "_titan_compiled", False) for n in nets for b in n.blocks)
+    logs, critic, student = _run(tr, batch)
+    assert counter.frame_count > 0
+    for a, b in zip(ref_logs, logs):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), k
+    torch.testing.assert_close(critic, ref_critic, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(student, ref_student, rtol=1e-6, atol=1e-7)
+    f8, batch = _trainer(float8="rowwise")
+    assert all(type(n.blocks[0].ffn[0]).__name__ == "Float8Linear" for n in (f8.student, f8.critic.fake, f8.teacher))
+    log = f8.step(batch, 0)
+    assert all(math.isfinite(v) for v in log.values()), log
 
 
 def test_teacher_dtype_auto_is_fp32_on_cpu_bf16_on_cuda():

@@ -35,7 +35,7 @@ from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.dmd import ScoreInputs, dmd_step_loss, draw_sigma, fake_score_loss, noised, route, velocity
 from titan_world.posttrain.gan import FeatureTap, GANHead, d_loss, frozen, g_loss
-from titan_world.posttrain.memory import checkpoint_network, store_teacher, teacher_dtype
+from titan_world.posttrain.memory import prepare_network, store_teacher, teacher_dtype
 from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
 from titan_world.posttrain.sharding import Sharding, experts_of
 
@@ -112,7 +112,8 @@ class Batch:
 class DMDTrainer:
     """Owns the stage-2 networks and optimizers. Here, in this order (the pretraining order: AC,
     then FSDP, then optimizers): the teacher is frozen and stored in `posttrain.teacher_dtype`,
-    the fake score and the student get `parallel.activation_checkpoint` (see memory.py), and
+    every network gets `parallel.float8` and `parallel.compile`, the fake score and the student
+    `parallel.activation_checkpoint` too (`memory.prepare_network`), and
     with `sharding` every network is sharded before the optimizers are built on its parameters.
     `parallel` defaults to the sharding's settings; without either, no AC. Networks built on the
     meta device (`loop.network`) are filled by `fill` right after sharding, each rank its shards;
@@ -125,9 +126,10 @@ class DMDTrainer:
         self.sharding = sharding
         device = torch.device(device) if device is not None else next(fake.parameters()).device
         store_teacher(teacher, teacher_dtype(pcfg.teacher_dtype, device))
-        ac = parallel or (sharding.parallel if sharding is not None else None)
-        self.fake_checkpointed = checkpoint_network(fake, ac)
-        self.student_checkpointed = checkpoint_network(student, ac)  # exact: its rollouts snapshot what recorded passes read
+        par = parallel or (sharding.parallel if sharding is not None else None)
+        self.fake_checkpointed = prepare_network(fake, par)
+        self.student_checkpointed = prepare_network(student, par)  # exact: its rollouts snapshot what recorded passes read
+        prepare_network(teacher, par, checkpoint=False)
         head = GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries).to(device) if pcfg.gan_weight > 0 else None
         if sharding is not None:
             sharding.network(teacher, frozen=True)

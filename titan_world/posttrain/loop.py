@@ -293,9 +293,9 @@ class CausalJob(PostTrainJob):
         log(f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); {self.total} steps")
         pending = [] if self.sharding is not None else None
         self.student = self.spread(network(self.teacher_path, self.device, pending, student=True).train())
-        from parallel.checkpointing import apply_activation_checkpointing
+        from titan_world.posttrain.memory import prepare_network
 
-        apply_activation_checkpointing(self.student, cfg.parallel)  # safe here (no-op for "none"): stage 1 has no KV cache
+        prepare_network(self.student, cfg.parallel)  # FP8, AC (exact: stage 1 has no KV cache), compile; then FSDP
         if self.sharding is not None:
             self.sharding.network(self.student)  # before the optimizer: its params become DTensor shards
             fill_pending(pending, self.device)

@@ -1,5 +1,6 @@
 """Memory levers of stage 2 (docs/posttrain.md, "Memory plan"): activation checkpointing on the
-trained networks, and the frozen teacher stored in bf16.
+trained networks, and the frozen teacher stored in bf16; with them the speed settings pretraining
+applies at the same place (`prepare_network`: FP8 GEMMs, torch.compile).
 
 Activation checkpointing goes on the fake score and the student (every expert of an MoE):
   - the fake score has no KV cache: each of its passes is one self-contained forward over the
@@ -21,24 +22,33 @@ from parallel.config import ParallelConfig
 from titan_world.posttrain.sharding import experts_of
 
 TEACHER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+COMPILE_BACKEND = "inductor"  # torch.compile backend of `parallel.compile` (tests count graphs with their own)
 
 
-def checkpoint_network(net: nn.Module, parallel: ParallelConfig | None) -> list[int]:
-    """Apply `parallel.activation_checkpoint` to every expert of a trained network (the fake score
-    or the student), in place; returns the checkpointed block indices (of one expert). Call
-    before compile and FSDP. A checkpointed student must roll out with `snapshot_recorded`.
+def prepare_network(net: nn.Module, parallel: ParallelConfig | None, *, checkpoint: bool = True) -> list[int]:
+    """What pretraining does to its network before FSDP, in torchtitan's order, on every expert of
+    `net`: FP8 GEMMs (`parallel.float8`), activation checkpointing (`parallel.activation_checkpoint`,
+    only with `checkpoint`: the frozen teacher runs no backward) and per-block torch.compile
+    (`parallel.compile`). Returns the checkpointed block indices (of one expert). A checkpointed
+    student must roll out with `snapshot_recorded`.
 
     The GAN head's `FeatureTap` keeps working: the project's AC replaces a block's `forward`, and
     the recomputation in backward calls that inner forward directly, not the block's `__call__`,
     so the block's forward hooks (the tap) fire once, on the recorded forward's output.
     """
-    if parallel is None or parallel.activation_checkpoint == "none":
+    if parallel is None:
         return []
     from parallel.checkpointing import apply_activation_checkpointing
+    from parallel.compile import compile_blocks
+    from parallel.float8 import apply_float8
 
     ids: list[int] = []
     for expert in experts_of(net):
-        ids = apply_activation_checkpointing(expert, parallel)
+        apply_float8(expert, parallel.float8)
+        if checkpoint:
+            ids = apply_activation_checkpointing(expert, parallel)
+        if parallel.compile:
+            compile_blocks(expert, backend=COMPILE_BACKEND)
     return ids
 
 
