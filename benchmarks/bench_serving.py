@@ -47,11 +47,15 @@ def _actions(i: int) -> torch.Tensor:
 def random_wan_vae() -> str:
     """A temp folder holding diffusers' default `AutoencoderKLWan` (the Wan2.1 VAE's architecture)
     with random weights: decode cost does not depend on the weights."""
+    import atexit
+    import shutil
     import tempfile
 
     from diffusers import AutoencoderKLWan
 
-    path = os.path.join(tempfile.mkdtemp(prefix="titan-vae-"), "vae")
+    root = tempfile.mkdtemp(prefix="titan-vae-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # ~0.5 GB of random weights
+    path = os.path.join(root, "vae")
     AutoencoderKLWan().save_pretrained(path)
     return path
 

@@ -145,10 +145,17 @@ def check_dataset_meta(meta: dict, cfg, path: str) -> None:
 def _open_with_retry(open_dataset, attempts: int = 8):
     """streaming picks a free shared-memory prefix by looking, then creating: two processes that
     open datasets at the same instant can pick the same one (FileExistsError). Retry after a
-    short random pause instead of failing the job."""
+    short random pause instead of failing the job. Only a single process retries: in a group
+    only the node's leader creates, and a retry on one rank would call the prefix's collectives
+    out of step with the others (a hang); the job fails with the error instead, and torchrun's
+    restart (or a requeue) opens it again."""
     import random
     import time
 
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        attempts = 1
     for attempt in range(attempts):
         try:
             return open_dataset()
