@@ -112,8 +112,8 @@ class Batch:
 class DMDTrainer:
     """Owns the stage-2 networks and optimizers. Here, in this order (the pretraining order: AC,
     then FSDP, then optimizers): the teacher is frozen and stored in `posttrain.teacher_dtype`,
-    every network gets `parallel.float8` and `parallel.compile`, the fake score and the student
-    `parallel.activation_checkpoint` too (`memory.prepare_network`), and
+    every network gets `parallel.compile`, the fake score and the student
+    `parallel.activation_checkpoint`, the student `parallel.float8` (`memory.prepare_network`), and
     with `sharding` every network is sharded before the optimizers are built on its parameters.
     `parallel` defaults to the sharding's settings; without either, no AC. Networks built on the
     meta device (`loop.network`) are filled by `fill` right after sharding, each rank its shards;
@@ -127,9 +127,9 @@ class DMDTrainer:
         device = torch.device(device) if device is not None else next(fake.parameters()).device
         store_teacher(teacher, teacher_dtype(pcfg.teacher_dtype, device))
         par = parallel or (sharding.parallel if sharding is not None else None)
-        self.fake_checkpointed = prepare_network(fake, par)
+        self.fake_checkpointed = prepare_network(fake, par, float8=False)  # the scores stay in bf16/fp32: see prepare_network
         self.student_checkpointed = prepare_network(student, par)  # exact: its rollouts snapshot what recorded passes read
-        prepare_network(teacher, par, checkpoint=False)
+        prepare_network(teacher, par, checkpoint=False, float8=False)
         head = GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries).to(device) if pcfg.gan_weight > 0 else None
         if sharding is not None:
             sharding.network(teacher, frozen=True)

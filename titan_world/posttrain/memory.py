@@ -25,12 +25,17 @@ TEACHER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 COMPILE_BACKEND = "inductor"  # torch.compile backend of `parallel.compile` (tests count graphs with their own)
 
 
-def prepare_network(net: nn.Module, parallel: ParallelConfig | None, *, checkpoint: bool = True) -> list[int]:
+def prepare_network(net: nn.Module, parallel: ParallelConfig | None, *, checkpoint: bool = True, float8: bool = True) -> list[int]:
     """What pretraining does to its network before FSDP, in torchtitan's order, on every expert of
-    `net`: FP8 GEMMs (`parallel.float8`), activation checkpointing (`parallel.activation_checkpoint`,
-    only with `checkpoint`: the frozen teacher runs no backward) and per-block torch.compile
-    (`parallel.compile`). Returns the checkpointed block indices (of one expert). A checkpointed
-    student must roll out with `snapshot_recorded`.
+    `net`: FP8 GEMMs (`parallel.float8`, only with `float8`), activation checkpointing
+    (`parallel.activation_checkpoint`, only with `checkpoint`: the frozen teacher runs no
+    backward) and per-block torch.compile (`parallel.compile`). Returns the checkpointed block
+    indices (of one expert). A checkpointed student must roll out with `snapshot_recorded`.
+
+    Stage 2 gives FP8 to the student only: the DMD gradient is the difference of the teacher's
+    and the fake score's predictions, a few percent of either, and FP8 rounding of the two
+    networks (whose weights drift apart) is of that order; the student's rollout passes are most
+    of the stage's GEMMs anyway.
 
     The GAN head's `FeatureTap` keeps working: the project's AC replaces a block's `forward`, and
     the recomputation in backward calls that inner forward directly, not the block's `__call__`,
@@ -44,7 +49,8 @@ def prepare_network(net: nn.Module, parallel: ParallelConfig | None, *, checkpoi
 
     ids: list[int] = []
     for expert in experts_of(net):
-        apply_float8(expert, parallel.float8)
+        if float8:
+            apply_float8(expert, parallel.float8)
         if checkpoint:
             ids = apply_activation_checkpointing(expert, parallel)
         if parallel.compile:
