@@ -120,9 +120,14 @@ def test_frame_tokens_not_divisible_by_cp_is_refused(runs):
         assert "parallel.cp=2" in msg and "3x3 = 9 tokens" in msg and "data.height/width" in msg, msg
 
 
-def test_one_process_refuses_cp(tmp_path):
+def test_bad_meshes_are_refused_before_launch(tmp_path, capsys):
+    from launch.cli import main
     from titan_world.config import ConfigError
     from titan_world.posttrain.loop import job_mesh
 
     with pytest.raises(ConfigError, match=r"parallel.cp=2: one process has no context parallelism"):
         job_mesh(_cfg(tmp_path, "x", "parallel.cp=2"), 1, torch.device("cpu"))
+    # 3 ranks do not factor into CP groups of 2: refused by the CLI, no rank is started
+    assert main(["post-train", "dmd", "--nproc", "3", "parallel.cp=2", f"run.dir={tmp_path / 'y'}"]) == 2
+    assert "world_size=3 is not divisible" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -25,10 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from launch.torchrun import is_distributed_child, launch_local
     from titan_world.config import resolve_run_dir
-    from titan_world.posttrain.loop import run_stage
+    from titan_world.posttrain.loop import check_mesh, run_stage
 
     cfg = config_from_args(args)  # config errors surface before anything starts
     if args.nproc > 1 and not is_distributed_child():
+        check_mesh(cfg, args.nproc)
         run_dir = resolve_run_dir(cfg)  # fixed once, so every rank writes to the same one
         # options first: argparse cannot resume positionals after an option
         argv = ["titan_world.posttrain.cli", *(["--config", args.config] if args.config else []), *(["--resume"] if args.resume else [])]

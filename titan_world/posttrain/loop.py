@@ -171,19 +171,28 @@ def latent_frames_of(video_frames: int) -> int:
 
 
 # -- the loop ----------------------------------------------------------------------------------------
+def check_mesh(cfg: TitanConfig, world: int) -> None:
+    """The `parallel` section must factor `world` ranks; the error names the keys. Called by the
+    CLI before launching ranks and by every rank."""
+    from parallel.mesh import resolve_dims
+
+    if world == 1 and cfg.parallel.cp != 1:
+        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: one process has no context parallelism; launch with --nproc N (a multiple of it)")
+    try:
+        resolve_dims(cfg.parallel, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def job_mesh(cfg: TitanConfig, world: int, device: torch.device):
     """The job's `ParallelMesh` (None on one process): data-parallel rank and size for the loader
-    and the noise, the CP group for Ulysses, the FSDP mesh. The config errors name the keys."""
+    and the noise, the CP group for Ulysses, the FSDP mesh."""
+    check_mesh(cfg, world)
     if world == 1:
-        if cfg.parallel.cp != 1:
-            raise ConfigError(f"parallel.cp={cfg.parallel.cp}: one process has no context parallelism; launch with --nproc N (a multiple of it)")
         return None
     from parallel.mesh import build_mesh
 
-    try:
-        return build_mesh(cfg.parallel, world, device.type)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    return build_mesh(cfg.parallel, world, device.type)
 
 
 def sharding_for(cfg: TitanConfig, mesh) -> Sharding | None:
