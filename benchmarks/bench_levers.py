@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.common import parse_serving_args
+from benchmarks.common import parse_serving_args, write_json
 
 
 def _levers(sc, sigmas: list[float], device: torch.device) -> list[tuple[str, dict]]:
@@ -133,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         yaw_s = f"{r['yaw_mae_deg']:.2f}" if r["yaw_mae_deg"] is not None else "-"
         print(f"{r['lever']:<22} {r['passes_per_chunk']:>6} {r['fps']:>8.1f} {r['speed_vs_baseline']:>5.2f}x {r['psnr']:>8.2f} {r['dpsnr']:>+6.2f} {r['detail_vs_truth']:>6.2f} {yaw_s:>8}")
     print(f"(copy-last-frame baseline: {b['copy_last_psnr']:.2f} dB)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": str(dev), "source": base.source, "frames": frames, "episodes": args.episodes, "rows": rows}, f, indent=1)
+    write_json(args.json, {"device": str(dev), "source": base.source, "frames": frames, "episodes": args.episodes, "rows": rows})
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import os
 import resource
 import statistics
@@ -29,7 +28,7 @@ import time
 
 import torch
 
-from benchmarks.common import parse_serving_args
+from benchmarks.common import parse_serving_args, write_json
 
 
 def _rss_mb() -> float:
@@ -164,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['session_state_mb']:.2f} MB (growth {res['session_state_growth_bytes']} B), RSS "
           f"{rss[0]:.0f} -> {rss[-1]:.0f} MB, peak RSS {res['peak_rss_mb']:.0f} MB"
           + (f", CUDA peak {res['cuda_peak_allocated_mb']:.0f} MB" if cuda else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
     return 0
 
 

@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn as nn
 
+from benchmarks.common import write_json
+
 
 def _model_cfg(name: str):
     from omegaconf import OmegaConf
@@ -161,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                     args.warmup, args.iters, tokens))
             print(json.dumps(results[-1]))
             print(f"[bench_train] step-rate ratio ours/diffusers: {results[1]['step_s'] / results[0]['step_s']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+    write_json(args.json, results)
     return 0
 
 

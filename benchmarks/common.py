@@ -88,3 +88,12 @@ def parse_serving_args(p, argv: list[str] | None):
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
     return args, config_from_args(args)
+
+
+def write_json(path: str | None, obj: object) -> None:
+    """`--json FILE`: also write a benchmark's results there (nothing when no file was asked for)."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1, default=str)

@@ -29,9 +29,10 @@ GEMMs; not measured here). Decode runs overlapped on rank 0; the Wan VAE's ~39 f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
+
+from benchmarks.common import write_json
 
 GEMM_TFLOPS, ATTN_TFLOPS, NVLINK_GBS, A2A_LATENCY_S = 700.0, 595.0, 450.0, 20e-6
 FP8_GEMM_SPEEDUP = 1.6
@@ -131,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['student']:<8} {r['gpus']:>4}  {r['levers']:<28} {r['denoise_ms']:16.1f} {r['fps']:6.1f} {r['fps_with_one_vae']:11.1f}")
     print("a model, not a measurement (see the module docstring); measured rows are in benchmarks/RESULTS.md")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

@@ -21,11 +21,11 @@ def save_teacher(path: Path, *overrides: str) -> None:
     """A tiny action model with a non-zero head (Wan zero-inits it: the scores need a signal)."""
     from titan_world.config import load_config
     from titan_world.model import build_model, save_pretrained
-    from titan_world.posttrain.sharding import experts_of
+    from titan_world.model.moe import experts
 
     torch.manual_seed(0)
     teacher = build_model(load_config(None, ["model.action.enabled=true", *overrides]).model)
-    for expert in experts_of(teacher):
+    for expert in experts(teacher):
         for p in expert.head.parameters():
             p.data.normal_(0, 0.02)
     save_pretrained(teacher, path)

@@ -35,3 +35,9 @@ class WanMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context, **kwargs) -> torch.Tensor:
         return self.expert(expert_for(t, self.boundary))(x, t, context, **kwargs)
+
+
+def experts(net: nn.Module) -> list[nn.Module]:
+    """The dense networks inside `net`: an MoE's two experts (high, low), else `net` itself. What
+    per-network treatments (FSDP, AC, compile, context parallelism, feature taps) iterate over."""
+    return [net.high, net.low] if isinstance(net, WanMoE) else [net]

@@ -31,13 +31,14 @@ import torch.nn as nn
 
 from parallel.config import ParallelConfig
 from titan_world.model.action import ActionInputs
+from titan_world.model.moe import experts
 from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.dmd import ScoreInputs, dmd_step_loss, draw_sigma, fake_score_loss, noised, route, velocity
 from titan_world.posttrain.gan import FeatureTap, GANHead, d_loss, frozen, g_loss
 from titan_world.posttrain.memory import prepare_network, store_teacher, teacher_dtype
 from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
-from titan_world.posttrain.sharding import Sharding, experts_of
+from titan_world.posttrain.sharding import Sharding
 
 
 class Critic(nn.Module):
@@ -195,7 +196,7 @@ class DMDTrainer:
         (padding dropped) so the learned queries attend to every token, as on one rank; the
         gather's backward hands each rank its own tokens' gradient (`parallel.ulysses`)."""
         hs = [feats[i].detach() if detach else feats[i] for i in self.tap.blocks]
-        cp = experts_of(self.critic.fake)[0].cp
+        cp = experts(self.critic.fake)[0].cp
         if cp is not None:
             tokens = math.prod(self.student.token_grid(inp.latents.shape))
             hs = [cp.gather(h, 1)[:, :tokens] for h in hs]

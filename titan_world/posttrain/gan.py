@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titan_world.model.moe import WanMoE
+from titan_world.model.moe import experts
 
 
 class FeatureTap:
@@ -35,7 +35,7 @@ class FeatureTap:
 
     def __init__(self, net: nn.Module, blocks: list[int]):
         self.blocks, self.features = list(blocks), {}
-        nets = [net.high, net.low] if isinstance(net, WanMoE) else [net]
+        nets = experts(net)
         self._handles = [
             n.blocks[i].register_forward_hook(self._hook(i)) for n in nets for i in self.blocks
         ]

@@ -367,7 +367,7 @@ class DMDJob(PostTrainJob):
         when it exceeds the device: a 14B job would otherwise load for minutes and then run out of
         memory in its first rollout. Computed on every device (so CPU runs exercise it)."""
         from titan_world.posttrain.plan import posttrain_plan
-        from titan_world.posttrain.sharding import experts_of
+        from titan_world.model.moe import experts
 
         if self.world > 1 and self.sharding is None:
             return  # full replicas: the plan models FSDP
@@ -376,7 +376,7 @@ class DMDJob(PostTrainJob):
         cuda = self.device.type == "cuda"
         try:
             plan = posttrain_plan(self.student.cfg, cfg.posttrain, data.height, data.width, gpus=self.mesh.fsdp_size if self.mesh else 1,
-                                  cp=self.mesh.cp if self.mesh else 1, teacher_experts=len(experts_of(teacher)),
+                                  cp=self.mesh.cp if self.mesh else 1, teacher_experts=len(experts(teacher)),
                                   teacher_bytes=next(teacher.parameters()).dtype.itemsize, ac=cfg.parallel.activation_checkpoint,
                                   ac_every=cfg.parallel.ac_every,
                                   gpu_mem_gb=torch.cuda.get_device_properties(self.device).total_memory / 1e9 if cuda else float("inf"),

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from parallel.config import ParallelConfig
-from titan_world.posttrain.sharding import experts_of
+from titan_world.model.moe import experts
 
 TEACHER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 COMPILE_BACKEND = "inductor"  # torch.compile backend of `parallel.compile` (tests count graphs with their own)
@@ -48,7 +48,7 @@ def prepare_network(net: nn.Module, parallel: ParallelConfig | None, *, checkpoi
     from parallel.float8 import apply_float8
 
     ids: list[int] = []
-    for expert in experts_of(net):
+    for expert in experts(net):
         if float8:
             apply_float8(expert, parallel.float8)
         if checkpoint:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from parallel.config import ParallelConfig
+from titan_world.model.moe import experts
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -25,19 +26,12 @@ if TYPE_CHECKING:
     from parallel.mesh import ParallelMesh
 
 
-def experts_of(net: nn.Module) -> list[nn.Module]:
-    """The block-structured networks inside `net`: an MoE's two experts, else `net` itself."""
-    from titan_world.model.moe import WanMoE
-
-    return [net.high, net.low] if isinstance(net, WanMoE) else [net]
-
-
 def set_context_parallel(net: nn.Module, cp) -> nn.Module:
     """Ulysses on every expert of `net` (a `parallel.UlyssesContext`, or None: off); returns it.
 
     Every score and rollout pass then runs on this rank's shard of the sequence and its share of
     the attention heads; outputs are gathered, so the losses are the same on every CP rank."""
-    for expert in experts_of(net):
+    for expert in experts(net):
         expert.set_context_parallel(cp)
     return net
 
@@ -89,7 +83,7 @@ class Sharding:
         if frozen:
             net.requires_grad_(False).eval()
         mp = self.policy(next(net.parameters()).dtype)
-        for expert in experts_of(net):
+        for expert in experts(net):
             apply_fsdp(expert, self.mesh, self.parallel, mp_policy=mp)
             if frozen:
                 expert.set_reshard_after_forward(True)
