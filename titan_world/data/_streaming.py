@@ -67,7 +67,10 @@ def _agree_on_prefix() -> None:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return pick
-        node = socket.gethostname()
+        # a node: its host name, and (torchrun's node-major layout) the block of LOCAL_WORLD_SIZE
+        # ranks it holds, so containers that share a host name are still told apart
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+        node = (socket.gethostname(), dist.get_rank() // local if local > 0 else 0)
         picks: list = [None] * dist.get_world_size()
         dist.all_gather_object(picks, (node, pick))
         return max(p for n, p in picks if n == node)
