@@ -194,8 +194,9 @@ def test_two_ranks_disjoint_and_cover(dataset):
 
 
 def _open_while_another_job_registers(out: str) -> int:
-    """Rank 0 scans for a free prefix; then "another job" takes that prefix (rank 1 makes the file)
-    and rank 1 scans: without agreement the two ranks pick different prefixes."""
+    """Rank 1 scans for a free prefix; then "another job" registers that prefix (rank 1 makes the
+    file, as that job's leader would just before this job's leader takes the lock) and the leader
+    (rank 0) scans: left alone the two ranks pick different prefixes."""
     import torch.distributed as dist
     from multiprocessing.shared_memory import SharedMemory
 
@@ -207,15 +208,14 @@ def _open_while_another_job_registers(out: str) -> int:
     real_scan, other_job = prefix._check_and_find, []
 
     def scan(local, remote, shm_name):
-        if not other_job and rank == 0:
+        if not other_job and rank == 1:
             found = real_scan(local, remote, shm_name)
-            other_job.append(None)
+            other_job.append(SharedMemory(f"{found:06}_{SHM_TO_CLEAN[0]}", create=True, size=8))
             dist.barrier()
             return found
-        if not other_job:  # rank 1: wait for rank 0's scan, then register its pick as another job would
+        if not other_job:  # the leader: scan once the other job has registered
+            other_job.append(None)
             dist.barrier()
-            taken = real_scan(local, remote, shm_name)
-            other_job.append(SharedMemory(f"{taken:06}_{SHM_TO_CLEAN[0]}", create=True, size=8))
         return real_scan(local, remote, shm_name)
 
     prefix._check_and_find = scan

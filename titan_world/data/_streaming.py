@@ -8,12 +8,14 @@ Shared-memory hygiene: streaming keeps its coordination state in `/dev/shm/<pref
 file locks in the temp dir. `streaming.base.util.clean_stale_shared_memory()` unlinks *every*
 prefix (live ones of other jobs too), so on a shared machine (or under pytest-xdist) we use
 `release_prefix` for our own datasets and `clean_stale_shared_memory` below, which only removes
-prefixes that no live process maps. `_agree_on_prefix` closes a race of streaming's prefix choice
-between the ranks of a node.
+prefixes that no live process maps. `prefix_lock` + `_agree_on_prefix` close the races of
+streaming's prefix choice between jobs and between the ranks of a node.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import logging
 import os
@@ -42,7 +44,27 @@ __all__ = [
     "streaming_shm_files",
     "merge_index",
     "leaked_shm_files",
+    "prefix_lock",
 ]
+
+PREFIX_LOCK = os.path.join(tempfile.gettempdir(), "titan_world_streaming_prefix.lock")
+
+
+@contextlib.contextmanager
+def prefix_lock(leader: bool):
+    """Hold the node-wide lock while a local leader (local rank 0, or a single process) builds a
+    dataset, so no other titan-world job on the node registers a streaming prefix between this
+    job's scan for a free one and its creation. Other ranks build without it (they only look)."""
+    if not leader:
+        yield
+        return
+    with open(PREFIX_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
 
 def _agree_on_prefix() -> None:
     """Make the ranks of a node agree on the shared-memory prefix of a new dataset.
@@ -51,9 +73,9 @@ def _agree_on_prefix() -> None:
     leader then registers *its* pick and the others look for *theirs*. When another job on the
     node registers a prefix between two ranks' scans (two jobs starting at once: two SLURM jobs
     sharing a node, or parallel tests), the ranks pick different prefixes and the job dies with
-    "shared memory prefix=N was not registered by local leader". Here each rank's pick is
-    exchanged and every rank takes the largest pick of its node: free when that rank scanned, and
-    the scans of a node run between the same two barriers. One small all-gather per dataset.
+    "shared memory prefix=N was not registered by local leader". Here the ranks exchange their
+    picks and every rank takes its local leader's: the leader scanned under `prefix_lock`, so its
+    pick is still free when it creates it. One small all-gather per dataset.
     """
     from streaming.base.shared import prefix as _prefix
 
@@ -73,7 +95,7 @@ def _agree_on_prefix() -> None:
         node = (socket.gethostname(), dist.get_rank() // local if local > 0 else 0)
         picks: list = [None] * dist.get_world_size()
         dist.all_gather_object(picks, (node, pick))
-        return max(p for n, p in picks if n == node)
+        return next(p for n, p in picks if n == node)  # the node's lowest rank: its local leader
 
     agreed.agreed_by_node = True  # type: ignore[attr-defined]
     _prefix._check_and_find_retrying = agreed

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from titan_world.data._streaming import StreamingDataLoader, StreamingDataset, clean_stale_shared_memory, release_prefix
+from titan_world.data._streaming import StreamingDataLoader, StreamingDataset, clean_stale_shared_memory, prefix_lock, release_prefix
 from titan_world.data.curriculum import Curriculum, collate, cut_sample
 from titan_world.model.codec import TinyCodec, codec_from_config
 
@@ -144,11 +144,12 @@ def check_dataset_meta(meta: dict, cfg, path: str) -> None:
 
 def _open_with_retry(open_dataset, attempts: int = 8):
     """streaming picks a free shared-memory prefix by looking, then creating: two processes that
-    open datasets at the same instant can pick the same one (FileExistsError). Retry after a
-    short random pause instead of failing the job. Only a single process retries: in a group
-    only the node's leader creates, and a retry on one rank would call the prefix's collectives
-    out of step with the others (a hang); the job fails with the error instead, and torchrun's
-    restart (or a requeue) opens it again."""
+    open datasets at the same instant can pick the same one (FileExistsError). titan-world jobs
+    no longer race each other (`prefix_lock`); other streaming users on the node still can.
+    Retry after a short random pause instead of failing the job. Only a single process retries:
+    in a group only the node's leader creates, and a retry on one rank would call the prefix's
+    collectives out of step with the others (a hang); the job fails with the error instead, and
+    torchrun's restart (or a requeue) opens it again."""
     import random
     import time
 
@@ -176,7 +177,8 @@ def build_dataset(cfg, clip_frames: int, seed: int, batch_size: int, replication
         kwargs.update(local=path)
     cur = Curriculum(clip_frames, cfg.data.i2v_ratio, cfg.data.v2v_max_cond_frames, seed)
     codec = codec_from_config(cfg.data.codec)
-    ds = _open_with_retry(lambda: EpisodeDataset(curriculum=cur, codec=codec, **kwargs))
+    with prefix_lock(leader=int(os.environ.get("LOCAL_RANK", "0")) == 0):
+        ds = _open_with_retry(lambda: EpisodeDataset(curriculum=cur, codec=codec, **kwargs))
     first = StreamingDataset.get_item(ds, 0)
     check_dataset_meta(first["meta"], cfg, path)
     return ds
