@@ -58,12 +58,16 @@ def prefix_lock(leader: bool):
     if not leader:
         yield
         return
-    with open(PREFIX_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    try:  # read-only is enough for flock, and opens a lock file another user created (shared /tmp)
+        fd = os.open(PREFIX_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:  # cannot even read it: build unlocked, as streaming alone would
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _agree_on_prefix() -> None:
