@@ -25,11 +25,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-
 from titan_world.data._streaming import StreamingDataLoader, StreamingDataset, clean_stale_shared_memory, prefix_lock, release_prefix
 from titan_world.data.curriculum import Curriculum, collate, cut_sample
-from titan_world.model.codec import TinyCodec, codec_from_config
+from titan_world.model.codec import codec_from_config
 
 
 def is_remote(path: str) -> bool:

@@ -24,7 +24,6 @@ from titan_world.conditioning import actions_from_batch, noise_batch
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.diffusion.flow import sample_sigma, unshift_sigma
 from titan_world.model import WanMoE, build_model
-from titan_world.model.codec import TEMPORAL_STRIDE
 from titan_world.train import adapter as adapter_mod
 from titan_world.train.flops import device_peak_tflops, train_step_flops
 from titan_world.train.metrics import MetricsLogger, ProfilerWindow, peak_memory_gb
