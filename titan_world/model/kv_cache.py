@@ -39,13 +39,19 @@ class KVCache:
         if window_frames < 1:
             raise ValueError(f"window_frames={window_frames}: expected >= 1")
         self.tpf, self.sink, self.window, self.chunk = tokens_per_frame, sink_frames, window_frames, chunk_frames
-        capacity = (chunk_frames + sink_frames + window_frames) * tokens_per_frame
-        shape = (num_layers, batch, capacity, heads, head_dim)
+        shape = self.buffer_shape(num_layers, batch, heads, head_dim, tokens_per_frame, sink_frames, window_frames, chunk_frames)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.committed_frames = 0  # frames ever written (the window keeps the last W of them)
         self._write_index = torch.zeros(chunk_frames * tokens_per_frame, dtype=torch.long, device=device)
         self._write_index_for: tuple[int, int] | None = None  # (committed_frames, frames) it holds
+
+    @staticmethod
+    def buffer_shape(num_layers: int, batch: int, heads: int, head_dim: int, tokens_per_frame: int, sink_frames: int,
+                     window_frames: int, chunk_frames: int) -> tuple[int, int, int, int, int]:
+        """Shape of each of the K and V buffers: every layer, `[chunk | sink | window ring]` frames
+        of tokens (memory planners size the cache with this, without allocating it)."""
+        return (num_layers, batch, (chunk_frames + sink_frames + window_frames) * tokens_per_frame, heads, head_dim)
 
     def reset(self) -> None:
         self.committed_frames = 0

@@ -30,13 +30,13 @@ reserve for the CUDA context, NCCL buffers and fragmentation. Not measured at 14
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from parallel.checkpointing import checkpointed_block_ids
-from parallel.planner import GB, block_params, param_count
+from parallel.planner import GB, GPUS_PER_NODE, block_params, param_count
+from titan_world.model.kv_cache import KVCache
 from titan_world.posttrain.config import PostTrainConfig
-
-GPUS_PER_NODE = 8
 
 
 def gan_head_params(dim: int, num_blocks: int, num_queries: int) -> int:
@@ -48,9 +48,11 @@ def gan_head_params(dim: int, num_blocks: int, num_queries: int) -> int:
 
 
 def kv_cache_bytes(cfg, p: PostTrainConfig, tokens_per_frame: int, cp: int = 1, batch: int = 1, bytes_per: int = 2) -> int:
-    """Bytes of one rank's rollout cache: `KVCache` with this rank's heads (`rollout.self_rollout`)."""
-    frames = max(p.chunk_frames, 1) + p.sink_frames + p.window_frames
-    return 2 * cfg.num_layers * batch * frames * tokens_per_frame * (cfg.num_heads // cp) * cfg.head_dim * bytes_per
+    """Bytes of one rank's rollout cache: `KVCache` with this rank's heads, sized as
+    `rollout.self_rollout` builds it (a chunk slot of at least the one given frame)."""
+    shape = KVCache.buffer_shape(cfg.num_layers, batch, cfg.num_heads // cp, cfg.head_dim, tokens_per_frame, p.sink_frames,
+                                 p.window_frames, max(p.chunk_frames, 1))
+    return 2 * math.prod(shape) * bytes_per
 
 
 @dataclass
