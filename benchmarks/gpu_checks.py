@@ -7,6 +7,8 @@
 - FP8 GEMMs (torchao Float8Linear, rowwise and tensorwise) stay close to bf16, eager and compiled
 - a streaming session with CUDA graphs (`serving.cuda_graphs`) == the same session without,
   eager and compiled blocks (bf16)
+- a steady-state streaming chunk (actions, cache writes, graphs or not) never waits for the GPU
+  beyond the engine's one explicit end-of-chunk sync (`torch.cuda.set_sync_debug_mode("error")`)
 """
 
 from __future__ import annotations
@@ -101,6 +103,43 @@ def check_graphed_streaming(dev: torch.device) -> None:
         check(f"CUDA-graph streaming == eager streaming ({'compiled' if compiled else 'eager'} blocks, bf16)", streams[1], streams[0], 3e-2)
 
 
+def check_sync_free_streaming(dev: torch.device) -> None:
+    """Host syncs inside a chunk stall the launch queue (the GPU idles while Python catches up):
+    run steady-state chunks with implicit syncs made errors; the engine's timing sync is lifted."""
+    import serving.streaming as streaming
+    from serving.config import ServingConfig
+    from titan_world.model.codec import TinyCodec
+    from titan_world.model.text_encoder import TinyTextEncoder
+
+    global failures
+    sc = dict(height=240, width=416, fps=16.0, chunk_frames=3, sink_frames=1, window_frames=3)
+    for graphs, refresh in ((False, "clean"), (True, "last_step")):
+        model = randomized(cfg(model_type="t2v", in_dim=16, action=ActionConfig(enabled=True)), dev, torch.bfloat16)
+        model.set_attn_backend("sdpa", dev)
+        engine = streaming.StreamingEngine(model, TinyCodec(8, 16), TinyTextEncoder(64, 32),
+                                           ServingConfig(**sc, kv_refresh=refresh, cuda_graphs=graphs))
+        session = engine.start(None, "a red house", seed=0)
+        keys = torch.zeros(12, 8)
+        keys[:, 0], keys[:, 6] = 1.0, 0.3
+        for _ in range(4):  # fill the cache (and capture the graphs)
+            session.denoise(keys)
+        timing_sync, streaming._sync = streaming._sync, lambda device: None
+        name = f"streaming chunk without host syncs (kv_refresh={refresh}, cuda_graphs={graphs})"
+        try:
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            for _ in range(3):
+                session.denoise(keys)
+            print(f"PASS {name}", flush=True)
+        except RuntimeError as err:
+            failures += 1
+            print(f"FAIL {name}: {str(err).splitlines()[0]}", flush=True)
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+            streaming._sync = timing_sync
+
+
 def main() -> int:
     dev = torch.device("cuda")
     import titan_world.model.dit as dit
@@ -156,6 +195,7 @@ def main() -> int:
         check("compiled blocks == eager (bf16)", compiled, eager, 2e-2)
     check_float8(dev)
     check_graphed_streaming(dev)
+    check_sync_free_streaming(dev)
     print(f"{failures} failed")
     return 1 if failures else 0
 

@@ -57,6 +57,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a host sync: a plain `.to(cuda)` waits for every queued kernel
+    (pageable memory); a pinned copy is queued behind them (the host allocator keeps the pinned
+    buffer alive until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class _Payload:
     latents: torch.Tensor  # [1, C, n, h, w] clean latents of the chunk
@@ -164,6 +173,7 @@ class StreamingSession(BaseSession):
         self._noise = torch.empty(1, mc.out_dim, cfg.chunk_frames, h, w, device=dev, dtype=torch.float32)
         self._cond_chunk = torch.zeros(1, mc.cond_channels, cfg.chunk_frames, h, w, device=dev, dtype=e.dtype) if mc.cond_channels else None
         self._use_actions = e.model.action_embedding is not None
+        self._intrinsics = _to_device(self.pose.intrinsics, dev)  # [4], fixed for the session
         video = image_to_tensor(image if image is not None else default_start_image(cfg.height, cfg.width), cfg.height, cfg.width)
         t = video.shape[2]
         video = video[:, :, : 1 + (t - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE]
@@ -179,6 +189,7 @@ class StreamingSession(BaseSession):
         self.generator.manual_seed(self.seed)
         self.cache.reset()
         self.pose.reset()
+        self._origin = _to_device(self.pose.origin[None], self.engine.device)  # actions are relative to it
         self._load_prompt(self.start_prompt)
         self.prompt = self.start_prompt
         self.chunk_index = 0
@@ -287,7 +298,7 @@ class StreamingSession(BaseSession):
         e = self.engine
         t = torch.full((1,), sigma * 1000.0, device=e.device)
         tokens = e.model.embed(
-            x.to(e.dtype), t, self.context, cond=cond, actions=actions, action_reference=self.pose.origin[None].to(e.device),
+            x.to(e.dtype), t, self.context, cond=cond, actions=actions, action_reference=self._origin,
             frame_offset=self.frame,
         )
         if self.graphs is not None and self.graphs.ready(tokens):
@@ -318,8 +329,8 @@ class StreamingSession(BaseSession):
         if not self._use_actions:
             return None
         dev = self.engine.device
-        c2w = self.pose.current().to(dev)
-        return ActionInputs(torch.zeros(1, n, 8, device=dev), c2w.expand(1, n, 4, 4), self.pose.intrinsics.to(dev).expand(1, n, 4))
+        c2w = _to_device(self.pose.current(), dev)
+        return ActionInputs(torch.zeros(1, n, 8, device=dev), c2w.expand(1, n, 4, 4), self._intrinsics.expand(1, n, 4))
 
     def _chunk_actions(self, a: torch.Tensor) -> ActionInputs | None:
         """Per video frame [4n, 8] -> per latent frame: keys averaged, pose after the group's last frame."""
@@ -329,4 +340,4 @@ class StreamingSession(BaseSession):
         dev, n = self.engine.device, self.chunk_frames
         keys = a.view(n, TEMPORAL_STRIDE, -1).mean(1)
         c2w = poses[TEMPORAL_STRIDE - 1 :: TEMPORAL_STRIDE]
-        return ActionInputs(keys[None].to(dev), c2w[None].to(dev), self.pose.intrinsics.to(dev).expand(1, n, 4))
+        return ActionInputs(_to_device(keys[None], dev), _to_device(c2w[None], dev), self._intrinsics.expand(1, n, 4))

@@ -44,14 +44,18 @@ def test_ingest_reports_and_skips(tmp_path, capsys):
     np.save(src / "nan.poses.npy", bad)
     _mp4(src / "count.mp4", 20, 16)
     np.save(src / "count.poses.npy", np.repeat(np.eye(4)[None], 7, 0))
+    _mp4(src / "flat.mp4", 20, 16)
+    flat = np.repeat(np.eye(4)[None], 20, 0)
+    flat[5, 2, 2] = 0.0  # a rotation block that cannot be inverted
+    np.save(src / "flat.poses.npy", flat)
     _mp4(src / "short.mp4", 3, 16)
     (src / "broken.mp4").write_bytes(b"not a video")
     out = tmp_path / "out"
     rc = main(["data", "ingest", "--src", str(src), "--out", str(out), "--keep-raw", "data.height=32", "data.width=32"])
     text = capsys.readouterr().out
     assert rc == 0
-    assert "1 written, 4 skipped" in text
-    for name, reason in [("nan.mp4", "NaN"), ("count.mp4", "7 poses for 20"), ("short.mp4", "need >= 5"), ("broken.mp4", "cannot decode")]:
+    assert "1 written, 5 skipped" in text
+    for name, reason in [("nan.mp4", "NaN"), ("count.mp4", "7 poses for 20"), ("flat.mp4", "pose 5 has a singular rotation"), ("short.mp4", "need >= 5"), ("broken.mp4", "cannot decode")]:
         line = next(l for l in text.splitlines() if l.startswith(name))
         assert "skipped" in line and reason in line, line
     ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)

@@ -10,18 +10,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from serving.graphs import GraphedBackbone
 from test_serving_engine import _live_tensors, keys, make_engine
 
-# Ops that read the host or make a tensor from host data: none may run inside a captured pass.
-HOST_OPS = {"_local_scalar_dense", "nonzero", "arange", "lift_fresh", "lift_fresh_copy", "is_nonzero", "equal", "masked_select"}
+# Ops whose result the host must wait for on a GPU (a value read back, a data-dependent shape,
+# linalg's error check): none may run while a chunk is being made.
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_linalg_check_errors"}
+# ... nor, inside a captured pass, ops that make a tensor from host data.
+HOST_OPS = SYNC_OPS | {"arange", "lift_fresh", "lift_fresh_copy"}
 
 
 class HostOpGuard(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, ops: set[str] = HOST_OPS) -> None:
         super().__init__()
-        self.seen: set[str] = set()
+        self.ops, self.seen = ops, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in HOST_OPS:
+        if name in self.ops:
             self.seen.add(name)
         return func(*args, **(kwargs or {}))
 
@@ -72,6 +75,19 @@ def test_graphed_passes_read_nothing_from_the_host(monkeypatch):
     s.step(keys("d"))
     assert s.graphs.replays > replays
     assert not guard.seen, f"a graphed pass would read the host: {sorted(guard.seen)}"
+
+
+@pytest.mark.parametrize("opts", [{"kv_refresh": "clean"}, {"kv_refresh": "last_step", "cuda_graphs": True}])
+def test_a_chunk_never_waits_for_the_device(opts):
+    """A host sync mid-chunk idles the GPU while Python catches up. What moves host data in (the
+    actions) goes through pinned non-blocking copies, checked on a GPU by benchmarks/gpu_checks.py."""
+    s = make_engine(**opts).start(None, "p", 0)
+    for _ in range(4):
+        s.step(keys("w"))
+    guard = HostOpGuard(SYNC_OPS)
+    with guard:
+        s.denoise(keys("w", "d"))
+    assert not guard.seen, f"a chunk would wait for the device: {sorted(guard.seen)}"
 
 
 def test_graphed_session_memory_is_flat():

@@ -122,6 +122,8 @@ def load_item(video: Path, height: int, width: int, fps: int, min_size: int = 16
     poses = _load_array(Path(f"{stem}.poses.npy"), (4, 4), n, "poses")
     if poses is not None and not np.allclose(poses[:, 3], [0, 0, 0, 1], atol=1e-5):
         raise BadItem(f"{stem.name}.poses.npy: last row of each pose must be [0, 0, 0, 1]")
+    if poses is not None and (singular := np.flatnonzero(np.abs(np.linalg.det(poses[:, :3, :3])) < 1e-6)).size:
+        raise BadItem(f"{stem.name}.poses.npy: pose {singular[0]} has a singular rotation block (expected a rotation)")
     intr = _load_array(Path(f"{stem}.intrinsics.npy"), (4,), n, "intrinsics")
     actions = _load_array(Path(f"{stem}.actions.npy"), (ACTION_DIM,), n, "actions")
     captions = _captions(stem)

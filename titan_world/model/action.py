@@ -54,7 +54,9 @@ class ActionInputs:
     def relative(self, reference: torch.Tensor | None = None, translation_scale: float = 1.0) -> torch.Tensor:
         """c2w relative to `reference` [B, 4, 4] (default: the first frame), translations scaled."""
         ref = self.c2w[:, 0] if reference is None else reference
-        rel = torch.linalg.inv(ref)[:, None] @ self.c2w
+        # inv_ex: linalg.inv checks for singular input, a host sync on every pass on a GPU; poses
+        # are rotation + translation (ingestion refuses singular ones: titan_world/data/ingest.py)
+        rel = torch.linalg.inv_ex(ref).inverse[:, None] @ self.c2w
         rel = rel.clone()
         rel[..., :3, 3] = rel[..., :3, 3] / translation_scale
         return rel

@@ -13,7 +13,7 @@ sees its own frames, the first S frames, and the W frames before it.
 Every read and write is a fixed view or an `index_copy_` with a device index tensor, never a
 Python slice that moves from chunk to chunk: once the cache is full (`is_full`), a pass does the
 same work at the same addresses every time, which is what a CUDA graph replays
-(`serving/graphs.py`). Only `write_index` touches the host, once per written chunk.
+(`serving/graphs.py`). Nothing here waits for the device.
 """
 
 from __future__ import annotations
@@ -89,17 +89,18 @@ class KVCache:
     def write_index(self, frames: int) -> torch.Tensor:
         """Token slots the next `frames` committed frames go to, as a device tensor.
 
-        Filled from the host once per chunk (the first layer's commit) into one preallocated
-        buffer; a graph replay calls this before replaying, so the captured `index_copy_` reads
-        the new slots from the same address.
+        Computed on the device once per chunk (the first layer's commit) into one preallocated
+        buffer, from host integers only: no host sync mid-pass. A graph replay calls this before
+        replaying, so the captured `index_copy_` reads the new slots from the same address.
         """
         if frames > self.chunk:
             raise ValueError(f"committing {frames} frames: the cache was built for chunks of at most {self.chunk}")
         key = (self.committed_frames, frames)
         if self._write_index_for != key:
-            frame = torch.arange(self.committed_frames, self.committed_frames + frames)
+            dev = self._write_index.device
+            frame = torch.arange(self.committed_frames, self.committed_frames + frames, device=dev)
             slot = torch.where(frame < self.sink, frame, self.sink + (frame - self.sink) % self.window)
-            tokens = (self.chunk + slot)[:, None] * self.tpf + torch.arange(self.tpf)
+            tokens = (self.chunk + slot)[:, None] * self.tpf + torch.arange(self.tpf, device=dev)
             self._write_index[: frames * self.tpf].copy_(tokens.flatten())
             self._write_index_for = key
         return self._write_index[: frames * self.tpf]
