@@ -21,7 +21,7 @@ from benchmarks.common import HEADER, Row, peak_gb, reset_peak, time_fn
 from titan_world.config import CONFIG_ROOT
 from titan_world.model.config import ModelConfig
 from titan_world.model.dit import WanDiT
-from titan_world.model.inspect_cli import default_vae_stride
+from titan_world.model.codec import default_vae_stride
 from titan_world.train.flops import device_peak_tflops, sample_flops
 
 

@@ -236,6 +236,13 @@ class WanStreamDecoder:
         return sum(t.numel() * t.element_size() for t in self.cache if isinstance(t, torch.Tensor))
 
 
+def default_vae_stride(model_cfg) -> int:
+    """Spatial stride of the codec a model config is paired with, without loading it: the Wan2.2
+    TI2V VAE 16 (48 latent channels), else `model.action.spatial_stride` (Wan VAE 8; the tiny
+    config sets 4 for TinyCodec)."""
+    return {48: 16}.get(model_cfg.out_dim, model_cfg.action.spatial_stride)
+
+
 def codec_from_config(codec_cfg, device="cpu", dtype: torch.dtype = torch.float32):
     """The codec the model sees (`data.codec`: kind, spatial_stride, channels, path).
 

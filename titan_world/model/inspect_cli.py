@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from titan_world.config import CONFIG_ROOT, ConfigError, load_config
-from titan_world.model.codec import check_frame_count
+from titan_world.model.codec import check_frame_count, default_vae_stride
 from titan_world.model.config import ActionConfig, ModelConfig
 from titan_world.model.dit import WanDiT
 from titan_world.model.io import CheckpointError, read_config, resolve_checkpoint_dir
@@ -53,12 +53,6 @@ def _checkpoint_dtype(folder: Path) -> str:
     with safe_open(str(files[0]), "pt") as fh:
         key = next(iter(fh.keys()))
         return str(fh.get_slice(key).get_dtype()).lower()
-
-
-def default_vae_stride(cfg: ModelConfig) -> int:
-    """Spatial stride of the codec the config is paired with: Wan2.2 TI2V VAE 16 (48 channels),
-    else `model.action.spatial_stride` (Wan VAE 8; the tiny config sets 4 for TinyCodec)."""
-    return {48: 16}.get(cfg.out_dim, cfg.action.spatial_stride)
 
 
 def describe(cfg: ModelConfig, frames: int, height: int, width: int, vae_stride: int) -> dict:

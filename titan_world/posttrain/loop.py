@@ -366,13 +366,14 @@ class DMDJob(PostTrainJob):
         """Stage 2's per-GPU memory on this mesh (`posttrain.plan`), logged on GPU with a warning
         when it exceeds the device: a 14B job would otherwise load for minutes and then run out of
         memory in its first rollout. Computed on every device (so CPU runs exercise it)."""
-        from titan_world.posttrain.plan import posttrain_plan
+        from titan_world.model.codec import default_vae_stride
         from titan_world.model.moe import experts
+        from titan_world.posttrain.plan import posttrain_plan
 
         if self.world > 1 and self.sharding is None:
             return  # full replicas: the plan models FSDP
         cfg, data = self.cfg, self.cfg.data
-        stride = 8 if data.codec.kind == "wan_vae" else data.codec.spatial_stride
+        stride = default_vae_stride(self.student.cfg) if data.codec.kind == "wan_vae" else data.codec.spatial_stride
         cuda = self.device.type == "cuda"
         try:
             plan = posttrain_plan(self.student.cfg, cfg.posttrain, data.height, data.width, gpus=self.mesh.fsdp_size if self.mesh else 1,
