@@ -198,6 +198,34 @@ def test_save_load_roundtrip_sharded_and_moe(tmp_path):
     torch.testing.assert_close(again.low.head.head.weight, moe.low.head.head.weight)
 
 
+def test_load_in_another_dtype_converts_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """A 14B fp32 expert loaded in bf16 must not hold its fp32 copy (57 GB) on the host."""
+    import weakref
+
+    from titan_world.model import io
+
+    model = _randomized(tiny_cfg())
+    save_pretrained(model, tmp_path / "m")
+    read, alive, most = io.WeightFolder.read, [], [0]
+
+    def counting_read(self, name, region=None):
+        alive[:] = [r for r in alive if r() is not None]
+        most[0] = max(most[0], len(alive))  # file tensors still held when the next one is read
+        t = read(self, name, region)
+        alive.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(io.WeightFolder, "read", counting_read)
+    loaded = load_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert most[0] == 0
+    for k, v in model.state_dict().items():
+        got = loaded.state_dict()[k]
+        assert got.dtype == torch.bfloat16 and got.device.type == "cpu"
+        torch.testing.assert_close(got, v.to(torch.bfloat16), rtol=0, atol=0)
+    kept = load_pretrained(tmp_path / "m")  # no dtype: the file's
+    assert {v.dtype for v in kept.state_dict().values()} == {torch.float32}
+
+
 def test_loads_diffusers_format_folder(tmp_path):
     model = _randomized(tiny_cfg())
     from safetensors.torch import save_file

@@ -219,8 +219,15 @@ def _load_dense(folder: Path, dtype, device, cfg_override: ModelConfig | None = 
     with torch.device("meta"):
         model = WanDiT(cfg)
     source.check({k: tuple(v.shape) for k, v in model.state_dict().items()})
-    model.load_state_dict({name: source.read(name) for name in source.sources}, assign=True)  # keeps the file's dtypes
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+    def placed(name: str) -> torch.Tensor:
+        # one tensor at a time to its device and dtype (none: the file's): an fp32 14B expert
+        # loaded in bf16 onto a GPU never holds its 57 GB on the host
+        t = source.read(name)
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    model.load_state_dict({name: placed(name) for name in source.sources}, assign=True)
+    return model
 
 
 def checkpoint_networks(path: str | os.PathLike) -> tuple[list[Path], float | None]:
