@@ -7,12 +7,15 @@
 #   bash benchmarks/gpu_session.sh fp8        # 1.3B forward + train step with FP8 GEMMs (torchao rowwise / tensorwise)
 #   bash benchmarks/gpu_session.sh fsdp       # FSDP2 1.3B step (re-measure after the input-cast fix), AC full/attention
 #   bash benchmarks/gpu_session.sh serving    # 1.3B student at 480p: clean vs last-step KV refresh, window 6 vs 3, CUDA graphs, Wan VAE decode
+#   bash benchmarks/gpu_session.sh priority   # when one command is all the device time there is (~9 min): the checks, then
+#                                             # the two unmeasured levers each goal waits on (serving CUDA graphs, AC skip),
+#                                             # each step under its own time limit so a slow one cannot take the rest
 #
 # Results go to $OUT (default ./gpu_results) as text logs (+ JSON where the benchmark writes one).
 set -euo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
-part=${1:?usage: gpu_session.sh checks|model|fp8|fsdp|serving}
+part=${1:?usage: gpu_session.sh checks|model|fp8|fsdp|serving|priority}
 py=${PYTHON:-python3}
 
 case "$part" in
@@ -49,8 +52,19 @@ case "$part" in
     $py -m benchmarks.bench_serving --config serving/gpu-1.3b-480p.yaml --chunks 30 --random-vae data.text_encoder.kind=tiny \
       serving.kv_refresh=last_step --json "$OUT/serving_wan_vae.json" 2>&1 | tee "$OUT/serving_wan_vae.txt"
     ;;
+  priority)
+    serving=(--config serving/gpu-1.3b-480p.yaml --chunks 40 data.codec.kind=tiny data.codec.channels=16
+             data.text_encoder.kind=tiny serving.kv_refresh=last_step)
+    timeout 150 $py -m benchmarks.gpu_checks 2>&1 | tee "$OUT/gpu_checks.txt" || true
+    timeout 100 $py -m benchmarks.bench_serving "${serving[@]}" --json "$OUT/serving_last_step.json" 2>&1 \
+      | tee "$OUT/serving_last_step.txt" || true
+    timeout 100 $py -m benchmarks.bench_serving "${serving[@]}" serving.cuda_graphs=true --json "$OUT/serving_graphs.json" 2>&1 \
+      | tee "$OUT/serving_graphs.txt" || true
+    timeout 180 $py -m benchmarks.bench_model --model wan2.1-1.3b --phases train \
+      --variants compile-attention,compile-attention:16 2>&1 | tee "$OUT/bench_model_1.3b.txt" || true
+    ;;
   *)
-    echo "unknown part: $part (checks|model|fp8|fsdp|serving)" >&2
+    echo "unknown part: $part (checks|model|fp8|fsdp|serving|priority)" >&2
     exit 2
     ;;
 esac
