@@ -54,3 +54,33 @@ def test_convert_moe_root_and_errors(tmp_path, capsys):
     assert main(["convert", "--from", "diffusers", str(tmp_path / "moe"), str(tmp_path / "x")]) == 2
     assert "not a diffusers" in capsys.readouterr().err
     assert main(["convert", "--to", "diffusers", str(tmp_path / "missing"), str(tmp_path / "y")]) == 2
+
+
+def test_lazy_state_is_written_one_shard_at_a_time(tmp_path, monkeypatch):
+    """Converting a 57 GB fp32 expert must not hold it on the host: a LazyState is read tensor by
+    tensor and each shard is written (and dropped) as soon as it is full."""
+    import titan_world.model.io as io
+
+    model = _model(3)
+    save_pretrained(model, tmp_path / "wan")
+    source = io.WeightFolder(tmp_path / "wan")
+    read, save_file, reads, saved, pending = io.WeightFolder.read, io.save_file, [0], [0], []
+
+    def counting_read(self, name, region=None):
+        reads[0] += 1
+        return read(self, name, region)
+
+    def counting_save(tensors, path):
+        pending.append((reads[0] - saved[0], len(tensors)))  # read but not yet written, vs this shard
+        saved[0] += len(tensors)
+        save_file(tensors, path)
+
+    monkeypatch.setattr(io.WeightFolder, "read", counting_read)
+    monkeypatch.setattr(io, "save_file", counting_save)
+    names = {name: name for name in source.sources}
+    io.save_state_dict(io.LazyState(source, names), tmp_path / "copy", io.config_json(model.cfg), max_shard_bytes=20_000)
+    # at most the shard plus the tensor that did not fit in it
+    assert len(pending) > 2 and all(held <= n + 1 for held, n in pending), pending
+    copy = load_pretrained(tmp_path / "copy")
+    for k, v in model.state_dict().items():
+        assert torch.equal(copy.state_dict()[k], v), k

@@ -77,7 +77,7 @@ def _exported(folder: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 def _watch_reads(log: list) -> None:
     """Record every tensor read from a checkpoint (name, full rows, rows read) and make reading a
-    whole checkpoint (load_pretrained / read_state_dict) or materialising an unsharded model fail."""
+    whole checkpoint (load_pretrained) or materialising an unsharded model fail."""
     import parallel.meta_init as meta_init
     from torch.distributed.tensor import DTensor
 
@@ -101,7 +101,7 @@ def _watch_reads(log: list) -> None:
         return materialize(module, device, read)
 
     io.WeightFolder.read = tracked
-    io.load_pretrained = io.read_state_dict = refuse
+    io.load_pretrained = refuse
     meta_init.materialize = sharded_only
 
 
@@ -213,7 +213,7 @@ def test_one_rank_matches_two_ranks_from_a_base_checkpoint(root, two_ranks):
 def test_two_ranks_read_only_their_rows(two_ranks):
     """No rank of a sharded run holds a full replica: the model is a sharded meta model when its
     storage is allocated (asserted inside the run), no whole checkpoint is read
-    (load_pretrained / read_state_dict raise there), and every tensor with more than one row is
+    (load_pretrained raises there), and every tensor with more than one row is
     read from the safetensors file as this rank's rows only, adding up to that rank's share."""
     for res in two_ranks:
         reads = res["base_reads"]

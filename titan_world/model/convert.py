@@ -5,7 +5,8 @@
   --to safetensors SRC DST   DCP training checkpoint (a step folder, or a run dir: the newest
                              complete one) -> Wan-native safetensors folder (config from run dir)
 
-Tensors are copied bit for bit (renamed only); MoE roots convert both experts.
+Tensors are copied bit for bit (renamed only), one at a time: host memory peaks at one output
+shard (5 GB), not the checkpoint. MoE roots convert both experts.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from titan_world.model.diffusers_names import diffusers_to_native, native_config_to_diffusers, native_to_diffusers
-from titan_world.model.io import CheckpointError, config_json, read_config, read_state_dict, resolve_checkpoint_dir, save_state_dict
+from titan_world.model.diffusers_names import native_config_to_diffusers, native_to_diffusers
+from titan_world.model.io import CheckpointError, LazyState, WeightFolder, config_json, read_config, resolve_checkpoint_dir, save_state_dict
 from titan_world.model.moe import EXPERT_DIRS
 
 
@@ -31,7 +32,8 @@ def diffusers_to_wan(src: Path, dst: Path) -> None:
         cfg, is_diffusers = read_config(s)
         if not is_diffusers:
             raise CheckpointError(f"{s}: config.json is not a diffusers WanTransformer3DModel config")
-        save_state_dict(diffusers_to_native(read_state_dict(s)), d, config_json(cfg))
+        source = WeightFolder(s)  # reads diffusers keys under native names
+        save_state_dict(LazyState(source, {name: name for name in source.sources}), d, config_json(cfg))
 
 
 def wan_to_diffusers(src: Path, dst: Path) -> None:
@@ -39,7 +41,8 @@ def wan_to_diffusers(src: Path, dst: Path) -> None:
         cfg, is_diffusers = read_config(s)
         if is_diffusers:
             raise CheckpointError(f"{s}: already in diffusers format")
-        save_state_dict(native_to_diffusers(read_state_dict(s)), d, native_config_to_diffusers(cfg))
+        source = WeightFolder(s)
+        save_state_dict(LazyState(source, native_to_diffusers({name: name for name in source.sources})), d, native_config_to_diffusers(cfg))
 
 
 def dcp_to_safetensors(src: Path, dst: Path, config_path: str | None = None) -> None:

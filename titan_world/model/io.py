@@ -17,6 +17,7 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -97,18 +98,6 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def read_state_dict(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
-    files = _weight_files(folder)
-    state = {}
-    for f in sorted(set(files.values())):
-        if not f.is_file():
-            raise CheckpointError(f"{folder}: index names {f.name}, which is missing")
-        with safe_open(str(f), "pt", device=str(device)) as fh:
-            for k in fh.keys():
-                state[k] = fh.get_tensor(k)
-    return state
-
-
 def check_shapes(expected: dict[str, tuple], found: dict[str, tuple], where: str, files: dict[str, str] | None = None) -> None:
     """Raise CheckpointError listing missing, unexpected and mis-shaped keys (with the file holding
     each mis-shaped one when `files` is given)."""
@@ -186,6 +175,24 @@ class WeightFolder:
         f, key = self.sources[name]
         with safe_open(str(f), "pt") as fh:
             return fh.get_tensor(key) if region is None else fh.get_slice(key)[region]
+
+
+class LazyState(Mapping[str, torch.Tensor]):
+    """A state dict whose tensors are read from a `WeightFolder` when accessed: `names` maps each
+    key to the folder's native name. `save_state_dict` walks it one tensor at a time, so a
+    conversion holds one output shard on the host, not the checkpoint."""
+
+    def __init__(self, source: WeightFolder, names: dict[str, str]):
+        self.source, self.names = source, names
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.source.read(self.names[key])
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -291,29 +298,40 @@ def config_json(cfg: ModelConfig) -> dict:
     return raw
 
 
-def save_state_dict(state: dict[str, torch.Tensor], folder: Path, config: dict, max_shard_bytes: int = 5 * 2**30) -> None:
-    """config.json + safetensors, sharded with an index past max_shard_bytes (Wan/diffusers layout)."""
+def save_state_dict(state: Mapping[str, torch.Tensor], folder: Path, config: dict, max_shard_bytes: int = 5 * 2**30) -> None:
+    """config.json + safetensors, sharded with an index past max_shard_bytes (Wan/diffusers layout).
+
+    Each shard is written as soon as it is full, under a temporary name (the final names carry
+    the shard count): with a `LazyState`, host memory peaks at one shard."""
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        shards, current, size = [], {}, 0
+        parts: list[tuple[Path, list[str]]] = []
+        current: dict[str, torch.Tensor] = {}
+        size = total = 0
+
+        def flush() -> None:
+            part = tmp / f".part-{len(parts):05d}.safetensors"
+            save_file(current, str(part))
+            parts.append((part, list(current)))
+            current.clear()
+
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
             if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
+                flush()
+                size = 0
             current[k] = v.detach().contiguous().cpu()
-            size += nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME))
+            size, total = size + nbytes, total + nbytes
+        flush()
+        if len(parts) == 1:
+            parts[0][0].rename(tmp / WEIGHTS_NAME)
             return
         weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name))
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
+        for i, (part, keys) in enumerate(parts, 1):
+            name = f"diffusion_pytorch_model-{i:05d}-of-{len(parts):05d}.safetensors"
+            part.rename(tmp / name)
+            weight_map.update({k: name for k in keys})
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
     _atomic_dir_write(folder, write)
