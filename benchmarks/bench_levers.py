@@ -16,6 +16,8 @@ baseline with one serving setting changed:
                          only the quality columns mean anything there)
   cuda_graphs=true       replay full-cache passes from CUDA graphs (GPU only: the same numbers,
                          listed for its speed)
+  light_decoder          with --light-decoder PATH: decode with a distilled light decoder
+                         (`titan-world distill-decoder`) instead of the codec's own
 
 Speed is the serial frame rate (denoise + KV refresh + decode) on this device, as a ratio to the
 baseline measured in the same run; quality is the change in PSNR next to `detail` (the frames'
@@ -37,7 +39,7 @@ import torch
 from benchmarks.common import parse_serving_args, write_json
 
 
-def _levers(sc, sigmas: list[float], device: torch.device) -> list[tuple[str, dict]]:
+def _levers(sc, sigmas: list[float], device: torch.device, light_decoder: str | None = None) -> list[tuple[str, dict]]:
     """(name, serving overrides) pairs; the first is the baseline (the student's own settings).
     Fewer steps keep the first of the student's trained timesteps and spread the rest evenly
     over the trained ones (4 -> 3: 1.0, 0.5, 0.25; 4 -> 2: 1.0, 0.25)."""
@@ -55,6 +57,8 @@ def _levers(sc, sigmas: list[float], device: torch.device) -> list[tuple[str, di
         out += [(f"float8={recipe}", {"float8": recipe}) for recipe in ("rowwise", "tensorwise")]
     if device.type == "cuda" and not sc.cuda_graphs:
         out.append(("cuda_graphs=true", {"cuda_graphs": True}))
+    if light_decoder and not sc.light_decoder:
+        out.append(("light_decoder", {"light_decoder": light_decoder}))
     return out
 
 
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--seconds", type=float, default=4.0, help="streamed length per episode")
     p.add_argument("--offset", type=int, default=16, help="start frame in the episode (its first second barely moves)")
+    p.add_argument("--light-decoder", default=None, help="add the light-decoder lever: a `titan-world distill-decoder` run dir")
     args, cfg = parse_serving_args(p, argv)
     from serving.loading import build_engine
     from titan_world.data.synth import make_episode
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{frames} frames at {sc.width}x{sc.height}; baseline: {len(base.sigmas)} steps, kv_refresh={sc.kv_refresh}, "
           f"sink {sc.sink_frames} + window {sc.window_frames}")
     rows = []
-    for name, change in _levers(sc, [float(x) for x in base.sigmas], dev):
+    for name, change in _levers(sc, [float(x) for x in base.sigmas], dev, args.light_decoder):
         lever_cfg = copy.deepcopy(cfg)
         for k, v in change.items():
             setattr(lever_cfg.serving, k, v)

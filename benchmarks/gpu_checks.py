@@ -7,6 +7,7 @@
 - FP8 GEMMs (torchao Float8Linear, rowwise and tensorwise) stay close to bf16, eager and compiled
 - a streaming session with CUDA graphs (`serving.cuda_graphs`) == the same session without,
   eager and compiled blocks (bf16)
+- the light decoder: streamed == clip decode in bf16, and close to fp32
 - a steady-state streaming chunk (actions, cache writes, graphs or not) never waits for the GPU
   beyond the engine's one explicit end-of-chunk sync (`torch.cuda.set_sync_debug_mode("error")`)
 """
@@ -103,6 +104,23 @@ def check_graphed_streaming(dev: torch.device) -> None:
         check(f"CUDA-graph streaming == eager streaming ({'compiled' if compiled else 'eager'} blocks, bf16)", streams[1], streams[0], 3e-2)
 
 
+def check_light_decoder(dev: torch.device) -> None:
+    """The light decoder on the GPU (bf16, cuDNN convolutions): streamed == one clip decode == fp32."""
+    from titan_world.model.light_decoder import LightDecoder, LightDecoderConfig, LightStreamDecoder
+
+    torch.manual_seed(0)
+    ref = LightDecoder(LightDecoderConfig(16, 8, 64, 2)).eval()
+    z = torch.randn(1, 16, 7, 30, 52)
+    with torch.no_grad():
+        full32 = ref(z).clamp(-1, 1)
+        d = ref.to(dev, torch.bfloat16)
+        stream = LightStreamDecoder(d)
+        parts = torch.cat([stream.decode(z[:, :, a:b].to(dev)) for a, b in ((0, 1), (1, 4), (4, 7))], 2)
+        clip = d(z.to(dev, torch.bfloat16)).clamp(-1, 1)
+    check("light decoder streamed == clip (CUDA bf16)", parts, clip, 1e-2)
+    check("light decoder CUDA bf16 ~= CPU fp32", clip.cpu(), full32, 3e-2)
+
+
 def check_sync_free_streaming(dev: torch.device) -> None:
     """Host syncs inside a chunk stall the launch queue (the GPU idles while Python catches up):
     run steady-state chunks with implicit syncs made errors; the engine's timing sync is lifted."""
@@ -196,6 +214,7 @@ def main() -> int:
     check_float8(dev)
     check_graphed_streaming(dev)
     check_sync_free_streaming(dev)
+    check_light_decoder(dev)
     print(f"{failures} failed")
     return 1 if failures else 0
 

@@ -6,9 +6,11 @@
 #   bash benchmarks/gpu_session.sh model      # 1.3B train step vs diffusers, AC attention with 0/12/16/20 blocks skipped
 #   bash benchmarks/gpu_session.sh fp8        # 1.3B forward + train step with FP8 GEMMs (torchao rowwise / tensorwise)
 #   bash benchmarks/gpu_session.sh fsdp       # FSDP2 1.3B step (re-measure after the input-cast fix), AC full/attention
-#   bash benchmarks/gpu_session.sh serving    # 1.3B student at 480p: clean vs last-step KV refresh, window 6 vs 3, CUDA graphs, Wan VAE decode
+#   bash benchmarks/gpu_session.sh serving    # 1.3B student at 480p: clean vs last-step KV refresh, window 6 vs 3, CUDA graphs, Wan VAE
+#                                             # decode, and the light decoder's decode against the Wan VAE's
 #   bash benchmarks/gpu_session.sh priority   # when one command is all the device time there is (~9 min): the checks, then
-#                                             # the two unmeasured levers each goal waits on (serving CUDA graphs, AC skip),
+#                                             # the unmeasured levers the goals wait on (serving CUDA graphs, the light
+#                                             # decoder's speed, AC skip),
 #                                             # each step under its own time limit so a slow one cannot take the rest
 #
 # Results go to $OUT (default ./gpu_results) as text logs (+ JSON where the benchmark writes one).
@@ -51,6 +53,8 @@ case "$part" in
     # the real decoder's cost: the Wan2.1 VAE's architecture (random weights), streamed chunk by chunk in bf16
     $py -m benchmarks.bench_serving --config serving/gpu-1.3b-480p.yaml --chunks 30 --random-vae data.text_encoder.kind=tiny \
       serving.kv_refresh=last_step --json "$OUT/serving_wan_vae.json" 2>&1 | tee "$OUT/serving_wan_vae.txt"
+    # the Wan VAE's streaming decode vs the light decoder's (random weights: same cost), 480p bf16
+    $py -m benchmarks.bench_decoder --json "$OUT/decoder.json" 2>&1 | tee "$OUT/decoder.txt"
     ;;
   priority)
     serving=(--config serving/gpu-1.3b-480p.yaml --chunks 40 data.codec.kind=tiny data.codec.channels=16
@@ -60,6 +64,7 @@ case "$part" in
       | tee "$OUT/serving_last_step.txt" || true
     timeout 100 $py -m benchmarks.bench_serving "${serving[@]}" serving.cuda_graphs=true --json "$OUT/serving_graphs.json" 2>&1 \
       | tee "$OUT/serving_graphs.txt" || true
+    timeout 60 $py -m benchmarks.bench_decoder --json "$OUT/decoder.json" 2>&1 | tee "$OUT/decoder.txt" || true
     timeout 180 $py -m benchmarks.bench_model --model wan2.1-1.3b --phases train \
       --variants compile-attention,compile-attention:16 2>&1 | tee "$OUT/bench_model_1.3b.txt" || true
     ;;

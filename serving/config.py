@@ -37,3 +37,7 @@ class ServingConfig:
     # Replay full-cache passes from CUDA graphs (serving/graphs.py); no effect on CPU apart from
     # running the same fixed-buffer path. Opt-in until measured on a GPU (benchmarks/RESULTS.md).
     cuda_graphs: bool = False
+    # A light decoder distilled from the codec's (`titan-world distill-decoder`; a run dir or its
+    # decoder/ folder): frames are decoded with it instead of the codec's own decoder (the Wan
+    # VAE's costs ~26 ms of the GPU per 480p frame). Encoding the start image stays the codec's.
+    light_decoder: str | None = None

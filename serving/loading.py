@@ -121,6 +121,13 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None) -> Streaming
         compile_blocks(model)
     dc, tc = cfg.data.codec, cfg.data.text_encoder
     codec = codec_from_config(dc, device=device, dtype=dtype)  # the Wan VAE decodes in the serving dtype (bf16 on GPU)
+    if sc.light_decoder:
+        from titan_world.model.light_decoder import LightDecodedCodec, load_light_decoder
+
+        try:
+            codec = LightDecodedCodec(codec, load_light_decoder(sc.light_decoder, device, dtype))
+        except (OSError, ValueError) as e:
+            raise EngineError(f"serving.light_decoder={sc.light_decoder}: {e}") from None
     text = build_text_encoder(tc.kind, mc.text_dim, mc.text_len, tc.path, device=device)
     engine = StreamingEngine(model, codec, text, sc, cp=cp)
     engine.source = source  # type: ignore[attr-defined]

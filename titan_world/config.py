@@ -25,7 +25,7 @@ from titan_world.eval.config import EvalConfig
 from titan_world.model.codec import check_frame_count
 from titan_world.model.config import ModelConfig
 from titan_world.posttrain.config import PostTrainConfig
-from titan_world.train.config import TrainConfig
+from titan_world.train.config import DecoderDistillConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -52,6 +52,7 @@ class TitanConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decoder: DecoderDistillConfig = field(default_factory=DecoderDistillConfig)
 
 
 CONFIG_ROOT = Path(str(resources.files("configs")))

@@ -55,3 +55,20 @@ class TrainConfig:
     inject_nan_steps: list[int] = field(default_factory=list)  # multiply the loss by NaN at these steps
     preempt_at_step: int | None = None  # behave as if SIGUSR1 arrived during this step (checkpoint + exit 75)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+
+@dataclass
+class DecoderDistillConfig:
+    """`titan-world distill-decoder`: a light streaming decoder taught by the codec's own decode
+    (serving.light_decoder; titan_world/model/light_decoder.py)."""
+
+    steps: int = 300
+    batch_size: int = 4
+    clip_frames: int = 9  # video frames per sample (1 + 4k); the dataset's clips, as training cuts them
+    lr: float = 2.0e-3
+    warmup_steps: int = 20
+    width: int = 64  # channels at latent resolution (the decoder's size; see LightDecoderConfig)
+    depth: int = 2  # residual blocks at latent resolution
+    edge_weight: float = 0.5  # L1 on image gradients beside the pixel L1: keeps the edges a plain L1 softens
+    eval_batches: int = 4  # held-out batches (another seed) for the final PSNR against the teacher
+    seed: int = 0
