@@ -62,6 +62,22 @@ def test_generate_then_score(tmp_path, capsys):
     assert main(["eval", "vbench", "--videos", str(out), "--generate", str(tmp_path / "ckpt"), "--dimensions", "temporal_flickering"]) == 0
     assert len(list(out.glob("*.mp4"))) == 4
     assert "temporal_flickering" in capsys.readouterr().out
+    # --prompts for generation: a JSON table keeps its file names, a text file one prompt per line;
+    # either way the clips' prompts land in VIDEOS/prompts.json, which scoring reads
+    table = tmp_path / "prompts.json"
+    table.write_text(json.dumps({"car.mp4": "a red car", "sea.mp4": "a calm sea"}))
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("a red car\n\na calm sea\n")
+    for prompts, names in ((table, ["car.mp4", "sea.mp4"]), (lines, ["sample_000.mp4", "sample_001.mp4"])):
+        gen = tmp_path / prompts.suffix[1:]
+        args = ["eval", "vbench", "--videos", str(gen), "--generate", str(tmp_path / "ckpt"), "--prompts", str(prompts),
+                "--dimensions", "temporal_flickering"]
+        assert main(args) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in gen.glob("*.mp4")) == names
+        assert json.loads((gen / "prompts.json").read_text()) == dict(zip(names, ["a red car", "a calm sea"]))
+    # scoring alone needs the JSON table: a text file is refused with the format spelled out
+    assert main(["eval", "vbench", "--videos", str(tmp_path / "txt"), "--prompts", str(lines), "--dimensions", "temporal_flickering"]) == 2
+    assert 'expected {"name.mp4": "prompt"}' in capsys.readouterr().err
 
 
 def test_action_report_files(tmp_path):

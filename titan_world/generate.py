@@ -173,28 +173,55 @@ def generate(cfg: TitanConfig, checkpoint: str | None, inputs: GenerationInputs,
     return video, source
 
 
-def generate_to_dir(checkpoint: str | None, prompts: list[str] | str | None, out_dir: str | Path, *, count: int = 4, frames: int = 33,
+def generate_to_dir(checkpoint: str | None, prompts: dict[str, str] | list[str] | str | None, out_dir: str | Path, *, count: int = 4, frames: int = 33,
                     cfg: TitanConfig | None = None, seed: int = 0) -> list[Path]:
     """One mp4 per prompt (synthetic first frame i, its actions) — used by `titan-world eval --generate`.
 
-    prompts: a list, a text file with one prompt per line, or None for `count` clips captioned by
-    the synthetic world itself."""
+    prompts: a list, a file (JSON {file name: prompt}, the table `eval vbench --prompts` reads, or
+    text with one prompt per line: sample_000.mp4, ...), or None for `count` clips captioned by
+    the synthetic world itself. Writes OUT_DIR/prompts.json ({file name: prompt used}), where
+    scoring looks for the prompts of a folder."""
+    import json
+
     from titan_world.config import load_config
     from titan_world.eval.video_io import write_video
 
     cfg = cfg or load_config()
+    if isinstance(prompts, str):
+        prompts = read_prompt_file(prompts)
     if prompts is None:
         prompts = [None] * count
-    elif isinstance(prompts, str):
-        prompts = [line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()]
+    named = prompts if isinstance(prompts, dict) else {f"sample_{i:03d}.mp4": p for i, p in enumerate(prompts)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, prompt in enumerate(prompts):
+    paths, used = [], {}
+    for i, (name, prompt) in enumerate(named.items()):
         inputs = build_inputs(cfg, image=None, prompt=prompt, actions=None, frames=frames, episode_seed=10_000 + i)
         video, _ = generate(cfg, checkpoint, inputs, seed=seed + i)
-        paths.append(write_video(out_dir / f"sample_{i:03d}.mp4", video, cfg.data.fps, lossless=False))
+        paths.append(write_video(out_dir / name, video, cfg.data.fps, lossless=False))
+        used[name] = inputs.prompt
+    (out_dir / "prompts.json").write_text(json.dumps(used, indent=2))
     return paths
+
+
+def read_prompt_file(path: str | Path) -> dict[str, str] | list[str]:
+    """A prompts file: JSON {file name: prompt} (names ending in .mp4), or one prompt per line."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file {p} does not exist")
+    text = p.read_text()
+    if not text.lstrip().startswith("{"):
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompts file {p}: not valid JSON ({e}); expected {{\"name.mp4\": \"prompt\"}} or one prompt per line") from None
+    bad = [k for k, v in table.items() if not (isinstance(v, str) and k.endswith(".mp4"))]
+    if bad:
+        raise ValueError(f"prompts file {p}: entries {bad[:3]} are not \"name.mp4\": \"prompt\" pairs")
+    return table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,13 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vb.add_argument("--window-seconds", type=float, default=None, help="per-window metrics over time (0: off)")
     vb.add_argument("--protocol", choices=["vbench", "vbench-long"], default=None)
     vb.add_argument("--config", default=None, help="YAML with EvalConfig fields (top level or under `eval:`)")
-    vb.add_argument("--prompts", default=None, help="JSON {file name: prompt} for overall_consistency")
+    vb.add_argument("--prompts", default=None, help="JSON {file name: prompt} for overall_consistency (with --generate: "
+                                                    "also one prompt per line)")
     vb.add_argument("--device", default=None)
     vb.add_argument("--batch-size", type=int, default=None)
     for f in MODEL_FLAGS:
         vb.add_argument("--" + f.replace("_", "-"), default=None, dest=f)
     vb.add_argument("--generate", default=None, metavar="CHECKPOINT",
-                    help="first generate videos into --videos from this checkpoint (needs --prompts)")
+                    help="first generate videos into --videos from this checkpoint: one per prompt of --prompts "
+                         "(JSON {file: prompt} or one prompt per line), else 4 synthetic-world clips; "
+                         "their prompts go to VIDEOS/prompts.json, which scoring then reads")
     vb.add_argument("--no-report", action="store_true", help="JSON only (no markdown/HTML/PNGs)")
     cp = sub.add_parser("compare", help="runs side by side with LingBot-World's published numbers")
     cp.add_argument("runs", nargs="+", help="results.json files or folders holding one")
@@ -78,7 +81,7 @@ def generate_videos(checkpoint: str, prompts: str | None, out_dir: Path) -> None
 
     try:
         generate_to_dir(checkpoint, prompts, out_dir)
-    except (CheckpointError, OSError) as e:
+    except (CheckpointError, OSError, ValueError) as e:
         raise RuntimeError(f"--generate {checkpoint}: {e}") from None
 
 
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         files = report.write_report(args.results, args.out)
         print(f"wrote {', '.join(str(p) for p in files.values())}")
         return 0
-    from titan_world.eval.vbench import run_vbench, summary
+    from titan_world.eval.vbench import PromptsError, run_vbench, summary
     from titan_world.eval.video_io import list_videos
 
     cfg = build_config(args)
@@ -105,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as e:
             print(f"titan-world eval: {e}", file=sys.stderr)
             return 2
+        cfg = dataclasses.replace(cfg, prompts=None)  # the clips' own VIDEOS/prompts.json says what each was made from
     try:
         videos = list_videos(videos_dir)
     except FileNotFoundError as e:
@@ -113,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
     if not videos:
         print(f"titan-world eval: no video files in {videos_dir}", file=sys.stderr)
         return 2
-    results = run_vbench(videos, cfg, progress=lambda m: print(f"[eval] {m}", flush=True))
+    try:
+        results = run_vbench(videos, cfg, progress=lambda m: print(f"[eval] {m}", flush=True))
+    except PromptsError as e:
+        print(f"titan-world eval: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else videos_dir / "eval"
     if args.no_report:
         files = {"json": report.write_json(results, out / "results.json")}

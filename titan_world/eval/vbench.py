@@ -116,6 +116,10 @@ def score_protocol(name: str, frames: np.ndarray, fps: float, model: Any, cfg: E
     return float(np.mean(vals))
 
 
+class PromptsError(ValueError):
+    """`--prompts` names a missing or malformed file (reported without a traceback)."""
+
+
 def read_prompts(videos: list[Path], cfg: EvalConfig) -> dict[str, tuple[str, str]]:
     """file name -> (prompt, source). Sources in order: cfg.prompts JSON, <stem>.txt beside
     the video, prompts.json in its folder, VBench's file-name convention ('<prompt>-<i>.mp4')."""
@@ -123,8 +127,11 @@ def read_prompts(videos: list[Path], cfg: EvalConfig) -> dict[str, tuple[str, st
     if cfg.prompts:
         p = Path(cfg.prompts)
         if not p.is_file():
-            raise FileNotFoundError(f"prompts file {p} does not exist")
-        table = json.loads(p.read_text())
+            raise PromptsError(f"prompts file {p} does not exist")
+        try:
+            table = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise PromptsError(f"prompts file {p}: not JSON ({e}); expected {{\"name.mp4\": \"prompt\"}}") from None
     out = {}
     for v in videos:
         side, folder_json = v.with_suffix(".txt"), v.parent / "prompts.json"
