@@ -36,6 +36,8 @@ def test_overrides_apply_with_types():
         ("data.height=30", "data.height"),
         ("nonsense", "key=value"),
         ("posttrain.grad_chunks=9", "posttrain.grad_chunks=9"),
+        ("data.codec.kind=bogus", "data.codec.kind='bogus': expected tiny or wan_vae"),
+        ("data.text_encoder.kind=t5", "data.text_encoder.kind='t5'"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

@@ -22,7 +22,7 @@ from parallel.float8 import RECIPES as FLOAT8_RECIPES
 from serving.config import ServingConfig
 from titan_world.data.config import DataConfig
 from titan_world.eval.config import EvalConfig
-from titan_world.model.codec import check_frame_count
+from titan_world.model.codec import check_frame_count, default_vae_stride
 from titan_world.model.config import ModelConfig
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.train.config import DecoderDistillConfig, TrainConfig
@@ -197,7 +197,12 @@ def validate(cfg: TitanConfig) -> None:
         raise ConfigError(f"run.wandb={cfg.run.wandb!r}: expected offline, online or disabled")
     if not 0.0 <= cfg.data.i2v_ratio <= 1.0:
         raise ConfigError(f"data.i2v_ratio={cfg.data.i2v_ratio}: expected a fraction in [0, 1]")
-    s = cfg.data.codec.spatial_stride
+    codec, text = cfg.data.codec, cfg.data.text_encoder
+    if codec.kind not in ("tiny", "wan_vae"):
+        raise ConfigError(f"data.codec.kind={codec.kind!r}: expected tiny or wan_vae")
+    if text.kind not in ("tiny", "umt5"):
+        raise ConfigError(f"data.text_encoder.kind={text.kind!r}: expected tiny or umt5")
+    s = default_vae_stride(cfg.model) if codec.kind == "wan_vae" else codec.spatial_stride
     if cfg.data.height % (s * 2) or cfg.data.width % (s * 2):
         raise ConfigError(
             f"data.height/width={cfg.data.height}x{cfg.data.width}: expected multiples of {2 * s} "
