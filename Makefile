@@ -19,8 +19,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -n 2 -m "not slow and not slurm and not browser" $(PYTEST_ARGS)
 
+# The benchmarks that mean something on any machine (tiny model, CPU); each prints its ratios
+# against a baseline measured in the same run. GPU figures: benchmarks/gpu_session.sh.
 bench: install
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.bench_data
+	$(PY) -m benchmarks.bench_train
+	$(PY) -m benchmarks.bench_serving --chunks 100
+	$(PY) -m benchmarks.bench_decoder
+	$(PY) -m benchmarks.serving_model
 
 clean:
 	rm -rf runs data_cache .pytest_cache
