@@ -159,6 +159,12 @@ def check_sync_free_streaming(dev: torch.device) -> None:
 
 
 def main() -> int:
+    if len(sys.argv) > 1:
+        print(__doc__)
+        return 0 if sys.argv[1] in ("-h", "--help") else 2
+    if not torch.cuda.is_available():
+        print("benchmarks.gpu_checks needs a CUDA device (CPU CI runs the same paths as tests/)", file=sys.stderr)
+        return 2
     dev = torch.device("cuda")
     import titan_world.model.dit as dit
     from diffusers import WanTransformer3DModel
