@@ -40,7 +40,7 @@ def _stream_fps(make_decoder, latents: torch.Tensor, chunk: int, device: torch.d
 
 def main(argv: list[str] | None = None) -> int:
     from titan_world.model.codec import WanVAECodec
-    from titan_world.model.light_decoder import LightDecoder, LightDecoderConfig, LightStreamDecoder, load_light_decoder
+    from titan_world.model.light_decoder import LightDecodedCodec, LightDecoder, LightDecoderConfig, LightStreamDecoder, load_light_decoder
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--height/--width must be multiples of the VAE stride {s}")
     if args.light_decoder:
         light = load_light_decoder(args.light_decoder, device, dtype)
+        try:
+            LightDecodedCodec(vae, light)  # same latent interface, or the comparison is meaningless
+        except ValueError as e:
+            raise SystemExit(f"--light-decoder {args.light_decoder}: {e}") from None
     else:
         light = LightDecoder(LightDecoderConfig(vae.latent_channels, s, args.channels, args.depth)).to(device, dtype).eval()
     latents = torch.randn(1, vae.latent_channels, 1 + args.chunks * args.chunk_frames, args.height // s, args.width // s, device=device)
