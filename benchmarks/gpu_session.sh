@@ -66,7 +66,7 @@ case "$part" in
       | tee "$OUT/serving_graphs.txt" || true
     timeout 60 $py -m benchmarks.bench_decoder --json "$OUT/decoder.json" 2>&1 | tee "$OUT/decoder.txt" || true
     timeout 180 $py -m benchmarks.bench_model --model wan2.1-1.3b --phases train \
-      --variants compile-attention,compile-attention:16 2>&1 | tee "$OUT/bench_model_1.3b.txt" || true
+      --variants compile-attention,compile-attention:16 --warmup 1 --iters 3 2>&1 | tee "$OUT/bench_model_1.3b.txt" || true
     ;;
   *)
     echo "unknown part: $part (checks|model|fp8|fsdp|serving|priority)" >&2
