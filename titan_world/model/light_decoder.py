@@ -1,7 +1,7 @@
 """A light streaming decoder distilled from a codec's own (serving's "lighter decoder" lever).
 
 On one GPU the Wan VAE's decoder is not free: at ~39 frames/s at 480p (DESIGN.md §8) it needs
-~26 ms of the GPU per frame, more than a 32 fps stream leaves for everything (31 ms). This
+~26 ms of the GPU per frame, of the 31 ms a frame has at 32 fps, leaving 5 for the DiT. This
 decoder keeps the codec's latent interface and spends its capacity at latent resolution:
 
     z_t, z_(t-1)  --stem + residual 2-D blocks (latent res)-->  features
