@@ -238,6 +238,11 @@ def test_display_rotation_is_applied(tmp_path, rotation):
         np.testing.assert_allclose(ep.c2w[0, :3, 0], [0, -1, 0])  # new x = -old y
         np.testing.assert_allclose(ep.c2w[0, :3, 1], [1, 0, 0])  # new y = old x
         np.testing.assert_allclose(ep.c2w[0, :3, 3], [1, 2, 3])
+        # arrays given for the upright frames (data.ingest_arrays=upright) are not turned again
+        up = load_item(tmp_path / "phone.mp4", up_h, up_w, 16, arrays="upright")
+        np.testing.assert_array_equal(up.frames, ep.frames)
+        np.testing.assert_allclose(up.intrinsics[0], [50, 40, 30, 20])
+        np.testing.assert_allclose(up.c2w[0], c2w[0])
 
 
 def _fake_episode(name: str):
@@ -249,7 +254,7 @@ def test_ingest_videos_writes_one_episode_at_a_time(tmp_path, monkeypatch):
     memory at a time; bad ones are skipped in between; nothing is written when none is good."""
     loaded: list[str] = []
 
-    def fake_load(v, *a):
+    def fake_load(v, *a, **kw):
         loaded.append(v.name)
         if "bad" in v.name:
             raise BadItem("broken")
@@ -268,7 +273,7 @@ def test_ingest_videos_writes_one_episode_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr("titan_world.data.writer.build_encoders", lambda cfg: (None, None, {}))
     monkeypatch.setattr(ingest_mod, "load_item", fake_load)
     monkeypatch.setattr("titan_world.data.mds.write_episodes", fake_write)
-    cfg = SimpleNamespace(data=SimpleNamespace(height=32, width=32, fps=16))
+    cfg = SimpleNamespace(data=SimpleNamespace(height=32, width=32, fps=16, ingest_arrays="stored"))
     videos = [Path(n) for n in ("a.mp4", "bad1.mp4", "b.mp4", "c.mp4")]
     reports = ingest_mod.ingest_videos(cfg, videos, tmp_path / "out")
     assert seen == [("a.mp4", 1), ("b.mp4", 3), ("c.mp4", 4)]
@@ -291,10 +296,10 @@ def test_ingest_is_atomic(tmp_path, monkeypatch):
     cfg = load_config(None, ["data.height=32", "data.width=32"])
     real = ingest_mod.load_item
 
-    def failing(v, *a):
+    def failing(v, *a, **kw):
         if v.name == "b.mp4":
             raise RuntimeError("disk on fire")
-        return real(v, *a)
+        return real(v, *a, **kw)
 
     monkeypatch.setattr(ingest_mod, "load_item", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):

@@ -197,6 +197,8 @@ def validate(cfg: TitanConfig) -> None:
         raise ConfigError(f"run.wandb={cfg.run.wandb!r}: expected offline, online or disabled")
     if not 0.0 <= cfg.data.i2v_ratio <= 1.0:
         raise ConfigError(f"data.i2v_ratio={cfg.data.i2v_ratio}: expected a fraction in [0, 1]")
+    if cfg.data.ingest_arrays not in ("stored", "upright"):
+        raise ConfigError(f"data.ingest_arrays={cfg.data.ingest_arrays!r}: expected stored or upright")
     codec, text = cfg.data.codec, cfg.data.text_encoder
     if codec.kind not in ("tiny", "wan_vae"):
         raise ConfigError(f"data.codec.kind={codec.kind!r}: expected tiny or wan_vae")

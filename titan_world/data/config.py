@@ -31,5 +31,9 @@ class DataConfig:
     v2v_max_cond_frames: int = 2  # latent frames given as context in V2V samples
     num_workers: int = 0
     cache_dir: str | None = None  # local cache for remote datasets (default: <tmp>/titan_world_cache/<hash>)
+    # `data ingest`: the frames a video's poses/intrinsics files describe when it has a display
+    # rotation: stored (as in the file: device logs) | upright (as displayed: poses solved on
+    # frames an extractor had already turned, e.g. ffmpeg's default)
+    ingest_arrays: str = "stored"
     codec: CodecConfig = field(default_factory=CodecConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)

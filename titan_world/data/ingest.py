@@ -317,8 +317,14 @@ def _captions(stem: Path) -> dict:
     return {"narrative": "", "scene": "", "events": []}
 
 
-def load_item(video: Path, height: int, width: int, fps: int, min_size: int = 16) -> Episode:
-    """One video and its side files as an episode; raises BadItem (cheap checks before decoding)."""
+def load_item(video: Path, height: int, width: int, fps: int, min_size: int = 16, *, arrays: str = "stored") -> Episode:
+    """One video and its side files as an episode; raises BadItem (cheap checks before decoding).
+
+    `arrays` (data.ingest_arrays): the frames the pose/intrinsics files describe. "stored": as in
+    the file, before its display rotation (device logs such as ARKit); "upright": as displayed
+    (poses solved on frames an extractor like ffmpeg had already turned), so not turned again."""
+    if arrays not in ("stored", "upright"):
+        raise ValueError(f"data.ingest_arrays={arrays!r}: expected stored or upright")
     stem = video.with_suffix("")
     files = {kind: Path(f"{stem}.{kind}.npy") for kind in ("poses", "intrinsics", "actions")}
     poses = _load_array(files["poses"], (4, 4))
@@ -339,12 +345,13 @@ def load_item(video: Path, height: int, width: int, fps: int, min_size: int = 16
     idx = clip.idx
     h, w = clip.stored_hw
     up_h, up_w = (w, h) if clip.turns % 2 else (h, w)
-    if intr is not None:  # given for the stored frames: follow the display rotation
-        k = rotate_intrinsics(intr[idx], clip.turns, h, w)
+    turns = clip.turns if arrays == "stored" else 0  # how far the given arrays must turn to be upright
+    if intr is not None:
+        k = rotate_intrinsics(intr[idx], turns, h, w) if turns else intr[idx]
     else:
         k = np.repeat(default_intrinsics(up_h, up_w, 60.0)[None], n_out, 0)
     k = _crop_resize_intrinsics(k, _crop_box(up_h, up_w, height, width), height, width)
-    c2w = rotate_poses(poses[idx], clip.turns) if poses is not None else np.repeat(np.eye(4)[None], n_out, 0)
+    c2w = rotate_poses(poses[idx], turns) if poses is not None else np.repeat(np.eye(4)[None], n_out, 0)
     return Episode(
         episode_id=f"ingest-{stem.name}",
         frames=clip.frames,
@@ -388,7 +395,7 @@ def ingest_videos(cfg, videos: list[Path], out: str | Path, *, keep_raw: bool = 
     def good() -> Iterator[Episode]:
         for v in videos:
             try:
-                ep = load_item(v, cfg.data.height, cfg.data.width, cfg.data.fps)
+                ep = load_item(v, cfg.data.height, cfg.data.width, cfg.data.fps, arrays=cfg.data.ingest_arrays)
             except BadItem as e:
                 reports.append(ItemReport(v.name, "skipped", reason=str(e)))
                 continue
