@@ -22,7 +22,7 @@ def _step(model, opt) -> float:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def test_resume_with_parameters_that_never_had_gradients(tmp_path):
