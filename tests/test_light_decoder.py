@@ -103,3 +103,22 @@ def test_serving_engine_streams_through_the_light_decoder(tmp_path):
 
     with pytest.raises(EngineError, match="serving.light_decoder=.*nope.*no config.json"):
         build_engine(bad)
+
+
+def test_distills_from_the_wan_vae(tmp_path):
+    """The real teacher path: a dataset encoded by a (small, random) Wan VAE and distillation
+    against its decode; the result plugs into that codec."""
+    from test_model_codec import tiny_wan_vae
+
+    from titan_world.model.codec import WanVAECodec
+
+    tiny_wan_vae(tmp_path / "vae")
+    run = tmp_path / "run"
+    args = ["distill-decoder", f"run.dir={run}", f"data.path={tmp_path / 'data'}", "data.codec.kind=wan_vae",
+            f"data.codec.path={tmp_path / 'vae'}", "model.action.spatial_stride=8", "decoder.steps=20", "decoder.eval_batches=1",
+            *SMALL]
+    assert main(args) == 0
+    result = json.loads((run / "decoder_metrics.json").read_text())
+    assert result["teacher"].startswith("wan_vae:") and result["teacher_decoder_params"] > 0
+    codec = LightDecodedCodec(WanVAECodec(str(tmp_path / "vae")), load_light_decoder(run))  # same latent interface
+    assert codec.decode(torch.randn(1, 16, 2, 4, 4)).shape == (1, 3, 5, 32, 32)
