@@ -15,27 +15,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
-from benchmarks.common import peak_gb, reset_peak, sync, write_json
+from benchmarks.common import peak_gb, reset_peak, time_fn, write_json
 
 
 def _stream_fps(make_decoder, latents: torch.Tensor, chunk: int, device: torch.device) -> tuple[float, float | None]:
-    """Frames per second decoding `latents` [1, C, F, h, w] chunk by chunk (after a warm-up stream)."""
-    for timed in (False, True):
+    """Frames per second decoding `latents` [1, C, F, h, w] chunk by chunk, a fresh stream per
+    call (`time_fn`: one warm-up stream, then one timed), and the peak memory."""
+    frames = 0
+
+    def stream() -> None:
+        nonlocal frames
         dec = make_decoder()
-        reset_peak(device)
-        sync(device)
-        t0, frames = time.perf_counter(), 0
-        for start in range(0, latents.shape[2], chunk):
-            frames += dec.decode(latents[:, :, start : start + chunk]).shape[2]
-        sync(device)
-        seconds = time.perf_counter() - t0
-        if timed:
-            return frames / seconds, peak_gb(device)
-    raise AssertionError("unreachable")
+        frames = sum(dec.decode(latents[:, :, s : s + chunk]).shape[2] for s in range(0, latents.shape[2], chunk))
+
+    reset_peak(device)
+    seconds = time_fn(stream, device, warmup=1, iters=1)
+    return frames / seconds, peak_gb(device)
 
 
 def main(argv: list[str] | None = None) -> int:
