@@ -26,7 +26,8 @@ def model_cfg(name: str) -> ModelConfig:
 
 @pytest.mark.parametrize(
     "name, params",
-    [("wan2.1-1.3b", 1_418_996_800), ("wan2.2-ti2v-5b", 4_999_787_712), ("wan2.2-i2v-a14b", 14_288_901_184)],
+    [("wan2.1-1.3b", 1_418_996_800), ("wan2.2-ti2v-5b", 4_999_787_712), ("wan2.2-i2v-a14b", 14_288_901_184),
+     ("wan2.2-t2v-a14b", 14_288_491_584)],
 )
 def test_every_size_builds_on_meta_with_wan_names(name, params):
     cfg = model_cfg(name)
@@ -62,6 +63,36 @@ def test_a14b_is_two_experts():
         moe = build_model(cfg)
     assert isinstance(moe, WanMoE)
     assert sum(p.numel() for p in moe.parameters()) == 2 * 14_288_901_184
+
+
+# (boundary, shift, steps, guidance high-noise, guidance low-noise) from Wan2.2 wan/configs/wan_*.py
+# (Wan2.1 1.3B: Wan2.1 generate.py's t2v defaults).
+OFFICIAL_SAMPLING = {
+    "wan2.2-t2v-a14b": (0.875, 12.0, 40, 4.0, 3.0),
+    "wan2.2-i2v-a14b": (0.900, 5.0, 40, 3.5, 3.5),
+    "wan2.2-ti2v-5b": (None, 5.0, 50, 5.0, 5.0),
+    "wan2.1-1.3b": (None, 5.0, 50, 5.0, 5.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_SAMPLING))
+def test_configs_carry_the_official_sampling_defaults(name):
+    cfg = model_cfg(name)
+    boundary, shift, steps, high, low = OFFICIAL_SAMPLING[name]
+    assert (cfg.sample_shift, cfg.sample_steps, cfg.guidance_high_noise, cfg.guidance_low_noise) == (shift, steps, high, low)
+    if boundary is not None:
+        assert cfg.num_experts == 2 and cfg.boundary == boundary
+
+
+def test_t2v_a14b_is_two_text_only_experts():
+    cfg = model_cfg("wan2.2-t2v-a14b")
+    assert (cfg.model_type, cfg.in_dim, cfg.out_dim, cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers) == (
+        "t2v", 16, 16, 5120, 13824, 40, 40)
+    with torch.device("meta"):
+        moe = build_model(cfg)
+    assert isinstance(moe, WanMoE) and moe.boundary == 0.875
+    per_expert = sum(p.numel() for p in moe.high.parameters())
+    assert round(per_expert / 1e9, 2) == 14.29  # the I2V expert minus its 20 extra patch-embedding input channels
 
 
 def test_matches_diffusers_wan_transformer(monkeypatch):

@@ -37,6 +37,12 @@ class ModelConfig:
     # MoE: the expert used for t >= boundary * 1000 is the high-noise one.
     num_experts: int = 1
     boundary: float = 0.900
+    # The reference sampling defaults of the official config (Wan2.2 wan/configs/wan_*.py): flow shift,
+    # steps and the classifier-free guidance of each expert (dense models: both the same).
+    sample_shift: float = 5.0
+    sample_steps: int = 50
+    guidance_high_noise: float = 5.0
+    guidance_low_noise: float = 5.0
     action: ActionConfig = field(default_factory=ActionConfig)
     # > 0 for a block-causal student (post-training): latent frames per chunk; 0: bidirectional
     causal_chunk_frames: int = 0
@@ -72,3 +78,7 @@ class ModelConfig:
             bad("num_experts", self.num_experts, "1 (dense) or 2 (high/low-noise MoE)")
         if not 0.0 < self.boundary < 1.0:
             bad("boundary", self.boundary, "a fraction in (0, 1), e.g. 0.900")
+        if self.sample_shift <= 0:
+            bad("sample_shift", self.sample_shift, "a positive flow shift, e.g. 5.0")
+        if self.sample_steps < 1:
+            bad("sample_steps", self.sample_steps, "a positive number of sampling steps")
