@@ -92,3 +92,23 @@ def test_action_report_files(tmp_path):
     assert (tmp_path / "plots" / "psnr_over_time.png").is_file()
     assert (tmp_path / "plots" / "action_filmstrip.png").is_file()
     assert main(["eval", "report", "--results", str(files["json"]), "--out", str(tmp_path / "r2")]) == 0
+
+
+def test_truncated_video_is_reported_and_the_rest_scored(tmp_path, capsys):
+    """Issue 17 T2: one truncated mp4 used to abort the run after the others were scored, writing nothing."""
+    vids = tmp_path / "vids"
+    _videos(vids, n=3)
+    bad = vids / "clip1.mp4"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # cut mid-file: the moov atom is lost
+    out = tmp_path / "out"
+    rc = main(["eval", "vbench", "--videos", str(vids), "--out", str(out), "--window-seconds", "0",
+               "--dimensions", "temporal_flickering"])
+    assert rc == 1  # results written, but a partial evaluation does not exit 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["videos"]) == {"clip0.mp4", "clip2.mp4"}
+    assert set(res["failed_videos"]) == {"clip1.mp4"}
+    assert "cannot decode" in res["failed_videos"]["clip1.mp4"]["reason"]
+    assert res["dimensions"]["temporal_flickering"]["num_videos"] == 2
+    err = capsys.readouterr().err
+    assert "clip1.mp4 not scored" in err and "cannot decode" in err
+    assert "clip1.mp4" in (out / "report.md").read_text()

@@ -130,4 +130,11 @@ def run(args: argparse.Namespace) -> int:
     for d, v in summary(results).items():
         print(f"{d:22s} {'skipped' if v is None else f'{v:.4f}'}")
     print(f"wrote {', '.join(str(p) for p in files.values())}")
+    failed = results["failed_videos"]
+    for name, f in failed.items():
+        print(f"titan-world eval: {name} not scored: {f['reason']}", file=sys.stderr)
+    if failed:  # the others are scored and written; a partial evaluation must not look complete to a script
+        print(f"titan-world eval: {len(failed)} of {len(videos)} videos could not be read (listed under "
+              f"failed_videos in {files['json']}); exit 1", file=sys.stderr)
+        return 1
     return 0

@@ -121,6 +121,10 @@ def write_vbench_report(results: dict[str, Any], out_dir: str | Path,
     errors = [(n, d, m) for n, r in vids.items() for d, m in r["errors"].items()]
     if errors:
         lines += ["", "## Errors", ""] + [f"- {n} / {d}: {m}" for n, d, m in errors]
+    failed = results.get("failed_videos") or {}
+    if failed:
+        lines += ["", f"## Videos not scored ({len(failed)}: not in any mean)", ""]
+        lines += [f"- {n}: {f['reason']}" for n, f in failed.items()]
     images: list[Path] = []
     for d, info in dims.items():
         wm = info.get("window_mean")

@@ -26,11 +26,22 @@ NEEDS: dict[str, dict[str, str]] = {
     "temporal_flickering": {},
     "dynamic_degree": {"raft_path": "RAFT optical flow (raft-things), TorchScript / pickled module / + raft_factory"},
     "motion_smoothness": {"amt_path": "AMT-S frame interpolation (amt-s.pth), TorchScript / pickled module / + amt_factory"},
-    "imaging_quality": {"musiq_path": "MUSIQ (pyiqa musiq_koniq), TorchScript / pickled module / + musiq_factory"},
+    "imaging_quality": {"musiq_path": "MUSIQ SPAQ (pyiqa musiq_spaq_ckpt-358bb6af.pth), TorchScript / pickled module "
+                                      "/ + musiq_factory"},
     "aesthetic_quality": {"clip_path": "CLIP ViT-L/14 folder in transformers format",
                           "aesthetic_head_path": "LAION sa_0_4_vit_l_14_linear.pth (nn.Linear(768,1) state dict)"},
     "overall_consistency": {"viclip_path": "ViCLIP-L/14 (InternVid), pickled module / + viclip_factory"},
 }
+
+# VBench reads these with OpenCV (BT.601 whatever the file's colour tag) and the others with
+# decord (which follows the tag); video_io.COLOUR_MODES names both.
+OPENCV_DIMENSIONS = ("temporal_flickering", "dynamic_degree", "motion_smoothness")
+
+
+def colour_for(dimension: str) -> str:
+    """The YUV->RGB conversion VBench's reader applies for `dimension` (read_video's `colour`)."""
+    return "bt601" if dimension in OPENCV_DIMENSIONS else "tagged"
+
 
 # minimum frames per dimension (below this a clip/window is not scored)
 MIN_FRAMES = {"temporal_flickering": 2, "dynamic_degree": 2, "motion_smoothness": 3,
@@ -192,22 +203,26 @@ def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None
         dim_info[d] = {"status": "ok", "models": {k: getattr(cfg, k) for k in NEEDS[d]}}
     prompts = read_prompts(videos, cfg)
     per_video: dict[str, Any] = {}
+    failed: dict[str, dict[str, str]] = {}
+    by_colour: dict[str, list[str]] = {}
+    for d in models:
+        by_colour.setdefault(colour_for(d), []).append(d)
     for v in videos:
-        frames, fps = read_video(v)
         prompt, source = prompts[v.name]
-        rec: dict[str, Any] = {"path": str(v), "frames": int(len(frames)), "fps": fps,
-                               "duration_s": len(frames) / fps if fps else None,
-                               "height": int(frames.shape[1]), "width": int(frames.shape[2]),
-                               "prompt": prompt, "prompt_source": source,
+        rec: dict[str, Any] = {"path": str(v), "prompt": prompt, "prompt_source": source,
                                "scores": {}, "errors": {}, "windows": {}}
-        for d in models:
-            try:
-                rec["scores"][d] = score_protocol(d, frames, fps, models[d], cfg, prompt)
-            except D.DimensionError as e:
-                rec["errors"][d] = str(e)
-            starts, vals = _window_scores(d, frames, fps, models[d], cfg, prompt)
-            if starts:
-                rec["windows"][d] = {"start_s": starts, "values": vals}
+        try:  # one decode per colour mode, scored and freed before the next (memory: one copy)
+            for colour, dims_here in (by_colour or {"tagged": []}).items():
+                frames, fps = read_video(v, colour)
+                rec.update({"frames": int(len(frames)), "fps": fps, "duration_s": len(frames) / fps if fps else None,
+                            "height": int(frames.shape[1]), "width": int(frames.shape[2])})
+                for d in dims_here:
+                    _score_video(d, frames, fps, models[d], cfg, prompt, rec)
+                del frames
+        except (ValueError, OSError) as e:  # unreadable/truncated file: keep going, report it
+            failed[v.name] = {"path": str(v), "reason": str(e)}
+            say(f"{v.name}: NOT SCORED ({e})")
+            continue
         per_video[v.name] = rec
         say(f"{v.name}: " + ", ".join(f"{k}={x:.4f}" for k, x in rec["scores"].items()))
     for d in models:
@@ -218,10 +233,24 @@ def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None
     return {
         "kind": "titan-world-eval/vbench", "version": 1,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "settings": {**dataclasses.asdict(cfg), "dimensions": dims, "num_videos": len(videos)},
+        "settings": {**dataclasses.asdict(cfg), "dimensions": dims, "num_videos": len(videos),
+                     "decoding": {d: colour_for(d) for d in dims}},
         "dimensions": dim_info,
         "videos": per_video,
+        "failed_videos": failed,
     }
+
+
+def _score_video(d: str, frames: np.ndarray, fps: float, model: Any, cfg: EvalConfig, prompt: str | None,
+                 rec: dict[str, Any]) -> None:
+    """Score one dimension of one decoded video into `rec` (value, error, windows)."""
+    try:
+        rec["scores"][d] = score_protocol(d, frames, fps, model, cfg, prompt)
+    except D.DimensionError as e:
+        rec["errors"][d] = str(e)
+    starts, vals = _window_scores(d, frames, fps, model, cfg, prompt)
+    if starts:
+        rec["windows"][d] = {"start_s": starts, "values": vals}
 
 
 def window_means(per_video: dict[str, Any], dim: str) -> dict[str, list] | None:

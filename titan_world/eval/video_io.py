@@ -16,8 +16,27 @@ import numpy as np
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 
-def read_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """Decode every frame of a video -> (uint8 [T, H, W, 3] RGB, fps)."""
+# How a decoder turns YUV into RGB (docs/eval.md, "Decoding"):
+#   "tagged": the matrix and range the file's colour tags name (BT.601 when untagged) — what
+#             decord does (VBench's imaging/aesthetic quality, overall consistency);
+#   "bt601":  always the BT.601 matrix, whatever the tag — what OpenCV's VideoCapture does
+#             (VBench's temporal flickering, dynamic degree, motion smoothness).
+# Both are explicit here so a PyAV upgrade cannot change them (PyAV 17 began following the tag
+# in plain `to_ndarray`); tests/test_vbench_parity.py checks them against OpenCV and decord.
+COLOUR_MODES = ("tagged", "bt601")
+
+
+def _to_rgb(frame: av.VideoFrame, colour: str) -> np.ndarray:
+    if colour == "tagged":
+        return frame.reformat(format="rgb24", src_colorspace=frame.colorspace,
+                              src_color_range=frame.color_range).to_ndarray()
+    return frame.reformat(format="rgb24", src_colorspace="ITU601").to_ndarray()
+
+
+def read_video(path: str | Path, colour: str = "tagged") -> tuple[np.ndarray, float]:
+    """Decode every frame of a video -> (uint8 [T, H, W, 3] RGB, fps); `colour` in COLOUR_MODES."""
+    if colour not in COLOUR_MODES:
+        raise ValueError(f"read_video colour={colour!r}: expected one of {COLOUR_MODES}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video {path} does not exist")
@@ -26,7 +45,7 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.base_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            frames = [_to_rgb(f, colour) for f in container.decode(stream)]
     except (av.FFmpegError, IndexError) as e:
         raise ValueError(f"{path}: cannot decode video: {e}") from e
     if not frames:
