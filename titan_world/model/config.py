@@ -46,6 +46,10 @@ class ModelConfig:
     action: ActionConfig = field(default_factory=ActionConfig)
     # > 0 for a block-causal student (post-training): latent frames per chunk; 0: bidirectional
     causal_chunk_frames: int = 0
+    # How the first frame conditions the model (titan_world.conditioning, docs/model.md): "reference" = the
+    # official pipelines' inputs for model_type; "clean_first_frame" = given latent frames clean at t = 0 (+ mask
+    # channels), what the tiny default and the causal student are trained with. Official folders load as "reference".
+    conditioning: str = "clean_first_frame"
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +82,8 @@ class ModelConfig:
             bad("num_experts", self.num_experts, "1 (dense) or 2 (high/low-noise MoE)")
         if not 0.0 < self.boundary < 1.0:
             bad("boundary", self.boundary, "a fraction in (0, 1), e.g. 0.900")
+        if self.conditioning not in ("reference", "clean_first_frame"):
+            bad("conditioning", self.conditioning, "reference or clean_first_frame")
         if self.sample_shift <= 0:
             bad("sample_shift", self.sample_shift, "a positive flow shift, e.g. 5.0")
         if self.sample_steps < 1:
