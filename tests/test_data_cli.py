@@ -1,4 +1,4 @@
-"""`titan-world data synth` and `ensure_synthetic_dataset` (what `titan-world train` runs first)."""
+"""`titan-world data synth` and `prepare_dataset` (what `titan-world train` runs first)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from launch.cli import main
 from titan_world.config import load_config
-from titan_world.data.loader import ensure_synthetic_dataset
+from titan_world.data.loader import prepare_dataset
 
 pytestmark = pytest.mark.xdist_group("data_streaming")
 
@@ -22,10 +22,10 @@ def test_synth_cli(tmp_path, capsys):
     assert meta["episodes"] == 3 and meta["codec"]["kind"] == "tiny" and (out / "index.json").exists()
 
 
-def test_ensure_synthetic_dataset_fast(tmp_path):
-    cfg = load_config(None, [f"data.path={tmp_path / 'synthetic'}", "data.synth_episodes=6"])
+def test_prepare_dataset_fast(tmp_path):
+    cfg = load_config(None, [f"data.path=synthetic:{tmp_path / 'synthetic'}", "data.synth_episodes=6"])
     t0 = time.perf_counter()
-    path = ensure_synthetic_dataset(cfg, progress=False)
+    path = prepare_dataset(cfg, progress=False)
     dt = time.perf_counter() - t0
     assert (tmp_path / "synthetic" / "index.json").exists() and dt < 20
-    assert ensure_synthetic_dataset(cfg) == path  # second call: already there
+    assert prepare_dataset(cfg) == path  # second call: already there

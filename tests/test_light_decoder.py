@@ -63,7 +63,7 @@ def test_save_load_roundtrip_and_clear_errors(tmp_path):
 def test_distilled_decoder_learns_the_codec(tmp_path, capsys):
     """A few dozen CPU steps take it from noise to a close copy of the tiny codec's decode."""
     run = tmp_path / "run"
-    args = ["distill-decoder", f"run.dir={run}", f"data.path={tmp_path / 'data'}", "decoder.steps=60", "decoder.width=32",
+    args = ["distill-decoder", f"run.dir={run}", f"data.path=synthetic:{tmp_path / 'data'}", "decoder.steps=60", "decoder.width=32",
             "decoder.depth=1", "decoder.eval_batches=2", *SMALL]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -114,7 +114,7 @@ def test_distills_from_the_wan_vae(tmp_path):
 
     tiny_wan_vae(tmp_path / "vae")
     run = tmp_path / "run"
-    args = ["distill-decoder", f"run.dir={run}", f"data.path={tmp_path / 'data'}", "data.codec.kind=wan_vae",
+    args = ["distill-decoder", f"run.dir={run}", f"data.path=synthetic:{tmp_path / 'data'}", "data.codec.kind=wan_vae",
             f"data.codec.path={tmp_path / 'vae'}", "model.action.spatial_stride=8", "decoder.steps=20", "decoder.eval_batches=1",
             *SMALL]
     assert main(args) == 0

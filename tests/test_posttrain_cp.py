@@ -34,7 +34,7 @@ def _cfg(tmp: Path, run: str, *extra: str):
 
     teacher = tmp / "teacher"
     data = tmp / ("data24" if "data.height=24" in extra else "data")
-    return load_config(None, [f"run.dir={tmp / run}", f"data.path={data}", f"posttrain.teacher={teacher}",
+    return load_config(None, [f"run.dir={tmp / run}", f"data.path=synthetic:{data}", f"posttrain.teacher={teacher}",
                               f"posttrain.student={teacher}", *COMMON, *extra])
 
 
@@ -70,12 +70,12 @@ def two_cp_ranks(tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from titan_world.data.loader import ensure_synthetic_dataset
+    from titan_world.data.loader import prepare_dataset
 
     tmp = tmp_path_factory.mktemp("posttrain_cp")
     save_teacher(tmp / "teacher")
-    ensure_synthetic_dataset(_cfg(tmp, "data"), progress=False)
-    ensure_synthetic_dataset(_cfg(tmp, "data24", *ODD), progress=False)
+    prepare_dataset(_cfg(tmp, "data"), progress=False)
+    prepare_dataset(_cfg(tmp, "data24", *ODD), progress=False)
     run_distributed(one_process, 1, tmp, timeout=300)
     ranks = run_distributed(two_cp_ranks, 2, tmp, timeout=300)
     return tmp, ranks

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dist")]
 
 
 def _cfg(tmp: Path, data: Path, run: str, teacher: Path, *extra: str):
-    return load_config(None, [f"run.dir={tmp / run}", f"data.path={data}", "data.synth_episodes=6", "data.synth_seconds=2.0",
+    return load_config(None, [f"run.dir={tmp / run}", f"data.path=synthetic:{data}", "data.synth_episodes=6", "data.synth_seconds=2.0",
                               "run.progress=false", "run.wandb=disabled", f"posttrain.teacher={teacher}", *extra])
 
 
@@ -70,7 +70,7 @@ def trained_teacher(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("posttrain_teacher")
     data = tmp / "data"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "launch.cli", "train", f"run.dir={tmp / 'run'}", "train.steps=40", f"data.path={data}",
+    subprocess.run([sys.executable, "-m", "launch.cli", "train", f"run.dir={tmp / 'run'}", "train.steps=40", f"data.path=synthetic:{data}",
                     "data.synth_episodes=6", "data.synth_seconds=2.0", "train.ckpt_every=0", "run.progress=false",
                     "run.wandb=disabled", "model.action.enabled=true"], check=True, env=env)
     return tmp / "run" / "model", data

@@ -33,7 +33,7 @@ def _cfg(tmp: Path, run: str, fsdp: bool, *extra: str, teacher: str = "teacher")
     from titan_world.config import load_config
 
     path = tmp / teacher
-    return load_config(None, [f"run.dir={tmp / run}", f"data.path={tmp / 'data'}", f"posttrain.teacher={path}",
+    return load_config(None, [f"run.dir={tmp / run}", f"data.path=synthetic:{tmp / 'data'}", f"posttrain.teacher={path}",
                               f"posttrain.student={path}", f"posttrain.fsdp={str(fsdp).lower()}", *COMMON, *extra])
 
 
@@ -123,12 +123,12 @@ def all_jobs(tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from titan_world.data.loader import ensure_synthetic_dataset
+    from titan_world.data.loader import prepare_dataset
 
     tmp = tmp_path_factory.mktemp("posttrain_fsdp")
     save_teacher(tmp / "teacher")
     save_teacher(tmp / "moe", "model.num_experts=2")
-    ensure_synthetic_dataset(_cfg(tmp, "data", True), progress=False)
+    prepare_dataset(_cfg(tmp, "data", True), progress=False)
     ranks = run_distributed(all_jobs, 2, tmp, timeout=300)
     return tmp, ranks
 

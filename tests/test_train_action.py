@@ -22,7 +22,7 @@ def base_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("action")
     data = str(root / "data")
     # an action-free base (a Wan checkpoint's situation; the tiny default pretrains with actions on)
-    cfg = load_config(None, [*BASE, f"data.path={data}", f"run.dir={root / 'base'}", "train.steps=3", "model.action.enabled=false"])
+    cfg = load_config(None, [*BASE, f"data.path=synthetic:{data}", f"run.dir={root / 'base'}", "train.steps=3", "model.action.enabled=false"])
     assert train(cfg) == 0
     return root, data
 
@@ -33,7 +33,7 @@ def test_action_finetune_trains_only_the_adapter(base_run):
 
     root, data = base_run
     run_dir = root / "act"
-    cfg = load_config("train/tiny_action.yaml", [*BASE, f"data.path={data}", f"run.dir={run_dir}", f"train.base_checkpoint={root / 'base'}",
+    cfg = load_config("train/tiny_action.yaml", [*BASE, f"data.path=synthetic:{data}", f"run.dir={run_dir}", f"train.base_checkpoint={root / 'base'}",
                                                  "train.stages.0.steps=3", "train.action_check_episodes=0",
                                                  "train.train_modulation=false"])
     assert train(cfg) == 0
@@ -64,7 +64,7 @@ def test_train_modulation_also_trains_modulation(base_run):
 
     root, data = base_run
     run_dir = root / "act_mod"
-    cfg = load_config("train/tiny_action.yaml", [*BASE, f"data.path={data}", f"run.dir={run_dir}", f"train.base_checkpoint={root / 'base'}",
+    cfg = load_config("train/tiny_action.yaml", [*BASE, f"data.path=synthetic:{data}", f"run.dir={run_dir}", f"train.base_checkpoint={root / 'base'}",
                                                  "train.stages.0.steps=2", "train.train_modulation=true", "train.action_check_episodes=0"])
     assert train(cfg) == 0
     base = load_pretrained(root / "base" / "model").state_dict()

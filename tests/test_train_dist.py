@@ -43,9 +43,9 @@ def _losses(run_dir: Path) -> list[float]:
 
 def test_two_ranks_match_one_process(tmp_path):
     data = str(tmp_path / "data")
-    rc, out = _run(*BASE, f"data.path={data}", f"run.dir={tmp_path / 'one'}")
+    rc, out = _run(*BASE, f"data.path=synthetic:{data}", f"run.dir={tmp_path / 'one'}")
     assert rc == 0, out
-    rc, out = _run("--nproc", "2", *BASE, f"data.path={data}", f"run.dir={tmp_path / 'two'}")
+    rc, out = _run("--nproc", "2", *BASE, f"data.path=synthetic:{data}", f"run.dir={tmp_path / 'two'}")
     assert rc == 0, out
     assert "2 rank(s)" in out
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -58,7 +58,7 @@ def test_sigusr1_checkpoints_exits_75_and_resumes(tmp_path):
     from launch.torchrun import EXIT_PREEMPTED
 
     data, run_dir = str(tmp_path / "data"), tmp_path / "run"
-    args = [*BASE, f"data.path={data}", f"run.dir={run_dir}", "train.stages.0.steps=400", "train.stages.1.steps=0", "train.steps=400"]
+    args = [*BASE, f"data.path=synthetic:{data}", f"run.dir={run_dir}", "train.stages.0.steps=400", "train.stages.1.steps=0", "train.steps=400"]
     p = _cli(*args)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 180

@@ -27,7 +27,7 @@ BASE = [
 
 
 def _cfg(root: Path, run: str, *extra: str):
-    return load_config(None, [*BASE, f"data.path={root / 'data'}", f"run.dir={root / run}", *extra])
+    return load_config(None, [*BASE, f"data.path=synthetic:{root / 'data'}", f"run.dir={root / run}", *extra])
 
 
 def _random_net(cfg, seed: int):
@@ -47,12 +47,12 @@ def _random_net(cfg, seed: int):
 def root(tmp_path_factory) -> Path:
     """Synthetic data + checkpoints: base/ (dense, with the action adapter the tiny default has),
     moe/ (high_noise_model/ + low_noise_model/), noact/ (action-free)."""
-    from titan_world.data.loader import ensure_synthetic_dataset
+    from titan_world.data.loader import prepare_dataset
     from titan_world.model import WanMoE, save_pretrained
 
     root = tmp_path_factory.mktemp("train_init")
     cfg = _cfg(root, "unused")
-    ensure_synthetic_dataset(cfg, progress=False)
+    prepare_dataset(cfg, progress=False)
     save_pretrained(_random_net(cfg.model, 1), root / "base")
     save_pretrained(WanMoE(_random_net(cfg.model, 2), _random_net(cfg.model, 3), cfg.model.boundary), root / "moe")
     cfg.model.action.enabled = False
@@ -318,7 +318,7 @@ def test_bad_base_checkpoints_name_the_key_and_file(root, tmp_path, capsys):
     from launch.cli import main
 
     def cli(base: Path, *extra: str) -> str:
-        rc = main(["train", *BASE, f"data.path={root / 'data'}", f"run.dir={tmp_path / 'run'}", f"train.base_checkpoint={base}", *extra])
+        rc = main(["train", *BASE, f"data.path=synthetic:{root / 'data'}", f"run.dir={tmp_path / 'run'}", f"train.base_checkpoint={base}", *extra])
         err = capsys.readouterr().err
         assert rc == 2, err
         return err

@@ -24,15 +24,15 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-    from titan_world.data.loader import ensure_synthetic_dataset
+    from titan_world.data.loader import prepare_dataset
 
     path = str(tmp_path_factory.mktemp("train_data") / "synthetic")
-    ensure_synthetic_dataset(load_config(None, [*BASE, f"data.path={path}"]), progress=False)
+    prepare_dataset(load_config(None, [*BASE, f"data.path=synthetic:{path}"]), progress=False)
     return path
 
 
 def cfg_for(data_dir: str, run_dir: Path, *extra: str):
-    return load_config(None, [*BASE, f"data.path={data_dir}", f"run.dir={run_dir}", *extra])
+    return load_config(None, [*BASE, f"data.path=synthetic:{data_dir}", f"run.dir={run_dir}", *extra])
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -172,9 +172,9 @@ def test_config_errors_before_work(data_dir, tmp_path, capsys):
     from launch.cli import main
 
     run_dir = tmp_path / "never"
-    rc = main(["train", f"data.path={data_dir}", f"run.dir={run_dir}", "train.task=action_finetune"])
+    rc = main(["train", f"data.path=synthetic:{data_dir}", f"run.dir={run_dir}", "train.task=action_finetune"])
     assert rc == 2 and "train.base_checkpoint" in capsys.readouterr().err
-    rc = main(["train", "--nproc", "2", f"data.path={data_dir}", f"run.dir={run_dir}", "train.global_batch=3"])
+    rc = main(["train", "--nproc", "2", f"data.path=synthetic:{data_dir}", f"run.dir={run_dir}", "train.global_batch=3"])
     assert rc == 2 and "train.global_batch=3" in capsys.readouterr().err
     rc = main(["train", f"run.dir={run_dir}", "train.stages.0.frames=18"])
     assert rc == 2 and "frames=18" in capsys.readouterr().err

@@ -80,15 +80,17 @@ def main(argv: list[str] | None = None) -> int:
             titan(cmd, log)
         times[name] = time.time() - start
 
-    data = "data_cache/synthetic"
-    stage("data", Path(data) / "index.json", ["data", "synth", "--out", data])
-    stage("train", root / "train" / "model" / "config.json", ["train", f"run.dir={root}/train"])
+    data = root / "data"  # every stage reads the dataset this one writes (data.path=DIR: an existing dataset only)
+    stage("data", data / "index.json", ["data", "synth", "--out", str(data)])
+    stage("train", root / "train" / "model" / "config.json", ["train", f"run.dir={root}/train", f"data.path={data}"])
     stage("action finetune", root / "action" / "model" / "config.json",
-          ["train", "--config", "train/tiny_action.yaml", f"run.dir={root}/action", f"train.base_checkpoint={root}/train"])
+          ["train", "--config", "train/tiny_action.yaml", f"run.dir={root}/action", f"train.base_checkpoint={root}/train",
+           f"data.path={data}"])
     stage("post-train causal", root / "causal" / "model" / "config.json",
-          ["post-train", "causal", f"run.dir={root}/causal", f"posttrain.teacher={root}/action"])
+          ["post-train", "causal", f"run.dir={root}/causal", f"posttrain.teacher={root}/action", f"data.path={data}"])
     stage("post-train dmd", root / "dmd" / "model" / "config.json",
-          ["post-train", "dmd", f"run.dir={root}/dmd", f"posttrain.teacher={root}/action", f"posttrain.student={root}/causal"])
+          ["post-train", "dmd", f"run.dir={root}/dmd", f"posttrain.teacher={root}/action", f"posttrain.student={root}/causal",
+           f"data.path={data}"])
     videos = root / "videos"
     videos.mkdir(exist_ok=True)
     stage("generate", videos / "student.mp4", ["generate", "--checkpoint", str(root / "dmd"), "--frames", "33",

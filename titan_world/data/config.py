@@ -21,12 +21,17 @@ class TextEncoderConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data_cache/synthetic"  # MDS dataset (local dir or remote URL streaming supports)
+    # An MDS dataset (local folder with index.json, or a remote URL streaming supports), or synthetic
+    # data on request: `synthetic` = the embedded world, generated once into data_cache/synthetic-<hash
+    # of the synth_* parameters, size, codec, text encoder>; `synthetic:DIR` = generated into DIR (a
+    # new or empty folder), used as is once it is a dataset. Nothing else is ever generated or deleted.
+    path: str = "synthetic"
     height: int = 64
     width: int = 64
     fps: int = 16
-    synth_episodes: int = 48  # generated on first use when `path` is missing
+    synth_episodes: int = 48  # synthetic data: episodes (episode i uses seed synth_seed + i)
     synth_seconds: float = 4.0
+    synth_seed: int = 0
     i2v_ratio: float = 0.5  # the rest is V2V
     v2v_max_cond_frames: int = 2  # latent frames given as context in V2V samples
     num_workers: int = 0

@@ -25,9 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from launch.torchrun import is_distributed_child, launch_local
     from titan_world.config import resolve_run_dir
+    from titan_world.data.loader import check_data_path
     from titan_world.posttrain.loop import check_mesh, run_stage
 
     cfg = config_from_args(args)  # config errors surface before anything starts
+    check_data_path(cfg)
     if args.nproc > 1 and not is_distributed_child():
         check_mesh(cfg, args.nproc)
         run_dir = resolve_run_dir(cfg)  # fixed once, so every rank writes to the same one

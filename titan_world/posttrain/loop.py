@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from parallel.ulysses import UlyssesContext
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
+from titan_world.data.loader import check_data_path, prepare_dataset
 from titan_world.posttrain.causal import ChunkLayout, diffusion_forcing_loss, forcing_sigmas
 from titan_world.posttrain.distill import Batch, DMDTrainer, average_and_clip
 from titan_world.posttrain.memory import teacher_dtype
@@ -146,10 +147,12 @@ def export_student(student, run_dir: Path, cfg: TitanConfig, rank: int) -> Path:
 
 # -- data --------------------------------------------------------------------------------------------
 def make_loader(cfg: TitanConfig, frames: int, rank: int, world: int, seed: int):
-    from titan_world.data.loader import build_train_loader, ensure_synthetic_dataset
+    """The loader of `frames`-frame clips (the dataset is prepared by the job, see `PostTrainJob`)."""
+    from titan_world.data.loader import build_train_loader
 
-    ensure_synthetic_dataset(cfg, progress=False)
-    return build_train_loader(cfg, frames, rank, world, seed, cfg.posttrain.batch_size)
+    bs = cfg.posttrain.batch_size
+    key = "posttrain.batch_size" + (f" x {world} data-parallel ranks" if world > 1 else "")
+    return build_train_loader(cfg, frames, rank, world, seed, bs, global_batch=(key, bs * world))
 
 
 def eval_batches(cfg: TitanConfig, frames: int, use_actions: bool, device, seed: int = 12345) -> list[tuple[Batch, dict]]:
@@ -214,6 +217,7 @@ class PostTrainJob:
         self.cfg, self.resume = cfg, resume
         self.rank, self.world, self.device = init_distributed()
         self.mesh = job_mesh(cfg, self.world, self.device)  # before any work: a bad mesh is a config error
+        check_data_path(cfg)
         torch.manual_seed(cfg.train.seed)  # new modules (GAN head) start identical on every rank and run
         if self.world > 1:  # every rank must use rank 0's run dir
             box = [str(resolve_run_dir(cfg)) if self.rank == 0 else None]
@@ -222,6 +226,9 @@ class PostTrainJob:
         self.run_dir = resolve_run_dir(cfg)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
+            prepare_dataset(cfg, progress=False)  # synthetic data when data.path asks for it; the other ranks wait
+        if self.world > 1:
+            dist.barrier()
         self.total = cfg.train.steps if cfg.train.steps is not None else self.default_steps()
         self.progress = {"step": 0}
         self.dp_rank, self.dp_size = (self.mesh.dp_rank, self.mesh.dp_size) if self.mesh is not None else (0, 1)

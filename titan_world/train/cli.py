@@ -41,9 +41,11 @@ def _newest_run_dir(root: str = "runs") -> str | None:
 def run(args: argparse.Namespace) -> int:
     from launch.torchrun import is_distributed_child, launch_local
     from titan_world.config import resolve_run_dir
+    from titan_world.data.loader import check_data_path
     from titan_world.train.loop import check_train_config, train
 
     cfg = config_from_args(args)
+    check_data_path(cfg)
     resume = bool(args.resume)
     if resume and not cfg.run.dir:
         cfg.run.dir = _newest_run_dir()

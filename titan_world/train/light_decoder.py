@@ -47,22 +47,24 @@ def _teacher_name(cfg) -> str:
 def distill_decoder(cfg) -> dict:
     """Train, save RUN_DIR/decoder/, return the final metrics (also in RUN_DIR/decoder_metrics.json)."""
     from titan_world.config import resolve_run_dir, save_config
-    from titan_world.data.loader import build_train_loader, ensure_synthetic_dataset
+    from titan_world.data.loader import build_train_loader, check_data_path, prepare_dataset
     from titan_world.train.metrics import MetricsLogger
 
     d = cfg.decoder
     check_frame_count(d.clip_frames, "decoder.clip_frames")
+    check_data_path(cfg)  # before any work: a data.path that is neither a dataset nor synthetic data is refused
     run_dir = resolve_run_dir(cfg)
     save_config(cfg, run_dir / "config.yaml")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(d.seed)
     teacher = codec_from_config(cfg.data.codec, device=device)
-    ensure_synthetic_dataset(cfg, progress=cfg.run.progress)
+    prepare_dataset(cfg, progress=cfg.run.progress)
     decoder = LightDecoder(LightDecoderConfig(teacher.latent_channels, teacher.stride[1], d.width, d.depth)).to(device)
     opt = build_optimizer(list(decoder.parameters()), argparse.Namespace(lr=d.lr, betas=(0.9, 0.99), weight_decay=0.0), device)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    loader = build_train_loader(cfg, d.clip_frames, seed=d.seed, batch_size=d.batch_size)
+    loader = build_train_loader(cfg, d.clip_frames, seed=d.seed, batch_size=d.batch_size,
+                                global_batch=("decoder.batch_size", d.batch_size))
     metrics = MetricsLogger(run_dir, cfg, rank=0, total_steps=d.steps, initial_step=0, resumed=False)
     batches = loader.batches()
     try:

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from launch.torchrun import EXIT_PREEMPTED
 from titan_world.conditioning import actions_from_batch, noise_batch
+from titan_world.data.loader import check_data_path, prepare_dataset
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.diffusion.flow import sample_sigma, unshift_sigma
 from titan_world.model import WanMoE, build_model
@@ -143,6 +144,7 @@ class Trainer:
         self.cfg, t = cfg, cfg.train
         self.rank, self.world, self.device = init_distributed()
         check_train_config(cfg, self.world, resuming=resume)
+        check_data_path(cfg)
         self.mesh = build_mesh(cfg.parallel, self.world, self.device.type)
         self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp_size
         self.run_dir = self._shared_run_dir()
@@ -187,10 +189,8 @@ class Trainer:
         self.last_saved = -1
         if path is not None:
             self.position.update(peek_trainer_state(path))
-        from titan_world.data.loader import ensure_synthetic_dataset
-
         if self.rank == 0:
-            ensure_synthetic_dataset(cfg, progress=cfg.run.progress)
+            prepare_dataset(cfg, progress=cfg.run.progress)
         self._barrier()
         self.stage = stage_at(self.stages, self.position["step"])
         self.loader = self._build_loader(self.stage)
@@ -242,7 +242,9 @@ class Trainer:
         per_rank = stage.global_batch // self.dp_size
         self.micro = self.cfg.train.micro_batch or per_rank
         self.accum = per_rank // self.micro
-        return build_train_loader(self.cfg, stage.frames, self.dp_rank, self.dp_size, self.cfg.train.seed, self.micro)
+        key = f"train.stages[{stage.index}].global_batch" if self.cfg.train.stages[stage.index].global_batch else "train.global_batch"
+        return build_train_loader(self.cfg, stage.frames, self.dp_rank, self.dp_size, self.cfg.train.seed, self.micro,
+                                  global_batch=(key, stage.global_batch))
 
     def _state(self) -> dict:
         state = {"model": self.model, "optimizer": self.optimizer, "trainer": self.position, "dataloader": self.loader}
