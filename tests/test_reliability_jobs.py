@@ -121,3 +121,30 @@ def test_data_size_other_than_the_dataset_is_an_error_naming_both(data_dir):
     with pytest.raises(ConfigError, match=r"data.height/width=64x64.*32x32"):
         build_train_loader(cfg, 9, 0, 1)
 
+
+# -- D4: run dirs are claimed atomically -----------------------------------------------------------------
+def _claim(barrier, root: str, out) -> None:
+    from titan_world.config import resolve_run_dir
+
+    cfg = load_config(None, ["run.dir=null"])
+    barrier.wait()
+    out.put(str(resolve_run_dir(cfg)))
+
+
+def test_jobs_started_in_the_same_second_get_their_own_run_dirs(tmp_path, monkeypatch):
+    import multiprocessing as mp
+
+    import titan_world.config as config_mod
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config_mod, "_timestamp", lambda: "20261203-120000")  # the same second for all (fork keeps it)
+    ctx = mp.get_context("fork")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(barrier, str(tmp_path), out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    dirs = sorted(out.get(timeout=5) for _ in procs)
+    assert len(set(dirs)) == 4, dirs
+    assert dirs[0] == "runs/20261203-120000" and all(Path(d).is_dir() for d in dirs)

@@ -8,6 +8,7 @@ the value and what was expected, and is raised before any work starts.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -212,10 +213,31 @@ def validate(cfg: TitanConfig) -> None:
         )
 
 
+def _timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def claim_new_run_dir(root: Path = Path("runs")) -> Path:
+    """Create and return a run dir no other job has: root/<timestamp>, or root/<timestamp>-N when
+    another job claimed that one first. `mkdir` without exist_ok is atomic, so two jobs started in
+    the same second never share a dir (they would overwrite each other's checkpoints and metrics)."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = _timestamp()
+    for n in itertools.count(1):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
+
+
 def resolve_run_dir(cfg: TitanConfig) -> Path:
-    """Fill `run.dir` with runs/<timestamp> when unset, create it, and return it."""
+    """`run.dir`, created if missing; unset, a new dir claimed under runs/ (recorded in `run.dir`).
+    Call once per job (rank 0), then hand `run.dir` to the other ranks."""
     if not cfg.run.dir:
-        cfg.run.dir = f"runs/{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        cfg.run.dir = str(claim_new_run_dir())
     path = Path(cfg.run.dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
