@@ -8,7 +8,8 @@ lowest-frequency coefficients of an orthonormal colour x DCT basis over each 4 x
 compressing (lossy, low-pass) codec like a VAE, which is what a small DiT can learn on — an
 exact codec makes every token carry 4x more numbers than the tiny model's width. Datasets store
 the exact latents; `compress` maps them to K channels, so one dataset serves any K.
-`WanVAECodec` wraps diffusers' `AutoencoderKLWan` for users who have the weights locally.
+`WanVAECodec` wraps diffusers' `AutoencoderKLWan` for users who have the weights locally: a
+diffusers VAE folder, or the official `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (titan_world.model.official).
 Both give a `stream_decoder()`: chunk-by-chunk decoding of a latent stream (serving) that equals
 decoding the whole stream at once.
 """
@@ -19,6 +20,7 @@ import functools
 import inspect
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -141,17 +143,29 @@ class TinyCodec:
 
 
 class WanVAECodec:
-    """Wan 2.1/2.2 VAE through diffusers, loaded from a local folder (never downloaded)."""
+    """Wan 2.1/2.2 VAE through diffusers, loaded from a local diffusers folder or an official
+    `.pth` file (never downloaded)."""
 
     def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         try:
             from diffusers import AutoencoderKLWan
         except ImportError as e:  # pragma: no cover - depends on the optional extra
             raise ImportError("the Wan VAE codec needs diffusers: pip install diffusers") from e
-        self.vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
+        # (imported here: official -> io -> dit -> action imports this module)
+        from titan_world.model.official import WAN21_VAE_FILE, WAN22_VAE_FILE, load_official_vae
+
+        p = Path(path)
+        if p.suffix == ".pth" or p.is_file():
+            self.vae = load_official_vae(p, dtype=dtype, device=device)
+        elif (p / "config.json").is_file():
+            self.vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
+        else:
+            raise FileNotFoundError(f"data.codec.path={path}: expected a diffusers VAE folder (config.json + weights) or the "
+                                    f"official {WAN21_VAE_FILE} / {WAN22_VAE_FILE}")
         cfg = self.vae.config
         self.latent_channels = cfg.z_dim
-        self.stride = (TEMPORAL_STRIDE, 2 ** len(cfg.temperal_downsample), 2 ** len(cfg.temperal_downsample))
+        spatial = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)  # Wan2.2: 2x2 pixel patches, stride 16
+        self.stride = (TEMPORAL_STRIDE, spatial, spatial)
         self._mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
         self._inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
 
@@ -258,7 +272,7 @@ def build_codec(kind: str = "tiny", spatial_stride: int = 4, path: str | None = 
         return TinyCodec(spatial_stride, channels)
     if kind == "wan_vae":
         if not path:
-            raise ValueError("codec.kind=wan_vae needs codec.path: a local folder with the Wan VAE weights")
+            raise ValueError("codec.kind=wan_vae needs codec.path: a diffusers VAE folder or the official Wan2.1_VAE.pth / Wan2.2_VAE.pth")
         return WanVAECodec(path, device=device, dtype=dtype)
     raise ValueError(f"codec.kind={kind!r}; expected 'tiny' or 'wan_vae'")
 
