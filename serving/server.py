@@ -1,10 +1,11 @@
 """The WebSocket server: `/` (browser page), `/ws` (the stream), `/health`.
 
 One engine = one GPU set = one active session; other clients wait in a bounded line or are
-refused (`Admission`). Generation runs on a single worker thread (the GPU set), decode + JPEG on
-a second one, so the event loop only moves bytes: chunk N is decoded and sent while chunk N+1 is
-denoised. At most `send_buffer_chunks` chunks exist between "denoise started" and "fully sent",
-which bounds both memory and the action-to-screen latency. Frames go out paced at the model frame
+refused (`Admission`) before any expensive work is done for them. Generation runs on a single
+worker thread (the GPU set), decode + JPEG on a second one, start images are decoded on a third,
+so the event loop only moves bytes: chunk N is decoded and sent while chunk N+1 is denoised. At
+most `send_buffer_chunks` chunks exist between "denoise started" and "fully sent", which bounds
+both memory and the action-to-screen latency. Frames go out paced at the model frame
 rate. No client message, engine error or disconnect can stop the server.
 """
 
@@ -41,8 +42,43 @@ MAX_PROMPT_CHARS = 2000
 STATIC_DIR = resources.files("serving") / "static"
 
 
+# After closing an oversized message with 1009, the socket stays open (reading and discarding) until
+# the client closes it, at most this long: see `WebSocket`.
+OVERSIZE_LINGER_S = 3.0
+
+
 class ClientError(ValueError):
     """A bad client message; answered with {"type": "error"} and the connection stays open."""
+
+
+class WebSocket(web.WebSocketResponse):
+    """aiohttp's WebSocketResponse, except for a message over `max_msg_size`: aiohttp sends 1009
+    and closes the socket at once, with the rest of the message unread, so the kernel resets the
+    connection and the client sees 1006 instead of the close frame. Here the close frame carries a
+    reason, and the socket is closed by `linger` once the client has closed it (aiohttp discards
+    what still arrives) or after OVERSIZE_LINGER_S."""
+
+    def __init__(self, *, max_msg_size: int, **kwargs: Any):
+        super().__init__(max_msg_size=max_msg_size, **kwargs)
+        self.limit = max_msg_size
+        self.too_big = False
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG:  # aiohttp's reader found a message over the limit
+            self.too_big = True
+            message = message or f"message too big: at most {self.limit} bytes".encode()
+        return await super().close(code=code, message=message, drain=drain)
+
+    def _close_transport(self) -> None:  # aiohttp's (private) hook; pinned by test_serving_server_faults
+        if not self.too_big:
+            super()._close_transport()
+
+    async def linger(self, request: web.Request, seconds: float = OVERSIZE_LINGER_S) -> None:
+        """After a 1009: wait (at most `seconds`) for the client to close the socket."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while request.transport is not None and not request.transport.is_closing() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
 
 def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
@@ -75,11 +111,12 @@ def decode_image(data: Any, max_pixels: int) -> np.ndarray:
 @dataclass
 class StartRequest:
     prompt: str
-    image: np.ndarray | None
+    image: str | None  # still encoded: decoded off the event loop once the client is admitted or in line
     seed: int | None
 
 
 def parse_start(msg: dict, cfg: ServingConfig) -> StartRequest:
+    """The cheap checks only; the image is decoded later (`StreamServer.decode_start_image`)."""
     prompt = msg.get("prompt", cfg.default_prompt)
     if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
         raise ClientError(f'"prompt" must be a string of at most {MAX_PROMPT_CHARS} characters')
@@ -87,8 +124,9 @@ def parse_start(msg: dict, cfg: ServingConfig) -> StartRequest:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
         raise ClientError('"seed" must be a non-negative integer')
     image = msg.get("image")
-    img = decode_image(image, cfg.max_image_pixels) if image not in (None, "") else None
-    return StartRequest(prompt or cfg.default_prompt, img, seed)
+    if image is not None and not isinstance(image, str):
+        raise ClientError('"image" must be a base64 string (PNG or JPEG), optionally a data: URL')
+    return StartRequest(prompt or cfg.default_prompt, image or None, seed)
 
 
 class Connection:
@@ -101,7 +139,9 @@ class Connection:
         self.id = next(self._ids)
         self.actions = ActionAccumulator()
         self.task: asyncio.Task | None = None
-        self.state = "idle"  # idle | queued | starting | running
+        # idle | starting (accepted, not yet admitted) | queued | running; actions, prompts and
+        # resets are kept from "starting" on, so those sent right after a start are not lost
+        self.state = "idle"
         self.pending_prompt: str | None = None
         self.pending_reset = False
         self._send_lock = asyncio.Lock()
@@ -155,6 +195,7 @@ class Connection:
             if self.state == "idle":
                 raise ClientError('no session: send {"type": "start"} first')
             self.pending_reset = True
+            self.pending_prompt = None  # the reset restores the first prompt: an earlier change is undone
         elif kind == "stop":
             await self.stop()
             await self.send_json({"type": "status", "state": "idle"})
@@ -167,6 +208,7 @@ class Connection:
         await self.stop()  # a new start replaces this client's session (and keeps no slot)
         self.actions.clear()
         self.pending_prompt, self.pending_reset = None, False
+        self.state = "starting"  # before the task runs: the next message may already be an action
         self.task = asyncio.create_task(self._run(req), name=f"session-{self.id}")
 
     async def stop(self) -> None:
@@ -185,21 +227,24 @@ class Connection:
     # ---- the session ---------------------------------------------------------------------
     async def _run(self, req: StartRequest) -> None:
         srv = self.server
-        session: Session | None = None
+        started: cf.Future | None = None  # engine.start on the GPU worker; its session is closed on release
         error: str | None = None
         try:
             try:
-                admitted = srv.admission.request(self)
+                admitted = srv.admission.request(self)  # first: a refused client costs nothing
             except Busy as e:
                 await self.send_error(str(e))
                 return
             if not admitted.done():
                 self.state = "queued"
                 await self.send_queued()
-                await admitted
+            image = await srv.decode_start_image(req.image) if req.image else None  # off the loop, in line
+            await admitted
             self.state = "starting"
             t0 = time.perf_counter()
-            session = await srv.on_gpu(srv.engine.start, req.image, req.prompt, req.seed)
+            started = srv.submit_gpu(srv.engine.start, image, req.prompt, req.seed)
+            session = await asyncio.wrap_future(started)
+            srv.sessions_total += 1
             first = await srv.on_decoder(self._encode, session.first_frames())
             e = srv.engine
             await self.send_json({
@@ -214,14 +259,16 @@ class Connection:
             raise
         except ConnectionError:  # the client went away mid-stream: nothing to report
             pass
-        except (EngineError, ClientError) as e:
+        except ClientError as e:  # its start image
+            error = str(e)
+        except EngineError as e:
             error = f"session stopped: {e}"
         except Exception as e:  # a generation failure ends this session, never the server
             log.exception("session %d failed", self.id)
             error = f"session stopped: generation failed ({type(e).__name__}: {e}); send start to begin again"
         finally:
             self.state = "idle"
-            await srv.release(self, session)
+            srv.release(self, started)
         if error:  # after the release, so a client that retries at once is admitted
             srv.errors_total += 1
             await self.send_error(error)
@@ -337,35 +384,55 @@ class StreamServer:
         self.admission = Admission(cfg.queue_size, on_change=self._queue_changed)
         self._gpu = cf.ThreadPoolExecutor(1, thread_name_prefix="titan-gpu")
         self._decoder = cf.ThreadPoolExecutor(1, thread_name_prefix="titan-decode")
-        self._gpu_inflight: set[cf.Future] = set()
+        # Start images (up to max_image_pixels: ~0.7 s for 16 MP) are decoded here, never on the
+        # event loop (it would freeze the active stream) nor on the decoder (the active stream's).
+        self._images = cf.ThreadPoolExecutor(1, thread_name_prefix="titan-image")
         self._background: set[asyncio.Future] = set()
         self.started_at = time.time()
         self.sessions_total = 0
         self.errors_total = 0
 
     # ---- workers -------------------------------------------------------------------------
+    def submit_gpu(self, fn, *args) -> cf.Future:
+        """Queue a job on the GPU worker. Jobs run one at a time in order, which is what lets
+        `release` free the slot at once: whatever the next session submits runs after this one's."""
+        return self._gpu.submit(fn, *args)
+
     async def on_gpu(self, fn, *args):
-        """Run on the GPU worker; a cancelled caller does not abandon the job (release waits)."""
-        fut = self._gpu.submit(fn, *args)
-        self._gpu_inflight.add(fut)
-        fut.add_done_callback(self._gpu_inflight.discard)
-        return await asyncio.wrap_future(fut)
+        return await asyncio.wrap_future(self.submit_gpu(fn, *args))
 
     async def on_decoder(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
 
-    async def release(self, conn: Connection, session: Session | None) -> None:
-        """Wait for the GPU worker to finish this client's job, close its session, free the slot."""
-        pending = [asyncio.wrap_future(f) for f in list(self._gpu_inflight)]
-        if pending:
-            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
-        if session is not None:
-            self.sessions_total += 1
+    async def decode_start_image(self, data: str) -> np.ndarray:
+        """A start image, decoded on the image worker (ClientError when bad)."""
+        return await asyncio.wrap_future(self._images.submit(decode_image, data, self.cfg.max_image_pixels))
+
+    def release(self, conn: Connection, started: cf.Future | None) -> None:
+        """Free the GPU set now; close the session on the GPU worker, behind its in-flight chunk.
+
+        Synchronous, so the slot is free before the client's close handshake completes (a client
+        that reconnects at once is admitted); the next session's start queues behind the close.
+        """
+        if started is not None:
             try:
-                await asyncio.shield(asyncio.wrap_future(self._gpu.submit(session.close)))
-            except Exception:
-                log.exception("closing session %d failed", conn.id)
+                self._gpu.submit(self._close_session, conn.id, started)
+            except RuntimeError:  # the workers are shut down: the server is exiting
+                pass
         self.admission.leave(conn)
+
+    def _close_session(self, conn_id: int, started: cf.Future) -> None:
+        """On the GPU worker: close the session `started` made, once its last decode is done."""
+        if started.cancelled() or started.exception() is not None:
+            return  # never ran (cancelled in line) or failed: there is no session
+        try:
+            self._decoder.submit(lambda: None).result()  # decodes run in order: this session's are done
+        except RuntimeError:  # the decoder is shut down: no decode can be running
+            pass
+        try:
+            started.result().close()
+        except Exception:
+            log.exception("closing session %d failed", conn_id)
 
     def _queue_changed(self) -> None:
         for conn in list(self.connections):
@@ -407,7 +474,9 @@ class StreamServer:
         })
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.cfg.max_message_bytes, heartbeat=30.0)
+        # autoclose=False: a client's close is answered after its session is released (below), so a
+        # client whose close handshake has completed finds the slot free when it reconnects.
+        ws = WebSocket(max_msg_size=self.cfg.max_message_bytes, heartbeat=30.0, autoclose=False)
         await ws.prepare(request)
         conn = Connection(self, ws)
         self.connections.add(conn)
@@ -430,6 +499,10 @@ class StreamServer:
             await conn.stop()
             self.connections.discard(conn)
             self.admission.leave(conn)
+            if ws.too_big:
+                await ws.linger(request)
+            else:
+                await ws.close()  # answers the client's close (no-op when already closed)
         return ws
 
     async def _on_shutdown(self, app: web.Application) -> None:
@@ -437,6 +510,7 @@ class StreamServer:
             await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
     async def _on_cleanup(self, app: web.Application) -> None:
+        self._images.shutdown(wait=True, cancel_futures=True)
         self._gpu.shutdown(wait=True, cancel_futures=True)
         self._decoder.shutdown(wait=True, cancel_futures=True)
 

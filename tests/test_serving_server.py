@@ -330,12 +330,14 @@ def test_cli_graceful_shutdown(sig):
 
     async def main():
         async with aiohttp.ClientSession() as s:
-            for _ in range(200):
+            deadline = time.monotonic() + 45  # the child imports torch: slow on a loaded 2-core box
+            while True:
                 try:
                     async with s.get(f"http://127.0.0.1:{port}/health") as r:
                         if r.status == 200:
                             break
                 except aiohttp.ClientError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
                     await asyncio.sleep(0.05)
             ws = await s.ws_connect(f"http://127.0.0.1:{port}/ws")
             await ws.send_json({"type": "start"})
