@@ -6,9 +6,22 @@ Layout of one checkpoint `<run_dir>/checkpoints/step_00000100/`:
                             curriculum position, other Stateful objects), world size, step
   rank_00003.pt             per rank: RNG states (python, numpy, torch cpu/cuda) + per-rank keys
                             (the dataloader by default)
-  COMPLETE                  JSON written last; a directory without it is never loaded
+  COMPLETE                  JSON written last, when every rank has finished: step, world size and
+                            the size and xxh3-128 checksum of every file above (each rank hashes
+                            the files it wrote). A directory without it is never loaded.
 All of it is written into `step_XXXXXXXX.tmp/` and renamed when every rank has finished, so a
-crash mid-save leaves only a `.tmp` directory (ignored, removed by the next save).
+crash mid-save leaves only a `.tmp` directory (ignored, removed by the next save). A full disk
+removes that `.tmp` and raises `DiskFullError`; the previous checkpoints are untouched.
+
+Loading picks the newest checkpoint whose files match their marker (sizes and checksums, verified
+by all ranks in parallel); if loading it still fails, the next older valid one is loaded and the
+failure (file, reason) is reported. A checkpoint whose keys or shapes differ from the model is a
+`CheckpointError` (the config changed), never a reason to fall back. Pruning deletes only folders
+with a COMPLETE marker this code wrote, older than the newest `keep_last` valid ones at or below
+the step being saved (see docs/parallel.md, "Checkpoints").
+
+Why xxh3-128 and not sha256: it hashes at memory speed (~10x sha256), so checking a 100 GB
+checkpoint costs its read time; it guards against corruption, not against an attacker.
 
 Why not torchtitan's `CheckpointManager`: it is bound to torchtitan's trainer config/ft objects
 and its own folder naming, and it has no COMPLETE-marker fallback; DCP underneath is the same.
@@ -19,6 +32,7 @@ shapes by DCP, so a checkpoint written by N ranks loads on any M ranks and on 1 
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
@@ -36,6 +50,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+import xxhash
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -45,11 +62,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-__all__ = ["Checkpointer", "CheckpointWarning", "export_safetensors", "list_checkpoints", "validate_checkpoint"]
+from titan_world.model.io import CheckpointError, check_shapes
+
+__all__ = [
+    "Checkpointer", "CheckpointError", "CheckpointWarning", "DiskFullError", "export_safetensors", "file_checksum",
+    "list_checkpoints", "validate_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 MARKER = "COMPLETE"
+CHECKSUM = "xxh3_128"
 
 
 class CheckpointWarning(UserWarning):
@@ -152,34 +175,177 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def validate_checkpoint(path: str | Path) -> str | None:
-    """None if `path` is a complete checkpoint, else the reason it is not."""
-    path = Path(path)
+def file_checksum(path: str | Path) -> str:
+    """xxh3-128 of a file's bytes (hex), read in 8 MiB chunks into one reused buffer."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _read_marker(path: Path) -> tuple[dict | None, str | None]:
+    """(marker, None) or (None, why it cannot be used)."""
     try:
         marker = json.loads((path / MARKER).read_text())
     except FileNotFoundError:
-        return f"no {MARKER} marker (the save did not finish)"
+        return None, f"no {MARKER} marker (the save did not finish)"
     except (OSError, ValueError) as e:
-        return f"unreadable {MARKER} marker: {e}"
+        return None, f"unreadable {MARKER} marker: {e}"
+    if not isinstance(marker, dict) or not isinstance(marker.get("sizes", {}), dict):
+        return None, f"{MARKER} marker is not a checkpoint marker: {str(marker)[:80]}"
+    return marker, None
+
+
+def _is_ours(path: Path) -> bool:
+    """A folder this module wrote: step_XXXXXXXX naming and a COMPLETE marker holding its step."""
+    m = _STEP_RE.match(path.name)
+    marker, _ = _read_marker(path)
+    return bool(m and marker is not None and marker.get("step") == int(m.group(1)))
+
+
+def _check_structure(path: Path) -> tuple[str | None, dict | None]:
+    """(None, marker) if `path` is complete as far as names and sizes go, else (reason, None)."""
+    marker, reason = _read_marker(path)
+    if marker is None:
+        return reason, None
     try:
         meta = dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # truncated/garbage pickle, missing file
-        return f"unreadable DCP metadata: {type(e).__name__}: {e}"
+        return f"unreadable DCP metadata (.metadata): {type(e).__name__}: {e}", None
     files = {getattr(v, "relative_path", None) for v in (meta.storage_data or {}).values()} - {None}
     for name in sorted(files) + ["state.pt"]:
-        f = path / name
-        if not f.is_file():
-            return f"missing file {name}"
+        if not (path / name).is_file():
+            return f"missing file {name}", None
     for name, size in marker.get("sizes", {}).items():
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
-            return f"file {name} is missing or has the wrong size (expected {size} bytes)"
+            return f"file {name} is missing or has the wrong size (expected {size} bytes)", None
+    return None, marker
+
+
+def _verify_checksums(path: Path, checksums: dict[str, str]) -> str | None:
+    """None if every file named in `checksums` still hashes to its stored value."""
+    for name, want in sorted(checksums.items()):
+        try:
+            got = file_checksum(path / name)
+        except OSError as e:
+            return f"file {name} unreadable: {e}"
+        if got != want:
+            return f"file {name} is corrupt: its {CHECKSUM} checksum is {got}, the marker says {want}"
     return None
+
+
+def validate_checkpoint(path: str | Path, verify_checksums: bool = True) -> str | None:
+    """None if `path` is a complete checkpoint, else the reason it is not. Checks the marker, the
+    DCP metadata, every file's size and (unless verify_checksums=False) its checksum; checkpoints
+    written before checksums were stored are checked by size only."""
+    path = Path(path)
+    reason, marker = _check_structure(path)
+    if reason is None and verify_checksums:
+        reason = _verify_checksums(path, marker.get("checksums", {}))
+    return reason
+
+
+def _no_valid_checkpoint(ckpt_dir: Path, failures: list[tuple[str, str]]) -> CheckpointError:
+    lines = "\n".join(f"  {p}: {why}" for p, why in failures)
+    return CheckpointError(
+        f"{ckpt_dir}: none of the {len(failures)} checkpoints can be loaded:\n{lines}\n"
+        "Nothing was deleted. Move the broken ones aside (or restore them) and resume again."
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Disk full
+# ------------------------------------------------------------------------------------------------
+class DiskFullError(OSError):
+    """A checkpoint did not fit on its filesystem; the partial save was removed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# torch.save reports a full disk as a RuntimeError from its zip writer, without the errno
+_TORCH_WRITE_FAILURE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def _causes(exc: BaseException) -> Iterable[BaseException]:
+    """`exc`, its causes/contexts and, for DCP's CheckpointException, every rank's exception."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            todo += [pair[0] for pair in e.failures.values()]
+
+
+def _looks_like_disk_full(exc: BaseException, free_bytes: int) -> bool:
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        text = str(e)
+        if "No space left on device" in text:
+            return True
+        if any(s in text for s in _TORCH_WRITE_FAILURE) and free_bytes < 16 << 20:
+            return True
+    return False
+
+
+def _filesystem(path: Path) -> str:
+    """'DEVICE (FSTYPE at MOUNTPOINT)' of the filesystem holding `path` (from /proc/mounts)."""
+    real = os.path.realpath(path)
+    best = None
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype = line.split()[:3]
+            mnt = mnt.replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and (best is None or len(mnt) > len(best[1])):
+                best = (dev, mnt, fstype)
+    except OSError:
+        pass
+    return f"{best[0]} ({best[2]} at {best[1]})" if best else str(path)
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _state_bytes(sharded: dict[str, Stateful]) -> int:
+    """Bytes of every tensor DCP writes (global sizes: a DTensor counts its full shape)."""
+    total = 0
+    todo: list[Any] = [s.state_dict() for s in sharded.values()]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            todo += list(v.values())
+        elif isinstance(v, (list, tuple)):
+            todo += list(v)
+    return total
 
 
 # ------------------------------------------------------------------------------------------------
 # The checkpointer
 # ------------------------------------------------------------------------------------------------
+class _ConfigMismatch(CheckpointError):
+    """The checkpoint's keys/shapes differ from the model: a config change, not corruption."""
+
+
 class Checkpointer:
     """Save/restore training state with DCP.
 
@@ -196,6 +362,8 @@ class Checkpointer:
         self.dir = Path(run_dir) / subdir
         self.keep_last = keep_last
         self.per_rank = set(per_rank)
+        self.loaded_from: Path | None = None  # the checkpoint `load` restored (after any fallback)
+        self._verified: set[str] = set()  # checkpoints whose checksums this process checked or wrote
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
@@ -215,6 +383,20 @@ class Checkpointer:
             dist.broadcast_object_list(box, src=0)
             return box[0]
         return obj
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        _, world = self._dist()
+        if world == 1:
+            return [obj]
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _agree(self, error: str | None) -> str | None:
+        """Every rank's local error, joined (None when all succeeded): a collective, so all ranks
+        take the same branch after a step that may fail on one rank only."""
+        errors = [f"rank {r}: {e}" if len(errs) > 1 else e for errs in [self._all_gather(error)] for r, e in enumerate(errs) if e]
+        return "; ".join(errors) or None
 
     def path_for(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}"
@@ -251,83 +433,228 @@ class Checkpointer:
 
     # -- save --------------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write checkpoint `step` atomically (collective: every rank calls it). Returns its path."""
+        """Write checkpoint `step` atomically (collective: every rank calls it). Returns its path.
+
+        Raises DiskFullError (the partial save removed, older checkpoints intact) when the
+        filesystem fills up; any other failure also removes the partial save and is re-raised."""
         rank, world = self._dist()
         final, tmp = self.path_for(step), self.dir / f"step_{step:08d}.tmp"
         sharded, replicated, local = self._split(state)
-        if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        self._barrier()
         t0 = time.time()
-        dcp.save(sharded, checkpoint_id=str(tmp), no_dist=world == 1 and not dist.is_initialized())
-        per_rank = {"rng": rng_state(), **{k: self._plain(v) for k, v in local.items()}}
-        torch.save(per_rank, tmp / f"rank_{rank:05d}.pt")
+        error: BaseException | None = None
+        sums: dict[str, str] = {}
         if rank == 0:
-            torch.save({"step": step, "world_size": world, **{k: self._plain(v) for k, v in replicated.items()}}, tmp / "state.pt")
-        self._barrier()
-        if rank == 0:
-            sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-            marker = {"step": step, "world_size": world, "time": time.time(), "save_seconds": round(time.time() - t0, 3), "sizes": sizes}
-            _write_synced(tmp / MARKER, json.dumps(marker, indent=1))
-            if final.exists():  # re-saving a step (e.g. after a requeue): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            self._prune()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            except OSError as e:
+                error = e
+        if self._broadcast(error is not None):  # (also the barrier before the ranks write)
+            raise self._save_failed(error, f"creating {tmp} failed on rank 0: {error}", tmp, sharded)
+        try:
+            dcp.save(sharded, checkpoint_id=str(tmp), no_dist=world == 1 and not dist.is_initialized())
+            per_rank = {"rng": rng_state(), **{k: self._plain(v) for k, v in local.items()}}
+            torch.save(per_rank, tmp / f"rank_{rank:05d}.pt")
+            if rank == 0:
+                torch.save({"step": step, "world_size": world, **{k: self._plain(v) for k, v in replicated.items()}}, tmp / "state.pt")
+            # each rank hashes what it wrote (still in its page cache); rank 0 the shared files
+            own = [p for p in tmp.iterdir() if p.name.startswith(f"__{rank}_") or p.name == f"rank_{rank:05d}.pt"]
+            sums = {p.name: file_checksum(p) for p in own}
+        except (Exception, CheckpointException) as e:
+            error = e
+        gathered = self._all_gather((f"{type(error).__name__}: {error}" if error else None, sums))
+        failed = "; ".join(e for e, _ in gathered if e)
+        if not failed and rank == 0:
+            try:
+                self._finish(step, world, tmp, final, {k: v for _, s in gathered for k, v in s.items()}, t0)
+            except (Exception, CheckpointException) as e:
+                error = e
+        failed = failed or self._broadcast(f"{type(error).__name__}: {error}" if error else None)
+        if failed:
+            raise self._save_failed(error, failed, tmp, sharded)
+        self._verified.add(str(final))
         self._barrier()
         return final
 
-    def _prune(self) -> None:
-        """Drop stale `.tmp` dirs, checkpoints that can never load (partial/corrupt), and valid
-        ones beyond the newest `keep_last` (finished dirs are immutable, so this is race-free)."""
+    def _finish(self, step: int, world: int, tmp: Path, final: Path, sums: dict[str, str], t0: float) -> None:
+        """Rank 0, after every rank wrote and hashed its files: marker, rename into place, prune."""
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        sizes = {p.name: p.stat().st_size for p in files}
+        checksums = {p.name: sums[p.name] if p.name in sums else file_checksum(p) for p in files}
+        marker = {"step": step, "world_size": world, "time": time.time(), "save_seconds": round(time.time() - t0, 3),
+                  "sizes": sizes, "checksum": CHECKSUM, "checksums": checksums}
+        _write_synced(tmp / MARKER, json.dumps(marker, indent=1))
+        if final.exists():  # re-saving a step (e.g. after a requeue): replace it, but only if we wrote it
+            old = final.with_name(f"{final.name}.replaced-{os.getpid()}")
+            if not _is_ours(final):
+                old = final.with_name(f"{final.name}.not-a-checkpoint-{int(time.time())}")
+                warnings.warn(f"{final} has no {MARKER} marker of ours; moved aside to {old.name} (not deleted)", CheckpointWarning, stacklevel=3)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            if old.name.startswith(f"{final.name}.replaced-"):
+                shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        self._prune(step)
+
+    def _save_failed(self, error: BaseException | None, failed: str, tmp: Path, sharded: dict[str, Stateful]) -> BaseException:
+        """Remove the partial save; a clear DiskFullError when the filesystem is full, else the
+        original error (or, on ranks where nothing failed, a RuntimeError naming the rank that did)."""
+        rank, _ = self._dist()
+        free_at_failure = shutil.disk_usage(self.dir).free if self.dir.is_dir() else 1 << 62
+        full = self._agree("full" if error is not None and _looks_like_disk_full(error, free_at_failure) else None)
+        self._barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._barrier()
+        if full:
+            need = _state_bytes(sharded)
+            free = shutil.disk_usage(self.dir).free
+            return DiskFullError(
+                f"no space left on {_filesystem(self.dir)} writing {tmp} (checkpoint needs ~{_human(need)}, "
+                f"{_human(free)} free). The partial checkpoint was removed; the previous checkpoints are intact. "
+                "Free space or set run.dir on a larger filesystem, then --resume."
+            )
+        if error is not None:
+            return error
+        return RuntimeError(f"checkpoint save to {tmp} failed on another rank: {failed}")
+
+    def _prune(self, step: int) -> None:
+        """Drop stale `.tmp` dirs and checkpoints older than the newest `keep_last` valid ones at or
+        below `step`. Never touches checkpoints above `step` (newer than what this run resumed
+        from), never deletes anything before `keep_last` valid ones are counted (a broken
+        checkpoint may be all that is left), and deletes only folders with our COMPLETE marker."""
         for p in self.dir.glob("step_*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
         kept = 0
-        for _, p in list_checkpoints(self.dir):
-            if validate_checkpoint(p) is None and kept < self.keep_last:
+        for s, p in list_checkpoints(self.dir):
+            if s > step:
+                continue
+            if kept >= self.keep_last:
+                if _is_ours(p):
+                    shutil.rmtree(p, ignore_errors=True)
+            elif validate_checkpoint(p, verify_checksums=False) is None:
                 kept += 1
-            else:
-                shutil.rmtree(p, ignore_errors=True)
 
     # -- load --------------------------------------------------------------------------------
-    def latest(self) -> Path | None:
-        """Newest complete checkpoint (rank 0 decides, broadcast to all); warns for skipped ones."""
+    def _verify(self, path: Path, checksums: dict[str, str]) -> str | None:
+        """Checksums of `path`, the files split over the ranks (collective); cached per process."""
+        if str(path) in self._verified:
+            return None
+        rank, world = self._dist()
+        names = sorted(checksums)
+        error = _verify_checksums(path, {n: checksums[n] for n in names[rank::world]})
+        error = self._agree(error)
+        if error is None:
+            self._verified.add(str(path))
+        return error
+
+    def _candidates(self, below: int | None = None) -> list[tuple[str, str | None, dict[str, str] | None]]:
+        """(path, structural problem or None, checksums or None) newest first (rank 0, broadcast)."""
         rank, _ = self._dist()
-        choice: str | None = None
+        listing = None
         if rank == 0:
+            listing = []
             for step, path in list_checkpoints(self.dir):
-                reason = validate_checkpoint(path)
-                if reason is None:
-                    choice = str(path)
-                    break
-                warnings.warn(f"checkpoint {path} skipped: {reason}; trying an older one", CheckpointWarning, stacklevel=2)
-        choice = self._broadcast(choice)
-        return Path(choice) if choice else None
+                if below is not None and step >= below:
+                    continue
+                reason, marker = _check_structure(path)
+                sums = None if marker is None else marker.get("checksums")
+                if marker is not None and sums is None:
+                    warnings.warn(f"checkpoint {path} has no checksums (written before they were stored): sizes checked only",
+                                  CheckpointWarning, stacklevel=3)
+                listing.append((str(path), reason, sums or {} if reason is None else None))
+        return self._broadcast(listing)
+
+    def _newest_valid(self, listing, failures: list[tuple[str, str]]) -> Path | None:
+        rank, _ = self._dist()
+        for path, reason, sums in listing:
+            if reason is None:
+                reason = self._verify(Path(path), sums)
+            if reason is None:
+                return Path(path)
+            failures.append((path, reason))
+            if rank == 0:
+                log.warning("checkpoint %s skipped: %s", path, reason)
+                warnings.warn(f"checkpoint {path} skipped: {reason}; trying an older one", CheckpointWarning, stacklevel=3)
+        return None
+
+    def latest(self) -> Path | None:
+        """Newest valid checkpoint (marker, metadata, sizes, checksums); None only when there is no
+        checkpoint at all. CheckpointError naming each one and why when none is valid. Collective."""
+        listing = self._candidates()
+        if not listing:
+            return None
+        failures: list[tuple[str, str]] = []
+        choice = self._newest_valid(listing, failures)
+        if choice is None:
+            raise _no_valid_checkpoint(self.dir, failures)
+        return choice
 
     def load_latest(self, state: dict[str, Any]) -> int | None:
-        """Restore `state` in place from the newest complete checkpoint; its step, or None."""
+        """Restore `state` in place from the newest valid checkpoint; its step, or None when there is
+        no checkpoint. Falls back to older ones like `load`."""
         path = self.latest()
         return None if path is None else self.load(path, state)
 
     def load(self, path: str | Path, state: dict[str, Any]) -> int:
-        """Restore `state` in place from checkpoint `path` (any world size); returns its step."""
+        """Restore `state` in place from checkpoint `path` (any world size); returns its step.
+
+        If loading fails (an unreadable file, a DCP error), the failure is reported with the file
+        and the next older valid checkpoint is loaded instead (`self.loaded_from` says which).
+        Keys or shapes that differ from the model raise CheckpointError at once: a config change,
+        which an older checkpoint of the same run would not fix."""
         path = Path(path)
+        failures: list[tuple[str, str]] = []
+        while True:
+            step, reason = self._load_one(path, state)
+            if reason is None:
+                break
+            failures.append((str(path), reason))
+            if self._dist()[0] == 0:
+                log.warning("loading checkpoint %s failed: %s", path, reason)
+                warnings.warn(f"loading checkpoint {path} failed: {reason}; falling back to an older one", CheckpointWarning, stacklevel=2)
+            m = _STEP_RE.match(path.name)
+            older = self._newest_valid(self._candidates(below=int(m.group(1)) if m else -1), failures)
+            if older is None:
+                raise _no_valid_checkpoint(self.dir if m else path, failures)
+            path = older
+        self.loaded_from = path
+        self._barrier()
+        return step
+
+    def _load_one(self, path: Path, state: dict[str, Any]) -> tuple[int, str | None]:
+        """Load `path` into `state`: (its step, None), or (-1, why not), the same on every rank."""
         rank, world = self._dist()
         sharded, replicated, local = self._split(state)
-        dcp.load(sharded, checkpoint_id=str(path), no_dist=world == 1 and not dist.is_initialized())
-        saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        step, old_world = int(saved["step"]), int(saved["world_size"])
+        self._check_keys(path, sharded)
+        # the small files first (into memory), so a bad one is found before any state changes
+        saved = per_rank = None
+        own = path / f"rank_{rank:05d}.pt"
+        error = None
+        try:
+            saved = _torch_load(path / "state.pt")
+            old_world = int(saved["world_size"])
+            same_world = old_world == world and own.is_file()
+            per_rank = _torch_load(own if same_world else path / "rank_00000.pt")
+        except CheckpointError as e:
+            error = str(e)
+        error = self._agree(error)
+        if error:
+            return -1, error
+        try:
+            dcp.load(sharded, checkpoint_id=str(path), no_dist=world == 1 and not dist.is_initialized())
+        except (Exception, CheckpointException) as e:
+            return -1, f"DCP shards (.metadata, __*_*.distcp) unreadable: {type(e).__name__}: {_first_line(e)}"
+        step = int(saved["step"])
         for k, target in replicated.items():
             if k in saved:
                 self._restore(target, saved[k], k)
             else:
-                warnings.warn(f"checkpoint {path}: no state for {k!r}; left as is", CheckpointWarning, stacklevel=2)
-        own = path / f"rank_{rank:05d}.pt"
-        same_world = old_world == world and own.is_file()
-        per_rank = torch.load(own if same_world else path / "rank_00000.pt", map_location="cpu", weights_only=False)
+                warnings.warn(f"checkpoint {path}: no state for {k!r}; left as is", CheckpointWarning, stacklevel=3)
         if same_world:
             set_rng_state(per_rank["rng"])
         else:
@@ -338,13 +665,46 @@ class Checkpointer:
                     f"checkpoint {path} was written by {old_world} ranks, loading on {world}: RNG reseeded per rank, "
                     f"per-rank state {sorted(local)} taken from rank 0",
                     CheckpointWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         for k, target in local.items():
             if k in per_rank:
                 self._restore(target, per_rank[k], k)
-        self._barrier()
-        return step
+        return step, None
+
+    def _check_keys(self, path: Path, sharded: dict[str, Stateful]) -> None:
+        """_ConfigMismatch naming the missing / unexpected / mis-shaped keys of each module."""
+        try:
+            meta = dcp.FileSystemReader(str(path)).read_metadata()
+        except Exception:
+            return  # unreadable metadata: reported (and fallen back from) by the load itself
+        for name, st in sharded.items():
+            if not isinstance(st, _ModelState):
+                continue
+            head = f"{name}."
+            found = {k[len(head):]: tuple(v.size) for k, v in meta.state_dict_metadata.items()
+                     if k.startswith(head) and isinstance(v, TensorStorageMetadata)}
+            expected = {k: tuple(v.shape) for k, v in st.state_dict().items() if isinstance(v, torch.Tensor)}
+            try:
+                check_shapes(expected, found, f"{path} state[{name!r}]")
+            except CheckpointError as e:
+                raise _ConfigMismatch(
+                    f"{e}. The model config differs from the run's that wrote this checkpoint (see the run's "
+                    "config.yaml); resume with that config, or start a new run dir. Not falling back to an older "
+                    "checkpoint: it has the same layout."
+                ) from None
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"file {path.name} unreadable: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _write_synced(path: Path, text: str) -> None:

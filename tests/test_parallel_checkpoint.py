@@ -152,11 +152,14 @@ def test_partial_and_corrupt_checkpoints_fall_back(tmp_path):
     assert "step_00000003" in text and "metadata" in text
     assert "step_00000002" in text
     assert fresh["extra"]["k"] == 1
-    # the next save removes the stale .tmp and the broken ones, and keeps the newest 2 valid ones
+    # the next save removes the stale .tmp; nothing else goes before 2 valid ones are counted (the
+    # broken ones sit between the new save and the only older valid one)
     Checkpointer(tmp_path, keep_last=2).save(5, state)
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000005"]
+    assert sorted(p.name for p in root.iterdir()) == [f"step_0000000{i}" for i in (1, 2, 3, 4, 5)]
+    # then everything older than the newest 2 valid ones that this code wrote (COMPLETE marker);
+    # step 4 has no marker, so it is not provably ours and stays
     Checkpointer(tmp_path, keep_last=2).save(6, state)
-    assert [s for s, _ in list_checkpoints(root)] == [6, 5]
+    assert [s for s, _ in list_checkpoints(root)] == [6, 5, 4]
 
 
 def test_no_checkpoint_returns_none(tmp_path):

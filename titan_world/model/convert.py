@@ -3,22 +3,35 @@
   --from diffusers SRC DST   diffusers WanTransformer3DModel folder -> Wan-native folder
   --to diffusers SRC DST     Wan-native folder (or run dir) -> diffusers folder
   --to safetensors SRC DST   DCP training checkpoint (a step folder, or a run dir: the newest
-                             complete one) -> Wan-native safetensors folder (config from run dir)
+                             valid one) -> Wan-native safetensors folder (config from run dir)
 
 Tensors are copied bit for bit (renamed only), one at a time: host memory peaks at one output
 shard (5 GB), not the checkpoint. MoE roots convert both experts.
+
+DST is never silently replaced: the output is written into a temp folder beside DST and renamed
+into place when complete. An existing non-empty DST is refused unless --overwrite; with it, a
+folder this command wrote (it holds `.titan-world-convert.json`) is replaced, and anything else
+is replaced only after saying what it holds. DST may never be SRC, hold SRC, or hold the
+current directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 from titan_world.model.diffusers_names import native_config_to_diffusers, native_to_diffusers
 from titan_world.model.io import CheckpointError, LazyState, WeightFolder, config_json, read_config, resolve_checkpoint_dir, save_state_dict
 from titan_world.model.moe import EXPERT_DIRS
+
+OUTPUT_MARKER = ".titan-world-convert.json"
 
 
 def _expert_pairs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
@@ -45,24 +58,90 @@ def wan_to_diffusers(src: Path, dst: Path) -> None:
         save_state_dict(LazyState(source, native_to_diffusers({name: name for name in source.sources})), d, native_config_to_diffusers(cfg))
 
 
-def dcp_to_safetensors(src: Path, dst: Path, config_path: str | None = None) -> None:
-    from parallel.checkpoint import export_safetensors, list_checkpoints, validate_checkpoint
+def newest_dcp_checkpoint(src: Path) -> Path:
+    """`src` itself when it is a DCP step folder, else the newest valid checkpoint of the run dir
+    (or checkpoints dir) `src`: CheckpointError naming each checkpoint and why when none is valid."""
+    from parallel.checkpoint import Checkpointer  # DCP and the distributed stack: only for this path
 
-    step_dir = src
-    if not (src / ".metadata").is_file():
-        candidates = [p for _, p in reversed(list_checkpoints(src / "checkpoints" if (src / "checkpoints").is_dir() else src)) if validate_checkpoint(p) is None]
-        if not candidates:
-            raise CheckpointError(f"{src}: no complete DCP checkpoint (a step folder with .metadata, or a run dir holding them)")
-        step_dir = candidates[0]
-    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+    if (src / ".metadata").is_file():
+        return src
+    ckpt = Checkpointer(src, subdir="checkpoints") if (src / "checkpoints").is_dir() else Checkpointer(src.parent, subdir=src.name)
+    step_dir = ckpt.latest()
+    if step_dir is None:
+        raise CheckpointError(f"{src}: no DCP checkpoint (a step folder with .metadata, or a run dir holding them)")
+    return step_dir
+
+
+def dcp_to_safetensors(src: Path, dst: Path, config_path: str | None = None) -> Path:
+    """Export the newest valid checkpoint of `src` to `dst`; returns the step folder exported."""
+    from parallel.checkpoint import export_safetensors
     from titan_world.config import load_config
 
+    step_dir = newest_dcp_checkpoint(src)
+    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
     cfg_file = Path(config_path) if config_path else run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise CheckpointError(f"{step_dir}: no config to describe the model (looked for {cfg_file}; pass --model-config)")
     model_cfg = load_config(cfg_file).model
     export_safetensors(step_dir, dst, config=config_json(model_cfg))
-    print(f"exported {step_dir} -> {dst}")
+    return step_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing DST: temp beside it, renamed into place; never over data without --overwrite
+# ------------------------------------------------------------------------------------------------
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _describe(path: Path) -> str:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return f"{len(files)} file(s), {sum(p.stat().st_size for p in files) / 1e6:.1f} MB"
+
+
+def check_destination(dst: Path, src: Path, overwrite: bool) -> str | None:
+    """CheckpointError when writing `dst` could lose data; else None, or (with --overwrite) a line
+    saying what will be replaced."""
+    real_dst, real_src = dst.resolve(), src.resolve()
+    if _inside(real_src, real_dst) or _inside(Path.cwd().resolve(), real_dst):
+        what = "the source" if _inside(real_src, real_dst) else "the current directory"
+        raise CheckpointError(f"{dst}: refusing to write there: it is or holds {what}; choose a new folder")
+    if not dst.exists() and not dst.is_symlink():
+        return None
+    if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
+        return None  # an empty folder: nothing to lose
+    ours = dst.is_dir() and (dst / OUTPUT_MARKER).is_file()
+    if not overwrite:
+        raise CheckpointError(
+            f"{dst}: exists and is not empty ({_describe(dst)}{', an earlier convert output' if ours else ''}); "
+            "choose a new destination or pass --overwrite to replace it"
+        )
+    if ours:
+        return f"replacing {dst} (an earlier convert output)"
+    return f"replacing {dst}: {_describe(dst)}, not written by titan-world convert (--overwrite)"
+
+
+def write_atomically(dst: Path, write: Callable[[Path], None], record: dict) -> None:
+    """`write(path)` into a temp folder beside `dst`, then rename it to `dst` (replacing what
+    `check_destination` approved). A failure leaves `dst` as it was and no temp behind."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.convert-", dir=dst.parent))
+    try:
+        out = scratch / dst.name
+        write(out)
+        if out.is_dir():
+            (out / OUTPUT_MARKER).write_text(json.dumps({**record, "time": time.time()}, indent=1))
+        old = scratch / "replaced"
+        if dst.exists() or dst.is_symlink():
+            os.rename(dst, old)
+        try:
+            os.rename(out, dst)
+        except OSError:
+            if old.exists() or old.is_symlink():
+                os.rename(old, dst)
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--from", dest="src_format", choices=["diffusers"], help="source format (to Wan native)")
     group.add_argument("--to", dest="dst_format", choices=["diffusers", "safetensors"], help="target format")
     parser.add_argument("src", help="source folder (checkpoint, MoE root, DCP step or run dir)")
-    parser.add_argument("dst", help="destination folder (written atomically)")
+    parser.add_argument("dst", help="destination (written into a temp folder beside it, then renamed)")
     parser.add_argument("--model-config", help="--to safetensors: config YAML of the run (default RUN_DIR/config.yaml)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,15 +159,23 @@ def run(args: argparse.Namespace) -> int:
     if not src.exists():
         print(f"titan-world convert: {src}: no such file or folder", file=sys.stderr)
         return 2
-    try:
+    exported: list[Path] = []
+
+    def convert(out: Path) -> None:
         if args.src_format == "diffusers":
-            diffusers_to_wan(src, dst)
+            diffusers_to_wan(src, out)
         elif args.dst_format == "diffusers":
-            wan_to_diffusers(src, dst)
+            wan_to_diffusers(src, out)
         else:
-            dcp_to_safetensors(src, dst, args.model_config)
+            exported.append(dcp_to_safetensors(src, out, args.model_config))
+    try:
+        note = check_destination(dst, src, args.overwrite)
+        if note:
+            print(f"titan-world convert: {note}", file=sys.stderr)
+        record = {"from": args.src_format or "native", "to": args.dst_format or "native", "src": str(src.resolve())}
+        write_atomically(dst, convert, record)
     except (CheckpointError, KeyError, ValueError, json.JSONDecodeError) as e:
         print(f"titan-world convert: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {dst}")
+    print(f"wrote {dst}" + (f" from {exported[0]}" if exported else ""))
     return 0
