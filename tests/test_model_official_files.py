@@ -14,6 +14,7 @@ import zlib
 import pytest
 import torch
 
+from titan_world.config import load_config
 from titan_world.model import official
 from titan_world.model.codec import WanVAECodec, build_codec
 from titan_world.model.io import CheckpointError
@@ -191,6 +192,9 @@ def test_t5_roundtrip_and_official_files_encode_as_the_model(tmp_path):
 
 
 def test_a_real_model_never_gets_the_tiny_text_encoder_unasked(tmp_path):
+    cfg = load_config("train/a14b_8gpu.yaml", [])  # the default data.text_encoder with a real model
+    with pytest.raises(ValueError, match="text_dim 4096"):
+        build_text_encoder(cfg.data.text_encoder.kind, cfg.model.text_dim, cfg.model.text_len, cfg.data.text_encoder.path)
     assert isinstance(build_text_encoder("auto", text_dim=64, text_len=32), TinyTextEncoder)  # the tiny model
     with pytest.raises(ValueError, match=f"text_dim 4096.*{official.T5_FILE}.*kind=tiny"):
         build_text_encoder("auto", text_dim=4096, text_len=512)

@@ -203,8 +203,8 @@ def validate(cfg: TitanConfig) -> None:
     codec, text = cfg.data.codec, cfg.data.text_encoder
     if codec.kind not in ("tiny", "wan_vae"):
         raise ConfigError(f"data.codec.kind={codec.kind!r}: expected tiny or wan_vae")
-    if text.kind not in ("tiny", "umt5"):
-        raise ConfigError(f"data.text_encoder.kind={text.kind!r}: expected tiny or umt5")
+    if text.kind not in ("auto", "tiny", "umt5"):
+        raise ConfigError(f"data.text_encoder.kind={text.kind!r}: expected auto, tiny or umt5")
     s = default_vae_stride(cfg.model) if codec.kind == "wan_vae" else codec.spatial_stride
     if cfg.data.height % (s * 2) or cfg.data.width % (s * 2):
         raise ConfigError(

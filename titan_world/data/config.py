@@ -15,7 +15,9 @@ class CodecConfig:
 
 @dataclass
 class TextEncoderConfig:
-    kind: str = "tiny"  # tiny (hash embeddings) | umt5 (transformers, from `path`)
+    # auto: umt5 for a model reading umT5-XXL embeddings (text_dim 4096), else tiny | tiny (hash
+    # embeddings; for a real model only when asked by name) | umt5 (from `path`: an official .pth or a HF folder)
+    kind: str = "auto"
     path: str | None = None
 
 
