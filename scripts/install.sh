@@ -20,6 +20,10 @@ echo "[install] torchtitan (--no-deps)"
 $PIP install --no-deps $C torchtitan
 echo "[install] titan-world and its dependencies"
 $PIP install $C -e ".[dev]"
+echo "[install] official vbench 0.1.5 + openai-clip + pyiqa (--no-deps: tests/test_vbench_parity.py only)"
+# their declared dependencies pin old transformers/numpy and pull torchvision; the parity tests
+# stand in for the few imports the scoring paths never run (tests/vbench_official.py)
+$PIP install --no-deps $C vbench openai-clip pyiqa
 rm -f "$VENV"/.installed-*
 touch "$STAMP"
 echo "[install] done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')"

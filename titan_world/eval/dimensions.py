@@ -55,20 +55,17 @@ def top5_flow_magnitude(flow: torch.Tensor) -> torch.Tensor:
     return rad.topk(k, dim=1).values.mean(dim=1)
 
 
-def dynamic_degree(frames: np.ndarray, fps: float, flow_model: Callable[..., Any],
-                   batch_size: int = 4, device: str = "cpu") -> float:
-    """1.0 if the video moves by VBench's rule, else 0.0 (the dataset mean is the score).
+def dynamic_degree_magnitudes(frames: np.ndarray, fps: float, flow_model: Callable[..., Any],
+                              batch_size: int = 4, device: str = "cpu") -> list[float]:
+    """Per sampled pair, the mean of the top-5 % RAFT flow magnitudes (VBench's `get_score`).
 
-    Frames are subsampled to ~8 fps (every round(fps/8)-th frame), RAFT flow between
-    consecutive samples on 0..255 float frames padded to a multiple of 8; per pair the mean
-    of the top-5 % flow magnitudes; moving if at least round(4 n / 16) pairs exceed
-    6 * min(H, W) / 256. (VBench quirk kept: with n <= 2 sampled frames the count needed is 0
-    and any video with one pair counts as moving.)
+    Frames are subsampled to ~8 fps (every round(fps/8)-th frame); RAFT runs on consecutive
+    samples as 0..255 float frames replicate-padded to a multiple of 8 (magnitudes over the
+    padded frame, as VBench).
     """
     _need_frames(frames, 2, "dynamic_degree")
     interval = max(1, round(fps / 8)) if fps > 0 else 1
     sampled = frames[::interval]
-    thres, count_num = dynamic_degree_params(frames.shape[1:3], len(sampled))
     padder = Padder(frames.shape[1:3], 8)
     mags: list[float] = []
     with torch.no_grad():
@@ -78,6 +75,20 @@ def dynamic_degree(frames: np.ndarray, fps: float, flow_model: Callable[..., Any
             if flow.ndim != 4 or flow.shape[1] != 2:
                 raise DimensionError(f"dynamic_degree: flow model must return [B, 2, H, W], got {tuple(flow.shape)}")
             mags += top5_flow_magnitude(flow).cpu().tolist()
+    return mags
+
+
+def dynamic_degree(frames: np.ndarray, fps: float, flow_model: Callable[..., Any],
+                   batch_size: int = 4, device: str = "cpu") -> float:
+    """1.0 if the video moves by VBench's rule, else 0.0 (the dataset mean is the score).
+
+    Moving if at least round(4 n / 16) of the n sampled frames' pairs exceed 6 * min(H, W) / 256
+    px (`dynamic_degree_magnitudes`). VBench quirk kept: with n <= 2 sampled frames the count
+    needed is 0 and any video with one pair counts as moving.
+    """
+    mags = dynamic_degree_magnitudes(frames, fps, flow_model, batch_size, device)
+    interval = max(1, round(fps / 8)) if fps > 0 else 1
+    thres, count_num = dynamic_degree_params(frames.shape[1:3], len(frames[::interval]))
     count = 0
     for m in mags:  # VBench check_move: stops as soon as the count is reached
         count += m > thres

@@ -1,0 +1,131 @@
+"""Side by side with the official `vbench` 0.1.5 code (issue 19): the same videos, the same seeded
+random networks of the official architectures, the official per-dimension functions and ours in
+one process; per-video values must agree (docs/eval.md, "Parity with the official code")."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vbench_official as vo
+from titan_world.eval import dimensions as D
+from titan_world.eval.config import EvalConfig
+from titan_world.eval.vbench import colour_for, run_vbench
+from titan_world.eval.video_io import read_video
+
+# name -> (frames, fps, kind, H, W). RAFT's and AMT-S's 4-level correlation pyramids need >= 128 px
+# (padded) per side (a 1-px level divides by zero in their samplers); 128x150 also exercises both padders.
+SPECS = {
+    "untagged-0.mp4": (16, 24, "yuv420p", 128, 150),
+    "bt709-0.mp4": (17, 30, "bt709", 128, 150),
+    "rgb-0.mp4": (9, 24, "rgb", 128, 150),
+    "two-0.mp4": (2, 24, "yuv420p", 128, 150),
+    "three-0.mp4": (3, 30, "bt709", 128, 150),
+}
+WIDE = {"wide-0.mp4": (3, 24, "bt709", 360, 640)}  # imaging quality's resize (longer side 640 > 512)
+
+
+@pytest.fixture(scope="module")
+def official():
+    return vo.official()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("parity_videos")
+    out = {}
+    for i, (name, (t, fps, kind, h, w)) in enumerate({**SPECS, **WIDE}.items()):
+        out[name] = vo.make_video(d / name, vo.moving_frames(t, h, w, shift=1 + i % 3, seed=i), fps, kind)
+    return out
+
+
+def _ours(paths, dims, **cfg_fields):
+    cfg = dataclasses.replace(EvalConfig(), dimensions=dims, window_seconds=0, **cfg_fields)
+    res = run_vbench(list(paths), cfg)
+    assert not res["failed_videos"]
+    return {n: r["scores"] for n, r in res["videos"].items()}
+
+
+def _by_name(video_results):
+    return {Path(r["video_path"]).name: r["video_results"] for r in video_results}
+
+
+def test_decoders_match_opencv_and_decord(official, videos):
+    """bt601 = OpenCV's VideoCapture frames, tagged = decord's, on untagged, BT.709 and RGB files."""
+    import cv2
+    import decord
+
+    for name, path in videos.items():
+        cap, cv_frames = cv2.VideoCapture(str(path)), []
+        while (got := cap.read())[0]:
+            cv_frames.append(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB))
+        ours601, fps = read_video(path, "bt601")
+        np.testing.assert_array_equal(ours601, np.stack(cv_frames), err_msg=name)
+        assert fps == cap.get(cv2.CAP_PROP_FPS)
+        vr = decord.VideoReader(str(path), num_threads=1)
+        np.testing.assert_array_equal(read_video(path, "tagged")[0], vr.get_batch(range(len(vr))).asnumpy(),
+                                      err_msg=name)
+    bt709_601, bt709_tag = read_video(videos["bt709-0.mp4"], "bt601")[0], read_video(videos["bt709-0.mp4"])[0]
+    assert np.abs(bt709_601.astype(int) - bt709_tag).max() > 5  # the two conversions really differ there
+
+
+def test_temporal_flickering(official, videos):
+    want = _by_name(official.tf.temporal_flickering([str(p) for p in videos.values()])[1])
+    got = _ours(videos.values(), ["temporal_flickering"])
+    for name in videos:
+        assert got[name]["temporal_flickering"] == pytest.approx(want[name], abs=1e-6), name
+
+
+def test_dynamic_degree(official, videos, tmp_path):
+    raft = vo.write_raft(tmp_path / "raft-things.pth")
+    paths = {n: p for n, p in videos.items() if n in SPECS}
+    from easydict import EasyDict
+
+    dd = official.dd.DynamicDegree(EasyDict({"model": str(raft), **vo.RAFT_ARGS}), "cpu")
+    recorded: dict[str, list[float]] = {name: [] for name in paths}  # each pair's magnitude, official run
+    want = _by_name(official.dd.dynamic_degree(_Recorder(dd, recorded), [str(p) for p in paths.values()])[1])
+    factory = vo.raft_factory(str(raft))
+    for name, path in paths.items():
+        frames, fps = read_video(path, colour_for("dynamic_degree"))
+        mags = D.dynamic_degree_magnitudes(frames, fps, factory, batch_size=4)
+        assert np.isfinite(mags).all() and len(mags) == len(recorded[name]), name
+        np.testing.assert_allclose(mags, recorded[name], atol=1e-5, rtol=0, err_msg=name)
+    assert len(recorded["three-0.mp4"]) == 0 and len(recorded["untagged-0.mp4"]) == 5  # 30 fps: every 4th frame
+    got = _ours(paths.values(), ["dynamic_degree"], raft_path=str(raft), raft_factory="vbench_official:raft_factory")
+    assert {n: s["dynamic_degree"] for n, s in got.items()} == {n: float(v) for n, v in want.items()}
+
+
+class _Recorder:
+    """Passes the official DynamicDegree.infer through, recording what its get_score returns per video."""
+
+    def __init__(self, dd, recorded):
+        self.dd, self.recorded = dd, recorded
+
+    def infer(self, video_path):
+        scores, official_get_score = self.recorded[Path(video_path).name], type(self.dd).get_score
+
+        def get_score(img, flo):
+            scores.append(official_get_score(self.dd, img, flo))
+            return scores[-1]
+
+        self.dd.get_score = get_score
+        return self.dd.infer(video_path)
+
+
+def test_motion_smoothness(official, videos, tmp_path):
+    amt = vo.write_amt(tmp_path / "amt-s.pth")
+    paths = {n: p for n, p in videos.items() if n in SPECS}
+    ms = official.ms.MotionSmoothness(vo.amt_config(), str(amt), "cpu")
+    with pytest.raises(AssertionError, match="more than one"):
+        ms.motion_score(str(paths.pop("two-0.mp4")))
+    want = _by_name(official.ms.motion_smoothness(ms, [str(p) for p in paths.values()])[1])
+    got = _ours(paths.values(), ["motion_smoothness"], amt_path=str(amt), amt_factory="vbench_official:amt_factory")
+    assert "motion_smoothness" not in _ours([videos["two-0.mp4"]], ["motion_smoothness"], amt_path=str(amt),
+                                            amt_factory="vbench_official:amt_factory")["two-0.mp4"]
+    for name in paths:
+        assert 0.3 < want[name] < 1.0, (name, want[name])  # a real interpolation, not NaN frames
+        assert got[name]["motion_smoothness"] == pytest.approx(want[name], abs=1e-6), name

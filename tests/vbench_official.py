@@ -1,0 +1,298 @@
+"""The official `vbench` 0.1.5 code in this process, for the side-by-side parity tests.
+
+The wheel is installed --no-deps (scripts/install.sh); what its per-dimension modules import
+but the scoring path never runs is stood in here, registered in `sys.modules` only while the
+official modules are imported and removed afterwards (the official functions keep references):
+
+* `torchvision.transforms`: Compose, Resize, CenterCrop, Lambda, Normalize, ToTensor,
+  ToPILImage, InterpolationMode — written from torchvision's documented tensor semantics
+  (Resize: int = shorter side -> n, longer -> int(n * long / short); F.interpolate with
+  align_corners=False, antialias off; a uint8 input is resized in float, clamped to 0..255 for
+  bicubic and rounded back to uint8; CenterCrop: top = int(round((h - n) / 2)), zero-pads a
+  smaller image). Only Resize/CenterCrop/Lambda/Normalize/Compose run in the scoring paths.
+* `scipy.interpolate`, `scipy.special` (RAFT's training-time flow warm start, pyiqa's steerable
+  pyramid), `imageio` (AMT's image files), `pkg_resources.packaging` (= `packaging`), and
+  `timm.models.layers.DropPath` / `timm.models.registry.register_model` (ViCLIP; DropPath is the
+  identity in eval mode, register_model a no-op decorator).
+* `pyiqa`, `pyiqa.archs`, `pyiqa.utils`, `pyiqa.data`: package shells whose `__init__` (which
+  imports every metric of the toolbox) is not run, so `pyiqa.archs.musiq_arch` loads alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+STUB_ROOTS = ("torchvision", "scipy", "imageio", "pkg_resources", "timm", "pyiqa")
+
+
+# ------------------------------------------------------------------ torchvision.transforms stand-in
+
+class InterpolationMode:
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    NEAREST = "nearest"
+
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, x):
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+
+class Lambda:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+class Resize:
+    def __init__(self, size, interpolation=InterpolationMode.BILINEAR, max_size=None, antialias=None):
+        assert antialias is False, "the shim implements VBench's antialias=False only"
+        self.size, self.mode = size, interpolation
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if isinstance(self.size, int):
+            short, long = (w, h) if w <= h else (h, w)
+            if short == self.size:
+                return x
+            new_short, new_long = self.size, int(self.size * long / short)
+            out_hw = (new_long, new_short) if w <= h else (new_short, new_long)
+        else:
+            out_hw = tuple(self.size)
+        dtype = x.dtype
+        y = F.interpolate(x.float(), size=out_hw, mode=self.mode, align_corners=False)
+        if dtype == torch.uint8:
+            if self.mode == InterpolationMode.BICUBIC:
+                y = y.clamp(0, 255)
+            y = y.round().to(torch.uint8)
+        return y
+
+
+class CenterCrop:
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.size
+        h, w = x.shape[-2:]
+        if h < n or w < n:
+            ph, pw = max(n - h, 0), max(n - w, 0)
+            x = F.pad(x, [pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2])
+            h, w = x.shape[-2:]
+        top, left = int(round((h - n) / 2.0)), int(round((w - n) / 2.0))
+        return x[..., top:top + n, left:left + n]
+
+
+class Normalize:
+    def __init__(self, mean, std):
+        self.mean, self.std = mean, std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return (x - mean) / std
+
+
+class ToTensor:
+    def __call__(self, pic):
+        return torch.from_numpy(np.array(pic)).permute(2, 0, 1).float().div(255)
+
+
+class ToPILImage:
+    def __call__(self, x):
+        raise NotImplementedError("ToPILImage is not on a scoring path")
+
+
+class DropPath(torch.nn.Module):
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        assert not self.training or not self.drop_prob, "eval-only stand-in"
+        return x
+
+
+def _module(name: str, **attrs) -> types.ModuleType:
+    m = types.ModuleType(name)
+    m.__dict__.update(attrs)
+    return m
+
+
+def _package_shell(name: str) -> types.ModuleType:
+    """A package whose __init__ is not run: its submodules import from its real folder."""
+    root, *rest = name.split(".")
+    folder = Path(importlib.util.find_spec(root).submodule_search_locations[0]).joinpath(*rest)
+    m = types.ModuleType(name)
+    m.__path__ = [str(folder)]
+    return m
+
+
+def _stubs() -> dict[str, types.ModuleType]:
+    import packaging.version
+
+    tr = _module("torchvision.transforms", Compose=Compose, Resize=Resize, CenterCrop=CenterCrop,
+                 Lambda=Lambda, Normalize=Normalize, ToTensor=ToTensor, ToPILImage=ToPILImage,
+                 InterpolationMode=InterpolationMode)
+    stubs = {
+        "torchvision": _module("torchvision", transforms=tr), "torchvision.transforms": tr,
+        "scipy": _module("scipy"), "scipy.interpolate": _module("scipy.interpolate"),
+        "scipy.special": _module("scipy.special", factorial=None),
+        "imageio": _module("imageio", imread=None, imwrite=None),
+        "pkg_resources": _module("pkg_resources", packaging=packaging),
+        "timm": _module("timm"), "timm.models": _module("timm.models"),
+        "timm.models.layers": _module("timm.models.layers", DropPath=DropPath),
+        "timm.models.registry": _module("timm.models.registry", register_model=lambda f: f),
+    }
+    for name in ("pyiqa", "pyiqa.archs", "pyiqa.utils", "pyiqa.data"):
+        stubs[name] = _package_shell(name)
+    return stubs
+
+
+class Official:
+    """Handles on the official modules (attribute access = the imported module)."""
+
+    MODULES = {
+        "tf": "vbench.temporal_flickering", "dd": "vbench.dynamic_degree", "ms": "vbench.motion_smoothness",
+        "iq": "vbench.imaging_quality", "aq": "vbench.aesthetic_quality", "oc": "vbench.overall_consistency",
+        "utils": "vbench.utils", "raft": "vbench.third_party.RAFT.core.raft", "clip_model": "clip.model",
+        "viclip": "vbench.third_party.ViCLIP.viclip", "musiq": "pyiqa.archs.musiq_arch",
+    }
+
+    def __init__(self) -> None:
+        if importlib.util.find_spec("vbench") is None or importlib.util.find_spec("decord") is None:
+            msg = "the official vbench 0.1.5 wheel (+ decord, opencv) is not installed: scripts/install.sh"
+            if os.environ.get("CI"):
+                raise RuntimeError(msg)
+            pytest.skip(msg)
+        # VBench's ViCLIP tokenizer downloads its BPE vocabulary into the cache at import; the
+        # openai-clip package ships the same file, so the cache is a temp folder holding it
+        self.cache_dir = Path(tempfile.mkdtemp(prefix="vbench_cache_"))
+        (self.cache_dir / "ViCLIP").mkdir()
+        bpe = Path(importlib.util.find_spec("clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+        shutil.copy(bpe, self.cache_dir / "ViCLIP" / bpe.name)
+        os.environ["VBENCH_CACHE_DIR"] = str(self.cache_dir)
+        before = set(sys.modules)
+        stubs = _stubs()
+        sys.modules.update(stubs)
+        try:
+            for key, name in self.MODULES.items():
+                setattr(self, key, importlib.import_module(name))
+        finally:
+            for name in list(sys.modules):
+                if name.split(".")[0] in STUB_ROOTS and name not in before:
+                    del sys.modules[name]
+        self.package_dir = Path(self.utils.__file__).parent
+
+
+# ------------------------------------------------------------------------------------ test videos
+
+def make_video(path: Path, frames: np.ndarray, fps: float, kind: str = "yuv420p") -> Path:
+    """Write `frames` (uint8 [T,H,W,3]) as H.264: 'yuv420p' (untagged), 'bt709' (yuv420p tagged
+    BT.709 matrix/primaries/transfer, limited range) or 'rgb' (lossless libx264rgb)."""
+    import av
+    from fractions import Fraction
+
+    t, h, w, _ = frames.shape
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264rgb" if kind == "rgb" else "libx264", rate=Fraction(fps).limit_denominator(1001))
+        s.width, s.height = w, h
+        s.pix_fmt = "rgb24" if kind == "rgb" else "yuv420p"
+        s.options = {"qp": "0"} if kind == "rgb" else {"crf": "12"}
+        if kind == "bt709":
+            s.codec_context.colorspace = s.codec_context.color_primaries = s.codec_context.color_trc = 1
+            s.options = {"crf": "12", "colorprim": "bt709", "transfer": "bt709", "colormatrix": "bt709"}
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def moving_frames(t: int, h: int, w: int, shift: int = 2, seed: int = 0) -> np.ndarray:
+    """A smooth random texture panning right by `shift` px per frame (real motion for RAFT/AMT)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h // 4 + 1, (w + shift * t) // 4 + 2, 3)).astype(np.float32)
+    big = torch.from_numpy(base).permute(2, 0, 1)[None]
+    big = F.interpolate(big, scale_factor=4, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    return np.stack([big[:h, i * shift:i * shift + w] for i in range(t)]).clip(0, 255).astype(np.uint8)
+
+
+_OFFICIAL: Official | None = None
+
+
+def official() -> Official:
+    """The official modules, imported once per process."""
+    global _OFFICIAL
+    if _OFFICIAL is None:
+        _OFFICIAL = Official()
+    return _OFFICIAL
+
+
+# ------------------------------------------- seeded random official networks, saved as released
+
+RAFT_ARGS = {"small": False, "mixed_precision": False, "alternate_corr": False}
+
+
+def write_raft(path: Path, seed: int = 0) -> Path:
+    """A random RAFT (full size, as VBench builds it) saved like raft-things.pth ('module.' keys)."""
+    torch.manual_seed(seed)
+    from easydict import EasyDict
+
+    net = official().raft.RAFT(EasyDict(RAFT_ARGS))
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, path)
+    return path
+
+
+def write_amt(path: Path, seed: int = 0) -> Path:
+    """A random AMT-S (VBench's cfgs/AMT-S.yaml) saved like amt-s.pth ({'state_dict': ...})."""
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(seed)
+    net = official().ms.build_from_cfg(OmegaConf.load(amt_config()).network)
+    torch.save({"state_dict": net.state_dict()}, path)
+    return path
+
+
+def amt_config() -> str:
+    return str(official().package_dir / "third_party" / "amt" / "cfgs" / "AMT-S.yaml")
+
+
+# factories for EvalConfig.<name>_factory: the official network behind titan-world's call interface
+
+def raft_factory(path: str):
+    from easydict import EasyDict
+
+    net = official().raft.RAFT(EasyDict(RAFT_ARGS))
+    net.load_state_dict({k.replace("module.", ""): v for k, v in torch.load(path, map_location="cpu").items()})
+    net.eval()
+    return lambda a, b: net(a, b, iters=20, test_mode=True)[1]
+
+
+def amt_factory(path: str):
+    from omegaconf import OmegaConf
+
+    net = official().ms.build_from_cfg(OmegaConf.load(amt_config()).network)
+    net.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
+    net.eval()
+    return lambda a, b, t: net(a, b, t, scale_factor=1.0, eval=True)["imgt_pred"]
