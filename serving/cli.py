@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", type=int, default=None, help="clients that may wait while the GPU set is busy (default serving.queue_size)")
     parser.add_argument("--engine", choices=["model", "fake"], default="model",
                         help="fake: a model-free test double (for trying the client and protocol only)")
+    parser.add_argument("--allow-bidirectional", action="store_true",
+                        help="stream a bidirectional (not post-trained) checkpoint anyway, as a baseline; "
+                             "by default only a block-causal student is served")
 
 
 def _config(args: argparse.Namespace):
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             print("titan-world serve: --engine fake runs on one process; drop --gpus", file=sys.stderr)
             return 2
         return launch_local(cfg.serving.gpus, ["serving.cli", *_relaunch_argv(args)])
-    return _serve(cfg, args.engine)
+    return _serve(cfg, args.engine, require_causal=not args.allow_bidirectional)
 
 
 def _relaunch_argv(args: argparse.Namespace) -> list[str]:
@@ -64,10 +67,12 @@ def _relaunch_argv(args: argparse.Namespace) -> list[str]:
     for name in ("host", "port", "checkpoint", "gpus", "queue"):
         if getattr(args, name) is not None:
             out += [f"--{name}", str(getattr(args, name))]
+    if args.allow_bidirectional:
+        out.append("--allow-bidirectional")
     return out + ["--engine", args.engine, *args.overrides]
 
 
-def _serve(cfg, engine_kind: str) -> int:
+def _serve(cfg, engine_kind: str, *, require_causal: bool) -> int:
     from serving.engine import EngineError
     from serving.loading import resolved_serving
     from serving.server import StreamServer, serve_forever
@@ -80,11 +85,11 @@ def _serve(cfg, engine_kind: str) -> int:
         asyncio.run(serve_forever(StreamServer(engine, sc), sc.host, sc.port))
         return 0
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _serve_ranked(cfg, sc)
+        return _serve_ranked(cfg, sc, require_causal=require_causal)
     from serving.loading import build_engine
 
     try:
-        engine = build_engine(cfg)
+        engine = build_engine(cfg, require_causal=require_causal)
     except EngineError as e:
         print(f"titan-world serve: {e}", file=sys.stderr)
         return 2
@@ -92,7 +97,7 @@ def _serve(cfg, engine_kind: str) -> int:
     return 0
 
 
-def _serve_ranked(cfg, sc) -> int:
+def _serve_ranked(cfg, sc, *, require_causal: bool) -> int:
     import torch.distributed as dist
 
     from parallel.distributed import destroy, init_distributed
@@ -103,7 +108,8 @@ def _serve_ranked(cfg, sc) -> int:
 
     rank, world, device = init_distributed()
     control = dist.new_group(backend="gloo")
-    engine = build_engine(cfg, local_rank=device.index or 0, cp=UlyssesContext(dist.group.WORLD))
+    engine = build_engine(cfg, local_rank=device.index or 0, cp=UlyssesContext(dist.group.WORLD),
+                          require_causal=require_causal)
     try:
         if rank == 0:
             ranked = RankedEngine(engine, control)

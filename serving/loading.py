@@ -18,7 +18,14 @@ from serving.engine import EngineError
 from serving.streaming import StreamingEngine, default_sigmas
 from titan_world.config import TitanConfig
 from titan_world.model.codec import codec_from_config
-from titan_world.model.io import CheckpointError, build_model, load_pretrained, resolve_checkpoint_dir
+from titan_world.model.io import (
+    CheckpointError,
+    build_model,
+    checkpoint_networks,
+    load_pretrained,
+    read_config,
+    resolve_checkpoint_dir,
+)
 from titan_world.model.text_encoder import build_text_encoder
 
 log = logging.getLogger("titan_world.serving")
@@ -60,12 +67,34 @@ def resolve_device(cfg: ServingConfig, local_rank: int = 0) -> tuple[torch.devic
     return device, dtype
 
 
-def load_model(cfg: TitanConfig, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
-    """-> (model, where it came from). Raises EngineError with the path when a checkpoint is bad."""
+def check_causal(path: Path, *, required: bool) -> None:
+    """Serving streams a block-causal few-step student (config.json `titan_world.causal_chunk_frames
+    > 0`, as post-training exports it). A bidirectional model (a `train` export, an official Wan
+    checkpoint) runs through the same engine, but it was trained on whole clips and many-step
+    sampling, not on causal context and 4 steps: its stream is only a baseline. Read from
+    config.json, before any weight is loaded. Raises CheckpointError when `required`, else warns."""
+    folder = checkpoint_networks(path)[0][0]
+    if read_config(folder)[0].causal_chunk_frames > 0:
+        return
+    what = (f"{resolve_checkpoint_dir(path)} is a bidirectional model ({folder / 'config.json'} has no "
+            "titan_world.causal_chunk_frames > 0)")
+    if required:
+        raise CheckpointError(
+            f"{what}; `serve` streams a block-causal few-step student, as `titan-world post-train` exports it "
+            f"(e.g. runs/demo/dmd/model). Post-train it first, or pass --allow-bidirectional to stream it "
+            "anyway as a baseline (it was trained on whole clips with many steps: expect blurry, drifting frames)")
+    log.warning("%s: streaming it block-causally with few steps, which it was not trained for (a baseline only)", what)
+
+
+def load_model(cfg: TitanConfig, device: torch.device, dtype: torch.dtype, *,
+               require_causal: bool = False) -> tuple[torch.nn.Module, str]:
+    """-> (model, where it came from). Raises EngineError with the path when a checkpoint is bad,
+    or is bidirectional and `require_causal` (`titan-world serve` without --allow-bidirectional)."""
     sc = cfg.serving
     path = Path(sc.checkpoint) if sc.checkpoint else find_demo_student()
     if path is not None:
         try:
+            check_causal(path, required=require_causal)
             model = load_pretrained(path, dtype=dtype, device=device)
         except (CheckpointError, OSError, ValueError, KeyError) as e:
             raise EngineError(f"--checkpoint {path}: {e}") from None
@@ -102,10 +131,12 @@ def student_settings(sc: ServingConfig, model_cfg, source: str) -> ServingConfig
     return replace(sc, **changes)
 
 
-def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None) -> StreamingEngine:
+def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None, require_causal: bool = False) -> StreamingEngine:
+    """`require_causal`: refuse a bidirectional checkpoint (`titan-world serve` does, unless
+    --allow-bidirectional); tests and benchmarks stream any model (with a warning)."""
     sc = resolved_serving(cfg)
     device, dtype = resolve_device(sc, local_rank)
-    model, source = load_model(cfg, device, dtype)
+    model, source = load_model(cfg, device, dtype, require_causal=require_causal)
     if source != "random":
         sc = student_settings(sc, model.cfg, str(resolve_checkpoint_dir(source)))
     mc = model.cfg
