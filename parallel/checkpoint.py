@@ -562,11 +562,10 @@ class Checkpointer:
                 if below is not None and step >= below:
                     continue
                 reason, marker = _check_structure(path)
-                sums = None if marker is None else marker.get("checksums")
-                if marker is not None and sums is None:
+                if marker is not None and "checksums" not in marker:
                     warnings.warn(f"checkpoint {path} has no checksums (written before they were stored): sizes checked only",
                                   CheckpointWarning, stacklevel=3)
-                listing.append((str(path), reason, sums or {} if reason is None else None))
+                listing.append((str(path), reason, None if marker is None else marker.get("checksums", {})))
         return self._broadcast(listing)
 
     def _newest_valid(self, listing, failures: list[tuple[str, str]]) -> Path | None:

@@ -257,6 +257,9 @@ def test_convert_to_safetensors_exports_the_newest_checkpoint(tmp_path, capsys):
         warnings.simplefilter("ignore")
         assert main(["convert", "--to", "safetensors", str(run), str(tmp_path / "out2")]) == 0
     assert torch.all(load_file(str(tmp_path / "out2" / "diffusion_pytorch_model.safetensors"))["blocks.0.weight"] == 2.0)
+    # and a corrupt step folder named directly is refused, naming the file
+    assert main(["convert", "--to", "safetensors", str(run / "checkpoints" / "step_00000003"), str(tmp_path / "out3")]) == 2
+    assert "__0_0.distcp is corrupt" in capsys.readouterr().err and not (tmp_path / "out3").exists()
 
 
 def _wan_folder(path: Path) -> Path:

@@ -61,9 +61,12 @@ def wan_to_diffusers(src: Path, dst: Path) -> None:
 def newest_dcp_checkpoint(src: Path) -> Path:
     """`src` itself when it is a DCP step folder, else the newest valid checkpoint of the run dir
     (or checkpoints dir) `src`: CheckpointError naming each checkpoint and why when none is valid."""
-    from parallel.checkpoint import Checkpointer  # DCP and the distributed stack: only for this path
+    from parallel.checkpoint import Checkpointer, validate_checkpoint  # DCP and torch.distributed: only for this path
 
     if (src / ".metadata").is_file():
+        reason = validate_checkpoint(src)
+        if reason is not None:
+            raise CheckpointError(f"{src}: {reason}")
         return src
     ckpt = Checkpointer(src, subdir="checkpoints") if (src / "checkpoints").is_dir() else Checkpointer(src.parent, subdir=src.name)
     step_dir = ckpt.latest()
