@@ -1,9 +1,20 @@
-"""From a data batch to model inputs: I2V/V2V conditioning and per-frame noise levels.
+"""From a data batch or an image to model inputs: how given frames condition the model.
 
-Conditioning latent frames (I2V: the first; V2V: the first k) are given clean, with timestep 0,
-and carry no loss; the model also sees them through Wan's I2V channels (4 mask channels + the
-conditioning latent, zero where not given). The same function serves training, post-training
-and generation, so the three agree on what "conditioned" means.
+Two formulations, chosen by `model.conditioning` (docs/model.md):
+
+- "reference": what the official Wan pipelines feed their weights, per `model.model_type`.
+  I2V (Wan2.2 I2V-A14B): noise on every latent frame, one scalar t, and the extra input channels
+  y = [mask (4 channels, ones on latent frame 0), VAE(image followed by F-1 zero frames)] with the
+  VAE's normalised latents (`reference_i2v_condition`). TI2V (Wan2.2 TI2V-5B, diffusers'
+  `expand_timesteps`): the first latent frame is the clean image latent with t = 0 there, no extra
+  channels. T2V: text only. `reference_denoiser` builds the sampler's function for these.
+- "clean_first_frame" (the tiny default and the causal student): conditioning latent frames (I2V:
+  the first; V2V: the first k) are given clean, with timestep 0, and carry no loss; the model also
+  sees them through the I2V channels (4 mask channels + the conditioning latent, zero where not
+  given). It needs no second VAE pass over a zero-padded clip (the tiny codec has no such notion)
+  and it streams: a causal student generates chunk by chunk from clean context frames, where the
+  reference I2V input y spans the whole clip up front. `noise_batch` / `conditioned_denoiser` serve
+  training, post-training and generation with it, so the three agree on what "conditioned" means.
 """
 
 from __future__ import annotations
@@ -14,8 +25,10 @@ import torch
 
 from titan_world.diffusion.flow import add_noise, timesteps, velocity_target
 from titan_world.model.action import ActionInputs
+from titan_world.model.moe import WanMoE, expert_for
 
 MASK_CHANNELS = 4  # Wan folds the 4 video frames of a latent frame into 4 mask channels
+FORMULATIONS = ("reference", "clean_first_frame")
 
 
 def i2v_condition(latents: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
@@ -66,8 +79,6 @@ def conditioned_denoiser(model, context, latents: torch.Tensor, cond_mask: torch
     frames already filled in (`fill_given(noise, latents, cond_mask)`). A two-expert model is
     routed by the sampler's timestep (the given frames' t = 0 does not count).
     """
-    from titan_world.model.moe import WanMoE, expert_for
-
     cond = i2v_condition(latents, cond_mask) if with_i2v_channels else None
     keep = cond_mask[:, None, :, None, None]
 
@@ -83,3 +94,64 @@ def conditioned_denoiser(model, context, latents: torch.Tensor, cond_mask: torch
 
 def fill_given(noise: torch.Tensor, latents: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(cond_mask[:, None, :, None, None], latents, noise)
+
+
+# -- the reference pipelines' formulation -------------------------------------------------------
+
+
+def first_frame_mask(batch: int, frames: int, h: int, w: int, device=None) -> torch.Tensor:
+    """[B, 4, F, h, w]: ones on latent frame 0 (its 4 mask channels stand for the 4 video frames a
+    latent frame folds; the image is the first video frame, repeated 4x as the VAE's first group)."""
+    mask = torch.zeros(batch, MASK_CHANNELS, frames, h, w, device=device)
+    mask[:, :, 0] = 1.0
+    return mask
+
+
+@torch.no_grad()
+def reference_i2v_condition(codec, image: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """y = [mask, VAE(image + num_frames - 1 zero frames)]: image [B, 3, H, W] in [-1, 1] -> [B, 4 + C, F, h, w]."""
+    b, c, hp, wp = image.shape
+    video = torch.cat([image[:, :, None], image.new_zeros(b, c, num_frames - 1, hp, wp)], dim=2)
+    latents = codec.encode(video).float()
+    return torch.cat([first_frame_mask(b, *latents.shape[2:], device=latents.device), latents], dim=1)
+
+
+@torch.no_grad()
+def reference_first_latent(codec, image: torch.Tensor) -> torch.Tensor:
+    """TI2V: the clean latent of the image alone [B, C, 1, h, w] (the clip's first latent frame)."""
+    return codec.encode(image[:, :, None]).float()
+
+
+def reference_denoiser(model, context: torch.Tensor, negative: torch.Tensor, guidance: tuple[float, float], *,
+                       cond: torch.Tensor | None = None, first_latent: torch.Tensor | None = None):
+    """denoise_fn(x, t) -> guided velocity as the reference pipelines compute it.
+
+    t: the sampler's integer timestep per sample; a two-expert model routes by it (t >= boundary *
+    1000 -> high-noise expert) and each expert has its own guidance scale: guidance = (high, low);
+    v = v_neg + g * (v_text - v_neg), the unconditional branch being the negative prompt's
+    embedding. cond: the I2V channels (`reference_i2v_condition`). first_latent: TI2V's clean
+    first frame, substituted into x with t = 0 on that frame (its velocity is never used: sample
+    with the same substitution at the end, `with_first_latent`)."""
+
+    def denoise_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        name = expert_for(t, model.boundary) if isinstance(model, WanMoE) else "high"
+        net = model.expert(name) if isinstance(model, WanMoE) else model
+        scale = guidance[0] if name == "high" else guidance[1]
+        dtype = next(net.parameters()).dtype
+        t_in = t
+        if first_latent is not None:
+            x = with_first_latent(x, first_latent)
+            t_in = t[:, None].expand(x.shape[0], x.shape[2]).clone()
+            t_in[:, 0] = 0
+        x_in = x.to(dtype)
+        v = net(x_in, t_in, context.to(dtype), cond=cond).float()
+        if scale == 1.0:
+            return v
+        v_neg = net(x_in, t_in, negative.to(dtype), cond=cond).float()
+        return v_neg + scale * (v - v_neg)
+
+    return denoise_fn
+
+
+def with_first_latent(x: torch.Tensor, first_latent: torch.Tensor) -> torch.Tensor:
+    return torch.cat([first_latent.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)

@@ -1,6 +1,10 @@
-"""`titan-world generate`: an mp4 from an image (+ prompt, + actions) with a trained model.
+"""`titan-world generate`: an mp4 (or a lossless .npy) from an image (+ prompt, + actions) with a model.
 
-A bidirectional model (train output) samples the whole clip with a flow-matching sampler (CFG
+A downloaded Wan model (a diffusers pipeline folder or the official repository's folder,
+titan_world.model.pipeline) generates as the reference pipelines do: its conditioning per model
+type, Flow-UniPC with integer timesteps, a guidance pair per expert against the negative prompt's
+embedding, and its official defaults (titan_world.model.presets, docs/model.md). A bidirectional
+titan-world model (train output) samples the whole clip with a flow-matching sampler (CFG
 optional). A block-causal student (post-train output, `causal_chunk_frames > 0`) is streamed
 chunk by chunk through the serving engine's KV cache, exactly as `titan-world serve` would.
 
@@ -12,8 +16,10 @@ with the simulator (`--with-reference` writes the ground truth beside it).
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +29,10 @@ import torch
 
 from launch.cli_common import add_config_arguments, config_from_args
 from titan_world.config import TitanConfig
-from titan_world.conditioning import conditioned_denoiser, fill_given
-from titan_world.diffusion.samplers import sample, with_guidance
+from titan_world.conditioning import (conditioned_denoiser, fill_given, reference_denoiser, reference_first_latent,
+                                      reference_i2v_condition, with_first_latent)
+from titan_world.diffusion.samplers import SAMPLERS, sample, with_guidance
+from titan_world.diffusion.unipc import flow_schedule
 from titan_world.model.action import ActionInputs
 from titan_world.model.codec import TEMPORAL_STRIDE, check_frame_count, codec_from_config, frames_to_video, video_to_frames
 from titan_world.model.io import build_model, load_pretrained
@@ -32,6 +40,7 @@ from titan_world.model.text_encoder import build_text_encoder
 
 log = logging.getLogger("titan_world.generate")
 DEMO_MODEL = Path("runs/demo/train/model")
+OUTPUT_SUFFIXES = (".mp4", ".npy")
 
 
 @dataclass
@@ -72,7 +81,12 @@ def load_actions(path: str | Path) -> np.ndarray:
         arr = np.stack(rows) if rows else np.zeros((0, ACTION_DIM), np.float32)
     if arr.ndim != 2 or arr.shape[1] != ACTION_DIM:
         raise ValueError(f"--actions {path}: shape {arr.shape}; expected [T, {ACTION_DIM}] ({', '.join(ACTION_NAMES)})")
-    return arr.astype(np.float32)
+    arr = arr.astype(np.float32)
+    bad = np.argwhere(~np.isfinite(arr))
+    if len(bad):
+        raise ValueError(f"--actions {path}: {len(bad)} values are NaN or infinite (first at frame {bad[0][0]}, "
+                         f"{ACTION_NAMES[bad[0][1]]}); expected finite numbers")
+    return arr
 
 
 def build_inputs(cfg: TitanConfig, *, image: str | None, prompt: str | None, actions: str | None, frames: int, episode_seed: int) -> GenerationInputs:
@@ -112,7 +126,7 @@ def load_generation_model(cfg: TitanConfig, checkpoint: str | None, device, dtyp
 
 @torch.no_grad()
 def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs, *, steps: int, shift: float, sampler: str = "dpmpp2m",
-                           guidance: float = 1.0, seed: int = 0, device="cpu", progress=None) -> np.ndarray:
+                           guidance: float = 1.0, seed: int = 0, device="cpu", progress=None, negative_prompt: str = "") -> np.ndarray:
     """Sample the clip conditioned on its first frame; returns uint8 [T, H, W, 3]."""
     t = len(inputs.actions)
 
@@ -133,11 +147,118 @@ def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs,
     i2v = model.cfg.cond_channels > 0
     denoise = conditioned_denoiser(model, context, latents, cond_mask, actions, i2v)
     if guidance != 1.0:
-        denoise = with_guidance(denoise, conditioned_denoiser(model, torch.zeros_like(context), latents, cond_mask, actions, i2v), guidance)
+        negative = text_encoder.encode([negative_prompt]).to(device, dtype)  # the unconditional branch: never a zero tensor
+        denoise = with_guidance(denoise, conditioned_denoiser(model, negative, latents, cond_mask, actions, i2v), guidance)
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g, device=device)
     out = sample(lambda x, tt: denoise(x.to(dtype), tt).float(), fill_given(noise, latents, cond_mask), steps, shift, sampler, progress=progress)
     return video_to_frames(codec.decode(out))[0, :t]
+
+
+def clean_prompt(text: str) -> str:
+    """As the reference pipelines clean prompts before tokenising: ftfy's text fixes, HTML entities
+    unescaped (twice), whitespace runs collapsed to one space, ends stripped."""
+    import ftfy  # (only the umT5 path needs it)
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@dataclass
+class ReferenceSettings:
+    """Everything a reference sampling run needs besides the networks (all resolved, validated)."""
+
+    prompt: str
+    negative_prompt: str
+    frames: int
+    height: int
+    width: int
+    steps: int
+    shift: float
+    sampler: str
+    guidance: tuple[float, float]  # (high-noise expert, low-noise expert)
+    schedule_start: str = "diffusers"
+    seed: int = 0
+
+
+def load_image(path: str | Path, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3]; resized (Lanczos, as diffusers' video processor) only when a size is given and differs."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--image {p}: no such file")
+    img = Image.open(p).convert("RGB")
+    if height is not None and (img.height, img.width) != (height, width):
+        img = img.resize((width, height), Image.LANCZOS)
+    return np.asarray(img)
+
+
+def size_for_image(image_hw: tuple[int, int], area: int, multiple: int) -> tuple[int, int]:
+    """The official I2V rule: the image's aspect ratio within `area` pixels, each side a multiple of
+    `multiple` (VAE stride x patch), rounded down."""
+    aspect = image_hw[0] / image_hw[1]
+    h = int(np.sqrt(area * aspect) // multiple * multiple)
+    w = int(np.sqrt(area / aspect) // multiple * multiple)
+    return max(h, multiple), max(w, multiple)
+
+
+def load_noise(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
+    """--noise: safetensors with key `latents` [C, F', H/s, W/s] (or with a batch of 1), float."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--noise {p}: no such file")
+    with safe_open(str(p), "pt") as fh:
+        if "latents" not in fh.keys():
+            raise ValueError(f"--noise {p}: no tensor 'latents' (has {sorted(fh.keys())})")
+        noise = fh.get_tensor("latents")
+    if noise.ndim == len(shape) - 1:
+        noise = noise[None]
+    if tuple(noise.shape) != tuple(shape) or not noise.is_floating_point():
+        raise ValueError(f"--noise {p}: latents {noise.dtype} {tuple(noise.shape[1:]) if noise.ndim == len(shape) else tuple(noise.shape)}; "
+                         f"expected float [C, F', H/s, W/s] = {tuple(shape[1:])} for these frames and size")
+    if not torch.isfinite(noise).all():
+        raise ValueError(f"--noise {p}: latents hold NaN or infinite values")
+    return noise.float()
+
+
+@torch.no_grad()
+def generate_reference(model, codec, text_encoder, settings: ReferenceSettings, *, image: np.ndarray | None = None,
+                       noise: torch.Tensor | str | Path | None = None, device="cpu", progress=None) -> np.ndarray:
+    """A downloaded Wan model's clip as the reference pipelines make it (module docstring); uint8 [F, H, W, 3].
+
+    image: uint8 [H, W, 3] at the settings' size (I2V: required; TI2V: optional; T2V: unused).
+    noise: the initial latents (diffusers' `latents=`), a tensor or a --noise file; default randn(seed)."""
+    st = settings
+    model_type = model.cfg.model_type
+    if model_type == "i2v" and image is None:
+        raise ValueError("this is an image-to-video model: give --image")
+    check_frame_count(st.frames, "--frames")
+    c = codec.latent_channels
+    s = codec.stride[1]
+    shape = (1, c, 1 + (st.frames - 1) // TEMPORAL_STRIDE, st.height // s, st.width // s)
+    if isinstance(noise, (str, Path)):
+        noise = load_noise(noise, shape)
+    if noise is None:
+        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(st.seed))
+    noise = noise.to(device, torch.float32)
+    context = text_encoder.encode([clean_prompt(st.prompt)]).to(device)
+    negative = text_encoder.encode([clean_prompt(st.negative_prompt)]).to(device)
+    cond = first = None
+    if image is not None and model_type in ("i2v", "ti2v"):
+        pixels = frames_to_video(image[None, None])[:, :, 0].to(device)  # [1, 3, H, W] in [-1, 1]
+        if model_type == "i2v":
+            cond = reference_i2v_condition(codec, pixels, st.frames)
+        else:
+            first = reference_first_latent(codec, pixels)
+    denoise = reference_denoiser(model, context, negative, st.guidance, cond=cond, first_latent=first)
+    schedule = flow_schedule(st.steps, st.shift, st.schedule_start)
+    latents = sample(denoise, noise, st.steps, st.shift, st.sampler, progress=progress, schedule=schedule)
+    if first is not None:
+        latents = with_first_latent(latents, first)
+    return video_to_frames(codec.decode(latents))[0]
 
 
 def generate_causal(cfg: TitanConfig, model, codec, text_encoder, inputs: GenerationInputs, *, seed: int = 0, source: str = "") -> np.ndarray:
@@ -159,9 +280,25 @@ def generate_causal(cfg: TitanConfig, model, codec, text_encoder, inputs: Genera
     return np.concatenate(frames)[: len(acts)]
 
 
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda when available, else cpu; an explicit cuda on a machine without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build / machine has no CUDA device; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
+    return dev
+
+
 def generate(cfg: TitanConfig, checkpoint: str | None, inputs: GenerationInputs, *, steps: int | None = None, shift: float = 5.0,
-             sampler: str = "dpmpp2m", guidance: float = 1.0, seed: int = 0, device: str = "auto", progress=None) -> tuple[np.ndarray, str]:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+             sampler: str = "dpmpp2m", guidance: float = 1.0, seed: int = 0, device: str = "auto", progress=None,
+             negative_prompt: str = "") -> tuple[np.ndarray, str]:
+    dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, source = load_generation_model(cfg, checkpoint, dev, dtype)
     mc = model.cfg
@@ -169,7 +306,8 @@ def generate(cfg: TitanConfig, checkpoint: str | None, inputs: GenerationInputs,
     text = build_text_encoder(cfg.data.text_encoder.kind, mc.text_dim, mc.text_len, cfg.data.text_encoder.path, device=dev)
     if getattr(mc, "causal_chunk_frames", 0):
         return generate_causal(cfg, model, codec, text, inputs, seed=seed, source=source), source
-    video = generate_bidirectional(model, codec, text, inputs, steps=steps or 20, shift=shift, sampler=sampler, guidance=guidance, seed=seed, device=dev, progress=progress)
+    video = generate_bidirectional(model, codec, text, inputs, steps=steps or 20, shift=shift, sampler=sampler, guidance=guidance, seed=seed,
+                                   device=dev, progress=progress, negative_prompt=negative_prompt)
     return video, source
 
 
@@ -226,46 +364,144 @@ def read_prompt_file(path: str | Path) -> dict[str, str] | list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--checkpoint", help="Wan model folder or run dir (uses RUN_DIR/model); default: the demo's model, else random weights")
-    parser.add_argument("--image", help="first frame (png/jpg); default: a synthetic-world frame")
+    parser.add_argument("--checkpoint", help="a diffusers Wan pipeline folder (model_index.json), an official Wan folder, a Wan model "
+                        "folder or a run dir (uses RUN_DIR/model); default: the demo's model, else random weights")
+    parser.add_argument("--image", help="first frame (png/jpg); default: a synthetic-world frame (tiny models); none for text-to-video")
     parser.add_argument("--prompt", help="text prompt; default: the synthetic episode's caption")
+    parser.add_argument("--negative-prompt", help="the unconditional branch's prompt (default: the official Wan negative prompt "
+                        "for Wan models, empty for tiny ones)")
     parser.add_argument("--actions", help="actions per video frame: .npy [T,8] or JSON list of {keys, mouse}")
-    parser.add_argument("--frames", type=int, default=33, help="video frames, 1 + 4k (default 33)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps for a bidirectional model")
-    parser.add_argument("--shift", type=float, default=5.0, help="flow shift of the sampling schedule")
-    parser.add_argument("--sampler", choices=["euler", "dpmpp2m"], default="dpmpp2m")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--frames", type=int, help="video frames, 1 + 4k (default: the model's, 33 for tiny models)")
+    parser.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
+    parser.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's, 20 for tiny models)")
+    parser.add_argument("--shift", type=float, help="flow shift of the sampling schedule (default: the model's scheduler, 5.0)")
+    parser.add_argument("--sampler", choices=list(SAMPLERS), help="default: unipc for Wan models, dpmpp2m for tiny ones")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale: the high-noise expert's, or both "
+                        "(default: the model's; 1 = off)")
+    parser.add_argument("--guidance-low", type=float, help="guidance of the low-noise expert (default: the model's, else --guidance)")
+    parser.add_argument("--noise", help="initial noise: safetensors with key 'latents' [C, F', H/s, W/s] (as diffusers' latents=)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--episode-seed", type=int, default=123456, help="synthetic episode for the default image/actions")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--with-reference", action="store_true", help="also write the simulator's frames (OUT.reference.mp4) when known")
-    parser.add_argument("--out", default="generated.mp4", help="output mp4 (default generated.mp4)")
+    parser.add_argument("--out", default="generated.mp4", help="output: .mp4, or .npy (uint8 frames [F, H, W, 3], lossless)")
+
+
+def check_arguments(args: argparse.Namespace) -> torch.device:
+    """Everything that can be checked before loading or sampling anything."""
+    if Path(args.out).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out {args.out}: unknown extension; expected one of {', '.join(OUTPUT_SUFFIXES)}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: expected at least 1")
+    if args.frames is not None:
+        check_frame_count(args.frames, "--frames")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} {value}: expected a positive number of pixels")
+    if args.shift is not None and args.shift <= 0:
+        raise ValueError(f"--shift {args.shift}: expected a positive flow shift")
+    for name in ("guidance", "guidance_low"):
+        value = getattr(args, name)
+        if value is not None and not np.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected a finite scale")
+    if args.noise is not None and not Path(args.noise).is_file():
+        raise FileNotFoundError(f"--noise {args.noise}: no such file")
+    return resolve_device(args.device)
+
+
+def reference_settings(args: argparse.Namespace, bundle, image_hw: tuple[int, int] | None) -> ReferenceSettings:
+    """The CLI's choices over the model's defaults (the folder's scheduler and boundary, its preset)."""
+    from titan_world.model.presets import OFFICIAL_NEGATIVE_PROMPT
+
+    p = bundle.preset
+    multiple = bundle.codec.stride[1] * bundle.model.cfg.patch_size[1]
+    if args.height is None and args.width is None and image_hw is not None and bundle.model.cfg.model_type == "i2v":
+        height, width = size_for_image(image_hw, p.height * p.width, multiple)
+    else:
+        height, width = args.height or p.height, args.width or p.width
+    if height % multiple or width % multiple:
+        raise ValueError(f"--height {height} --width {width}: each must be a multiple of {multiple} (VAE stride x patch)")
+    high = args.guidance if args.guidance is not None else p.guidance_high
+    low = args.guidance_low if args.guidance_low is not None else (args.guidance if args.guidance is not None else p.guidance_low)
+    return ReferenceSettings(
+        prompt=args.prompt or "", negative_prompt=args.negative_prompt if args.negative_prompt is not None else OFFICIAL_NEGATIVE_PROMPT,
+        frames=args.frames or p.frames, height=height, width=width, steps=args.steps or p.steps,
+        shift=args.shift if args.shift is not None else bundle.flow_shift, sampler=args.sampler or p.sampler,
+        guidance=(high, low), schedule_start=bundle.schedule_start, seed=args.seed)
+
+
+def write_output(path: str | Path, video: np.ndarray, fps: float) -> Path:
+    from titan_world.eval.video_io import write_video
+
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, video)
+        return path
+    return write_video(path, video, fps, lossless=False)
+
+
+def run_reference(args: argparse.Namespace, bundle, progress) -> int:
+    if args.actions:
+        raise ValueError(f"--actions {args.actions}: {bundle.source} is a Wan model without an action adapter")
+    if bundle.model.cfg.model_type == "t2v" and args.image:
+        raise ValueError(f"--image {args.image}: {bundle.source} is a text-to-video model (it takes no image)")
+    image_hw = None
+    if args.image:
+        from PIL import Image
+
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image {args.image}: no such file")
+        with Image.open(args.image) as im:
+            image_hw = (im.height, im.width)
+    settings = reference_settings(args, bundle, image_hw)
+    image = load_image(args.image, settings.height, settings.width) if args.image else None
+    video = generate_reference(bundle.model, bundle.codec, bundle.text_encoder, settings, image=image, noise=args.noise,
+                               device=next(bundle.model.parameters()).device, progress=progress)
+    out = write_output(args.out, video, bundle.preset.fps)
+    g = settings.guidance
+    print(f"wrote {out} ({len(video)} frames, {video.shape[2]}x{video.shape[1]}, model: {bundle.source} [{bundle.preset.name}], "
+          f"{settings.sampler} {settings.steps} steps, shift {settings.shift:g}, guidance {g[0]:g}/{g[1]:g})")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from titan_world.eval.video_io import write_video
+    from titan_world.model.io import CheckpointError
+    from titan_world.model.pipeline import load_wan_bundle
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bar = lambda it: tqdm(it, desc="sampling", unit="step")  # noqa: E731
+    try:
+        dev = check_arguments(args)
+        bundle = None
+        if args.checkpoint:
+            bundle = load_wan_bundle(args.checkpoint, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        if bundle is not None:
+            return run_reference(args, bundle, bar)
+    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
+        print(f"titan-world generate: {e}", file=sys.stderr)
+        return 2
     cfg = config_from_args(args)
     try:
-        inputs = build_inputs(cfg, image=args.image, prompt=args.prompt, actions=args.actions, frames=args.frames, episode_seed=args.episode_seed)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        inputs = build_inputs(cfg, image=args.image, prompt=args.prompt, actions=args.actions, frames=args.frames or 33,
+                              episode_seed=args.episode_seed)
+        if args.guidance_low is not None and args.guidance_low != (args.guidance if args.guidance is not None else 1.0):
+            raise ValueError("--guidance-low: a single-network model has one guidance scale (--guidance)")
+        video, source = generate(cfg, args.checkpoint, inputs, steps=args.steps, shift=args.shift if args.shift is not None else 5.0,
+                                 sampler=args.sampler or "dpmpp2m", guidance=args.guidance if args.guidance is not None else 1.0,
+                                 seed=args.seed, device=args.device, progress=bar, negative_prompt=args.negative_prompt or "")
+    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
         print(f"titan-world generate: {e}", file=sys.stderr)
         return 2
-    bar = lambda it: tqdm(it, desc="sampling", unit="step")  # noqa: E731
-    from titan_world.model.io import CheckpointError
-
-    try:
-        video, source = generate(cfg, args.checkpoint, inputs, steps=args.steps, shift=args.shift, sampler=args.sampler,
-                                 guidance=args.guidance, seed=args.seed, device=args.device, progress=bar)
-    except CheckpointError as e:
-        print(f"titan-world generate: {e}", file=sys.stderr)
-        return 2
-    out = write_video(args.out, video, cfg.data.fps, lossless=False)
+    out = write_output(args.out, video, cfg.data.fps)
     print(f"wrote {out} ({len(video)} frames, {video.shape[2]}x{video.shape[1]}, model: {source})")
     if args.with_reference and inputs.reference is not None:
+        from titan_world.eval.video_io import write_video
+
         ref = write_video(Path(args.out).with_suffix(".reference.mp4"), inputs.reference, cfg.data.fps, lossless=False)
         print(f"wrote {ref} (simulator ground truth)")
     return 0

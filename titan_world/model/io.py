@@ -29,6 +29,7 @@ from titan_world.model.diffusers_names import diffusers_config_to_native, diffus
 from titan_world.model.dit import WanDiT
 from titan_world.model.moe import EXPERT_DIRS, WanMoE
 
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder (titan_world.model.pipeline)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 _NATIVE_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_len", "freq_dim", "eps", "model_type")
@@ -67,7 +68,11 @@ def read_config(folder: Path) -> tuple[ModelConfig, bool]:
     raw = json.loads(path.read_text())
     is_diffusers = raw.get("_class_name") == "WanTransformer3DModel"
     fields = diffusers_config_to_native(raw) if is_diffusers else {k: raw[k] for k in _NATIVE_FIELDS if k in raw}
-    extra = raw.get("titan_world", {})
+    extra = dict(raw.get("titan_world", {}))
+    if not extra:  # an official or diffusers download: its weights were trained on the reference inputs
+        fields["conditioning"] = "reference"
+        if is_diffusers:
+            fields.setdefault("text_len", 512)  # the pipelines' umT5 length (Wan's own config.json stores it)
     action = ActionConfig(**extra.pop("action", {}))
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     fields.update({k: v for k, v in extra.items() if k in known})
@@ -237,12 +242,25 @@ def _load_dense(folder: Path, dtype, device, cfg_override: ModelConfig | None = 
     return model
 
 
+def check_not_one_expert(folder: Path) -> None:
+    """A `transformer/` (or `transformer_2/`) folder of a two-expert diffusers pipeline is half a
+    model: refuse it rather than sample every step with one expert."""
+    index = folder.parent / PIPELINE_INDEX
+    if folder.name not in ("transformer", "transformer_2") or not index.is_file():
+        return
+    if (json.loads(index.read_text()).get("transformer_2") or [None])[0] is not None:
+        raise CheckpointError(f"{folder} is one expert of the two-expert pipeline {folder.parent} (transformer/ = high-noise, "
+                              f"transformer_2/ = low-noise): pass the pipeline folder {folder.parent}")
+
+
 def checkpoint_networks(path: str | os.PathLike) -> tuple[list[Path], float | None]:
     """The folder of each network of a checkpoint: a MoE root (high_noise_model/ +
-    low_noise_model/) -> [high, low], else [folder]; and the boundary of its moe.json if any."""
+    low_noise_model/) -> [high, low], else [folder]; and the boundary of its moe.json if any.
+    One expert of a two-expert diffusers pipeline is refused (`check_not_one_expert`)."""
     folder = resolve_checkpoint_dir(path)
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
+    check_not_one_expert(folder)
     experts = [folder / EXPERT_DIRS["high"], folder / EXPERT_DIRS["low"]]
     if not all(p.is_dir() for p in experts):
         return [folder], None
@@ -293,7 +311,7 @@ def _atomic_dir_write(folder: Path, write) -> None:
 def config_json(cfg: ModelConfig) -> dict:
     raw = {"_class_name": "WanModel", **{k: getattr(cfg, k) for k in _NATIVE_FIELDS}, "patch_size": list(cfg.patch_size)}
     raw["titan_world"] = {"name": cfg.name, "text_dim": cfg.text_dim, "action": dataclasses.asdict(cfg.action), "boundary": cfg.boundary,
-        "causal_chunk_frames": cfg.causal_chunk_frames,
+        "causal_chunk_frames": cfg.causal_chunk_frames, "conditioning": cfg.conditioning,
     }
     return raw
 

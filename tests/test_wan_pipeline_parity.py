@@ -1,0 +1,227 @@
+"""`titan-world generate` on a diffusers Wan pipeline folder gives diffusers' own frames.
+
+Tiny random pipelines are built here (no download): `WanImageToVideoPipeline` with two experts and a
+boundary (Wan2.2 I2V-A14B's layout), `WanPipeline` with two experts (T2V-A14B), and a TI2V one
+(`expand_timesteps=True`, a Wan2.2-style 2x2-patch VAE), each with a Flow-UniPC scheduler, a tiny
+umT5 encoder with a word-level tokenizer and a tiny `AutoencoderKLWan`. The text pathway's weights
+are scaled up so that every reference choice (scheduler, boundary, negative prompt, guidance pair)
+visibly changes the frames while a tiny change of the noise does not: the parity bound then proves
+that each choice is made as the reference makes it. fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from launch.cli import main
+from titan_world.diffusion.unipc import flow_schedule, unipc_sample
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+WORDS = "a red cat walks on the beach at sunset blurry static low quality bright ugly dog runs in snow".split()
+PROMPT, NEGATIVE = "a red cat walks on the  beach at sunset", "blurry static low quality"
+FRAMES, STEPS, GUIDANCE = 5, 6, (4.0, 2.0)  # timesteps 999 961 909 833 715 501 (shift 5): both experts run
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _pipeline(kind: str):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    text = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                       relative_attention_num_buckets=8)).eval()
+    ti2v = kind == "ti2v"
+    z = 8 if ti2v else 4
+    stats = dict(latents_mean=np.linspace(-0.5, 0.5, z).tolist(), latents_std=np.linspace(0.5, 2.0, z).tolist())
+    if ti2v:  # Wan2.2's VAE layout: 2x2 pixel patches, residual blocks, stride 16
+        vae = AutoencoderKLWan(base_dim=3, z_dim=z, in_channels=12, out_channels=12, is_residual=True, patch_size=2, dim_mult=[1, 1, 1, 1],
+                               num_res_blocks=1, temperal_downsample=[False, True, True], scale_factor_spatial=16, **stats)
+    else:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True], **stats)
+    with torch.no_grad():  # a decoder whose frames span the whole 0..255 range (a random one stays near grey)
+        vae.decoder.conv_out.weight.mul_(DECODER_GAIN)
+        vae.decoder.conv_out.bias.mul_(DECODER_GAIN)
+    in_ch = 2 * z + 4 if kind == "i2v" else z
+
+    def dit():
+        net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_ch, out_channels=z,
+                                    text_dim=32, freq_dim=256, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+                                    qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+        with torch.no_grad():  # a strong text pathway: prompt, negative prompt and guidance all matter
+            for name, p in net.named_parameters():
+                if "text_embedder" in name or ".attn2.to_v" in name or ".attn2.to_out" in name:
+                    p.mul_(4.0)
+                if name.startswith("proj_out"):
+                    p.normal_(0, 0.3)
+        return net
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    parts = dict(tokenizer=_tokenizer(), text_encoder=text, vae=vae.eval(), scheduler=scheduler, transformer=dit())
+    if kind == "i2v":
+        return WanImageToVideoPipeline(**parts, transformer_2=dit(), boundary_ratio=0.9)
+    if kind == "t2v":
+        return WanPipeline(**parts, transformer_2=dit(), boundary_ratio=0.9)
+    return WanImageToVideoPipeline(**parts, expand_timesteps=True)
+
+
+SIZE = {"i2v": 32, "t2v": 32, "ti2v": 64}
+DECODER_GAIN = 6.0
+
+
+def _image(size: int):
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def _reference(pipe, kind: str, noise: torch.Tensor, negative=NEGATIVE, guidance=GUIDANCE) -> np.ndarray:
+    """diffusers' frames, [F, H, W, 3] in 0..255 (float)."""
+    size = SIZE[kind]
+    kw = dict(prompt=PROMPT, negative_prompt=negative, height=size, width=size, num_frames=FRAMES, num_inference_steps=STEPS,
+              guidance_scale=guidance[0], latents=noise.clone(), output_type="np")
+    if kind == "ti2v":
+        kw.pop("guidance_scale")
+        kw["guidance_scale"] = guidance[0]
+    else:
+        kw["guidance_scale_2"] = guidance[1]
+    if kind != "t2v":
+        kw["image"] = _image(size)
+    with torch.no_grad():
+        return pipe(**kw).frames[0] * 255.0
+
+
+def _ours(tmp_path, folder, kind: str, noise: torch.Tensor, *extra: str) -> np.ndarray:
+    size = SIZE[kind]
+    save_file({"latents": noise[0].contiguous()}, str(tmp_path / f"{kind}_noise.safetensors"))
+    out = tmp_path / f"{kind}.npy"
+    args = ["generate", "--checkpoint", str(folder), "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--frames", str(FRAMES),
+            "--height", str(size), "--width", str(size), "--steps", str(STEPS), "--guidance", str(GUIDANCE[0]),
+            "--noise", str(tmp_path / f"{kind}_noise.safetensors"), "--out", str(out), "--device", "cpu", *extra]
+    if kind != "t2v":
+        _image(size).save(tmp_path / "image.png")
+        args += ["--image", str(tmp_path / "image.png")]
+    if kind != "ti2v":
+        args += ["--guidance-low", str(GUIDANCE[1])]
+    assert main(args) == 0
+    return np.load(out).astype(np.float64)
+
+
+def _noise(pipe, kind: str) -> torch.Tensor:
+    z, s = pipe.vae.config.z_dim, pipe.vae_scale_factor_spatial
+    size = SIZE[kind]
+    return torch.randn(1, z, 1 + (FRAMES - 1) // 4, size // s, size // s, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on shared cores: one thread is ~100x faster than several fighting over two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    return float(d.max()), float(d.mean())
+
+
+@pytest.mark.parametrize("kind", ["i2v", "t2v", "ti2v"])
+def test_generate_matches_diffusers_pipeline(kind, tmp_path):
+    pipe = _pipeline(kind)
+    folder = tmp_path / f"wan-{kind}"
+    pipe.save_pretrained(folder)
+    noise = _noise(pipe, kind)
+    ref = _reference(pipe, kind, noise)
+    ours = _ours(tmp_path, folder, kind, noise)
+    assert ours.shape == ref.shape == (FRAMES, SIZE[kind], SIZE[kind], 3)
+    worst, mean = _diff(ours, np.round(ref))  # ours is uint8: compare with diffusers' frames rounded the same way
+    assert worst <= 1.5 and mean <= 0.2, (worst, mean)
+
+    # the test is not vacuous: each reference choice moves the frames far, a 1e-4 change of the noise does not
+    nudged = _reference(pipe, kind, noise * (1 + 1e-4))
+    assert _diff(nudged, ref)[0] < 0.3
+    assert _diff(_reference(pipe, kind, noise, negative="a dog runs in snow"), ref)[0] > 100
+    assert _diff(_reference(pipe, kind, noise, guidance=(GUIDANCE[1], GUIDANCE[0]) if kind != "ti2v" else (1.5, 1.5)), ref)[0] > 100
+    unipc = pipe.scheduler
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
+    assert _diff(_reference(pipe, kind, noise), ref)[0] > 100
+    pipe.scheduler = unipc
+    if kind != "ti2v":
+        pipe.register_to_config(boundary_ratio=0.95)  # step t=909 moves to the low-noise expert
+        assert _diff(_reference(pipe, kind, noise), ref)[0] > 100
+        pipe.register_to_config(boundary_ratio=0.9)
+
+
+def test_pipeline_folder_loads_both_experts_and_refuses_one(tmp_path):
+    from titan_world.model import WanMoE, load_pretrained
+    from titan_world.model.io import CheckpointError
+    from titan_world.model.pipeline import load_wan_bundle
+
+    pipe = _pipeline("i2v")
+    folder = tmp_path / "wan-i2v"
+    pipe.save_pretrained(folder)
+    bundle = load_wan_bundle(folder)
+    assert isinstance(bundle.model, WanMoE) and bundle.boundary == 0.9 and bundle.flow_shift == 5.0
+    assert bundle.preset.name == "wan2.2-i2v-a14b" and bundle.model.cfg.conditioning == "reference"
+    for name, net in (("high", pipe.transformer), ("low", pipe.transformer_2)):
+        ours = bundle.model.expert(name).state_dict()["blocks.0.cross_attn.k.weight"]
+        torch.testing.assert_close(ours, net.state_dict()["blocks.0.attn2.to_k.weight"], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="one expert of the two-expert pipeline"):
+        load_pretrained(folder / "transformer")
+    assert main(["generate", "--checkpoint", str(folder / "transformer_2"), "--out", str(tmp_path / "x.mp4")]) == 2
+    (folder / "vae" / "config.json").unlink()
+    with pytest.raises(Exception, match="config.json"):
+        load_wan_bundle(folder)
+
+
+def test_flow_unipc_equals_diffusers_scheduler():
+    """Our Flow-UniPC (own implementation) against diffusers' UniPCMultistepScheduler on a nonlinear
+    velocity field: the same integer timesteps and sigmas, and the same result to float rounding."""
+    from diffusers import UniPCMultistepScheduler
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 8, generator=g) * 0.5
+
+    def velocity(x, t):
+        return torch.tanh(x @ w) + (t.float() / 1000.0)[:, None, None] * x
+
+    for steps, shift in [(1, 5.0), (2, 5.0), (3, 1.0), (7, 5.0), (12, 12.0), (40, 5.0)]:
+        noise = torch.randn(2, 4, 8, generator=g)
+        ref = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+        ref.set_timesteps(steps)
+        x = noise.clone()
+        for t in ref.timesteps:
+            x = ref.step(velocity(x, t.expand(2)), t, x, return_dict=False)[0]
+        ours = flow_schedule(steps, shift)
+        assert ours.timesteps.tolist() == ref.timesteps.tolist() and torch.equal(ours.sigmas, ref.sigmas)
+        torch.testing.assert_close(unipc_sample(velocity, noise, ours), x, rtol=1e-5, atol=2e-6)
+
+
+def test_official_schedule_starts_at_0999():
+    """The official FlowUniPCMultistepScheduler's grid: linspace(0.999, 0) before the shift (diffusers':
+    linspace(1, 0.001)); both truncate sigma * 1000 for the model."""
+    ours = flow_schedule(4, 1.0, "official")
+    assert ours.timesteps.tolist() == [999, 749, 499, 249]
+    assert flow_schedule(4, 1.0, "diffusers").timesteps.tolist() == [999, 750, 500, 250]
+    with pytest.raises(ValueError, match="at least 1"):
+        flow_schedule(0, 5.0)
