@@ -8,7 +8,10 @@ Real server (ServerThread), real aiohttp client, the FakeEngine test double.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 import threading
 import time
 
@@ -165,6 +168,41 @@ def test_reconnect_right_after_close_is_admitted():
 
     with serve(engine, queue_size=0) as st:
         run(main(st))
+
+
+def raw_client_streaming(port: int) -> socket.socket:
+    """A bare-socket WebSocket client that has started a session (to vanish without a close frame,
+    as a killed browser does)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    payload, mask = b'{"type": "start"}', os.urandom(4)
+    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    got = b""
+    while b'"started"' not in got:
+        chunk = sock.recv(65536)
+        assert chunk, got
+        got += chunk
+    assert b" 101 " in got.split(b"\r\n", 1)[0]
+    return sock
+
+
+def test_reconnect_right_after_a_client_vanished_is_admitted():
+    engine = FakeEngine(fps=FPS, delay_s=0.3)
+
+    async def reconnect(st):
+        async with aiohttp.ClientSession() as s:
+            ws = await connect(s, st)
+            await ws.send_json({"type": "start"})
+            msg = await next_json(ws)
+            assert msg["type"] == "started", msg
+            await ws.close()
+
+    with serve(engine, queue_size=0) as st:
+        for _ in range(3):
+            raw_client_streaming(st.port).close()  # no close frame: the socket just goes
+            run(reconnect(st))
 
 
 def test_oversized_message_closes_with_1009_and_a_reason():
