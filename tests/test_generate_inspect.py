@@ -57,6 +57,56 @@ def test_actions_file_formats_and_errors(tmp_path):
     assert main(["generate", "--frames", "8"]) == 2  # not 1 + 4k
 
 
+def test_generate_refuses_bad_arguments_before_sampling(tmp_path, capsys, monkeypatch):
+    """Issue 17 W4/W8/T4: NaN actions, --steps 0 / -3, a CUDA device on a CPU build and an unknown
+    output extension are errors naming the problem, raised before any model is loaded or sampled."""
+    import torch
+
+    import titan_world.generate as gen
+
+    def no_model(*a, **k):
+        raise AssertionError("loaded a model despite bad arguments")
+
+    monkeypatch.setattr(gen, "load_generation_model", no_model)
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.full((9, 8), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"nan.npy: 72 values are NaN or infinite"):
+        load_actions(nan)
+    inf = tmp_path / "inf.json"
+    inf.write_text('[[0, 0, 0, 0, 0, 0, Infinity, 0]]')
+    with pytest.raises(ValueError, match=r"inf.json: 1 values are NaN or infinite \(first at frame 0, mouse_dx\)"):
+        load_actions(inf)
+    out = str(tmp_path / "x.mp4")
+    cases = [(["--actions", str(nan), "--frames", "9"], "NaN or infinite"), (["--steps", "0"], "--steps 0: expected at least 1"),
+             (["--steps", "-3"], "--steps -3"), (["--out", str(tmp_path / "x.txt")], "unknown extension")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA device"))
+    for extra, message in cases:
+        args = ["generate", "--out", out, *extra] if "--out" not in extra else ["generate", *extra]
+        assert main(args) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.txt").exists()
+
+
+def test_generate_npy_output_and_negative_prompt(tmp_path):
+    """--out .npy writes the uint8 frames losslessly; the unconditional branch encodes the negative
+    prompt (a different negative prompt gives a different clip under guidance)."""
+    import torch
+
+    cfg = load_config()
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # a fresh head is zero (velocity 0 whatever the text): make the text matter
+        model.head.head.weight.normal_(0, 0.5)
+    save_pretrained(model, tmp_path / "ckpt")
+    base = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--frames", "5", "--steps", "2", "--guidance", "3", "--prompt", "a red ball"]
+    assert main(base + ["--out", str(tmp_path / "a.npy")]) == 0
+    assert main(base + ["--out", str(tmp_path / "b.npy"), "--negative-prompt", "blue cube"]) == 0
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert a.dtype == np.uint8 and a.shape == (5, 64, 64, 3)
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 0
+
+
 def test_inspect_reports_a14b_and_tokens(capsys):
     assert main(["inspect", "wan2.2-i2v-a14b", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
