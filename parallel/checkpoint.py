@@ -395,8 +395,9 @@ class Checkpointer:
     def _agree(self, error: str | None) -> str | None:
         """Every rank's local error, joined (None when all succeeded): a collective, so all ranks
         take the same branch after a step that may fail on one rank only."""
-        errors = [f"rank {r}: {e}" if len(errs) > 1 else e for errs in [self._all_gather(error)] for r, e in enumerate(errs) if e]
-        return "; ".join(errors) or None
+        errors = self._all_gather(error)
+        named = [e if len(errors) == 1 else f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+        return "; ".join(named) or None
 
     def path_for(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}"
@@ -458,7 +459,8 @@ class Checkpointer:
             per_rank = {"rng": rng_state(), **{k: self._plain(v) for k, v in local.items()}}
             torch.save(per_rank, tmp / f"rank_{rank:05d}.pt")
             if rank == 0:
-                torch.save({"step": step, "world_size": world, **{k: self._plain(v) for k, v in replicated.items()}}, tmp / "state.pt")
+                shared = {"step": step, "world_size": world, **{k: self._plain(v) for k, v in replicated.items()}}
+                torch.save(shared, tmp / "state.pt")
             # each rank hashes what it wrote (still in its page cache); rank 0 the shared files
             own = [p for p in tmp.iterdir() if p.name.startswith(f"__{rank}_") or p.name == f"rank_{rank:05d}.pt"]
             sums = {p.name: file_checksum(p) for p in own}
@@ -490,7 +492,8 @@ class Checkpointer:
             old = final.with_name(f"{final.name}.replaced-{os.getpid()}")
             if not _is_ours(final):
                 old = final.with_name(f"{final.name}.not-a-checkpoint-{int(time.time())}")
-                warnings.warn(f"{final} has no {MARKER} marker of ours; moved aside to {old.name} (not deleted)", CheckpointWarning, stacklevel=3)
+                warnings.warn(f"{final} has no {MARKER} marker of ours; moved aside to {old.name} (not deleted)",
+                              CheckpointWarning, stacklevel=3)
             os.replace(final, old)
             os.replace(tmp, final)
             if old.name.startswith(f"{final.name}.replaced-"):
@@ -500,7 +503,9 @@ class Checkpointer:
         _fsync_dir(self.dir)
         self._prune(step)
 
-    def _save_failed(self, error: BaseException | None, failed: str, tmp: Path, sharded: dict[str, Stateful]) -> BaseException:
+    def _save_failed(
+        self, error: BaseException | None, failed: str, tmp: Path, sharded: dict[str, Stateful]
+    ) -> BaseException:
         """Remove the partial save; a clear DiskFullError when the filesystem is full, else the
         original error (or, on ranks where nothing failed, a RuntimeError naming the rank that did)."""
         rank, _ = self._dist()
@@ -563,8 +568,8 @@ class Checkpointer:
                     continue
                 reason, marker = _check_structure(path)
                 if marker is not None and "checksums" not in marker:
-                    warnings.warn(f"checkpoint {path} has no checksums (written before they were stored): sizes checked only",
-                                  CheckpointWarning, stacklevel=3)
+                    warnings.warn(f"checkpoint {path} has no checksums (written before they were stored): "
+                                  "sizes checked only", CheckpointWarning, stacklevel=3)
                 listing.append((str(path), reason, None if marker is None else marker.get("checksums", {})))
         return self._broadcast(listing)
 
@@ -578,7 +583,8 @@ class Checkpointer:
             failures.append((path, reason))
             if rank == 0:
                 log.warning("checkpoint %s skipped: %s", path, reason)
-                warnings.warn(f"checkpoint {path} skipped: {reason}; trying an older one", CheckpointWarning, stacklevel=3)
+                warnings.warn(f"checkpoint {path} skipped: {reason}; trying an older one", CheckpointWarning,
+                              stacklevel=3)
         return None
 
     def latest(self) -> Path | None:
@@ -615,7 +621,8 @@ class Checkpointer:
             failures.append((str(path), reason))
             if self._dist()[0] == 0:
                 log.warning("loading checkpoint %s failed: %s", path, reason)
-                warnings.warn(f"loading checkpoint {path} failed: {reason}; falling back to an older one", CheckpointWarning, stacklevel=2)
+                warnings.warn(f"loading checkpoint {path} failed: {reason}; falling back to an older one",
+                              CheckpointWarning, stacklevel=2)
             m = _STEP_RE.match(path.name)
             older = self._newest_valid(self._candidates(below=int(m.group(1)) if m else -1), failures)
             if older is None:

@@ -161,13 +161,15 @@ def test_resume_with_fewer_layers_names_the_keys_and_does_not_fall_back(tmp_path
     with pytest.raises(CheckpointError) as info:
         Checkpointer(tmp_path).load_latest(two)
     text = str(info.value)
-    assert "step_00000002" in text and "unexpected keys" in text and "blocks.2.weight" in text and "blocks.3.bias" in text
+    assert "step_00000002" in text and "unexpected keys" in text
+    assert "blocks.2.weight" in text and "blocks.3.bias" in text
     assert "config differs" in text
     for k, v in two["model"].state_dict().items():
         assert torch.equal(v, before[k]), k  # nothing loaded
 
     wide = _state(layers=4, width=8)
-    with pytest.raises(CheckpointError, match=r"mis-shaped keys: blocks\.0\.weight: checkpoint \(4, 4\) vs model \(8, 8\)"):
+    mis_shaped = r"mis-shaped keys: blocks\.0\.weight: checkpoint \(4, 4\) vs model \(8, 8\)"
+    with pytest.raises(CheckpointError, match=mis_shaped):
         Checkpointer(tmp_path).load(tmp_path / "checkpoints" / "step_00000001", wide)
 
 
@@ -256,9 +258,11 @@ def test_convert_to_safetensors_exports_the_newest_checkpoint(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["convert", "--to", "safetensors", str(run), str(tmp_path / "out2")]) == 0
-    assert torch.all(load_file(str(tmp_path / "out2" / "diffusion_pytorch_model.safetensors"))["blocks.0.weight"] == 2.0)
+    weights = load_file(str(tmp_path / "out2" / "diffusion_pytorch_model.safetensors"))
+    assert torch.all(weights["blocks.0.weight"] == 2.0)
     # and a corrupt step folder named directly is refused, naming the file
-    assert main(["convert", "--to", "safetensors", str(run / "checkpoints" / "step_00000003"), str(tmp_path / "out3")]) == 2
+    step_dir = run / "checkpoints" / "step_00000003"
+    assert main(["convert", "--to", "safetensors", str(step_dir), str(tmp_path / "out3")]) == 2
     assert "__0_0.distcp is corrupt" in capsys.readouterr().err and not (tmp_path / "out3").exists()
 
 
@@ -266,7 +270,8 @@ def _wan_folder(path: Path) -> Path:
     from titan_world.model import WanDiT
     from titan_world.model.config import ModelConfig
 
-    cfg = ModelConfig(name="t", model_type="t2v", dim=32, ffn_dim=64, num_heads=2, num_layers=1, in_dim=4, out_dim=4, text_dim=8, text_len=4)
+    cfg = ModelConfig(name="t", model_type="t2v", dim=32, ffn_dim=64, num_heads=2, num_layers=1, in_dim=4, out_dim=4,
+                      text_dim=8, text_len=4)
     save_pretrained(WanDiT(cfg), path)
     return path
 

@@ -68,7 +68,8 @@ def newest_dcp_checkpoint(src: Path) -> Path:
         if reason is not None:
             raise CheckpointError(f"{src}: {reason}")
         return src
-    ckpt = Checkpointer(src, subdir="checkpoints") if (src / "checkpoints").is_dir() else Checkpointer(src.parent, subdir=src.name)
+    run_dir = (src / "checkpoints").is_dir()
+    ckpt = Checkpointer(src, subdir="checkpoints") if run_dir else Checkpointer(src.parent, subdir=src.name)
     step_dir = ckpt.latest()
     if step_dir is None:
         raise CheckpointError(f"{src}: no DCP checkpoint (a step folder with .metadata, or a run dir holding them)")
@@ -84,7 +85,8 @@ def dcp_to_safetensors(src: Path, dst: Path, config_path: str | None = None) -> 
     run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
     cfg_file = Path(config_path) if config_path else run_dir / "config.yaml"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{step_dir}: no config to describe the model (looked for {cfg_file}; pass --model-config)")
+        raise CheckpointError(
+            f"{step_dir}: no config to describe the model (looked for {cfg_file}; pass --model-config)")
     model_cfg = load_config(cfg_file).model
     export_safetensors(step_dir, dst, config=config_json(model_cfg))
     return step_dir
