@@ -129,3 +129,21 @@ def test_motion_smoothness(official, videos, tmp_path):
     for name in paths:
         assert 0.3 < want[name] < 1.0, (name, want[name])  # a real interpolation, not NaN frames
         assert got[name]["motion_smoothness"] == pytest.approx(want[name], abs=1e-6), name
+
+
+def test_overall_consistency(official, videos, tmp_path):
+    """Includes the BT.709 file (decord follows its tag), uint8 resize, test=True, the 640x360 clip."""
+    ckpt = vo.write_viclip(tmp_path / "ViClip-InternVid-10M-FLT.pth")
+    model = vo.viclip_factory(str(ckpt)).eval()
+    prompts = {name: f"a scene number {i} panning right" for i, name in enumerate(videos)}
+    info = [{"prompt": prompts[n], "video_list": [str(p)]} for n, p in videos.items()]
+    want = _by_name(official.oc.overall_consistency(model, info, vo.viclip_tokenizer(), "cpu")[1])
+    table = tmp_path / "prompts.json"
+    table.write_text(__import__("json").dumps(prompts))
+    got = _ours(videos.values(), ["overall_consistency"], viclip_path=str(ckpt), prompts=str(table),
+                viclip_factory="vbench_official:viclip_factory")
+    for name in videos:  # exact here; the issue's 1e-4 would let a float (not uint8) resize pass (~7e-5 off)
+        assert got[name]["overall_consistency"] == pytest.approx(want[name], abs=1e-6), name
+    # deterministic: the official path with test=False drops 90 % of tokens at random
+    frames = torch.zeros(1, 8, 3, 224, 224)
+    assert torch.equal(model.encode_vision(frames, test=True), model.encode_vision(frames, test=True))

@@ -296,3 +296,53 @@ def amt_factory(path: str):
     net.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
     net.eval()
     return lambda a, b, t: net(a, b, t, scale_factor=1.0, eval=True)["imgt_pred"]
+
+
+# ViCLIP: the official class with its vision/text towers built by the official constructors at a
+# tiny width (ViCLIP-L/14's 24+12 layers at 1024/768 would take minutes on 2 cores); patch 14,
+# 224 px, 8 frames, 32-token context as the released model.
+TINY_VICLIP = {"width": 64, "layers": 2, "heads": 2, "embed": 32}
+
+
+def tiny_viclip_class():
+    o = official()
+    vision_mod = sys.modules["vbench.third_party.ViCLIP.viclip_vision"]
+    text_mod = sys.modules["vbench.third_party.ViCLIP.viclip_text"]
+    t = TINY_VICLIP
+
+    class TinyOfficialViCLIP(o.viclip.ViCLIP):
+        def build_vision_encoder(self):
+            return vision_mod.VisionTransformer(
+                input_resolution=self.inputs_image_res, patch_size=14, width=t["width"], layers=t["layers"],
+                heads=t["heads"], output_dim=t["embed"], kernel_size=self.vision_encoder_kernel_size,
+                num_frames=self.video_input_num_frames, drop_path=self.vision_encoder_drop_path_rate,
+                checkpoint_num=self.vision_encoder_checkpoint_num).eval()
+
+        def build_text_encoder(self):
+            return text_mod.CLIP_TEXT(t["embed"], self.max_txt_l, self.text_encoder_vocab_size, t["width"],
+                                      t["heads"], t["layers"], 0).eval()
+
+    return TinyOfficialViCLIP
+
+
+def viclip_tokenizer():
+    o = official()
+    return sys.modules["vbench.third_party.ViCLIP.simple_tokenizer"].SimpleTokenizer(
+        str(o.cache_dir / "ViCLIP" / "bpe_simple_vocab_16e6.txt.gz"))
+
+
+def write_viclip(path: Path, seed: int = 0) -> Path:
+    """A random tiny official ViCLIP saved like ViClip-InternVid-10M-FLT.pth ({'model': ...})."""
+    torch.manual_seed(seed)
+    net = tiny_viclip_class()(tokenizer=viclip_tokenizer(), pretrain=None)
+    with torch.no_grad():  # the towers leave these torch.empty (the release fills them)
+        net.vision_encoder.proj.normal_(std=TINY_VICLIP["width"] ** -0.5)
+        net.text_encoder.positional_embedding.normal_(std=0.01)
+        net.text_encoder.text_projection.normal_(std=TINY_VICLIP["width"] ** -0.5)
+    torch.save({"model": net.state_dict()}, path)
+    return path
+
+
+def viclip_factory(path: str):
+    """As VBench's compute_overall_consistency builds it: ViCLIP(tokenizer, pretrain=path)."""
+    return tiny_viclip_class()(tokenizer=viclip_tokenizer(), pretrain=path)

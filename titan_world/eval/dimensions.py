@@ -164,12 +164,21 @@ def aesthetic_quality(frames: np.ndarray, aesthetic_model: Callable[[torch.Tenso
 
 def overall_consistency(frames: np.ndarray, prompt: str, viclip: Any, device: str = "cpu",
                         num_frames: int = 8, image_size: int = 224) -> float:
-    """ViCLIP cosine similarity between the video (8 frames, 'middle' sampling) and its prompt."""
+    """ViCLIP cosine similarity between the video (8 frames, 'middle' sampling) and its prompt.
+
+    As VBench: the CLIP transform on uint8 frames (resize rounded to integers) and
+    `encode_vision(x, test=True)` — without `test=True` ViCLIP drops 90 % of the patch tokens at
+    random on every call.
+    """
     _need_frames(frames, 1, "overall_consistency")
     idx = middle_indices(num_frames, len(frames))
-    x = clip_transform(to_float_tensor(frames[idx]), image_size).unsqueeze(0).to(device)
+    x = clip_transform(to_float_tensor(frames[idx]), image_size, uint8=True).unsqueeze(0).to(device)
     with torch.no_grad():
-        v = first_tensor(viclip.encode_vision(x)).float().reshape(1, -1)
+        try:
+            v = first_tensor(viclip.encode_vision(x, test=True)).float().reshape(1, -1)
+        except TypeError as e:  # a model without the keyword would be scored with random token dropping
+            raise DimensionError(f"overall_consistency: the model's encode_vision(x, test=True) failed ({e}); "
+                                 "it must take test=True (ViCLIP's deterministic path)") from e
         t = first_tensor(viclip.encode_text(prompt)).float().reshape(1, -1)
     v = v / v.norm(dim=-1, keepdim=True)
     t = t / t.norm(dim=-1, keepdim=True)

@@ -47,9 +47,17 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
-def clip_transform(x: torch.Tensor, n_px: int = 224) -> torch.Tensor:
-    """VBench `clip_transform`: Resize(n_px, bicubic) -> CenterCrop -> /255 -> CLIP normalise."""
-    x = center_crop(resize_shorter(x, n_px, "bicubic"), n_px) / 255.0
+def clip_transform(x: torch.Tensor, n_px: int = 224, uint8: bool = False) -> torch.Tensor:
+    """VBench `clip_transform`: Resize(n_px, bicubic) -> CenterCrop -> /255 -> CLIP normalise.
+
+    `uint8=True`: the frames are a uint8 tensor in VBench (overall consistency reads them with
+    decord), so torchvision's resize rounds its bicubic result back to 0..255 integers; the float
+    path (aesthetic quality: `torch.Tensor(frames)`) keeps the unrounded values.
+    """
+    x = resize_shorter(x, n_px, "bicubic")
+    if uint8:
+        x = x.clamp(0, 255).round()
+    x = center_crop(x, n_px) / 255.0
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
