@@ -225,3 +225,55 @@ def test_official_schedule_starts_at_0999():
     assert flow_schedule(4, 1.0, "diffusers").timesteps.tolist() == [999, 750, 500, 250]
     with pytest.raises(ValueError, match="at least 1"):
         flow_schedule(0, 5.0)
+
+
+def test_official_folder_generates_as_the_official_scheduler(tmp_path, monkeypatch):
+    """The official repository's layout (high_noise_model/, low_noise_model/, Wan2.1_VAE.pth, the umT5
+    .pth + google/umt5-xxl/) written from a tiny diffusers pipeline generates diffusers' frames when
+    diffusers samples on the official grid (linspace(0.999, 0) before the shift)."""
+    from titan_world.model.diffusers_names import diffusers_to_native
+    from titan_world.model.io import save_state_dict
+    from titan_world.model.official import T5_FILE, T5_TOKENIZER_DIR, WAN21_VAE_FILE, save_official_t5, save_official_vae
+
+    kind = "i2v"
+    pipe = _pipeline(kind)
+    z = pipe.vae.config.z_dim
+    pipe.vae.register_to_config(latents_mean=[0.0] * z, latents_std=[1.0] * z)  # a .pth carries no statistics for a 4-channel VAE
+    root = tmp_path / "Wan2.2-I2V-A14B"
+    for sub, net in (("high_noise_model", pipe.transformer), ("low_noise_model", pipe.transformer_2)):
+        c = net.config
+        config = {"_class_name": "WanModel", "model_type": "i2v", "dim": c.num_attention_heads * c.attention_head_dim, "ffn_dim": c.ffn_dim,
+                  "num_heads": c.num_attention_heads, "num_layers": c.num_layers, "in_dim": c.in_channels, "out_dim": c.out_channels,
+                  "text_len": 512, "freq_dim": c.freq_dim, "eps": c.eps, "text_dim": c.text_dim}
+        save_state_dict(diffusers_to_native(net.state_dict()), root / sub, config)
+    save_official_vae(pipe.vae, root / WAN21_VAE_FILE)
+    save_official_t5(pipe.text_encoder, root / T5_FILE)
+    pipe.tokenizer.save_pretrained(root / T5_TOKENIZER_DIR)
+
+    set_timesteps = pipe.scheduler.set_timesteps
+    official = np.linspace(float(np.float32(0.999)), 0.0, STEPS + 1)[:-1]
+    monkeypatch.setattr(pipe.scheduler, "set_timesteps", lambda n, device=None: set_timesteps(device=device, sigmas=official.copy()))
+    noise = _noise(pipe, kind)
+    ref = _reference(pipe, kind, noise)
+    ours = _ours(tmp_path, root, kind, noise, "--shift", "5")
+    worst, mean = _diff(ours, np.round(ref))
+    assert worst <= 1.5 and mean <= 0.2, (worst, mean)
+    monkeypatch.setattr(pipe.scheduler, "set_timesteps", set_timesteps)
+    assert _diff(_reference(pipe, kind, noise), ref)[0] > 100  # diffusers' own grid would not match: the grid matters
+
+
+def test_presets_agree_with_the_model_configs():
+    """One set of official numbers: the generation presets and configs/model/*.yaml say the same."""
+    import yaml
+
+    from titan_world.config import CONFIG_ROOT
+    from titan_world.model.presets import PRESETS
+
+    for preset, config in [("wan2.2-i2v-a14b", "wan2.2-i2v-a14b"), ("wan2.2-t2v-a14b", "wan2.2-t2v-a14b"),
+                           ("wan2.2-ti2v-5b", "wan2.2-ti2v-5b"), ("wan2.1-t2v", "wan2.1-1.3b")]:
+        p, raw = PRESETS[preset], yaml.safe_load((CONFIG_ROOT / "model" / f"{config}.yaml").read_text())
+        assert (p.shift, p.steps, p.guidance_high, p.guidance_low) == (
+            raw["sample_shift"], raw["sample_steps"], raw["guidance_high_noise"], raw["guidance_low_noise"]), preset
+        assert p.model_type == raw["model_type"] and p.experts == raw.get("num_experts", 1), preset
+        if p.experts == 2:
+            assert p.boundary == raw["boundary"], preset

@@ -77,7 +77,7 @@ def read_config(folder: Path) -> tuple[ModelConfig, bool]:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     fields.update({k: v for k, v in extra.items() if k in known})
     if "text_dim" not in fields:
-        fields["text_dim"] = 4096  # umT5-XXL; Wan's config.json does not store it
+        fields["text_dim"] = raw.get("text_dim", 4096)  # umT5-XXL; Wan's config.json does not store it
     if "patch_size" in raw and not is_diffusers:
         fields["patch_size"] = list(raw["patch_size"])
     cfg = ModelConfig(**fields, action=action)

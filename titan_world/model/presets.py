@@ -2,8 +2,8 @@
 
 Values from the Wan-Video repositories: Wan2.2 `wan/configs/wan_i2v_A14B.py`, `wan_t2v_A14B.py`,
 `wan_ti2v_5B.py`, `shared_config.py` and `generate.py` (`--size`, `--sample_solver unipc`); Wan2.1
-`wan/configs/wan_t2v_1_3B.py` and `generate.py` (50 steps for text-to-video, shift 5.0, guidance 5.0,
-480*832 the only sizes it supports). Sizes are height x width; an I2V model keeps the image's aspect
+`generate.py` and `wan/text2video.py` (50 steps for text-to-video, shift 5.0, guidance 5.0; 480*832
+and 832*480 the only sizes its 1.3B model supports). Sizes are height x width; an I2V model keeps the image's aspect
 ratio within the preset's area (as the official `image2video.py` does).
 """
 
@@ -47,7 +47,7 @@ PRESETS = {
         WanPreset("wan2.2-ti2v-5b", "ti2v", 1, "unipc", 50, 5.0, 5.0, 5.0, None, 121, 704, 1280, 24,
                   "Wan2.2 wan/configs/wan_ti2v_5B.py"),
         WanPreset("wan2.1-t2v", "t2v", 1, "unipc", 50, 5.0, 5.0, 5.0, None, 81, 480, 832, 16,
-                  "Wan2.1 wan/configs/wan_t2v_1_3B.py, generate.py"),
+                  "Wan2.1 generate.py, wan/text2video.py"),
     )
 }
 
