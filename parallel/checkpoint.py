@@ -654,7 +654,7 @@ class Checkpointer:
         try:
             dcp.load(sharded, checkpoint_id=str(path), no_dist=world == 1 and not dist.is_initialized())
         except (Exception, CheckpointException) as e:
-            return -1, f"DCP shards (.metadata, __*_*.distcp) unreadable: {type(e).__name__}: {_first_line(e)}"
+            return -1, f"reading the DCP shards ({_dcp_files(path)}) failed: {_describe_failure(e)}"
         step = int(saved["step"])
         for k, target in replicated.items():
             if k in saved:
@@ -706,6 +706,23 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"file {path.name} unreadable: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _dcp_files(path: Path) -> str:
+    """The shard files DCP reads for `path` (from its metadata): what a failed DCP load names."""
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception:
+        return ".metadata"
+    files = sorted({getattr(v, "relative_path", "?") for v in (meta.storage_data or {}).values()})
+    return ", ".join(files[:8]) + (f", ... ({len(files)} files)" if len(files) > 8 else "")
+
+
+def _describe_failure(e: BaseException) -> str:
+    """One line per failing rank of a DCP CheckpointException (its str is a whole traceback)."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {type(x).__name__}: {_first_line(x)}" for r, (x, _) in sorted(e.failures.items()))
+    return f"{type(e).__name__}: {_first_line(e)}"
 
 
 def _first_line(e: BaseException) -> str:

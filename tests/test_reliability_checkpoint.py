@@ -103,7 +103,8 @@ def test_same_size_corruption_is_detected_and_falls_back(tmp_path, name):
     assert marker["checksums"][name] == digest
 
 
-def test_load_failure_without_checksums_names_the_file_and_falls_back(tmp_path):
+@pytest.mark.parametrize("name", ["state.pt", "rank_00000.pt", "__0_0.distcp"])
+def test_load_failure_without_checksums_names_the_file_and_falls_back(tmp_path, name):
     """A checkpoint written before checksums were stored (or a failure checksums cannot see):
     the load error names the file, and the previous checkpoint is loaded."""
     _save_steps(tmp_path, [1, 2])
@@ -112,12 +113,12 @@ def test_load_failure_without_checksums_names_the_file_and_falls_back(tmp_path):
         marker = json.loads(marker_path.read_text())
         del marker["checksums"]
         marker_path.write_text(json.dumps(marker))
-    _flip_byte(tmp_path / "checkpoints" / "step_00000002" / "state.pt", at=0)  # not a zip any more
+    _flip_byte(tmp_path / "checkpoints" / "step_00000002" / name, at=0)  # its header: unreadable
     fresh = _state(seed=1)
     ck = Checkpointer(tmp_path)
     step, said = _load_quietly(ck, fresh)
     assert step == 1 and fresh["extra"]["k"] == 1 and ck.loaded_from == ck.path_for(1)
-    assert "state.pt" in said and "step_00000002" in said and "falling back" in said
+    assert name in said and "step_00000002" in said and "falling back" in said
     assert "no checksums" in said  # the old checkpoints load, with a note
 
 
