@@ -147,3 +147,13 @@ def test_overall_consistency(official, videos, tmp_path):
     # deterministic: the official path with test=False drops 90 % of tokens at random
     frames = torch.zeros(1, 8, 3, 224, 224)
     assert torch.equal(model.encode_vision(frames, test=True), model.encode_vision(frames, test=True))
+
+
+def test_imaging_quality(official, videos, tmp_path):
+    """MUSIQ (SPAQ head layout) on every frame; the 640x360 clip takes VBench's 'longer' resize to 512x288."""
+    ckpt = vo.write_musiq(tmp_path / "musiq_spaq_ckpt-358bb6af.pth")
+    model = vo.musiq_factory(str(ckpt))
+    want = _by_name(official.iq.technical_quality(model, [str(p) for p in videos.values()], "cpu")[1])
+    got = _ours(videos.values(), ["imaging_quality"], musiq_path=str(ckpt), musiq_factory="vbench_official:musiq_factory")
+    for name in videos:  # VBench stores per-video MOS 0..100 and divides only the mean; we store /100
+        assert got[name]["imaging_quality"] == pytest.approx(want[name] / 100, abs=1e-6), name

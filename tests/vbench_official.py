@@ -346,3 +346,24 @@ def write_viclip(path: Path, seed: int = 0) -> Path:
 def viclip_factory(path: str):
     """As VBench's compute_overall_consistency builds it: ViCLIP(tokenizer, pretrain=path)."""
     return tiny_viclip_class()(tokenizer=viclip_tokenizer(), pretrain=path)
+
+
+# MUSIQ: pyiqa's class (VBench builds MUSIQ(pretrained_model_path=musiq_spaq_ckpt-358bb6af.pth), num_class 1)
+# at a tiny transformer size; the ResNet root, multi-scale patching (224/384 + native) and head as released.
+TINY_MUSIQ = {"hidden_size": 32, "mlp_dim": 64, "num_heads": 2, "num_layers": 1}
+
+
+def write_musiq(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    net = official().musiq.MUSIQ(pretrained=False, **TINY_MUSIQ)
+    with torch.no_grad():  # scores around 50 +- tens on the 0..100 MOS scale, as the released head gives
+        net.head.bias.fill_(50.0)
+        net.head.weight.mul_(300.0)
+    torch.save(net.state_dict(), path)  # the released file is a plain state dict too
+    return path
+
+
+def musiq_factory(path: str):
+    net = official().musiq.MUSIQ(pretrained_model_path=path, **TINY_MUSIQ)
+    net.training = False  # exactly what VBench's compute_imaging_quality sets
+    return net
