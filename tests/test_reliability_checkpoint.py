@@ -111,7 +111,7 @@ def test_load_failure_without_checksums_names_the_file_and_falls_back(tmp_path, 
     for step in (1, 2):
         marker_path = tmp_path / "checkpoints" / f"step_0000000{step}" / "COMPLETE"
         marker = json.loads(marker_path.read_text())
-        del marker["checksums"]
+        marker.pop("checksums", None)
         marker_path.write_text(json.dumps(marker))
     _flip_byte(tmp_path / "checkpoints" / "step_00000002" / name, at=0)  # its header: unreadable
     fresh = _state(seed=1)
@@ -131,13 +131,28 @@ def _save_two_ranks(run_dir: str) -> dict:
     with torch.no_grad():
         state["model"].blocks[0].weight.fill_(2.0)
     path = Checkpointer(run_dir).save(2, state)
-    return {"files": sorted(p.name for p in path.iterdir())}
+    files = sorted(p.name for p in path.iterdir())
+    # corrupt a file that rank 1 verifies (names are split over the ranks): both ranks fall back
+    corrupt = Path(run_dir) / "corrupt"
+    corrupt.mkdir(exist_ok=True)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        (corrupt / "rank_00000.pt").write_bytes((path / "rank_00000.pt").read_bytes())
+        _flip_byte(path / "rank_00000.pt")
+    torch.distributed.barrier()
+    step, said = _load_quietly(Checkpointer(run_dir), _state(seed=1))
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:  # put it back for the single-process part of the test
+        (path / "rank_00000.pt").write_bytes((corrupt / "rank_00000.pt").read_bytes())
+    return {"files": files, "step": step, "said": said}
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("dist")
 def test_two_rank_save_checksums_every_rank_file(tmp_path):
-    files = run_distributed(_save_two_ranks, 2, str(tmp_path), timeout=120)[0]["files"]
+    ranks = run_distributed(_save_two_ranks, 2, str(tmp_path), timeout=120)
+    assert [r["step"] for r in ranks] == [1, 1] and "rank_00000.pt is corrupt" in ranks[0]["said"]
+    files = ranks[0]["files"]
     newest = tmp_path / "checkpoints" / "step_00000002"
     marker = json.loads((newest / "COMPLETE").read_text())
     expected = {"__0_0.distcp", "__1_0.distcp", "rank_00000.pt", "rank_00001.pt", "state.pt", ".metadata"}
