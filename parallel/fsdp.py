@@ -8,6 +8,8 @@ dp_shard×cp mesh so CP ranks hold distinct shards; with dp_replicate > 1 the 2-
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -44,6 +46,11 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, mp_pol
 
     Gradients are averaged over the whole dp_shard×cp (×dp_replicate) mesh: with the gradient
     scaling of parallel/ulysses.py that mean is the exact data-parallel gradient under CP.
+
+    A model with a `keeps_fp32(name)` rule (the Wan DiT: time embedding/projection and head stay
+    fp32 in bf16, as the references run them) gets those top-level modules as their own units
+    computing in fp32. Inside a block everything shares the block's unit and dtype (nested units
+    there would put FSDP hooks inside the per-block torch.compile region).
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
@@ -54,5 +61,12 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, mp_pol
         # The last block's params are needed again right at the start of backward: keep them.
         reshard = cfg.reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, mesh=fsdp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    keeps_fp32 = getattr(model, "keeps_fp32", None)
+    if keeps_fp32 is not None and mp.param_dtype is not None and mp.param_dtype.itemsize < 4:
+        fp32 = replace(mp, param_dtype=torch.float32)
+        for name, child in model.named_children():
+            params = [n for n, _ in child.named_parameters()]
+            if child is not blocks and params and all(keeps_fp32(f"{name}.{n}") for n in params):
+                fully_shard(child, mesh=fsdp_mesh, mp_policy=fp32, reshard_after_forward=cfg.reshard_after_forward)
     fully_shard(model, mesh=fsdp_mesh, mp_policy=mp, reshard_after_forward=False)
     return model

@@ -195,7 +195,9 @@ def test_bf16_teacher_close_to_fp32():
     AdamW with β1 = 0 steps ±lr on nearly every element, so a few sign flips of tiny gradients
     make elementwise differences as large as the step itself."""
     tr, _ = _trainer(dtype="bfloat16")
-    assert {p.dtype for p in tr.teacher.parameters()} == {torch.bfloat16}
+    stored = {n: p.dtype for n, p in tr.teacher.named_parameters()}  # bf16 but the reference-fp32 modules
+    assert {d for n, d in stored.items() if not tr.teacher.keeps_fp32(n)} == {torch.bfloat16}
+    assert {d for n, d in stored.items() if tr.teacher.keeps_fp32(n)} == {torch.float32}
     assert {p.dtype for p in tr.student.parameters()} == {p.dtype for p in tr.critic.parameters()} == {torch.float32}
     ref_logs, ref_critic, ref_move = _student_move("float32")
     logs, critic, move = _student_move("bfloat16")
@@ -232,7 +234,8 @@ def _sharded_runs(_tmp: Path) -> dict:
     seen: set[torch.dtype] = set()
     tr.teacher.blocks[0].self_attn.q.register_forward_pre_hook(lambda m, _: seen.add(m.weight.dtype))
     out["bf16"] = _run(tr, batch)
-    out["bf16_stored"] = {(p.to_local() if hasattr(p, "to_local") else p).dtype for p in tr.teacher.parameters()}
+    out["bf16_stored"] = {(p.to_local() if hasattr(p, "to_local") else p).dtype for n, p in tr.teacher.named_parameters()
+                          if not tr.teacher.keeps_fp32(n)}  # (the reference-fp32 modules stay fp32)
     out["bf16_computed"] = seen
     return out
 

@@ -5,10 +5,17 @@ Block math (e = time_projection(t) + modulation, 6 chunks, fp32):
 Our additions, all optional and off by default: per-frame timesteps (diffusion forcing),
 RoPE frame offsets, block-causal masks, a KV cache for streaming, Ulysses context parallelism
 through a small hook, and action AdaLN after self-attention (zero-initialised).
+
+Precision as the reference implementations: in a bf16 model the parameters named by
+`keeps_fp32` (time embedding and projection, AdaLN modulations, the cross-attention LayerNorm's
+affine, the head) stay fp32 and run fp32 GEMMs, and the residual stream is fp32; attention and
+FFN GEMMs read bf16. `WanDiT.to(torch.bfloat16)` keeps that split, and so does FSDP's mixed
+precision (parallel/fsdp.py). Measured against diffusers in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -40,7 +47,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight).type_as(x)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -65,6 +72,18 @@ def gated(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     b, l, d = y.shape
     s = gate.shape[1]
     return (y.float().view(b, s, l // s, d) * gate[:, :, None]).view(b, l, d)
+
+
+def fp32_region(x: torch.Tensor):
+    """No autocast inside (the reference runs its fp32 modules under autocast(float32))."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def linear_input(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """x in the dtype of `layer`'s weight (what its GEMM runs in)."""
+    return x.to(layer.weight.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -147,16 +166,17 @@ class WanBlock(nn.Module):
         self.action_proj = ActionModulation(dim) if cfg.action.enabled else None
 
     def forward(self, x, e, context, rope, mask=None, action=None, cp=None, kv_cache=None, cache_write=False, backend="sdpa", context_kv=None):
+        """x: the fp32 residual stream [B, L, D]; attention and FFN read their weights' dtype."""
         e0, e1, e2, e3, e4, e5 = (self.modulation[:, None].float() + e).unbind(2)  # each [B, S, D]
         kv = KVStep(kv_cache, self.layer_idx, cache_write) if kv_cache is not None else None
-        y = self.self_attn(modulate(self.norm1(x), e0, e1).type_as(x), rope, mask, backend, cp, kv)
-        x = (x.float() + gated(y, e2)).type_as(x)
+        y = self.self_attn(linear_input(modulate(self.norm1(x), e0, e1), self.self_attn.q), rope, mask, backend, cp, kv)
+        x = x.float() + gated(y, e2)
         if self.action_proj is not None and action is not None:
             x = self.action_proj(x, action)
         ckv = context_kv if context_kv is not None else self.cross_attn.context_kv(context)
-        x = x + self.cross_attn(self.norm3(x), ckv, backend)
-        y = self.ffn(modulate(self.norm2(x), e3, e4).type_as(x))
-        return (x.float() + gated(y, e5)).type_as(x)
+        x = x + self.cross_attn(linear_input(self.norm3(x), self.cross_attn.q), ckv, backend).float()
+        y = self.ffn(linear_input(modulate(self.norm2(x), e3, e4), self.ffn[0]))
+        return x + gated(y, e5)
 
 
 class Head(nn.Module):
@@ -168,7 +188,8 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation[:, None].float() + e[:, :, None]).unbind(2)
-        return self.head(modulate(self.norm(x), shift, scale).type_as(x))
+        with fp32_region(x):
+            return self.head(linear_input(modulate(self.norm(x), shift, scale), self.head))
 
 
 @dataclass
@@ -193,6 +214,18 @@ class PreparedContext:
     """Text context embedded once, with every block's cross-attention K/V (prompt-level cache)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+# Parameters kept in fp32 when the model computes in bf16, as the references do: the official code
+# holds fp32 weights under bf16 autocast and runs these under autocast(float32); diffusers keeps
+# the same modules fp32 (`_keep_in_fp32_modules`). Matched against a parameter name's parts.
+KEEP_FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
+KEEP_FP32_PARTS = frozenset({"modulation", "norm3"})
+
+
+def keeps_fp32(name: str) -> bool:
+    """Whether parameter `name` of a WanDiT stays fp32 in a bf16 model (small: 0.1% of the weights)."""
+    return name.startswith(KEEP_FP32_PREFIXES) or not KEEP_FP32_PARTS.isdisjoint(name.split("."))
 
 
 class WanDiT(nn.Module):
@@ -259,6 +292,21 @@ class WanDiT(nn.Module):
             else:
                 raise ValueError(f"WanDiT.init_parameter: no initialisation rule for {name!r}")
 
+    def keeps_fp32(self, name: str) -> bool:
+        """The precision rule (`keeps_fp32`), for FSDP's mixed precision (parallel/fsdp.py)."""
+        return keeps_fp32(name)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.bfloat16()`, ... leave the `keeps_fp32` parameters fp32 (moved to the new
+        device): the one place the precision rule lives for every loader and caster."""
+        kept = {name: p.detach() for name, p in self.named_parameters() if keeps_fp32(name) and p.dtype == torch.float32}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self.get_parameter(name)
+            if new.is_floating_point() and new.dtype.itemsize < 4:
+                new.data = old.to(new.device)  # (the same Parameter object: optimizers keep it)
+        return out
+
     def set_context_parallel(self, cp: ContextParallel | None) -> None:
         self.cp = cp if cp is not None and cp.size > 1 else None
 
@@ -286,8 +334,9 @@ class WanDiT(nn.Module):
             t = t.expand(batch)
         if t.ndim == 1:
             t = t[:, None]
-        e0 = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype)).float()
-        e = self.time_projection(e0.to(self.time_embedding[0].weight.dtype)).float().unflatten(-1, (6, self.cfg.dim))
+        with fp32_region(t):
+            e0 = self.time_embedding(linear_input(sinusoidal_embedding(t, self.cfg.freq_dim), self.time_embedding[0])).float()
+            e = self.time_projection(linear_input(e0, self.time_projection[1])).float().unflatten(-1, (6, self.cfg.dim))
         return e0, e
 
     @torch.no_grad()
@@ -350,7 +399,7 @@ class WanDiT(nn.Module):
             raise ValueError(f"model input has {x.shape[1]} channels (x + cond); model.in_dim={self.cfg.in_dim}")
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)
+        x = x.flatten(2).transpose(1, 2).float()  # the residual stream is fp32
         seq_len, tpf = x.shape[1], grid[1] * grid[2]
         cos, sin = rope_angles(grid, self.cfg.head_dim, frame_offset=frame_offset, theta=self.cfg.rope_theta, device=x.device)
         e0, e = self.time_embeddings(t, b)

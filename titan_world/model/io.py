@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from titan_world.model.config import ActionConfig, ModelConfig
 from titan_world.model.diffusers_names import diffusers_config_to_native, diffusers_to_native
-from titan_world.model.dit import WanDiT
+from titan_world.model.dit import WanDiT, keeps_fp32
 from titan_world.model.moe import EXPERT_DIRS, WanMoE
 
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder (titan_world.model.pipeline)
@@ -236,7 +236,9 @@ def _load_dense(folder: Path, dtype, device, cfg_override: ModelConfig | None = 
         # one tensor at a time to its device and dtype (none: the file's): an fp32 14B expert
         # loaded in bf16 onto a GPU never holds its 57 GB on the host
         t = source.read(name)
-        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        if dtype is None or not t.is_floating_point():
+            return t.to(device=device)
+        return t.to(device=device, dtype=torch.float32 if keeps_fp32(name) and dtype.itemsize < 4 else dtype)
 
     model.load_state_dict({name: placed(name) for name in source.sources}, assign=True)
     return model
