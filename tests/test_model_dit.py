@@ -80,7 +80,8 @@ OFFICIAL_SAMPLING = {
 def test_configs_carry_the_official_sampling_defaults(name):
     cfg = model_cfg(name)
     boundary, shift, steps, high, low = OFFICIAL_SAMPLING[name]
-    assert (cfg.sample_shift, cfg.sample_steps, cfg.guidance_high_noise, cfg.guidance_low_noise) == (shift, steps, high, low)
+    got = (cfg.sample_shift, cfg.sample_steps, cfg.guidance_high_noise, cfg.guidance_low_noise)
+    assert got == (shift, steps, high, low)
     if boundary is not None:
         assert cfg.num_experts == 2 and cfg.boundary == boundary
 
@@ -150,13 +151,14 @@ def test_bf16_keeps_the_reference_fp32_modules_and_is_at_least_as_precise_as_dif
     import titan_world.model.dit as dit
 
     monkeypatch.setattr(dit, "sinusoidal_embedding", functools.partial(dit.sinusoidal_embedding, dtype=torch.float32))
-    cfg = tiny_cfg(model_type="i2v", dim=256, ffn_dim=512, num_layers=4, in_dim=36, out_dim=16, text_dim=64, text_len=16)
+    cfg = tiny_cfg(model_type="i2v", dim=256, ffn_dim=512, num_layers=4, in_dim=36, out_dim=16, text_dim=64,
+                   text_len=16)
     torch.manual_seed(0)
     ours = WanDiT(cfg).eval()
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ref = WanTransformer3DModel(**{k: v for k, v in native_config_to_diffusers(cfg).items() if not k.startswith("_")}).eval()
+    ref = WanTransformer3DModel(**{k: v for k, v in native_config_to_diffusers(cfg).items() if k[0] != "_"}).eval()
     ref.load_state_dict(native_to_diffusers(ours.state_dict()), strict=True)
     ours16, ref16 = WanDiT(cfg).eval(), _diffusers_bf16(ref)
     ours16.load_state_dict(ours.state_dict())
@@ -165,7 +167,7 @@ def test_bf16_keeps_the_reference_fp32_modules_and_is_at_least_as_precise_as_dif
     assert fp32 == {n for n, _ in ours16.named_parameters() if dit.keeps_fp32(n)}
     assert {"time_embedding.0.weight", "time_projection.1.weight", "blocks.3.modulation", "blocks.0.norm3.weight",
             "head.head.weight", "head.modulation"} <= fp32
-    assert ours16.blocks[0].ffn[0].weight.dtype == torch.bfloat16 and ours16.blocks[0].self_attn.norm_q.weight.dtype == torch.bfloat16
+    assert ours16.blocks[0].ffn[0].weight.dtype == ours16.blocks[0].self_attn.norm_q.weight.dtype == torch.bfloat16
 
     g = torch.Generator().manual_seed(1)
     x, cond = torch.randn(1, 16, 5, 16, 16, generator=g), torch.randn(1, 20, 5, 16, 16, generator=g)
@@ -198,8 +200,9 @@ def test_bf16_train_step_gemms_stay_bf16():
             out.float().pow(2).mean().backward()
         assert out.dtype == torch.float32
         assert {n for n, d in dtypes.items() if d == torch.float32} == fp32_gemms, setup
-        assert {n for n, d in dtypes.items() if d == torch.bfloat16} >= {"blocks.1.self_attn.q", "blocks.1.cross_attn.o", "blocks.1.ffn.0",
-                                                                       "blocks.1.ffn.2", "text_embedding.0", "patch_embedding"}, setup
+        bf16 = {n for n, d in dtypes.items() if d == torch.bfloat16}
+        assert bf16 >= {"blocks.1.self_attn.q", "blocks.1.cross_attn.o", "blocks.1.ffn.0", "blocks.1.ffn.2",
+                        "text_embedding.0", "patch_embedding"}, setup
         model.zero_grad(set_to_none=True)
 
 
@@ -216,7 +219,8 @@ def _fsdp_gemm_dtypes() -> dict[str, str]:
             m.register_forward_hook(lambda mod, inp, out, name=name: dtypes.__setitem__(name, str(out.dtype)))
     pc = ParallelConfig()
     apply_fsdp(model, build_mesh(pc), pc, mp_policy=mixed_precision_policy(pc, "cuda"))  # the GPU policy, on CPU
-    model(torch.randn(1, 8, 3, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 16), cond=torch.randn(1, 12, 3, 8, 8)).float().mean().backward()
+    x, cond, ctx = torch.randn(1, 8, 3, 8, 8), torch.randn(1, 12, 3, 8, 8), torch.randn(1, 8, 16)
+    model(x, torch.tensor([500.0]), ctx, cond=cond).float().mean().backward()
     return dtypes
 
 
@@ -225,7 +229,8 @@ def test_fsdp_bf16_policy_runs_the_reference_fp32_modules_in_fp32():
     from dist_utils import run_distributed
 
     dtypes = run_distributed(_fsdp_gemm_dtypes, 1, timeout=120)[0]
-    assert {n for n, d in dtypes.items() if d == "torch.float32"} == {"time_embedding.0", "time_embedding.2", "time_projection.1", "head.head"}
+    fp32 = {n for n, d in dtypes.items() if d == "torch.float32"}
+    assert fp32 == {"time_embedding.0", "time_embedding.2", "time_projection.1", "head.head"}
     assert dtypes["blocks.1.ffn.0"] == dtypes["blocks.0.self_attn.q"] == dtypes["text_embedding.0"] == "torch.bfloat16"
 
 
@@ -234,8 +239,8 @@ def test_loading_in_bf16_keeps_the_fp32_modules(tmp_path):
     save_pretrained(model, tmp_path / "m")
     loaded = load_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     for name, p in loaded.named_parameters():
-        assert p.dtype == (torch.float32 if name.startswith(("time_", "head.")) or name.endswith(("modulation", "norm3.weight", "norm3.bias"))
-                           else torch.bfloat16), name
+        fp32 = name.startswith(("time_", "head.")) or name.endswith(("modulation", "norm3.weight", "norm3.bias"))
+        assert p.dtype == (torch.float32 if fp32 else torch.bfloat16), name
     torch.testing.assert_close(loaded.blocks[0].modulation, model.blocks[0].modulation, rtol=0, atol=0)
 
 

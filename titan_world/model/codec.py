@@ -158,10 +158,11 @@ class WanVAECodec:
         if p.suffix == ".pth" or p.is_file():
             self.vae = load_official_vae(p, dtype=dtype, device=device)
         elif (p / "config.json").is_file():
-            self.vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
+            self.vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                        low_cpu_mem_usage=False).to(device).eval()
         else:
-            raise FileNotFoundError(f"data.codec.path={path}: expected a diffusers VAE folder (config.json + weights) or the "
-                                    f"official {WAN21_VAE_FILE} / {WAN22_VAE_FILE}")
+            raise FileNotFoundError(f"data.codec.path={path}: expected a diffusers VAE folder (config.json + weights) "
+                                    f"or the official {WAN21_VAE_FILE} / {WAN22_VAE_FILE}")
         cfg = self.vae.config
         self.latent_channels = cfg.z_dim
         spatial = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)  # Wan2.2: 2x2 pixel patches, stride 16
@@ -272,7 +273,8 @@ def build_codec(kind: str = "tiny", spatial_stride: int = 4, path: str | None = 
         return TinyCodec(spatial_stride, channels)
     if kind == "wan_vae":
         if not path:
-            raise ValueError("codec.kind=wan_vae needs codec.path: a diffusers VAE folder or the official Wan2.1_VAE.pth / Wan2.2_VAE.pth")
+            raise ValueError("codec.kind=wan_vae needs codec.path: a diffusers VAE folder or the official "
+                             "Wan2.1_VAE.pth / Wan2.2_VAE.pth")
         return WanVAECodec(path, device=device, dtype=dtype)
     raise ValueError(f"codec.kind={kind!r}; expected 'tiny' or 'wan_vae'")
 

@@ -299,7 +299,8 @@ class WanDiT(nn.Module):
     def _apply(self, fn, recurse=True):
         """`.to(dtype)`, `.bfloat16()`, ... leave the `keeps_fp32` parameters fp32 (moved to the new
         device): the one place the precision rule lives for every loader and caster."""
-        kept = {name: p.detach() for name, p in self.named_parameters() if keeps_fp32(name) and p.dtype == torch.float32}
+        kept = {name: p.detach() for name, p in self.named_parameters()
+                if keeps_fp32(name) and p.dtype == torch.float32}
         out = super()._apply(fn, recurse)
         for name, old in kept.items():
             new = self.get_parameter(name)
@@ -335,7 +336,8 @@ class WanDiT(nn.Module):
         if t.ndim == 1:
             t = t[:, None]
         with fp32_region(t):
-            e0 = self.time_embedding(linear_input(sinusoidal_embedding(t, self.cfg.freq_dim), self.time_embedding[0])).float()
+            sinusoid = sinusoidal_embedding(t, self.cfg.freq_dim)
+            e0 = self.time_embedding(linear_input(sinusoid, self.time_embedding[0])).float()
             e = self.time_projection(linear_input(e0, self.time_projection[1])).float().unflatten(-1, (6, self.cfg.dim))
         return e0, e
 

@@ -34,14 +34,16 @@ WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.151
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
 WAN21_LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
-WAN22_LATENTS_MEAN = [-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
-                      0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
-                      -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
-                      -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667]
-WAN22_LATENTS_STD = [0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
-                     0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
-                     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
-                     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
+WAN22_LATENTS_MEAN = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667]
+WAN22_LATENTS_STD = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
 
 
 # -- reading / writing .pth files -----------------------------------------------------------------
@@ -70,9 +72,11 @@ def _rename(state: dict[str, torch.Tensor], mapping: dict[str, str], where: str)
     return {mapping[k]: v for k, v in state.items()}
 
 
-def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, dtype: torch.dtype, device) -> torch.nn.Module:
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, dtype: torch.dtype,
+            device) -> torch.nn.Module:
     """Load `state` into a meta-built `model` one tensor at a time (converted to dtype/device)."""
-    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()}, where)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, where)
     converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -103,15 +107,17 @@ class VAELayout:
                     dim_mult=list(self.dim_mult), num_res_blocks=self.num_res_blocks, attn_scales=[],
                     temperal_downsample=list(self.temperal_downsample), is_residual=self.is_residual,
                     in_channels=channels, out_channels=channels, patch_size=self.patch_size,
-                    scale_factor_temporal=4, scale_factor_spatial=2 ** (len(self.dim_mult) - 1) * (self.patch_size or 1),
+                    scale_factor_temporal=4,
+                    scale_factor_spatial=2 ** (len(self.dim_mult) - 1) * (self.patch_size or 1),
                     latents_mean=list(mean), latents_std=list(std))
 
     @classmethod
     def from_diffusers_config(cls, cfg) -> "VAELayout":
         if list(cfg.get("attn_scales") or []):
-            raise ValueError(f"VAE attn_scales={cfg['attn_scales']}: the Wan VAEs have none, and no mapping is defined for them")
-        return cls(cfg["base_dim"], cfg.get("decoder_base_dim") or cfg["base_dim"], cfg["z_dim"], tuple(cfg["dim_mult"]),
-                   cfg["num_res_blocks"], tuple(cfg["temperal_downsample"]), bool(cfg.get("is_residual", False)))
+            raise ValueError(f"VAE attn_scales={cfg['attn_scales']}: the Wan VAEs have none (no mapping for them)")
+        return cls(cfg["base_dim"], cfg.get("decoder_base_dim") or cfg["base_dim"], cfg["z_dim"],
+                   tuple(cfg["dim_mult"]), cfg["num_res_blocks"], tuple(cfg["temperal_downsample"]),
+                   bool(cfg.get("is_residual", False)))
 
 
 _CONV = ("weight", "bias")
@@ -132,13 +138,15 @@ def _resblock(o: str, d: str, in_dim: int, out_dim: int) -> list[tuple[str, str]
 
 def _resample(o: str, d: str, temporal: bool) -> list[tuple[str, str]]:
     """Official Resample: resample = [pad or upsample, Conv2d], plus a causal time_conv when temporal."""
-    return _pairs(f"{o}.resample.1", f"{d}.resample.1") + (_pairs(f"{o}.time_conv", f"{d}.time_conv") if temporal else [])
+    time_conv = _pairs(f"{o}.time_conv", f"{d}.time_conv") if temporal else []
+    return _pairs(f"{o}.resample.1", f"{d}.resample.1") + time_conv
 
 
 def _middle(o: str, d: str, dim: int) -> list[tuple[str, str]]:
     """Official middle = [ResidualBlock, AttentionBlock, ResidualBlock]; diffusers' mid_block."""
-    attn = _pairs(f"{o}.middle.1.norm", f"{d}.mid_block.attentions.0.norm", ("gamma",))
-    attn += _pairs(f"{o}.middle.1.to_qkv", f"{d}.mid_block.attentions.0.to_qkv") + _pairs(f"{o}.middle.1.proj", f"{d}.mid_block.attentions.0.proj")
+    a, b = f"{o}.middle.1", f"{d}.mid_block.attentions.0"
+    attn = _pairs(f"{a}.norm", f"{b}.norm", ("gamma",)) + _pairs(f"{a}.to_qkv", f"{b}.to_qkv")
+    attn += _pairs(f"{a}.proj", f"{b}.proj")
     return (_resblock(f"{o}.middle.0", f"{d}.mid_block.resnets.0", dim, dim) + attn
             + _resblock(f"{o}.middle.2", f"{d}.mid_block.resnets.1", dim, dim))
 
@@ -160,14 +168,16 @@ def vae_key_map(layout: VAELayout) -> dict[str, str]:
         temporal = i < last and layout.temperal_downsample[i]
         for j in range(n):
             if layout.is_residual:
-                pairs += _resblock(f"encoder.downsamples.{i}.downsamples.{j}", f"encoder.down_blocks.{i}.resnets.{j}", in_dim, out_dim)
+                pairs += _resblock(f"encoder.downsamples.{i}.downsamples.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
+                                   in_dim, out_dim)
             else:
                 pairs += _resblock(f"encoder.downsamples.{k}", f"encoder.down_blocks.{k}", in_dim, out_dim)
                 k += 1
             in_dim = out_dim
         if i < last:
             if layout.is_residual:
-                pairs += _resample(f"encoder.downsamples.{i}.downsamples.{n}", f"encoder.down_blocks.{i}.downsampler", temporal)
+                pairs += _resample(f"encoder.downsamples.{i}.downsamples.{n}", f"encoder.down_blocks.{i}.downsampler",
+                                   temporal)
             else:
                 pairs += _resample(f"encoder.downsamples.{k}", f"encoder.down_blocks.{k}", temporal)
                 k += 1
@@ -183,14 +193,16 @@ def vae_key_map(layout: VAELayout) -> dict[str, str]:
         temporal = i < last and upsample[i]
         for j in range(n + 1):
             if layout.is_residual:
-                pairs += _resblock(f"decoder.upsamples.{i}.upsamples.{j}", f"decoder.up_blocks.{i}.resnets.{j}", in_dim, out_dim)
+                pairs += _resblock(f"decoder.upsamples.{i}.upsamples.{j}", f"decoder.up_blocks.{i}.resnets.{j}",
+                                   in_dim, out_dim)
             else:
                 pairs += _resblock(f"decoder.upsamples.{k}", f"decoder.up_blocks.{i}.resnets.{j}", in_dim, out_dim)
                 k += 1
             in_dim = out_dim
         if i < last:
             if layout.is_residual:
-                pairs += _resample(f"decoder.upsamples.{i}.upsamples.{n + 1}", f"decoder.up_blocks.{i}.upsampler", temporal)
+                pairs += _resample(f"decoder.upsamples.{i}.upsamples.{n + 1}", f"decoder.up_blocks.{i}.upsampler",
+                                   temporal)
             else:
                 pairs += _resample(f"decoder.upsamples.{k}", f"decoder.up_blocks.{i}.upsamplers.0", temporal)
                 k += 1
@@ -201,7 +213,8 @@ def vae_key_map(layout: VAELayout) -> dict[str, str]:
 def vae_layout_from_official(shapes: dict[str, tuple], where: str = "VAE file") -> VAELayout:
     """Read the structure off an official VAE state dict's key names and shapes."""
     if "encoder.conv1.weight" not in shapes or "conv2.weight" not in shapes or "decoder.conv1.weight" not in shapes:
-        raise CheckpointError(f"{where}: not a Wan VAE state dict (no encoder.conv1.weight / conv2.weight / decoder.conv1.weight)")
+        raise CheckpointError(f"{where}: not a Wan VAE state dict "
+                              "(no encoder.conv1.weight / conv2.weight / decoder.conv1.weight)")
     base_dim, image_channels = shapes["encoder.conv1.weight"][:2]
     residual = image_channels == 12
     mults, res_blocks, temporal = [], set(), []
@@ -233,12 +246,15 @@ def vae_layout_from_official(shapes: dict[str, tuple], where: str = "VAE file") 
                 break
             k += 1
     if not mults or len(res_blocks) != 1 or len(temporal) != len(mults) - 1:
-        raise CheckpointError(f"{where}: the encoder's blocks do not form a Wan VAE (stages {mults}, residual blocks per stage {sorted(res_blocks)})")
+        raise CheckpointError(f"{where}: the encoder's blocks do not form a Wan VAE "
+                              f"(stages {mults}, residual blocks per stage {sorted(res_blocks)})")
     decoder_base = shapes["decoder.conv1.weight"][0] // mults[-1]
-    return VAELayout(base_dim, decoder_base, shapes["conv2.weight"][0], tuple(mults), res_blocks.pop(), tuple(temporal), residual)
+    return VAELayout(base_dim, decoder_base, shapes["conv2.weight"][0], tuple(mults), res_blocks.pop(), tuple(temporal),
+                     residual)
 
 
-def official_vae_to_diffusers(state: dict[str, torch.Tensor], where: str = "VAE state dict") -> tuple[dict, dict[str, torch.Tensor]]:
+def official_vae_to_diffusers(state: dict[str, torch.Tensor],
+                              where: str = "VAE state dict") -> tuple[dict, dict[str, torch.Tensor]]:
     """(diffusers config, diffusers state dict) from an official Wan VAE state dict."""
     layout = vae_layout_from_official({k: tuple(v.shape) for k, v in state.items()}, where)
     return layout.diffusers_config(), _rename(state, vae_key_map(layout), where)
@@ -353,7 +369,8 @@ def load_official_t5(path: str | Path, tokenizer_dir: str | Path | None = None, 
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"{tokenizer_dir}: no such folder (the umT5 tokenizer, {T5_TOKENIZER_DIR}/ of the "
                                 f"official download), needed with {path}")
-    return UMT5Encoder.from_model(load_official_t5_model(path, dtype, device), tokenizer_dir, text_len=text_len, device=device)
+    model = load_official_t5_model(path, dtype, device)
+    return UMT5Encoder.from_model(model, tokenizer_dir, text_len=text_len, device=device)
 
 
 def official_folder_files(folder: str | Path) -> dict[str, Path]:

@@ -84,8 +84,8 @@ def resolve_text_encoder_kind(kind: str, text_dim: int) -> str:
     return kind
 
 
-def build_text_encoder(kind: str = "auto", text_dim: int = 64, text_len: int = 32, path: str | None = None, device="cpu",
-                       tokenizer: str | None = None, dtype: torch.dtype = torch.bfloat16):
+def build_text_encoder(kind: str = "auto", text_dim: int = 64, text_len: int = 32, path: str | None = None,
+                       device="cpu", tokenizer: str | None = None, dtype: torch.dtype = torch.bfloat16):
     """The text encoder for `data.text_encoder` (kind, path).
 
     umt5 `path`: a Hugging Face umT5 folder (config.json + weights + tokenizer), an official
@@ -97,9 +97,10 @@ def build_text_encoder(kind: str = "auto", text_dim: int = 64, text_len: int = 3
         return TinyTextEncoder(text_dim, text_len)
     if not path:
         raise ValueError(
-            f"this model reads umT5-XXL text embeddings (text_dim {text_dim}): set data.text_encoder.path to the official "
-            f"{official.T5_FILE} (with {official.T5_TOKENIZER_DIR}/ beside it), the folder holding both, or a Hugging Face "
-            "umT5-XXL folder; data.text_encoder.kind=tiny uses the weight-free hash encoder instead (not what the weights saw)")
+            f"this model reads umT5-XXL text embeddings (text_dim {text_dim}): set data.text_encoder.path to the "
+            f"official {official.T5_FILE} (with {official.T5_TOKENIZER_DIR}/ beside it), the folder holding both, or a "
+            "Hugging Face umT5-XXL folder; data.text_encoder.kind=tiny uses the weight-free hash encoder instead "
+            "(not what the weights saw)")
     p = Path(path)
     if p.is_dir() and (p / official.T5_FILE).is_file():
         p = p / official.T5_FILE
