@@ -157,3 +157,32 @@ def test_imaging_quality(official, videos, tmp_path):
     got = _ours(videos.values(), ["imaging_quality"], musiq_path=str(ckpt), musiq_factory="vbench_official:musiq_factory")
     for name in videos:  # VBench stores per-video MOS 0..100 and divides only the mean; we store /100
         assert got[name]["imaging_quality"] == pytest.approx(want[name] / 100, abs=1e-6), name
+
+
+def test_aesthetic_quality(official, videos, tmp_path):
+    """The official compute_aesthetic_quality end to end (clip.load of an OpenAI-format file, LAION head)
+    against ours reading the same two files (OpenAI CLIP -> transformers conversion)."""
+    clip_file = vo.write_openai_clip(tmp_path / "ViT-L-14.pt")
+    head = vo.write_aesthetic_head(tmp_path / "aesthetic_model" / "emb_reader")
+    info = vo.info_json(tmp_path / "info.json", videos.values(), "aesthetic_quality")
+    _, results = official.aq.compute_aesthetic_quality(info, "cpu", [str(clip_file), str(head.parent)])
+    want = _by_name(results)
+    got = _ours(videos.values(), ["aesthetic_quality"], clip_path=str(clip_file), aesthetic_head_path=str(head))
+    for name in videos:
+        assert got[name]["aesthetic_quality"] == pytest.approx(want[name], abs=1e-6), name
+
+
+def test_aesthetic_quality_fp16(official, videos, tmp_path):
+    """aesthetic_dtype=float16 = VBench's CLIP on a GPU (clip.load keeps convert_weights' fp16 there);
+    run here on CPU with the official fp16 model: agreement to fp16 rounding."""
+    clip_file = vo.write_openai_clip(tmp_path / "ViT-L-14.pt")
+    head = vo.write_aesthetic_head(tmp_path / "emb_reader")
+    model = official.clip_model.build_model(torch.jit.load(str(clip_file)).state_dict()).eval()  # fp16, as on GPU
+    assert model.dtype == torch.float16
+    name, path = "untagged-0.mp4", videos["untagged-0.mp4"]
+    _, res = official.aq.laion_aesthetic(official.aq.get_aesthetic_model(str(head.parent)), model, [str(path)], "cpu")
+    half = _ours([path], ["aesthetic_quality"], clip_path=str(clip_file), aesthetic_head_path=str(head),
+                 aesthetic_dtype="float16")[name]["aesthetic_quality"]
+    full = _ours([path], ["aesthetic_quality"], clip_path=str(clip_file), aesthetic_head_path=str(head))[name]
+    assert half == pytest.approx(res[0]["video_results"], abs=2e-3)
+    assert half != full["aesthetic_quality"]  # really ran in fp16

@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +66,10 @@ class Lambda:
 
 class Resize:
     def __init__(self, size, interpolation=InterpolationMode.BILINEAR, max_size=None, antialias=None):
-        assert antialias is False, "the shim implements VBench's antialias=False only"
-        self.size, self.mode = size, interpolation
+        self.size, self.mode, self.antialias = size, interpolation, antialias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.antialias is False, "the shim implements VBench's antialias=False only"
         h, w = x.shape[-2:]
         if isinstance(self.size, int):
             short, long = (w, h) if w <= h else (h, w)
@@ -367,3 +368,49 @@ def musiq_factory(path: str):
     net = official().musiq.MUSIQ(pretrained_model_path=path, **TINY_MUSIQ)
     net.training = False  # exactly what VBench's compute_imaging_quality sets
     return net
+
+
+# OpenAI CLIP (the `clip` package VBench imports) at a tiny width; 224 px, patch 14 and a 768-d
+# projection as ViT-L/14, so LAION's Linear(768, 1) head fits.
+TINY_CLIP = {"embed_dim": 768, "image_resolution": 224, "vision_layers": 2, "vision_width": 64,
+             "vision_patch_size": 14, "context_length": 77, "vocab_size": 49408, "transformer_width": 64,
+             "transformer_heads": 1, "transformer_layers": 1}
+
+
+def write_openai_clip(path: Path, seed: int = 0) -> Path:
+    """A random tiny OpenAI CLIP saved as the release is: a traced TorchScript archive with
+    forward/encode_image/encode_text and an input_resolution tensor
+    (clip.load cannot read a plain state dict on current torch: its fallback re-reads a consumed file)."""
+    torch.manual_seed(seed)
+    model = official().clip_model.CLIP(**TINY_CLIP).eval()
+    with torch.no_grad():  # the release stores fp16 weights; clip.load's build_model rounds to fp16 even on CPU
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    model.register_buffer("input_resolution", torch.tensor(TINY_CLIP["image_resolution"]))
+    img, txt = torch.randn(1, 3, 224, 224), torch.zeros(1, 77, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(model, {"forward": (img, txt), "encode_image": img, "encode_text": txt})
+        torch.jit.save(traced, str(path))
+    return path
+
+
+def write_aesthetic_head(folder: Path, seed: int = 0) -> Path:
+    """A random LAION head saved as sa_0_4_vit_l_14_linear.pth (VBench's get_aesthetic_model reads it)."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(768, 1)
+    with torch.no_grad():  # scores ~ 5 +- 1 on LAION's 1..10 scale
+        head.weight.mul_(40.0)
+        head.bias.fill_(5.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(head.state_dict(), folder / "sa_0_4_vit_l_14_linear.pth")
+    return folder / "sa_0_4_vit_l_14_linear.pth"
+
+
+def info_json(path: Path, videos, dimension: str) -> str:
+    """VBench's full-info JSON for custom videos (prompt from the file name)."""
+    import json
+
+    path.write_text(json.dumps([{"prompt_en": Path(v).stem, "dimension": [dimension], "video_list": [str(v)]}
+                                for v in videos]))
+    return str(path)

@@ -24,6 +24,7 @@ class EvalConfig:
     device: str = "cpu"
     batch_size: int = 4
     imaging_quality_mode: str = "longer"  # VBench default preprocessing for MUSIQ
+    aesthetic_dtype: str = "float32"  # float16: CLIP as VBench runs it on a GPU (fp16 weights, fp32 LayerNorm)
     prompts: str | None = None  # JSON {file name: prompt}; else <stem>.txt, else prompts.json in DIR
     raft_path: str | None = None
     raft_factory: str | None = None

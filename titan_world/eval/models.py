@@ -85,24 +85,41 @@ def first_tensor(out: Any, key: str | None = None) -> torch.Tensor:
 # ---------------------------------------------------------------- CLIP + LAION aesthetic head
 
 class ClipAesthetic:
-    """CLIP ViT-L/14 image embedding (transformers CLIPModel folder) -> LAION linear head.
+    """CLIP ViT-L/14 image embedding -> L2 norm -> LAION linear head (VBench's aesthetic quality).
 
-    `clip_path`: a folder in transformers format (e.g. a local copy of
-    openai/clip-vit-large-patch14). `head_path`: LAION's `sa_0_4_vit_l_14_linear.pth` (state
-    dict of nn.Linear(768, 1)). Score per frame = head(l2-normalised image embedding).
+    `clip_path`: OpenAI's `ViT-L-14.pt` (what VBench loads; TorchScript or state dict, converted
+    by clip_convert.py) or a transformers folder (e.g. a local openai/clip-vit-large-patch14).
+    `head_path`: LAION's `sa_0_4_vit_l_14_linear.pth` (state dict of nn.Linear(768, 1)).
+    `dtype`: "float32" (CPU default) or "float16" — VBench runs CLIP in fp16 on a GPU: fp16
+    weights, LayerNorm computed in fp32, as OpenAI's model does (scores agree to fp16 rounding).
     """
 
-    def __init__(self, clip_path: str | Path, head_path: str | Path, device: str = "cpu"):
-        from transformers import CLIPModel  # imported here: transformers is slow to import
+    def __init__(self, clip_path: str | Path, head_path: str | Path, device: str = "cpu", dtype: str = "float32"):
+        from transformers import AutoConfig, CLIPVisionModelWithProjection  # here: transformers is slow to import
+
+        from titan_world.eval.clip_convert import openai_clip_vision
 
         clip_path, head_path = Path(clip_path), Path(head_path)
         for p in (clip_path, head_path):
             if not p.exists():
                 raise ModelLoadError(f"model path {p} does not exist")
+        if dtype not in ("float32", "float16"):
+            raise ModelLoadError(f"aesthetic_dtype={dtype!r}: expected float32 or float16")
         try:
-            self.clip = CLIPModel.from_pretrained(str(clip_path), local_files_only=True).to(device).eval()
+            if clip_path.is_file():
+                self.clip = openai_clip_vision(clip_path)
+            else:  # a full CLIPModel folder: its image tower + projection (projection_dim lives in the top config)
+                cfg = AutoConfig.from_pretrained(str(clip_path), local_files_only=True)
+                vision_cfg = getattr(cfg, "vision_config", cfg)
+                vision_cfg.projection_dim = cfg.projection_dim
+                self.clip = CLIPVisionModelWithProjection.from_pretrained(str(clip_path), config=vision_cfg,
+                                                                          local_files_only=True)
         except Exception as e:
-            raise ModelLoadError(f"{clip_path}: not a transformers CLIPModel folder: {e}") from e
+            raise ModelLoadError(f"{clip_path}: neither an OpenAI CLIP file (ViT-L-14.pt) nor a transformers "
+                                 f"CLIP folder: {e}") from e
+        self.clip = self.clip.to(device).eval()
+        if dtype == "float16":
+            _half_keep_layernorm_fp32(self.clip)
         try:
             sd = torch.load(str(head_path), map_location="cpu", weights_only=True)
         except Exception as e:
@@ -117,12 +134,29 @@ class ClipAesthetic:
         self.head = torch.nn.Linear(dim, 1)
         self.head.load_state_dict(sd)
         self.head.to(device).eval()
-        self.image_size = int(self.clip.config.vision_config.image_size)
+        self.image_size = int(self.clip.config.image_size)
         self.device = device
+        self.dtype = getattr(torch, dtype)
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: CLIP-normalised [B, 3, S, S] -> aesthetic score [B] (LAION scale, ~1..10)."""
-        feats = self.clip.get_image_features(pixel_values=pixels.to(self.device)).float()
+        feats = self.clip(pixel_values=pixels.to(self.device, self.dtype)).image_embeds.float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         return self.head(feats).squeeze(-1)
+
+
+class _Fp32LayerNorm(torch.nn.LayerNorm):
+    """LayerNorm computed in fp32 on fp16 activations (OpenAI CLIP's `LayerNorm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def _half_keep_layernorm_fp32(model: torch.nn.Module) -> None:
+    """fp16 weights everywhere but LayerNorm (OpenAI's `convert_weights` layout)."""
+    model.half()
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.float()
+            m.__class__ = _Fp32LayerNorm

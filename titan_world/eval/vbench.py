@@ -28,7 +28,7 @@ NEEDS: dict[str, dict[str, str]] = {
     "motion_smoothness": {"amt_path": "AMT-S frame interpolation (amt-s.pth), TorchScript / pickled module / + amt_factory"},
     "imaging_quality": {"musiq_path": "MUSIQ SPAQ (pyiqa musiq_spaq_ckpt-358bb6af.pth), TorchScript / pickled module "
                                       "/ + musiq_factory"},
-    "aesthetic_quality": {"clip_path": "CLIP ViT-L/14 folder in transformers format",
+    "aesthetic_quality": {"clip_path": "OpenAI CLIP ViT-L-14.pt (as VBench loads it) or a transformers CLIP folder",
                           "aesthetic_head_path": "LAION sa_0_4_vit_l_14_linear.pth (nn.Linear(768,1) state dict)"},
     "overall_consistency": {"viclip_path": "ViCLIP-L/14 (InternVid), pickled module / + viclip_factory"},
 }
@@ -73,7 +73,7 @@ def load_model(name: str, cfg: EvalConfig) -> Any:
     if name == "imaging_quality":
         return load_callable(cfg.musiq_path, cfg.musiq_factory, dev)
     if name == "aesthetic_quality":
-        return ClipAesthetic(cfg.clip_path, cfg.aesthetic_head_path, dev)
+        return ClipAesthetic(cfg.clip_path, cfg.aesthetic_head_path, dev, cfg.aesthetic_dtype)
     if name == "overall_consistency":
         return load_callable(cfg.viclip_path, cfg.viclip_factory, dev)
     raise KeyError(name)
