@@ -77,7 +77,8 @@ def test_generate_refuses_bad_arguments_before_sampling(tmp_path, capsys, monkey
     with pytest.raises(ValueError, match=r"inf.json: 1 values are NaN or infinite \(first at frame 0, mouse_dx\)"):
         load_actions(inf)
     out = str(tmp_path / "x.mp4")
-    cases = [(["--actions", str(nan), "--frames", "9"], "NaN or infinite"), (["--steps", "0"], "--steps 0: expected at least 1"),
+    cases = [(["--actions", str(nan), "--frames", "9"], "NaN or infinite"),
+             (["--steps", "0"], "--steps 0: expected at least 1"),
              (["--steps", "-3"], "--steps -3"), (["--out", str(tmp_path / "x.txt")], "unknown extension")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA device"))
@@ -99,7 +100,8 @@ def test_generate_npy_output_and_negative_prompt(tmp_path):
     with torch.no_grad():  # a fresh head is zero (velocity 0 whatever the text): make the text matter
         model.head.head.weight.normal_(0, 0.5)
     save_pretrained(model, tmp_path / "ckpt")
-    base = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--frames", "5", "--steps", "2", "--guidance", "3", "--prompt", "a red ball"]
+    base = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--frames", "5", "--steps", "2", "--guidance", "3",
+            "--prompt", "a red ball"]
     assert main(base + ["--out", str(tmp_path / "a.npy")]) == 0
     assert main(base + ["--out", str(tmp_path / "b.npy"), "--negative-prompt", "blue cube"]) == 0
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")

@@ -41,27 +41,31 @@ def _tokenizer():
 
 
 def _pipeline(kind: str):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
+                           WanTransformer3DModel)
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(0)
-    text = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                       relative_attention_num_buckets=8)).eval()
+    text = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                       num_heads=4, relative_attention_num_buckets=8)).eval()
     ti2v = kind == "ti2v"
     z = 8 if ti2v else 4
     stats = dict(latents_mean=np.linspace(-0.5, 0.5, z).tolist(), latents_std=np.linspace(0.5, 2.0, z).tolist())
     if ti2v:  # Wan2.2's VAE layout: 2x2 pixel patches, residual blocks, stride 16
-        vae = AutoencoderKLWan(base_dim=3, z_dim=z, in_channels=12, out_channels=12, is_residual=True, patch_size=2, dim_mult=[1, 1, 1, 1],
-                               num_res_blocks=1, temperal_downsample=[False, True, True], scale_factor_spatial=16, **stats)
+        vae = AutoencoderKLWan(base_dim=3, z_dim=z, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                               dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                               scale_factor_spatial=16, **stats)
     else:
-        vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True], **stats)
+        vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], **stats)
     with torch.no_grad():  # a decoder whose frames span the whole 0..255 range (a random one stays near grey)
         vae.decoder.conv_out.weight.mul_(DECODER_GAIN)
         vae.decoder.conv_out.bias.mul_(DECODER_GAIN)
     in_ch = 2 * z + 4 if kind == "i2v" else z
 
     def dit():
-        net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_ch, out_channels=z,
+        net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_ch,
+                                    out_channels=z,
                                     text_dim=32, freq_dim=256, ffn_dim=48, num_layers=2, cross_attn_norm=True,
                                     qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
         with torch.no_grad():  # a strong text pathway: prompt, negative prompt and guidance all matter
@@ -96,7 +100,8 @@ def _image(size: int):
 def _reference(pipe, kind: str, noise: torch.Tensor, negative=NEGATIVE, guidance=GUIDANCE) -> np.ndarray:
     """diffusers' frames, [F, H, W, 3] in 0..255 (float)."""
     size = SIZE[kind]
-    kw = dict(prompt=PROMPT, negative_prompt=negative, height=size, width=size, num_frames=FRAMES, num_inference_steps=STEPS,
+    kw = dict(prompt=PROMPT, negative_prompt=negative, height=size, width=size, num_frames=FRAMES,
+              num_inference_steps=STEPS,
               guidance_scale=guidance[0], latents=noise.clone(), output_type="np")
     if kind == "ti2v":
         kw.pop("guidance_scale")
@@ -113,7 +118,8 @@ def _ours(tmp_path, folder, kind: str, noise: torch.Tensor, *extra: str) -> np.n
     size = SIZE[kind]
     save_file({"latents": noise[0].contiguous()}, str(tmp_path / f"{kind}_noise.safetensors"))
     out = tmp_path / f"{kind}.npy"
-    args = ["generate", "--checkpoint", str(folder), "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--frames", str(FRAMES),
+    args = ["generate", "--checkpoint", str(folder), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+            "--frames", str(FRAMES),
             "--height", str(size), "--width", str(size), "--steps", str(STEPS), "--guidance", str(GUIDANCE[0]),
             "--noise", str(tmp_path / f"{kind}_noise.safetensors"), "--out", str(out), "--device", "cpu", *extra]
     if kind != "t2v":
@@ -161,7 +167,8 @@ def test_generate_matches_diffusers_pipeline(kind, tmp_path):
     nudged = _reference(pipe, kind, noise * (1 + 1e-4))
     assert _diff(nudged, ref)[0] < 0.3
     assert _diff(_reference(pipe, kind, noise, negative="a dog runs in snow"), ref)[0] > 100
-    assert _diff(_reference(pipe, kind, noise, guidance=(GUIDANCE[1], GUIDANCE[0]) if kind != "ti2v" else (1.5, 1.5)), ref)[0] > 100
+    assert _diff(_reference(pipe, kind, noise, guidance=(GUIDANCE[1], GUIDANCE[0]) if kind != "ti2v" else (1.5, 1.5)),
+                 ref)[0] > 100
     unipc = pipe.scheduler
     pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
     assert _diff(_reference(pipe, kind, noise), ref)[0] > 100
@@ -233,17 +240,20 @@ def test_official_folder_generates_as_the_official_scheduler(tmp_path, monkeypat
     diffusers samples on the official grid (linspace(0.999, 0) before the shift)."""
     from titan_world.model.diffusers_names import diffusers_to_native
     from titan_world.model.io import save_state_dict
-    from titan_world.model.official import T5_FILE, T5_TOKENIZER_DIR, WAN21_VAE_FILE, save_official_t5, save_official_vae
+    from titan_world.model.official import (T5_FILE, T5_TOKENIZER_DIR, WAN21_VAE_FILE, save_official_t5,
+                                            save_official_vae)
 
     kind = "i2v"
     pipe = _pipeline(kind)
     z = pipe.vae.config.z_dim
-    pipe.vae.register_to_config(latents_mean=[0.0] * z, latents_std=[1.0] * z)  # a .pth carries no statistics for a 4-channel VAE
+    pipe.vae.register_to_config(latents_mean=[0.0] * z,
+                                latents_std=[1.0] * z)  # a .pth carries no statistics for a 4-channel VAE
     root = tmp_path / "Wan2.2-I2V-A14B"
     for sub, net in (("high_noise_model", pipe.transformer), ("low_noise_model", pipe.transformer_2)):
         c = net.config
-        config = {"_class_name": "WanModel", "model_type": "i2v", "dim": c.num_attention_heads * c.attention_head_dim, "ffn_dim": c.ffn_dim,
-                  "num_heads": c.num_attention_heads, "num_layers": c.num_layers, "in_dim": c.in_channels, "out_dim": c.out_channels,
+        config = {"_class_name": "WanModel", "model_type": "i2v", "dim": c.num_attention_heads * c.attention_head_dim,
+                  "ffn_dim": c.ffn_dim, "num_heads": c.num_attention_heads, "num_layers": c.num_layers,
+                  "in_dim": c.in_channels, "out_dim": c.out_channels,
                   "text_len": 512, "freq_dim": c.freq_dim, "eps": c.eps, "text_dim": c.text_dim}
         save_state_dict(diffusers_to_native(net.state_dict()), root / sub, config)
     save_official_vae(pipe.vae, root / WAN21_VAE_FILE)
@@ -252,12 +262,27 @@ def test_official_folder_generates_as_the_official_scheduler(tmp_path, monkeypat
 
     set_timesteps = pipe.scheduler.set_timesteps
     official = np.linspace(float(np.float32(0.999)), 0.0, STEPS + 1)[:-1]
-    monkeypatch.setattr(pipe.scheduler, "set_timesteps", lambda n, device=None: set_timesteps(device=device, sigmas=official.copy()))
+    monkeypatch.setattr(pipe.scheduler, "set_timesteps", lambda n, device=None: set_timesteps(device=device,
+                                                                                              sigmas=official.copy()))
     noise = _noise(pipe, kind)
     ref = _reference(pipe, kind, noise)
     ours = _ours(tmp_path, root, kind, noise, "--shift", "5")
     worst, mean = _diff(ours, np.round(ref))
     assert worst <= 1.5 and mean <= 0.2, (worst, mean)
+    # the DiT folders alone (a titan-world checkpoint of a reference model): VAE and text encoder from the config
+    import shutil
+
+    dits = tmp_path / "dits"
+    for sub in ("high_noise_model", "low_noise_model"):
+        shutil.copytree(root / sub, dits / sub)
+    vae_path = f"data.codec.path={root / WAN21_VAE_FILE}"
+    assert main(["generate", "--checkpoint", str(dits), "--out", str(tmp_path / "no_text.npy"), "--image",
+                 str(tmp_path / "image.png"), "data.codec.kind=wan_vae", vae_path, "data.text_encoder.kind=umt5",
+                 "--frames", "5", "--steps", "1"]) == 2  # umT5 asked for, without its files: an error, not a run
+    again = _ours(tmp_path, dits, kind, noise, "data.codec.kind=wan_vae", f"data.codec.path={root / WAN21_VAE_FILE}",
+                  "data.text_encoder.kind=umt5", f"data.text_encoder.path={root / T5_FILE}")
+    assert _diff(again, ours)[0] == 0
+
     monkeypatch.setattr(pipe.scheduler, "set_timesteps", set_timesteps)
     assert _diff(_reference(pipe, kind, noise), ref)[0] > 100  # diffusers' own grid would not match: the grid matters
 

@@ -126,7 +126,8 @@ def load_generation_model(cfg: TitanConfig, checkpoint: str | None, device, dtyp
 
 @torch.no_grad()
 def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs, *, steps: int, shift: float, sampler: str = "dpmpp2m",
-                           guidance: float = 1.0, seed: int = 0, device="cpu", progress=None, negative_prompt: str = "") -> np.ndarray:
+                           guidance: float = 1.0, seed: int = 0, device="cpu", progress=None,
+                           negative_prompt: str = "") -> np.ndarray:
     """Sample the clip conditioned on its first frame; returns uint8 [T, H, W, 3]."""
     t = len(inputs.actions)
 
@@ -147,8 +148,10 @@ def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs,
     i2v = model.cfg.cond_channels > 0
     denoise = conditioned_denoiser(model, context, latents, cond_mask, actions, i2v)
     if guidance != 1.0:
-        negative = text_encoder.encode([negative_prompt]).to(device, dtype)  # the unconditional branch: never a zero tensor
-        denoise = with_guidance(denoise, conditioned_denoiser(model, negative, latents, cond_mask, actions, i2v), guidance)
+        negative = text_encoder.encode([negative_prompt]).to(device,
+                                                             dtype)  # the unconditional branch: never a zero tensor
+        denoise = with_guidance(denoise, conditioned_denoiser(model, negative, latents, cond_mask, actions, i2v),
+                                guidance)
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g, device=device)
     out = sample(lambda x, tt: denoise(x.to(dtype), tt).float(), fill_given(noise, latents, cond_mask), steps, shift, sampler, progress=progress)
@@ -217,7 +220,8 @@ def load_noise(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
     if noise.ndim == len(shape) - 1:
         noise = noise[None]
     if tuple(noise.shape) != tuple(shape) or not noise.is_floating_point():
-        raise ValueError(f"--noise {p}: latents {noise.dtype} {tuple(noise.shape[1:]) if noise.ndim == len(shape) else tuple(noise.shape)}; "
+        got = tuple(noise.shape[1:]) if noise.ndim == len(shape) else tuple(noise.shape)
+        raise ValueError(f"--noise {p}: latents {noise.dtype} {got}; "
                          f"expected float [C, F', H/s, W/s] = {tuple(shape[1:])} for these frames and size")
     if not torch.isfinite(noise).all():
         raise ValueError(f"--noise {p}: latents hold NaN or infinite values")
@@ -306,8 +310,9 @@ def generate(cfg: TitanConfig, checkpoint: str | None, inputs: GenerationInputs,
     text = build_text_encoder(cfg.data.text_encoder.kind, mc.text_dim, mc.text_len, cfg.data.text_encoder.path, device=dev)
     if getattr(mc, "causal_chunk_frames", 0):
         return generate_causal(cfg, model, codec, text, inputs, seed=seed, source=source), source
-    video = generate_bidirectional(model, codec, text, inputs, steps=steps or 20, shift=shift, sampler=sampler, guidance=guidance, seed=seed,
-                                   device=dev, progress=progress, negative_prompt=negative_prompt)
+    video = generate_bidirectional(model, codec, text, inputs, steps=steps or 20, shift=shift, sampler=sampler,
+                                   guidance=guidance, seed=seed, device=dev, progress=progress,
+                                   negative_prompt=negative_prompt)
     return video, source
 
 
@@ -364,28 +369,36 @@ def read_prompt_file(path: str | Path) -> dict[str, str] | list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--checkpoint", help="a diffusers Wan pipeline folder (model_index.json), an official Wan folder, a Wan model "
-                        "folder or a run dir (uses RUN_DIR/model); default: the demo's model, else random weights")
-    parser.add_argument("--image", help="first frame (png/jpg); default: a synthetic-world frame (tiny models); none for text-to-video")
+    parser.add_argument("--checkpoint", help="a diffusers Wan pipeline folder (model_index.json), an official Wan "
+                        "folder, a Wan model folder or a run dir (uses RUN_DIR/model); default: the demo's model, "
+                        "else random weights")
+    parser.add_argument("--image",
+                        help="first frame (png/jpg); default: a synthetic-world frame (tiny models); "
+                             "none for text-to-video")
     parser.add_argument("--prompt", help="text prompt; default: the synthetic episode's caption")
-    parser.add_argument("--negative-prompt", help="the unconditional branch's prompt (default: the official Wan negative prompt "
-                        "for Wan models, empty for tiny ones)")
+    parser.add_argument("--negative-prompt", help="the unconditional branch's prompt (default: the official Wan "
+                        "negative prompt for Wan models, empty for tiny ones)")
     parser.add_argument("--actions", help="actions per video frame: .npy [T,8] or JSON list of {keys, mouse}")
     parser.add_argument("--frames", type=int, help="video frames, 1 + 4k (default: the model's, 33 for tiny models)")
     parser.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's, 20 for tiny models)")
-    parser.add_argument("--shift", type=float, help="flow shift of the sampling schedule (default: the model's scheduler, 5.0)")
-    parser.add_argument("--sampler", choices=list(SAMPLERS), help="default: unipc for Wan models, dpmpp2m for tiny ones")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale: the high-noise expert's, or both "
-                        "(default: the model's; 1 = off)")
-    parser.add_argument("--guidance-low", type=float, help="guidance of the low-noise expert (default: the model's, else --guidance)")
-    parser.add_argument("--noise", help="initial noise: safetensors with key 'latents' [C, F', H/s, W/s] (as diffusers' latents=)")
+    parser.add_argument("--shift", type=float,
+                        help="flow shift of the sampling schedule (default: the model's scheduler, 5.0)")
+    parser.add_argument("--sampler", choices=list(SAMPLERS),
+                        help="default: unipc for Wan models, dpmpp2m for tiny ones")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale: the high-noise expert's, or "
+                        "both (default: the model's; 1 = off)")
+    parser.add_argument("--guidance-low", type=float,
+                        help="guidance of the low-noise expert (default: the model's, else --guidance)")
+    parser.add_argument("--noise",
+                        help="initial noise: safetensors with key 'latents' [C, F', H/s, W/s] (as diffusers' latents=)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--episode-seed", type=int, default=123456, help="synthetic episode for the default image/actions")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--with-reference", action="store_true", help="also write the simulator's frames (OUT.reference.mp4) when known")
-    parser.add_argument("--out", default="generated.mp4", help="output: .mp4, or .npy (uint8 frames [F, H, W, 3], lossless)")
+    parser.add_argument("--out", default="generated.mp4",
+                        help="output: .mp4, or .npy (uint8 frames [F, H, W, 3], lossless)")
 
 
 def check_arguments(args: argparse.Namespace) -> torch.device:
@@ -422,11 +435,13 @@ def reference_settings(args: argparse.Namespace, bundle, image_hw: tuple[int, in
     else:
         height, width = args.height or p.height, args.width or p.width
     if height % multiple or width % multiple:
-        raise ValueError(f"--height {height} --width {width}: each must be a multiple of {multiple} (VAE stride x patch)")
+        raise ValueError(f"--height {height} --width {width}: each must be a multiple of {multiple} "
+                         "(VAE stride x patch)")
     high = args.guidance if args.guidance is not None else p.guidance_high
-    low = args.guidance_low if args.guidance_low is not None else (args.guidance if args.guidance is not None else p.guidance_low)
+    low = args.guidance_low if args.guidance_low is not None else high if args.guidance is not None else p.guidance_low
     return ReferenceSettings(
-        prompt=args.prompt or "", negative_prompt=args.negative_prompt if args.negative_prompt is not None else OFFICIAL_NEGATIVE_PROMPT,
+        prompt=args.prompt or "",
+        negative_prompt=args.negative_prompt if args.negative_prompt is not None else OFFICIAL_NEGATIVE_PROMPT,
         frames=args.frames or p.frames, height=height, width=width, steps=args.steps or p.steps,
         shift=args.shift if args.shift is not None else bundle.flow_shift, sampler=args.sampler or p.sampler,
         guidance=(high, low), schedule_start=bundle.schedule_start, seed=args.seed)
@@ -441,6 +456,35 @@ def write_output(path: str | Path, video: np.ndarray, fps: float) -> Path:
         np.save(path, video)
         return path
     return write_video(path, video, fps, lossless=False)
+
+
+def reference_checkpoint(cfg: TitanConfig, checkpoint: str, dev: torch.device):
+    """A titan-world checkpoint of a reference-conditioned Wan model (e.g. finetuned from official
+    weights, `model.conditioning: reference`) as a WanBundle with the configured codec and text
+    encoder (data.codec, data.text_encoder) and its model type's official defaults; None otherwise."""
+    from titan_world.model.io import CheckpointError, checkpoint_networks, read_config
+    from titan_world.model.pipeline import WanBundle
+    from titan_world.model.presets import preset_for
+
+    folders, _ = checkpoint_networks(checkpoint)
+    if read_config(folders[0])[0].conditioning != "reference":
+        return None
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = load_pretrained(checkpoint, dtype=dtype, device=dev).eval()
+    mc, experts = model.cfg, 2 if hasattr(model, "high") else 1
+    try:
+        preset = preset_for(mc.model_type, experts)
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint}: {e}") from None
+    codec = codec_from_config(cfg.data.codec, device=dev)
+    if codec.latent_channels != mc.out_dim:
+        raise CheckpointError(f"{checkpoint}: the model reads {mc.out_dim}-channel latents but data.codec "
+                              f"({cfg.data.codec.kind}) gives {codec.latent_channels}; set data.codec.kind=wan_vae "
+                              "and data.codec.path to its VAE")
+    te = cfg.data.text_encoder
+    text = build_text_encoder(te.kind, mc.text_dim, mc.text_len, te.path, device=dev, dtype=dtype)
+    return WanBundle(model, text, codec, preset, model.boundary if experts == 2 else None, preset.shift, "official",
+                     checkpoint)
 
 
 def run_reference(args: argparse.Namespace, bundle, progress) -> int:
@@ -462,8 +506,9 @@ def run_reference(args: argparse.Namespace, bundle, progress) -> int:
                                device=next(bundle.model.parameters()).device, progress=progress)
     out = write_output(args.out, video, bundle.preset.fps)
     g = settings.guidance
-    print(f"wrote {out} ({len(video)} frames, {video.shape[2]}x{video.shape[1]}, model: {bundle.source} [{bundle.preset.name}], "
-          f"{settings.sampler} {settings.steps} steps, shift {settings.shift:g}, guidance {g[0]:g}/{g[1]:g})")
+    print(f"wrote {out} ({len(video)} frames, {video.shape[2]}x{video.shape[1]}, model: {bundle.source} "
+          f"[{bundle.preset.name}], {settings.sampler} {settings.steps} steps, shift {settings.shift:g}, "
+          f"guidance {g[0]:g}/{g[1]:g})")
     return 0
 
 
@@ -479,7 +524,8 @@ def run(args: argparse.Namespace) -> int:
         dev = check_arguments(args)
         bundle = None
         if args.checkpoint:
-            bundle = load_wan_bundle(args.checkpoint, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+            bundle = load_wan_bundle(args.checkpoint, device=dev,
+                                     dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         if bundle is not None:
             return run_reference(args, bundle, bar)
     except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
@@ -487,13 +533,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = config_from_args(args)
     try:
+        bundle = reference_checkpoint(cfg, args.checkpoint, dev) if args.checkpoint else None
+        if bundle is not None:
+            return run_reference(args, bundle, bar)
         inputs = build_inputs(cfg, image=args.image, prompt=args.prompt, actions=args.actions, frames=args.frames or 33,
                               episode_seed=args.episode_seed)
         if args.guidance_low is not None and args.guidance_low != (args.guidance if args.guidance is not None else 1.0):
             raise ValueError("--guidance-low: a single-network model has one guidance scale (--guidance)")
-        video, source = generate(cfg, args.checkpoint, inputs, steps=args.steps, shift=args.shift if args.shift is not None else 5.0,
-                                 sampler=args.sampler or "dpmpp2m", guidance=args.guidance if args.guidance is not None else 1.0,
-                                 seed=args.seed, device=args.device, progress=bar, negative_prompt=args.negative_prompt or "")
+        video, source = generate(cfg, args.checkpoint, inputs, steps=args.steps,
+                                 shift=args.shift if args.shift is not None else 5.0, sampler=args.sampler or "dpmpp2m",
+                                 guidance=args.guidance if args.guidance is not None else 1.0, seed=args.seed,
+                                 device=args.device, progress=bar, negative_prompt=args.negative_prompt or "")
     except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
         print(f"titan-world generate: {e}", file=sys.stderr)
         return 2

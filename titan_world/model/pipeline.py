@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from titan_world.model.io import (PIPELINE_INDEX, CheckpointError, _assemble, _load_dense, check_not_one_expert, checkpoint_networks,
-                                  read_config)
+from titan_world.model.io import (PIPELINE_INDEX, CheckpointError, _assemble, _load_dense, check_not_one_expert,
+                                  checkpoint_networks, read_config)
 from titan_world.model.presets import WanPreset, preset_for
 
 log = logging.getLogger("titan_world.pipeline")
@@ -82,7 +82,8 @@ def _load_diffusers_text_encoder(root: Path, device, dtype):
 
     from titan_world.model.text_encoder import UMT5Encoder
 
-    te, tok = _require(root / "text_encoder", "the umT5 text encoder"), _require(root / "tokenizer", "the umT5 tokenizer")
+    te = _require(root / "text_encoder", "the umT5 text encoder")
+    tok = _require(root / "tokenizer", "the umT5 tokenizer")
     model = UMT5EncoderModel.from_pretrained(str(te), torch_dtype=dtype, local_files_only=True).to(device).eval()
     return UMT5Encoder.from_model(model, tok, text_len=PIPELINE_TEXT_LEN, device=device)
 
@@ -111,7 +112,8 @@ def load_diffusers_pipeline(root: Path, device="cpu", dtype: torch.dtype = torch
         raise CheckpointError(f"{root}: {e}") from None
     boundary = index.get("boundary_ratio")
     if two and boundary is None:
-        log.warning("%s: two experts but no boundary_ratio in %s; using %s's %.3f", root, PIPELINE_INDEX, preset.name, preset.boundary)
+        log.warning("%s: two experts but no boundary_ratio in %s; using %s's %.3f", root, PIPELINE_INDEX, preset.name,
+                    preset.boundary)
         boundary = preset.boundary
     cfg = _reference_config(cfg, model_type, boundary, len(folders))
     nets = [_load_dense(f, dtype, device, cfg) for f in folders]
@@ -142,7 +144,8 @@ def load_official_folder(root: Path, device="cpu", dtype: torch.dtype = torch.fl
     model = _assemble([_load_dense(f, dtype, device, cfg) for f in folders], boundary).eval()
     text = load_official_t5(files["t5"], files["tokenizer"], text_len=PIPELINE_TEXT_LEN, dtype=dtype, device=device)
     codec = WanVAECodec(str(files["vae"]), device=device, dtype=dtype)
-    return WanBundle(model, text, codec, preset, boundary if len(folders) == 2 else None, preset.shift, "official", str(root))
+    return WanBundle(model, text, codec, preset, boundary if len(folders) == 2 else None, preset.shift, "official",
+                     str(root))
 
 
 def load_wan_bundle(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> WanBundle | None:
