@@ -302,3 +302,49 @@ def test_presets_agree_with_the_model_configs():
         assert p.model_type == raw["model_type"] and p.experts == raw.get("num_experts", 1), preset
         if p.experts == 2:
             assert p.boundary == raw["boundary"], preset
+
+
+def test_reference_training_inputs_are_the_pipelines_inputs(tmp_path):
+    """Training a reference-conditioned model (finetuning official weights) builds the inputs the
+    reference pipeline builds: for I2V, diffusers' own `prepare_latents` condition y and the noisy
+    latents on every frame; the first step's loss then equals the one computed with diffusers'
+    transformer on those inputs. TI2V keeps frame 0 clean at t = 0; T2V noises every frame."""
+    import dataclasses
+
+    from titan_world.conditioning import masked_mse, training_inputs
+    from titan_world.model.codec import WanVAECodec
+    from titan_world.model.pipeline import load_wan_bundle
+
+    pipe = _pipeline("i2v")
+    pipe.save_pretrained(tmp_path / "wan")
+    bundle = load_wan_bundle(tmp_path / "wan")
+    codec = WanVAECodec(str(tmp_path / "wan" / "vae"))
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(1, 3, FRAMES, 32, 32, generator=g) * 2 - 1
+    latents = codec.encode(video)
+    sigma, noise = torch.tensor([0.7]), torch.randn(latents.shape, generator=g)
+    cfg = bundle.model.cfg
+    nb = training_inputs(cfg, latents, torch.ones(1, latents.shape[2], dtype=torch.bool), sigma, noise,
+                         first_frames=video[:, :, 0], codec=codec)
+    with torch.no_grad():
+        _, condition = pipe.prepare_latents(video[:, :, 0], 1, latents.shape[1], 32, 32, FRAMES, torch.float32, "cpu", None,
+                                            latents=noise)
+        torch.testing.assert_close(nb.cond, condition, rtol=1e-5, atol=1e-5)
+        x_t = 0.3 * latents + 0.7 * noise
+        torch.testing.assert_close(nb.x_t, x_t, rtol=1e-6, atol=1e-6)
+        assert bool((nb.t == 700.0).all()) and bool((nb.loss_mask == 1).all())
+        context = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=512)[0]
+        ours = masked_mse(bundle.model.high(nb.x_t, nb.t, context, cond=nb.cond), nb.target, nb.loss_mask)
+        ref = pipe.transformer(torch.cat([x_t, condition], 1), torch.tensor([700.0]), context, return_dict=False)[0]
+        ref_loss = (ref - (noise - latents)).pow(2).mean()
+    assert abs(ours.item() - ref_loss.item()) <= 1e-4 * ref_loss.item(), (ours.item(), ref_loss.item())
+    with pytest.raises(ValueError, match="first frame"):
+        training_inputs(cfg, latents, nb.loss_mask.bool(), sigma, noise)
+
+    ti2v = training_inputs(dataclasses.replace(cfg, model_type="ti2v", in_dim=cfg.out_dim), latents,
+                           torch.zeros(1, latents.shape[2], dtype=torch.bool), sigma, noise)
+    assert ti2v.cond is None and ti2v.t[0].tolist() == [0.0, 700.0] and ti2v.loss_mask[0].tolist() == [0.0, 1.0]
+    torch.testing.assert_close(ti2v.x_t[:, :, 0], latents[:, :, 0])
+    t2v = training_inputs(dataclasses.replace(cfg, model_type="t2v", in_dim=cfg.out_dim), latents,
+                          torch.ones(1, latents.shape[2], dtype=torch.bool), sigma, noise)
+    assert t2v.cond is None and t2v.t[0].tolist() == [700.0, 700.0] and t2v.loss_mask[0].tolist() == [1.0, 1.0]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from titan_world.diffusion.flow import add_noise, timesteps, velocity_target
+from titan_world.model.codec import TEMPORAL_STRIDE, codec_from_config, frames_to_video
 from titan_world.model.action import ActionInputs
 from titan_world.model.moe import WanMoE, expert_for
 
@@ -155,3 +156,48 @@ def reference_denoiser(model, context: torch.Tensor, negative: torch.Tensor, gui
 
 def with_first_latent(x: torch.Tensor, first_latent: torch.Tensor) -> torch.Tensor:
     return torch.cat([first_latent.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)
+
+
+@torch.no_grad()
+def training_inputs(model_cfg, latents: torch.Tensor, cond_mask: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, *,
+                    first_frames: torch.Tensor | None = None, codec=None) -> NoisedBatch:
+    """One training step's inputs in the model's formulation (`model.conditioning`).
+
+    clean_first_frame: `noise_batch` with the batch's cond_mask. reference, by model_type: I2V noises
+    every latent frame at the sample's sigma (one t per sample), adds y = [mask, VAE(first frame +
+    zero frames)] (needs `first_frames` [B, 3, H, W] in [-1, 1] and the `codec`) and takes the loss
+    on every frame; TI2V keeps latent frame 0 clean at t = 0 (no loss there, no extra channels);
+    T2V noises everything, text only. sigma: [B]."""
+    if model_cfg.conditioning != "reference":
+        return noise_batch(latents, cond_mask, sigma, noise, with_i2v_channels=model_cfg.cond_channels > 0)
+    b, _, f = latents.shape[:3]
+    given = torch.zeros(b, f, dtype=torch.bool, device=latents.device)
+    if model_cfg.model_type == "ti2v":
+        given[:, 0] = True
+    if model_cfg.model_type != "i2v":
+        return noise_batch(latents, given, sigma, noise, with_i2v_channels=False)
+    if first_frames is None or codec is None:
+        raise ValueError("reference I2V training needs each clip's first frame (a dataset with raw frames) and the "
+                         "VAE (data.codec) to build y = [mask, VAE(first frame + zero frames)]")
+    cond = reference_i2v_condition(codec, first_frames, 1 + TEMPORAL_STRIDE * (f - 1)).to(latents.dtype)
+    nb = noise_batch(latents, given, sigma, noise, with_i2v_channels=False)
+    return NoisedBatch(nb.x_t, nb.t, nb.target, nb.loss_mask, cond, nb.sigma)
+
+
+_CODECS: dict[tuple, object] = {}
+
+
+def training_batch_inputs(model_cfg, batch: dict, latents: torch.Tensor, cond_mask: torch.Tensor, sigma: torch.Tensor,
+                          noise: torch.Tensor, codec_cfg) -> NoisedBatch:
+    """`training_inputs` for a loader batch: with the reference I2V formulation, the clips' first
+    frames (batch["frames"], a dataset with raw frames) and the VAE of `data.codec`, built once."""
+    if model_cfg.conditioning != "reference" or model_cfg.model_type != "i2v":
+        return training_inputs(model_cfg, latents, cond_mask, sigma, noise)
+    if "frames" not in batch:
+        raise ValueError("model.conditioning=reference for an I2V model needs a dataset with raw frames "
+                         "(y = VAE(first frame + zero frames) is encoded per clip)")
+    key = (codec_cfg.kind, codec_cfg.spatial_stride, codec_cfg.path, codec_cfg.channels, str(latents.device))
+    if key not in _CODECS:
+        _CODECS[key] = codec_from_config(codec_cfg, device=latents.device)
+    first = frames_to_video(batch["frames"][:, :1].cpu().numpy())[:, :, 0].to(latents.device)
+    return training_inputs(model_cfg, latents, cond_mask, sigma, noise, first_frames=first, codec=_CODECS[key])

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from launch.torchrun import EXIT_PREEMPTED
-from titan_world.conditioning import actions_from_batch, noise_batch
+from titan_world.conditioning import actions_from_batch, training_batch_inputs
 from titan_world.data.loader import check_data_path, prepare_dataset
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.diffusion.flow import sample_sigma, unshift_sigma
@@ -292,7 +292,7 @@ class Trainer:
             g = torch.Generator(self.device).manual_seed(_sample_seed(self.cfg.train.seed, step, batch["episode_ids"][i], int(batch["start_frames"][i])))
             sigma[i] = sample_sigma((1,), self.stage.shift, lo, hi, generator=g, device=self.device)[0]
             noise[i] = torch.randn(latents.shape[1:], generator=g, device=self.device)
-        nb = noise_batch(latents, cond_mask, sigma, noise, with_i2v_channels=self.model_cfg.cond_channels > 0)
+        nb = training_batch_inputs(self.model_cfg, batch, latents, cond_mask, sigma, noise, self.cfg.data.codec)
         actions = actions_from_batch({k: batch[k].to(self.device) for k in ("actions", "c2w", "intrinsics")}, self.model_cfg.action.enabled)
         context = batch["text"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
