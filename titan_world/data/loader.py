@@ -81,13 +81,14 @@ class TrainLoader:
 
     def batches(self):
         """Endless batches, epoch after epoch (what a step-counted trainer wants)."""
-        while True:
-            empty = True
+        empty = 0  # epochs in a row without a batch: one is normal (resumed at an epoch's end), two would spin forever
+        while empty < 2:
+            empty += 1
             for batch in self.dl:
-                empty = False
+                empty = 0
                 yield batch
-            if empty:  # would spin forever; build_train_loader refuses such datasets up front
-                raise RuntimeError(f"an epoch of this rank's {len(self.dataset)} samples holds no batch of {self.batch_size}")
+        raise RuntimeError(f"an epoch of this rank's {len(self.dataset)} samples holds no batch of {self.batch_size} "
+                           "(build_train_loader refuses such datasets up front)")
 
     @property
     def dropped(self) -> int:

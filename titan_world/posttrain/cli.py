@@ -3,7 +3,8 @@
 causal: stage 1, diffusion forcing -> a block-causal student (RUN_DIR/model).
 dmd:    stage 2, self-rollout + DMD (+ GAN head) -> a few-step causal student (RUN_DIR/model).
 With no --config the tiny defaults run on the synthetic world (see docs/posttrain.md).
-SIGUSR1/SIGTERM checkpoint and exit 75; a run dir with checkpoints resumes.
+SIGUSR1/SIGTERM checkpoint and exit 75, Ctrl-C checkpoints and exits 130; a run dir with checkpoints
+resumes, `--resume` with nothing to resume is an error (exit 2).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.cli_common import add_config_arguments, add_job_arguments, config_from_args
+from launch.cli_common import add_config_arguments, add_job_arguments, check_nproc, config_from_args, resolve_resume
 
 STAGES = ("causal", "dmd")
 
@@ -29,15 +30,18 @@ def run(args: argparse.Namespace) -> int:
     from titan_world.posttrain.loop import check_mesh, run_stage
 
     cfg = config_from_args(args)  # config errors surface before anything starts
+    check_nproc(args.nproc)
     check_data_path(cfg)
+    resume = resolve_resume(cfg, bool(args.resume), "post-train")
     if args.nproc > 1 and not is_distributed_child():
         check_mesh(cfg, args.nproc)
         run_dir = resolve_run_dir(cfg)  # fixed once, so every rank writes to the same one
         # options first: argparse cannot resume positionals after an option
-        argv = ["titan_world.posttrain.cli", *(["--config", args.config] if args.config else []), *(["--resume"] if args.resume else [])]
+        argv = ["titan_world.posttrain.cli", *(["--config", args.config] if args.config else [])]
+        argv += ["--resume"] if resume else []
         argv += [args.stage, *[o for o in args.overrides if not o.startswith("run.dir=")], f"run.dir={run_dir}"]
         return launch_local(args.nproc, argv)
-    return run_stage(args.stage, cfg, resume=bool(args.resume))
+    return run_stage(args.stage, cfg, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> int:

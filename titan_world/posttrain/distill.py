@@ -39,6 +39,7 @@ from titan_world.posttrain.gan import FeatureTap, GANHead, d_loss, frozen, g_los
 from titan_world.posttrain.memory import prepare_network, store_teacher, teacher_dtype
 from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
 from titan_world.posttrain.sharding import Sharding
+from titan_world.train.faults import finite_on_all_ranks
 
 
 class Critic(nn.Module):
@@ -125,7 +126,7 @@ class DMDTrainer:
                  device: torch.device | str | None = None, fill: Callable[[], None] | None = None):
         self.student, self.teacher, self.pcfg, self.seed, self.dp_rank, self.grad_clip = student, teacher, pcfg, seed, dp_rank, grad_clip
         self.sharding = sharding
-        device = torch.device(device) if device is not None else next(fake.parameters()).device
+        self.device = device = torch.device(device) if device is not None else next(fake.parameters()).device
         store_teacher(teacher, teacher_dtype(pcfg.teacher_dtype, device))
         par = parallel or (sharding.parallel if sharding is not None else None)
         self.fake_checkpointed = prepare_network(fake, par, float8=False)  # the scores stay in bf16/fp32: see prepare_network
@@ -203,10 +204,14 @@ class DMDTrainer:
         return self.critic.head(hs)
 
     def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+        """One update; skipped (no step) when the loss or gradient norm is non-finite on any rank,
+        as in pretraining (the job loop counts and stops on such steps, train/faults.py)."""
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = average_and_clip(opt, self.grad_clip, sharded=self.sharding is not None)
-        opt.step()
+        if finite_on_all_ranks([float(loss.detach()), norm], self.device):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
         return norm
 
     # -- updates --------------------------------------------------------------------------------

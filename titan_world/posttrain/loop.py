@@ -4,7 +4,8 @@ The stage math lives in causal.py / distill.py; this file only wires it to a run
 checkpoints with `parallel.Checkpointer` (DCP, atomic, resumable), metrics.jsonl with the
 trainer's `MetricsLogger`, the final student exported with `save_pretrained`-compatible
 `export_model` to RUN_DIR/model/ (with `causal_chunk_frames` set, so `generate`/`serve` stream
-it), SIGUSR1/SIGTERM -> checkpoint -> exit 75.
+it), SIGUSR1/SIGTERM -> checkpoint -> exit 75, Ctrl-C -> checkpoint -> exit 130, non-finite
+updates skipped and a streak of them stopping the job (exit 3), as in pretraining (train/faults.py).
 
 Several ranks form the pretraining mesh (`parallel.dp_replicate x dp_shard x cp`). The
 data-parallel ranks read their own clips and draw their own noise; the `parallel.cp` ranks of one
@@ -17,7 +18,7 @@ keeps full replicas and all-reduces gradients (`distill.sync_grads`).
 from __future__ import annotations
 
 import json
-import signal
+import math
 import subprocess
 import sys
 import time
@@ -34,38 +35,18 @@ from titan_world.posttrain.causal import ChunkLayout, diffusion_forcing_loss, fo
 from titan_world.posttrain.distill import Batch, DMDTrainer, average_and_clip
 from titan_world.posttrain.memory import teacher_dtype
 from titan_world.posttrain.sharding import Sharding, set_context_parallel
+from titan_world.train.faults import (  # noqa: F401  (EXIT_PREEMPTED: the code tests and callers compare with)
+    EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, StopFlag, finite_on_all_ranks, stop_exit_code, stop_message,
+)
+from titan_world.train.state import resume_point
 
 DEMO_TEACHER = Path("runs/demo/train/model")
 DEMO_STUDENT = Path("runs/demo/causal/model")
-EXIT_PREEMPTED = 75  # launch.torchrun.EXIT_PREEMPTED
 
 
 def log(msg: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"[post-train] {msg}", file=sys.stderr, flush=True)
-
-
-class StopFlag:
-    """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits 75."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(sig, self._set)
-            except ValueError:  # not the main thread
-                pass
-
-    def _set(self, *_: object) -> None:
-        self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        """Any rank asked to stop -> every rank stops (same step, collective save). The flag
-        lives on `device`: NCCL reduces only GPU tensors."""
-        flag = torch.tensor([float(self.requested)], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -212,18 +193,23 @@ class PostTrainJob:
     stage = "?"
 
     def __init__(self, cfg: TitanConfig, resume: bool):
+        from parallel.checkpoint import Checkpointer
         from parallel.distributed import init_distributed
 
         self.cfg, self.resume = cfg, resume
         self.rank, self.world, self.device = init_distributed()
         self.mesh = job_mesh(cfg, self.world, self.device)  # before any work: a bad mesh is a config error
         check_data_path(cfg)
+        if resume and not cfg.run.dir:
+            raise ConfigError("resume: run.dir is unset; name the run to continue (run.dir=RUN_DIR)")
         torch.manual_seed(cfg.train.seed)  # new modules (GAN head) start identical on every rank and run
         if self.world > 1:  # every rank must use rank 0's run dir
             box = [str(resolve_run_dir(cfg)) if self.rank == 0 else None]
             dist.broadcast_object_list(box, src=0)
             cfg.run.dir = box[0]
         self.run_dir = resolve_run_dir(cfg)
+        self.ckpt = Checkpointer(self.run_dir, keep_last=cfg.train.keep_last)
+        self.resume_from = resume_point(self.ckpt, resume)  # before anything is written into the run dir
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
             prepare_dataset(cfg, progress=False)  # synthetic data when data.path asks for it; the other ranks wait
@@ -260,39 +246,56 @@ class PostTrainJob:
         metrics.message(f"[post-train {self.stage}] exported the student to {self.run_dir / 'model'}")
 
     def fit(self) -> int:
-        from parallel.checkpoint import Checkpointer
         from titan_world.train.metrics import MetricsLogger
 
-        cfg = self.cfg
-        ckpt = Checkpointer(self.run_dir, keep_last=cfg.train.keep_last)
+        cfg, ckpt, tag = self.cfg, self.ckpt, f"post-train {self.stage}"
         start = 0
-        if self.resume or ckpt.latest() is not None:
-            start = ckpt.load_latest(self.state()) or 0
-            if start:
-                log(f"{self.stage}: resumed at step {start} from {ckpt.latest()}")
+        if self.resume_from is not None:
+            start = ckpt.load_latest(self.state()) or 0  # falls back to an older checkpoint if the newest fails to load
+            log(f"{self.stage}: resumed at step {start} from {ckpt.path_for(start)}")
+        self.progress["step"] = start
         metrics = MetricsLogger(self.run_dir, cfg, rank=self.rank, total_steps=self.total, initial_step=start, resumed=start > 0)
-        stop = StopFlag()
+        guard = NonFiniteGuard(self.progress, cfg.train.max_bad_steps, tag, metrics.message, ckpt.latest)
+        stop = StopFlag(tag)
+        stop.install()
         batches = self.loader.batches()
-        step = start
+        step, rc = start, 0
         try:
             while step < self.total:
                 t0 = time.perf_counter()
-                record = {"step": step, "stage": self.stage, **self.train_step(step, next(batches)), "step_time_s": time.perf_counter() - t0}
+                raw = next(batches)
+                if step in cfg.train.inject_nan_steps:  # test hook: a batch that makes every loss non-finite
+                    raw = {**raw, "latents": raw["latents"] * float("nan")}
+                out = self.train_step(step, raw)
+                watched = [v for k, v in out.items() if k.endswith(("loss", "grad_norm"))]
+                skipped = not finite_on_all_ranks(watched, self.device)  # the updates skipped themselves (same rule)
+                values = {k: v if math.isfinite(v) else None for k, v in out.items()}
+                record = {"step": step, "stage": self.stage, **values, "skipped": skipped,
+                          "step_time_s": time.perf_counter() - t0}
                 metrics.log(record)
-                metrics.progress(1, {k: f"{v:.4f}" for k, v in record.items() if k.endswith("loss")})
+                metrics.progress(1, {k: f"{v:.4f}" for k, v in out.items() if k.endswith("loss")})
                 step += 1
                 self.progress["step"] = step
-                preempted = stop.agreed(self.device) or step == cfg.train.preempt_at_step  # the latter: test hook
-                if preempted or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < self.total):
+                if guard.after_step(step - 1, out.get("loss", out.get("dmd_loss", float("nan"))), skipped):
+                    rc = EXIT_DIVERGED
+                    break
+                hook = step == cfg.train.preempt_at_step  # test hook: behave as if SIGUSR1 arrived
+                code = max(stop.agreed(self.device), 1.0 if hook else 0.0)
+                every = cfg.train.ckpt_every
+                periodic = every and step % every == 0 and step < self.total and not guard.in_streak
+                if code or periodic:
+                    path = ckpt.save(step, self.state())
+                if code:
+                    metrics.message(stop_message(tag, code, path))
+                    rc = stop_exit_code(code)
+                    break
+            if rc == 0:
+                if start < self.total:
                     ckpt.save(step, self.state())
-                if preempted:
-                    metrics.message(f"[post-train {self.stage}] preempted: checkpoint at step {step}; exit {EXIT_PREEMPTED}")
-                    return EXIT_PREEMPTED
-            if start < self.total:
-                ckpt.save(step, self.state())
-            self.finish(metrics)
-            return 0
+                self.finish(metrics)
+            return rc
         finally:
+            stop.restore()
             metrics.close()
             self.loader.close()
 
@@ -337,8 +340,11 @@ class CausalJob(PostTrainJob):
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         norm = average_and_clip(self.opt, self.cfg.train.grad_clip, sharded=self.sharding is not None)
-        self.opt.step()
-        return {"loss": float(out.loss.detach()), "grad_norm": norm}
+        loss = float(out.loss.detach())
+        if finite_on_all_ranks([loss, norm], self.device):  # else skipped (no update), as in pretraining
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": loss, "grad_norm": norm}
 
 
 class DMDJob(PostTrainJob):

@@ -9,7 +9,6 @@ over ranks), forward/backward over micro-batches, clip, one collective + one hos
 from __future__ import annotations
 
 import math
-import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -19,20 +18,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from launch.torchrun import EXIT_PREEMPTED
 from titan_world.conditioning import actions_from_batch, training_batch_inputs
-from titan_world.data.loader import check_data_path, prepare_dataset
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
+from titan_world.data.loader import check_data_path, prepare_dataset
 from titan_world.diffusion.flow import sample_sigma, unshift_sigma
 from titan_world.model import WanMoE, build_model
 from titan_world.train import adapter as adapter_mod
+from titan_world.train.faults import (
+    EXIT_DIVERGED, INTERRUPT, PREEMPT, NonFiniteGuard, StopFlag, stop_exit_code, stop_message,
+)
 from titan_world.train.flops import device_peak_tflops, train_step_flops
 from titan_world.train.metrics import MetricsLogger, ProfilerWindow, peak_memory_gb
 from titan_world.train.optim import EMA, build_optimizer, clip_grad_norm, lr_factor, set_lr
-from titan_world.train.state import export_model, full_state_dict, peek_trainer_state
+from titan_world.train.state import export_model, full_state_dict, peek_trainer_state, resume_point
 from titan_world.train.weights import base_folders, fill_weights, networks, train_model_config
-
-EXIT_DIVERGED = 3  # too many consecutive non-finite losses
 
 
 @dataclass(frozen=True)
@@ -107,29 +106,6 @@ def check_train_config(cfg: TitanConfig, world_size: int, resuming: bool = False
         raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: expected auto, bf16 or fp32")
 
 
-class _StopFlag:
-    """SIGUSR1/SIGTERM -> finish the step, checkpoint, exit EXIT_PREEMPTED."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-
-
 def _sample_seed(seed: int, step: int, episode_id: str, start_frame: int) -> int:
     return zlib.crc32(f"{seed}/{step}/{episode_id}/{start_frame}".encode())
 
@@ -147,10 +123,16 @@ class Trainer:
         check_data_path(cfg)
         self.mesh = build_mesh(cfg.parallel, self.world, self.device.type)
         self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp_size
+        if resume and not cfg.run.dir:
+            raise ConfigError("resume: run.dir is unset; name the run to continue (run.dir=RUN_DIR)")
         self.run_dir = self._shared_run_dir()
+        self.ckpt = Checkpointer(self.run_dir, keep_last=t.keep_last)
+        path = resume_point(self.ckpt, resume)  # before anything is written into the run dir
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
         self.stages = plan_stages(cfg)
         self.total_steps = self.stages[-1].end
-        self.stop = _StopFlag()
+        self.stop = StopFlag("train")
         self.amp = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and self.device.type == "cuda")
 
         # -- model: built on the meta device, wrapped, then each rank fills only its shards ---------
@@ -173,8 +155,6 @@ class Trainer:
                 compile_blocks(net)
             if self.world > 1:
                 apply_fsdp(net, self.mesh, cfg.parallel)
-        self.ckpt = Checkpointer(self.run_dir, keep_last=t.keep_last)
-        path = self.ckpt.latest() if resume else None
         self.weights_note = self._fill_weights(model, resuming=path is not None)
         self.model = model
         names = set(self.trainable_names)
@@ -232,8 +212,6 @@ class Trainer:
         self.cfg.run.dir = box[0]
         run_dir = Path(box[0])
         run_dir.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            save_config(self.cfg, run_dir / "config.yaml")
         return run_dir
 
     def _build_loader(self, stage: Stage):
@@ -323,13 +301,16 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm(self.params, self.cfg.train.grad_clip).to(self.device)
-        stop_now = self.stop.requested or (self.cfg.train.preempt_at_step is not None and step + 1 == self.cfg.train.preempt_at_step)
+        preempt_hook = self.cfg.train.preempt_at_step is not None and step + 1 == self.cfg.train.preempt_at_step
+        stops = [float(self.stop.code == PREEMPT or preempt_hook), float(self.stop.code == INTERRUPT)]
         bad = (~torch.isfinite(loss_sum)) | (~torch.isfinite(grad_norm))
-        packed = torch.stack([loss_sum, grad_norm.float(), bad.float(), torch.tensor(float(stop_now), device=self.device)])
+        flags = torch.tensor(stops, device=self.device)
+        packed = torch.cat([torch.stack([loss_sum, grad_norm.float(), bad.float()]), flags])
         if self.world > 1:
             dist.all_reduce(packed)
             packed[:2] /= self.world  # CP ranks hold replicas of their group's loss: the mean is the DP mean
-        loss_v, norm_v, bad_v, stop_v = packed.tolist()  # the one host sync per step
+        loss_v, norm_v, bad_v, preempt_v, interrupt_v = packed.tolist()  # the one host sync per step
+        stop_v = INTERRUPT if interrupt_v else PREEMPT if preempt_v else 0.0  # a Ctrl-C on any rank wins
         skipped = bad_v > 0
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -338,7 +319,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update(self.named_trainable)
-        return {"loss": loss_v, "grad_norm": norm_v, "skipped": skipped, "stop": stop_v > 0, "expert": expert,
+        return {"loss": loss_v, "grad_norm": norm_v, "skipped": skipped, "stop": stop_v, "expert": expert,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     # -- the loop -------------------------------------------------------------------------------
@@ -347,6 +328,7 @@ class Trainer:
         pos = self.position
         log = MetricsLogger(self.run_dir, cfg, rank=self.rank, total_steps=self.total_steps, initial_step=pos["step"], resumed=self.resumed_from is not None)
         prof = ProfilerWindow(list(t.profile_steps), self.run_dir, self.rank, self.device)
+        guard = NonFiniteGuard(pos, t.max_bad_steps, "train", log.message, self.ckpt.latest)
         self.stop.install()
         if self.resumed_from is not None:
             log.message(f"[train] resumed from {self.resumed_from} at step {pos['step']} (stage {self.stage.name})")
@@ -373,20 +355,9 @@ class Trainer:
                 if trace:
                     log.message(f"[train] profiler trace: {trace}")
                 pos["step"] = step + 1
-                if out["skipped"]:
-                    pos["skipped"] += 1
-                    pos["bad_streak"] += 1
-                    log.message(f"[train] step {step}: non-finite loss/grad ({out['loss']}), step skipped ({pos['bad_streak']} in a row)")
-                    if pos["bad_streak"] > t.max_bad_steps:
-                        last = self.ckpt.latest()
-                        msg = (f"[train] stopping at step {step}: {pos['bad_streak']} consecutive non-finite losses "
-                               f"(train.max_bad_steps={t.max_bad_steps}). The last good checkpoint is "
-                               f"{last if last else '(none saved yet)'}; lower train.lr or check the data, then --resume.")
-                        log.message(msg)
-                        rc = EXIT_DIVERGED
-                        break
-                else:
-                    pos["bad_streak"] = 0
+                if guard.after_step(step, out["loss"], out["skipped"]):
+                    rc = EXIT_DIVERGED
+                    break
                 if step % cfg.run.log_every == 0 or pos["step"] == self.total_steps:
                     log.log(self._record(step, out, batches, dt))
                 log.progress(1, {"stage": self.stage.name, "loss": f"{out['loss']:.4f}"})
@@ -395,12 +366,12 @@ class Trainer:
                     log.message(f"[train] step {pos['step']}: stage {self.stage.name} done -> stage {nxt.name} ({nxt.frames} frames, shift {nxt.shift})")
                     self._enter_stage(nxt)
                 if out["stop"]:
-                    path = self.save()
-                    log.message(f"[train] preempted: checkpoint {path}; exiting {EXIT_PREEMPTED} (resume with --resume)")
-                    rc = EXIT_PREEMPTED
+                    log.message(stop_message("train", out["stop"], self.save()))
+                    rc = stop_exit_code(out["stop"])
                     break
                 # no periodic save inside a streak of skipped steps: the last checkpoint stays the last good one
-                if t.ckpt_every and pos["step"] % t.ckpt_every == 0 and pos["step"] < self.total_steps and not pos["bad_streak"]:
+                due = t.ckpt_every and pos["step"] % t.ckpt_every == 0 and pos["step"] < self.total_steps
+                if due and not guard.in_streak:
                     self.save()
             if rc == 0:
                 if self.last_saved != pos["step"]:

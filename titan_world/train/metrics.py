@@ -35,9 +35,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         path = run_dir / "metrics.jsonl"
-        kept = _lines_before(path, initial_step) if resumed else []
-        self.file = open(path, "w")  # a resumed run drops records past its checkpoint (they are redone)
-        self.file.writelines(kept)
+        if resumed:
+            _drop_records_from(path, initial_step)  # steps past the checkpoint are redone
+        else:
+            _set_aside(path)
+        self.file = open(path, "a")
         if cfg.run.progress:
             from tqdm import tqdm
 
@@ -78,17 +80,40 @@ class MetricsLogger:
                 self.wandb.finish(quiet=True)
 
 
-def _lines_before(path: Path, step: int) -> list[str]:
+def _drop_records_from(path: Path, step: int) -> None:
+    """Remove the records of steps >= `step` (the resumed run redoes them); every other line stays.
+    Rewritten atomically (a crash leaves the old file), and only when there is something to change."""
     if not path.is_file():
-        return []
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if json.loads(line)["step"] < step:
-                kept.append(line)
-        except (ValueError, KeyError):
-            pass
-    return kept
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) is None or _step_of(line) < step]
+    unterminated = bool(kept) and not kept[-1].endswith("\n")  # a line cut by a kill: end it, so appends stay lines
+    if len(kept) == len(lines) and not unterminated:
+        return
+    if unterminated:
+        kept[-1] += "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # not a record (a partial last line after a kill): kept as is
+
+
+def _set_aside(path: Path) -> None:
+    """A new run in a run dir whose earlier run left records but no checkpoint: its records move to
+    metrics.prev-N.jsonl (never overwritten) instead of being truncated."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    n = 1
+    while (aside := path.with_name(f"metrics.prev-{n}.jsonl")).exists():
+        n += 1
+    os.replace(path, aside)
+    print(f"[train] {path} held records of an earlier run without a checkpoint; moved to {aside}", file=sys.stderr)
 
 
 def _start_wandb(run_dir: Path, cfg):

@@ -15,9 +15,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from parallel.checkpoint import Checkpointer
+from parallel.checkpoint import Checkpointer, list_checkpoints
+from titan_world.config import ConfigError
 from titan_world.model import WanMoE
-from titan_world.model.io import config_json, save_state_dict
+from titan_world.model.io import CheckpointError, config_json, save_state_dict
 from titan_world.model.moe import EXPERT_DIRS
 
 
@@ -27,8 +28,29 @@ def peek_trainer_state(path: Path) -> dict:
     return dict(saved.get("trainer", {}))
 
 
-def latest_checkpoint(ckpt: Checkpointer) -> Path | None:
-    return ckpt.latest()
+def resume_point(ckpt: Checkpointer, resume: bool) -> Path | None:
+    """The checkpoint a job continues from, decided before any work (every rank calls it).
+
+    resume: the newest valid checkpoint; none at all is an error (a fresh random run that exits 0
+    would pass for a resumed one), and checkpoints none of which is valid raise the checkpointer's
+    `CheckpointError` naming each. Not resume: None, and a run dir that already holds checkpoints
+    is an error (the new run's first save would prune them and its export overwrite model/).
+    """
+    run_dir = ckpt.dir.parent
+    if not resume:
+        found = list_checkpoints(ckpt.dir)
+        if found:
+            raise ConfigError(f"run.dir={run_dir} already holds checkpoints (newest {found[0][1].name}): "
+                              "continue that run with --resume, or start a new one in another run.dir")
+        return None
+    path = ckpt.latest()
+    if path is None and list_checkpoints(ckpt.dir):
+        raise CheckpointError(f"--resume: none of the checkpoints in {ckpt.dir} is valid (see the warnings above); "
+                              "nothing was changed. Move the broken ones aside (or restore them) and resume again")
+    if path is None:
+        raise CheckpointError(f"--resume: nothing to resume in run.dir={run_dir} ({ckpt.dir} holds no checkpoint); "
+                              "drop --resume to start a new run there")
+    return path
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
