@@ -323,50 +323,6 @@ def test_a_second_ctrl_c_exits_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-# -- U4: Ctrl-C checkpoints ---------------------------------------------------------------------------------
-def test_ctrl_c_checkpoints_then_resume_continues(data_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    args = [*BASE, f"data.path={data_dir}", f"run.dir={run_dir}", "train.stages.0.steps=400", "train.ckpt_every=0",
-            "train.export=false"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "launch.cli", "train"]
-    proc = subprocess.Popen([*cmd, *args, "train.steps=400"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    try:
-        metrics = run_dir / "metrics.jsonl"
-        while proc.poll() is None and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out
-    assert "interrupted (Ctrl-C): checkpoint" in out and "written" in out, out
-    (ckpt,) = (run_dir / "checkpoints").glob("step_*")
-    stopped_at = int(ckpt.name.split("_")[1])
-    assert [r["step"] for r in _metrics(run_dir)] == list(range(stopped_at))
-    done = subprocess.run([*cmd, "--resume", *args, f"train.steps={stopped_at + 2}"], capture_output=True, text=True,
-                          env=env)
-    assert done.returncode == 0, done.stderr
-    assert f"resumed from {ckpt}" in done.stderr
-    assert [r["step"] for r in _metrics(run_dir)] == list(range(stopped_at + 2))
-
-
-def test_a_second_ctrl_c_exits_at_once():
-    from titan_world.train.faults import EXIT_INTERRUPTED, StopFlag, stop_exit_code
-
-    flag = StopFlag("train")
-    flag.install()
-    try:
-        os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, checkpoint, exit 130
-        assert flag.requested and stop_exit_code(flag.code) == EXIT_INTERRUPTED
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    finally:
-        flag.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
 # -- T4 / W8: bad values are config errors at load, naming key, value and expectation ------------------------
 @pytest.mark.parametrize("override, expected", [
     ("train.lr=-1", r"train.lr=-1.*positive"),

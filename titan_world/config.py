@@ -137,16 +137,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 e.full_key = key  # type: ignore[attr-defined]
             raise _explain(e, f"override {item!r}") from None
     cfg: TitanConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError:
+        raise
+    except (ArithmeticError, TypeError, ValueError) as e:  # a check that tripped over a value it did not expect
+        raise ConfigError(f"{cfg_path}: invalid value ({type(e).__name__}: {e}); see configs/ for valid values") \
+            from None
     return cfg
 
 
+MODEL_SIZES = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len", "freq_dim", "in_dim", "out_dim")
+
+
 def validate(cfg: TitanConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    try:
-        cfg.model.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    """Range and cross-field checks that types alone cannot express: each section's own
+    `validate()`, then the checks that span sections. Any error is a `ConfigError`."""
+    m = cfg.model
+    for key in MODEL_SIZES:  # before model.validate(), which divides by some of them
+        if getattr(m, key, 1) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)}: expected >= 1")
+    if cfg.run.log_every < 1:
+        raise ConfigError(f"run.log_every={cfg.run.log_every}: expected >= 1 (log every N steps)")
+    for section in (cfg.model, cfg.data, cfg.train, cfg.decoder, cfg.posttrain):
+        try:
+            section.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     p = cfg.parallel
     for key in ("dp_replicate", "cp"):
         if getattr(p, key) < 1:
@@ -181,8 +198,6 @@ def validate(cfg: TitanConfig) -> None:
             raise ConfigError(str(e)) from None
     if cfg.model.num_heads % p.cp:
         raise ConfigError(f"parallel.cp={p.cp}: model.num_heads={cfg.model.num_heads} must be divisible by it")
-    if cfg.train.global_batch < 1:
-        raise ConfigError(f"train.global_batch={cfg.train.global_batch}: expected >= 1")
     if cfg.train.expert not in ("all", "high", "low"):
         raise ConfigError(f"train.expert={cfg.train.expert!r}: expected all, high or low")
     if cfg.train.task not in ("pretrain", "action_finetune"):

@@ -44,3 +44,21 @@ class DataConfig:
     ingest_arrays: str = "stored"
     codec: CodecConfig = field(default_factory=CodecConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def validate(self) -> None:
+        """Ranges of this section alone (the size vs codec stride rule: titan_world/config.py)."""
+        def bad(key: str, value, expected: str) -> ValueError:
+            return ValueError(f"data.{key}={value!r}: expected {expected}")
+
+        for key in ("height", "width", "fps", "synth_episodes"):
+            if getattr(self, key) < 1:
+                raise bad(key, getattr(self, key), ">= 1")
+        if not self.synth_seconds > 0:
+            raise bad("synth_seconds", self.synth_seconds, "> 0")
+        for key in ("v2v_max_cond_frames", "num_workers"):
+            if getattr(self, key) < 0:
+                raise bad(key, getattr(self, key), ">= 0")
+        if self.codec.spatial_stride < 1:
+            raise bad("codec.spatial_stride", self.codec.spatial_stride, ">= 1 (the codec's pixels per latent, e.g. 4)")
+        if self.codec.channels < 0:
+            raise bad("codec.channels", self.codec.channels, ">= 0 (0: exact)")

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from titan_world.model.codec import check_frame_count
+
+
+def _bad(key: str, value, expected: str) -> ValueError:
+    return ValueError(f"posttrain.{key}={value!r}: expected {expected}")
 
 
 @dataclass
@@ -35,3 +42,27 @@ class PostTrainConfig:
     eval_clips: int = 4  # clips scored (PSNR vs ground truth, action following) before/after a stage
     teacher_dtype: str = "auto"  # frozen teacher's stored weights: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     fsdp: bool = True  # >1 rank: FSDP2-shard student, fake score + GAN head, frozen teacher; false: full replicas + gradient all-reduce
+
+    def validate(self) -> None:
+        """Ranges of this section alone (cross-section checks: titan_world/config.py)."""
+        for key in ("chunk_frames", "batch_size", "fake_updates", "rollout_chunks", "window_frames", "gan_queries",
+                    "bootstrap_steps"):
+            if getattr(self, key) < 1:
+                raise _bad(key, getattr(self, key), ">= 1")
+        for key in ("causal_steps", "dmd_steps", "sink_frames", "eval_clips"):
+            if getattr(self, key) < 0:
+                raise _bad(key, getattr(self, key), ">= 0")
+        for key in ("fake_lr", "student_lr", "causal_lr", "dmd_shift"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise _bad(key, value, "a positive number")
+        for key in ("gan_weight", "guidance_scale"):
+            if not getattr(self, key) >= 0:
+                raise _bad(key, getattr(self, key), ">= 0")
+        if not 0.0 < self.dmd_sigma_min < self.dmd_sigma_max < 1.0:
+            raise _bad("dmd_sigma_min/dmd_sigma_max", [self.dmd_sigma_min, self.dmd_sigma_max], "0 < min < max < 1")
+        for key in ("forcing_timesteps", "denoise_steps"):
+            steps = list(getattr(self, key))
+            if not steps or not all(0 < t <= 1000 for t in steps):
+                raise _bad(key, steps, "a non-empty list of timesteps in (0, 1000], e.g. [1000, 750, 500, 250]")
+        check_frame_count(self.clip_frames, f"posttrain.clip_frames={self.clip_frames}:")

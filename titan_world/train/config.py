@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from titan_world.model.codec import check_frame_count
+
+
+def _bad(key: str, value, expected: str) -> ValueError:
+    return ValueError(f"{key}={value!r}: expected {expected}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise _bad(key, value, "a positive number")
 
 
 @dataclass
@@ -56,6 +68,44 @@ class TrainConfig:
     preempt_at_step: int | None = None  # behave as if SIGUSR1 arrived during this step (checkpoint + exit 75)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
+    def validate(self) -> None:
+        """Ranges of this section alone (checks needing the world size or files: train/loop.py)."""
+        _positive("train.lr", self.lr)
+        if self.global_batch < 1:
+            raise _bad("train.global_batch", self.global_batch, ">= 1")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise _bad("train.betas", list(self.betas), "two Adam betas in [0, 1), e.g. [0.9, 0.99]")
+        if self.weight_decay < 0:
+            raise _bad("train.weight_decay", self.weight_decay, ">= 0")
+        if self.warmup_steps < 0:
+            raise _bad("train.warmup_steps", self.warmup_steps, ">= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise _bad("train.min_lr_ratio", self.min_lr_ratio, "a fraction of train.lr in [0, 1]")
+        if not self.grad_clip >= 0:
+            raise _bad("train.grad_clip", self.grad_clip, ">= 0 (0: no clipping)")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise _bad("train.micro_batch", self.micro_batch, ">= 1 samples per rank and micro-step (null: the per-rank batch)")
+        if self.keep_last < 1:
+            raise _bad("train.keep_last", self.keep_last, ">= 1 (checkpoints kept; the newest is always kept)")
+        if self.max_bad_steps < 0:
+            raise _bad("train.max_bad_steps", self.max_bad_steps, ">= 0 (non-finite steps in a row before the run stops)")
+        if self.sample_steps < 1:
+            raise _bad("train.sample_steps", self.sample_steps, ">= 1")
+        if self.action_check_episodes < 0:
+            raise _bad("train.action_check_episodes", self.action_check_episodes, ">= 0")
+        if not self.stages:
+            raise _bad("train.stages", [], "at least one stage")
+        for i, st in enumerate(self.stages):
+            key = f"train.stages[{i}]"
+            if not st.shift > 0:
+                raise _bad(f"{key}.shift", st.shift, "a positive flow shift")
+            if st.global_batch is not None and st.global_batch < 1:
+                raise _bad(f"{key}.global_batch", st.global_batch, ">= 1 (or null: train.global_batch)")
+            if st.lr is not None:
+                _positive(f"{key}.lr", st.lr)
+            if st.cp is not None and st.cp < 1:
+                raise _bad(f"{key}.cp", st.cp, ">= 1 (or null: parallel.cp)")
+
 
 @dataclass
 class DecoderDistillConfig:
@@ -72,3 +122,14 @@ class DecoderDistillConfig:
     edge_weight: float = 0.5  # L1 on image gradients beside the pixel L1: keeps the edges a plain L1 softens
     eval_batches: int = 4  # held-out batches (another seed) for the final PSNR against the teacher
     seed: int = 0
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "width", "depth", "eval_batches"):
+            if getattr(self, key) < 1:
+                raise _bad(f"decoder.{key}", getattr(self, key), ">= 1")
+        if self.warmup_steps < 0:
+            raise _bad("decoder.warmup_steps", self.warmup_steps, ">= 0")
+        _positive("decoder.lr", self.lr)
+        if self.edge_weight < 0:
+            raise _bad("decoder.edge_weight", self.edge_weight, ">= 0")
+        check_frame_count(self.clip_frames, f"decoder.clip_frames={self.clip_frames}:")
