@@ -80,6 +80,7 @@ def test_generate_refuses_bad_arguments_before_sampling(tmp_path, capsys, monkey
     cases = [(["--actions", str(nan), "--frames", "9"], "NaN or infinite"),
              (["--steps", "0"], "--steps 0: expected at least 1"),
              (["--steps", "-3"], "--steps -3"), (["--out", str(tmp_path / "x.txt")], "unknown extension")]
+    cases.append((["--height", "96"], "set data.height=96"))
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA device"))
     for extra, message in cases:

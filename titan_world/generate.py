@@ -540,6 +540,13 @@ def run(args: argparse.Namespace) -> int:
                               episode_seed=args.episode_seed)
         if args.guidance_low is not None and args.guidance_low != (args.guidance if args.guidance is not None else 1.0):
             raise ValueError("--guidance-low: a single-network model has one guidance scale (--guidance)")
+        for name, value, key in (("height", args.height, "data.height"), ("width", args.width, "data.width")):
+            if value is not None and value != getattr(cfg.data, name):
+                raise ValueError(f"--{name} {value}: a titan-world model generates at its config's size; "
+                                 f"set {key}={value}")
+        if args.noise is not None:
+            raise ValueError(f"--noise {args.noise}: initial noise is taken by Wan models (pipeline or official "
+                             "folders) only")
         video, source = generate(cfg, args.checkpoint, inputs, steps=args.steps,
                                  shift=args.shift if args.shift is not None else 5.0, sampler=args.sampler or "dpmpp2m",
                                  guidance=args.guidance if args.guidance is not None else 1.0, seed=args.seed,
