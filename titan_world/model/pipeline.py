@@ -95,7 +95,7 @@ def _reference_config(cfg, model_type: str, boundary: float | None, experts: int
 
 def load_diffusers_pipeline(root: Path, device="cpu", dtype: torch.dtype = torch.float32) -> WanBundle:
     """Both experts, boundary, expand_timesteps, scheduler shift, text encoder + tokenizer and VAE of
-    a diffusers Wan pipeline folder."""
+    a diffusers Wan pipeline folder. `dtype`: the DiT's and the text encoder's (the VAE stays fp32)."""
     from titan_world.model.codec import WanVAECodec
 
     index = json.loads((root / PIPELINE_INDEX).read_text())
@@ -118,7 +118,8 @@ def load_diffusers_pipeline(root: Path, device="cpu", dtype: torch.dtype = torch
     cfg = _reference_config(cfg, model_type, boundary, len(folders))
     nets = [_load_dense(f, dtype, device, cfg) for f in folders]
     model = _assemble(nets, boundary).eval()
-    codec = WanVAECodec(str(_require(root / "vae", "the VAE")), device=device, dtype=dtype)
+    vae = _require(root / "vae", "the VAE")
+    codec = WanVAECodec(str(vae), device=device, dtype=torch.float32)  # fp32, as the references run it
     return WanBundle(model, _load_diffusers_text_encoder(root, device, dtype), codec, preset, boundary if two else None,
                      _scheduler_shift(root), "diffusers", str(root))
 
@@ -143,7 +144,7 @@ def load_official_folder(root: Path, device="cpu", dtype: torch.dtype = torch.fl
     cfg = _reference_config(cfg, model_type, boundary, len(folders))
     model = _assemble([_load_dense(f, dtype, device, cfg) for f in folders], boundary).eval()
     text = load_official_t5(files["t5"], files["tokenizer"], text_len=PIPELINE_TEXT_LEN, dtype=dtype, device=device)
-    codec = WanVAECodec(str(files["vae"]), device=device, dtype=dtype)
+    codec = WanVAECodec(str(files["vae"]), device=device, dtype=torch.float32)  # the official VAE runs in fp32
     return WanBundle(model, text, codec, preset, boundary if len(folders) == 2 else None, preset.shift, "official",
                      str(root))
 
