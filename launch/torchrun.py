@@ -11,19 +11,50 @@ checkpoint-and-exit as a crash and restart the workers (`--max-restarts`). The a
 instead forwards SIGUSR1 to its workers (they live in their own sessions, so a process-group
 signal would miss them), switches elastic restarts off for the rest of this attempt, and exits
 with `EXIT_PREEMPTED` so the SLURM job script knows to requeue.
+
+Children die with their parent (Linux): the agent `launch_local` starts and every rank the agent
+starts get SIGTERM from the kernel when their parent dies (`PR_SET_PDEATHSIG`), so a `kill -9` of
+`titan-world train --nproc N` does not leave an agent and ranks training on and writing to the run
+dir: the agent stops its ranks, which checkpoint and exit, as on any SIGTERM. (Neither a process
+group nor a session helps here: nothing runs in a SIGKILLed launcher to signal one, and the ranks
+live in sessions of their own.)
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "checkpointed because asked to stop; requeue/resume me"
 PREEMPT_SIGNALS = (signal.SIGUSR1,)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_DEATH_SIGNAL = signal.SIGTERM  # the agent stops its ranks on it; ranks checkpoint and exit on it
+
+
+def _die_with_parent(parent: int, sig: int) -> None:
+    """Runs in a just-forked child (Popen preexec_fn): have the kernel send `sig` when the parent dies.
+
+    The kernel ties this to the parent *thread* that forked; callers here fork from the thread that
+    then waits for the child, so that thread outlives it. If the parent died before the prctl, the
+    child was already re-parented: signal ourselves, as the kernel would have.
+    """
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        return  # not permitted here: the child simply outlives its parent, as without this
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+def die_with_parent_hook(sig: int = PARENT_DEATH_SIGNAL) -> Callable[[], None] | None:
+    """A Popen `preexec_fn` that makes the child die with this process (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return functools.partial(_die_with_parent, os.getpid(), int(sig))
 
 
 def is_distributed_child() -> bool:
@@ -48,10 +79,11 @@ def launch_local(nproc: int, argv_module_args: Sequence[str], env: Mapping[str, 
     """Run `module args` on `nproc` local ranks; return the launcher's exit code.
 
     SIGUSR1/SIGTERM sent to this process are forwarded to the agent (which forwards to the
-    ranks), so `kill -USR1` on `titan-world train --nproc N` checkpoints like under SLURM.
+    ranks), so `kill -USR1` on `titan-world train --nproc N` checkpoints like under SLURM. If this
+    process dies (even by SIGKILL), the agent gets SIGTERM and stops the ranks.
     """
     cmd = local_torchrun_argv(nproc, argv_module_args, max_restarts=max_restarts)
-    proc = subprocess.Popen(cmd, env=None if env is None else {**os.environ, **env})
+    proc = subprocess.Popen(cmd, env=None if env is None else {**os.environ, **env}, preexec_fn=die_with_parent_hook())
     previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -139,6 +171,23 @@ def _track_agents(preemption: _Preemption) -> None:
     api.LocalElasticAgent = _TrackedAgent
 
 
+def _ranks_die_with_agent() -> None:
+    """Start every rank with `die_with_parent_hook`: torch's agent starts ranks in sessions of their
+    own, so without it a SIGKILLed agent (OOM killer, `kill -9`) leaves them running."""
+    import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler as handler
+
+    popen = getattr(handler, "Popen", None)
+    if popen is None or getattr(popen, "dies_with_agent", False):  # torch moved it: ranks outlive a killed agent
+        return
+
+    def popen_dying_with_agent(*args, **kwargs):
+        kwargs.setdefault("preexec_fn", die_with_parent_hook())  # called from the agent's main thread
+        return popen(*args, **kwargs)
+
+    popen_dying_with_agent.dies_with_agent = True  # type: ignore[attr-defined]
+    handler.Popen = popen_dying_with_agent
+
+
 def agent_main(argv: Sequence[str] | None = None) -> int:
     """`python -m launch.torchrun ...`: torchrun's CLI, returning EXIT_PREEMPTED after SIGUSR1."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -152,6 +201,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     for sig in PREEMPT_SIGNALS:
         signal.signal(sig, preemption.handle)
     _track_agents(preemption)
+    _ranks_die_with_agent()
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         run(args)
