@@ -39,6 +39,7 @@ def test_cli_vbench_compare_report(tmp_path, capsys):
     assert rc == 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "0.6683" in md and "| a |" in md and "| b |" in md
+    assert "| vbench |" in md and "clip-averaged" in md and "not directly comparable" in md
     assert (tmp_path / "cmp" / "plots" / "compare.png").is_file()
     assert main(["eval", "report", "--results", str(out / "results.json"), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.html").is_file()

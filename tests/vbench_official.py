@@ -14,8 +14,12 @@ official modules are imported and removed afterwards (the official functions kee
   pyramid), `imageio` (AMT's image files), `pkg_resources.packaging` (= `packaging`), and
   `timm.models.layers.DropPath` / `timm.models.registry.register_model` (ViCLIP; DropPath is the
   identity in eval mode, register_model a no-op decorator).
-* `pyiqa`, `pyiqa.archs`, `pyiqa.utils`, `pyiqa.data`: package shells whose `__init__` (which
-  imports every metric of the toolbox) is not run, so `pyiqa.archs.musiq_arch` loads alone.
+* `torchvision.io.write_video` (VBench-Long re-encodes its clips with it): torchvision's default
+  path re-stated on PyAV (libx264, yuv420p, no options); `scenedetect`, `moviepy`, `scipy.stats` names (the semantic split and
+  slow-fast fusion, off in custom mode).
+* `pyiqa`, `pyiqa.archs`, `pyiqa.utils`, `pyiqa.data`, `vbench2_beta_long`: package shells whose
+  `__init__` (importing every metric / the whole long pipeline) is not run, so
+  `pyiqa.archs.musiq_arch` and `vbench2_beta_long.utils` load alone.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-STUB_ROOTS = ("torchvision", "scipy", "imageio", "pkg_resources", "timm", "pyiqa")
+STUB_ROOTS = ("torchvision", "scipy", "imageio", "pkg_resources", "timm", "pyiqa", "scenedetect", "moviepy",
+              "vbench2_beta_long")
 
 
 # ------------------------------------------------------------------ torchvision.transforms stand-in
@@ -123,6 +128,28 @@ class ToPILImage:
         raise NotImplementedError("ToPILImage is not on a scoring path")
 
 
+def write_video(filename, video_array, fps, video_codec="libx264", options=None, **unused):
+    """torchvision.io.write_video's default path (VBench-Long re-encodes its clips with it): PyAV,
+    libx264, yuv420p, the given options (none), picture type left to the encoder."""
+    import av
+
+    video_array = torch.as_tensor(video_array, dtype=torch.uint8).numpy()
+    if isinstance(fps, float):
+        fps = np.round(fps)
+    with av.open(filename, mode="w") as container:
+        stream = container.add_stream(video_codec, rate=fps)
+        stream.width, stream.height = video_array.shape[2], video_array.shape[1]
+        stream.pix_fmt = "yuv420p" if video_codec != "libx264rgb" else "rgb24"
+        stream.options = options or {}
+        for img in video_array:
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pict_type = av.video.frame.PictureType.NONE
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 class DropPath(torch.nn.Module):
     def __init__(self, drop_prob=0.0):
         super().__init__()
@@ -156,6 +183,12 @@ def _stubs() -> dict[str, types.ModuleType]:
                  InterpolationMode=InterpolationMode)
     stubs = {
         "torchvision": _module("torchvision", transforms=tr), "torchvision.transforms": tr,
+        "torchvision.io": _module("torchvision.io", write_video=write_video),
+        "scenedetect": _module("scenedetect", open_video=None, SceneManager=None, split_video_ffmpeg=None),
+        "scenedetect.video_splitter": _module("scenedetect.video_splitter", split_video_ffmpeg=None),
+        "scenedetect.detectors": _module("scenedetect.detectors", ContentDetector=None),
+        "moviepy": _module("moviepy"), "moviepy.editor": _module("moviepy.editor", VideoFileClip=None),
+        "scipy.stats": _module("scipy.stats", rankdata=None),
         "scipy": _module("scipy"), "scipy.interpolate": _module("scipy.interpolate"),
         "scipy.special": _module("scipy.special", factorial=None),
         "imageio": _module("imageio", imread=None, imwrite=None),
@@ -164,7 +197,7 @@ def _stubs() -> dict[str, types.ModuleType]:
         "timm.models.layers": _module("timm.models.layers", DropPath=DropPath),
         "timm.models.registry": _module("timm.models.registry", register_model=lambda f: f),
     }
-    for name in ("pyiqa", "pyiqa.archs", "pyiqa.utils", "pyiqa.data"):
+    for name in ("pyiqa", "pyiqa.archs", "pyiqa.utils", "pyiqa.data", "vbench2_beta_long"):
         stubs[name] = _package_shell(name)
     return stubs
 
@@ -177,6 +210,7 @@ class Official:
         "iq": "vbench.imaging_quality", "aq": "vbench.aesthetic_quality", "oc": "vbench.overall_consistency",
         "utils": "vbench.utils", "raft": "vbench.third_party.RAFT.core.raft", "clip_model": "clip.model",
         "viclip": "vbench.third_party.ViCLIP.viclip", "musiq": "pyiqa.archs.musiq_arch",
+        "long_utils": "vbench2_beta_long.utils",
     }
 
     def __init__(self) -> None:

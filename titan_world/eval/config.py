@@ -18,9 +18,8 @@ ALL_DIMENSIONS = (
 class EvalConfig:
     dimensions: list[str] = field(default_factory=lambda: list(ALL_DIMENSIONS))
     window_seconds: float = 5.0  # per-window metrics over time; 0 disables
-    protocol: str = "vbench"  # vbench: whole video | vbench-long: mean over fixed-length clips
-    long_clip_seconds: float = 2.0  # VBench-Long clip length (clip_length_mix.yaml)
-    long_clip_seconds_oc: float = 10.0  # VBench-Long clip length for overall_consistency
+    protocol: str = "vbench"  # vbench: whole video | vbench-long: mean over re-encoded clips (docs/eval.md)
+    long_clip_seconds: int = 2  # VBench-Long custom mode: int(fps) * 2 frames per clip, every dimension
     device: str = "cpu"
     batch_size: int = 4
     imaging_quality_mode: str = "longer"  # VBench default preprocessing for MUSIQ

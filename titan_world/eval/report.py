@@ -32,6 +32,9 @@ PUBLISHED: dict[str, dict[str, float]] = {
                              "temporal_flickering": 0.9545, "overall_consistency": 0.1994},
 }
 REFERENCE = "LingBot-World (published)"
+# How the published numbers were computed: per-video scores averaged over clips (their dynamic
+# degree values 0.8857 / 0.7612 / 0.7217 are not multiples of 1/100 videos, so not whole-video 0/1).
+PUBLISHED_PROTOCOL = "clip-averaged (VBench-Long style; compare with --protocol vbench-long)"
 
 
 def _clean(x: Any) -> Any:
@@ -220,6 +223,7 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, float | None]] = {}
     sources: dict[str, str] = {}
+    protocols: dict[str, str] = {}
     for i, r in enumerate(runs):
         res = load_results(r)
         if res.get("kind") != "titan-world-eval/vbench":
@@ -232,11 +236,13 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path,
         rows[name] = {d: (info.get("mean") if info.get("status") == "ok" else None)
                       for d, info in res["dimensions"].items()}
         sources[name] = str(r)
+        protocols[name] = res.get("settings", {}).get("protocol", "vbench")
     table = {**rows, **PUBLISHED}
-    lines = ["# VBench comparison", "", "| run | " + " | ".join(SHORT[d] for d in TABLE_ORDER) + " |",
-             "|---" * (len(TABLE_ORDER) + 1) + "|"]
+    protocols.update({name: PUBLISHED_PROTOCOL for name in PUBLISHED})
+    lines = ["# VBench comparison", "", "| run | " + " | ".join(SHORT[d] for d in TABLE_ORDER) + " | protocol |",
+             "|---" * (len(TABLE_ORDER) + 2) + "|"]
     for name, vals in table.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(d)) for d in TABLE_ORDER) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(d)) for d in TABLE_ORDER) + f" | {protocols[name]} |")
     ref = PUBLISHED[REFERENCE]
     lines += ["", f"Difference to {REFERENCE} (run − reference):", "",
               "| run | " + " | ".join(SHORT[d] for d in TABLE_ORDER) + " |", "|---" * (len(TABLE_ORDER) + 1) + "|"]
@@ -244,14 +250,18 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path,
         lines.append(f"| {name} | " + " | ".join(
             "—" if vals.get(d) is None else f"{vals[d] - ref[d]:+.4f}" for d in TABLE_ORDER) + " |")
     lines += ["", "Published rows: LingBot-World technical report, Table 2 (VBench on 100 generated "
-              "videos longer than 30 s); '—' = dimension skipped or not run.", ""]
+              f"videos longer than 30 s), protocol {PUBLISHED_PROTOCOL}; '—' = dimension skipped or not run."]
+    if any(p != "vbench-long" for n, p in protocols.items() if n in rows):
+        lines += ["", "Note: runs scored with the whole-video `vbench` protocol are not directly comparable with "
+                  "the clip-averaged published rows (dynamic degree most of all)."]
+    lines += [""]
     chart = plots.bar_chart([SHORT[d] for d in TABLE_ORDER],
                             {n: [v.get(d) for d in TABLE_ORDER] for n, v in {**rows, REFERENCE: ref}.items()},
                             out / "plots" / "compare.png", title="VBench dimensions")
     lines += [f"![compare](plots/{chart.name})"]
     md = "\n".join(lines) + "\n"
     files = {"json": write_json({"kind": "titan-world-eval/compare", "runs": rows, "sources": sources,
-                                 "published": PUBLISHED, "reference": REFERENCE},
+                                 "protocols": protocols, "published": PUBLISHED, "reference": REFERENCE},
                                 out / "compare.json")}
     files["md"] = out / "compare.md"
     files["md"].write_text(md)

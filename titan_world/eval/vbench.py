@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ import numpy as np
 from titan_world.eval import dimensions as D
 from titan_world.eval.config import ALL_DIMENSIONS, EvalConfig
 from titan_world.eval.models import ClipAesthetic, ModelLoadError, load_callable
+from titan_world.eval.long_video import split_long_video
 from titan_world.eval.video_io import read_video
 
 # dimension -> config keys of the model files it needs (with what each file is)
@@ -113,20 +115,6 @@ def segments(num_frames: int, length: int, min_len: int) -> list[tuple[int, int]
     return out
 
 
-def score_protocol(name: str, frames: np.ndarray, fps: float, model: Any, cfg: EvalConfig,
-                   prompt: str | None) -> float:
-    """'vbench': the whole clip; 'vbench-long': mean over fixed-length clips (VBench-Long)."""
-    if cfg.protocol == "vbench":
-        return score_frames(name, frames, fps, model, cfg, prompt)
-    if cfg.protocol != "vbench-long":
-        raise ValueError(f"eval.protocol={cfg.protocol!r}: expected vbench|vbench-long")
-    secs = cfg.long_clip_seconds_oc if name == "overall_consistency" else cfg.long_clip_seconds
-    length = max(1, round(secs * fps)) if fps > 0 else len(frames)
-    vals = [score_frames(name, frames[s:e], fps, model, cfg, prompt)
-            for s, e in segments(len(frames), length, MIN_FRAMES[name])]
-    return float(np.mean(vals))
-
-
 class PromptsError(ValueError):
     """`--prompts` names a missing or malformed file (reported without a traceback)."""
 
@@ -169,7 +157,7 @@ def _window_scores(name: str, frames: np.ndarray, fps: float, model: Any, cfg: E
     for s, e in segments(len(frames), w, MIN_FRAMES[name]):
         starts.append(s / fps)
         try:
-            vals.append(score_protocol(name, frames[s:e], fps, model, cfg, prompt))
+            vals.append(score_frames(name, frames[s:e], fps, model, cfg, prompt))
         except D.DimensionError:
             vals.append(None)
     return starts, vals
@@ -184,6 +172,8 @@ def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None
             raise ValueError(f"unknown dimension {d!r}; choose from {', '.join(ALL_DIMENSIONS)}")
     if not videos:
         raise ValueError("no videos to evaluate")
+    if cfg.protocol not in ("vbench", "vbench-long"):
+        raise ValueError(f"eval.protocol={cfg.protocol!r}: expected vbench|vbench-long")
     say = progress or (lambda _m: None)
     dim_info: dict[str, dict[str, Any]] = {}
     models: dict[str, Any] = {}
@@ -211,14 +201,16 @@ def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None
         prompt, source = prompts[v.name]
         rec: dict[str, Any] = {"path": str(v), "prompt": prompt, "prompt_source": source,
                                "scores": {}, "errors": {}, "windows": {}}
-        try:  # one decode per colour mode, scored and freed before the next (memory: one copy)
-            for colour, dims_here in (by_colour or {"tagged": []}).items():
-                frames, fps = read_video(v, colour)
-                rec.update({"frames": int(len(frames)), "fps": fps, "duration_s": len(frames) / fps if fps else None,
-                            "height": int(frames.shape[1]), "width": int(frames.shape[2])})
-                for d in dims_here:
-                    _score_video(d, frames, fps, models[d], cfg, prompt, rec)
-                del frames
+        try:
+            if cfg.protocol == "vbench-long":
+                _score_long_video(v, models, by_colour, cfg, prompt, rec)
+            else:  # one decode per colour mode, scored and freed before the next (memory: one copy)
+                for colour, dims_here in (by_colour or {"tagged": []}).items():
+                    frames, fps = read_video(v, colour)
+                    _set_video_info(rec, frames, fps)
+                    for d in dims_here:
+                        _score_video(d, frames, fps, models[d], cfg, prompt, rec)
+                    del frames
         except (ValueError, OSError) as e:  # unreadable/truncated file: keep going, report it
             failed[v.name] = {"path": str(v), "reason": str(e)}
             say(f"{v.name}: NOT SCORED ({e})")
@@ -241,11 +233,39 @@ def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None
     }
 
 
+def _set_video_info(rec: dict[str, Any], frames: np.ndarray, fps: float) -> None:
+    rec.update({"frames": int(len(frames)), "fps": fps, "duration_s": len(frames) / fps if fps else None,
+                "height": int(frames.shape[1]), "width": int(frames.shape[2])})
+
+
+def _score_long_video(path: Path, models: dict[str, Any], by_colour: dict[str, list[str]], cfg: EvalConfig,
+                      prompt: str | None, rec: dict[str, Any]) -> None:
+    """VBench-Long custom mode (long_video.py): the mean over re-encoded 2 s clips, each read and
+    scored as VBench reads a video for that dimension. No windows (the clips are the windows)."""
+    with tempfile.TemporaryDirectory(prefix="titan_vbench_long_") as tmp:
+        clips, frames, fps = split_long_video(path, tmp, int(cfg.long_clip_seconds))
+        _set_video_info(rec, frames, fps)
+        del frames
+        rec["clips"] = len(clips)
+        values: dict[str, list[float]] = {d: [] for d in models}
+        for clip in clips:
+            for colour, dims_here in by_colour.items():
+                clip_frames, clip_fps = read_video(clip, colour)
+                for d in dims_here:
+                    try:
+                        values[d].append(score_frames(d, clip_frames, clip_fps, models[d], cfg, prompt))
+                    except D.DimensionError as e:
+                        rec["errors"][d] = f"clip {clip.name}: {e}"
+    for d, vals in values.items():
+        if vals:
+            rec["scores"][d] = float(np.mean(vals))
+
+
 def _score_video(d: str, frames: np.ndarray, fps: float, model: Any, cfg: EvalConfig, prompt: str | None,
                  rec: dict[str, Any]) -> None:
     """Score one dimension of one decoded video into `rec` (value, error, windows)."""
     try:
-        rec["scores"][d] = score_protocol(d, frames, fps, model, cfg, prompt)
+        rec["scores"][d] = score_frames(d, frames, fps, model, cfg, prompt)
     except D.DimensionError as e:
         rec["errors"][d] = str(e)
     starts, vals = _window_scores(d, frames, fps, model, cfg, prompt)
