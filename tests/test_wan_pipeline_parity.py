@@ -348,3 +348,65 @@ def test_reference_training_inputs_are_the_pipelines_inputs(tmp_path):
     t2v = training_inputs(dataclasses.replace(cfg, model_type="t2v", in_dim=cfg.out_dim), latents,
                           torch.ones(1, latents.shape[2], dtype=torch.bool), sigma, noise)
     assert t2v.cond is None and t2v.t[0].tolist() == [700.0, 700.0] and t2v.loss_mask[0].tolist() == [1.0, 1.0]
+
+
+def test_first_training_step_from_official_weights_uses_the_reference_inputs(tmp_path):
+    """Finetuning an official-layout I2V checkpoint (`model.conditioning=reference`, a Wan-VAE dataset
+    with raw frames): the trainer's first loss equals the loss of diffusers' transformer on the inputs
+    diffusers' I2V pipeline builds (prepare_latents' y, noise on every frame) at the trainer's sigma and noise."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
+
+    from parallel import destroy
+    from titan_world.config import load_config
+    from titan_world.data.writer import synthesize
+    from titan_world.diffusion.flow import sample_sigma
+    from titan_world.model.codec import frames_to_video
+    from titan_world.model.diffusers_names import diffusers_to_native
+    from titan_world.model.io import save_state_dict
+    from titan_world.train.loop import Trainer, _sample_seed
+
+    pipe = _pipeline("i2v")
+    pipe.vae.save_pretrained(tmp_path / "vae")
+    torch.manual_seed(5)
+    net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12,
+                                out_channels=4, text_dim=64, freq_dim=256, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+                                qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    official = {"_class_name": "WanModel", "model_type": "i2v", "dim": 24, "ffn_dim": 48, "num_heads": 2, "num_layers": 2,
+                "in_dim": 12, "out_dim": 4, "text_len": 32, "freq_dim": 256, "eps": 1e-6, "text_dim": 64}
+    save_state_dict(diffusers_to_native(net.state_dict()), tmp_path / "wan", official)
+    cfg = load_config(None, [
+        "data.height=32", "data.width=32", "data.codec.kind=wan_vae", f"data.codec.path={tmp_path / 'vae'}",
+        f"data.path={tmp_path / 'data'}", "run.wandb=disabled", "run.progress=false", f"run.dir={tmp_path / 'run'}",
+        "train.global_batch=2", "train.warmup_steps=1", "train.ckpt_every=0", "train.steps=1", "train.stages.0.frames=5",
+        "train.action_check_episodes=0", "model.dim=24", "model.ffn_dim=48", "model.num_heads=2", "model.num_layers=2",
+        "model.in_dim=12", "model.out_dim=4", "model.text_dim=64", "model.action.enabled=false",
+        "model.conditioning=reference", f"train.base_checkpoint={tmp_path / 'wan'}"])
+    synthesize(cfg, tmp_path / "data", 2, 1.0, keep_raw=True, progress=False)
+    trainer = Trainer(cfg)
+    try:
+        batches = [next(trainer.batches) for _ in range(trainer.accum)]
+        loss = trainer.train_step(0, batches)["loss"]
+    finally:
+        trainer.loader.close()
+        destroy()
+
+    reference = WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, scheduler=pipe.scheduler,
+                                        vae=AutoencoderKLWan.from_pretrained(tmp_path / "vae").eval(), transformer=net)
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            for i in range(batch["latents"].shape[0]):
+                z = batch["latents"][i : i + 1]
+                seed = _sample_seed(cfg.train.seed, 0, batch["episode_ids"][i], int(batch["start_frames"][i]))
+                g = torch.Generator().manual_seed(seed)
+                sigma = sample_sigma((1,), trainer.stage.shift, 0.0, 1.0, generator=g)[0]
+                noise = torch.randn(z.shape[1:], generator=g)[None]
+                image = frames_to_video(batch["frames"][i : i + 1, :1].numpy())[:, :, 0]
+                _, y = reference.prepare_latents(image, 1, 4, 32, 32, 5, torch.float32, "cpu", None, latents=noise)
+                x_t = (1 - sigma) * z + sigma * noise
+                pred = net(torch.cat([x_t, y], 1), (sigma * 1000).view(1), batch["text"][i : i + 1], return_dict=False)[0]
+                losses.append((pred - (noise - z)).pow(2).mean().item())
+    assert loss == pytest.approx(float(np.mean(losses)), rel=1e-4), (loss, losses)
