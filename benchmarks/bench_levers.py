@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, change in _levers(sc, [float(x) for x in base.sigmas], dev, args.light_decoder):
         lever_cfg = copy.deepcopy(cfg)
+        lever_cfg.serving.force_geometry = True  # a lever is a setting the student was not trained for, on purpose
         for k, v in change.items():
             setattr(lever_cfg.serving, k, v)
         engine = base if not change else build_engine(lever_cfg)

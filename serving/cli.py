@@ -81,7 +81,7 @@ def _serve(cfg, engine_kind: str, *, require_causal: bool) -> int:
     if engine_kind == "fake":
         from serving.fake_engine import FakeEngine
 
-        engine = FakeEngine(sc.height, sc.width, sc.fps, sc.chunk_frames)
+        engine = FakeEngine(sc.height, sc.width, sc.fps, sc.chunk_frames or 1)
         asyncio.run(serve_forever(StreamServer(engine, sc), sc.host, sc.port))
         return 0
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:

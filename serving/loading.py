@@ -7,13 +7,14 @@ noise, but every stage of the pipeline runs for real).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from serving.config import ServingConfig
+from serving.config import ServingConfig, with_fallback_geometry
 from serving.engine import EngineError
 from serving.streaming import StreamingEngine, default_sigmas
 from titan_world.config import TitanConfig
@@ -35,7 +36,6 @@ DEMO_ROOT = Path("runs/demo")
 def find_demo_student(root: Path = DEMO_ROOT) -> Path | None:
     """The newest Wan-format folder under runs/demo holding a block-causal student
     (config.json with `titan_world.causal_chunk_frames > 0`, as post-training exports it)."""
-    import json
 
     if not root.is_dir():
         return None
@@ -111,23 +111,66 @@ def resolved_serving(cfg: TitanConfig) -> ServingConfig:
     return replace(sc, height=sc.height or d.height, width=sc.width or d.width, fps=sc.fps or float(d.fps))
 
 
-def student_settings(sc: ServingConfig, model_cfg, source: str) -> ServingConfig:
-    """Stream a student the way it was trained: its chunk size (config.json) and its denoising
-    timesteps (`posttrain.json`, written by post-training next to the weights). The cache's sink
-    and window stay the serving config's (they trade memory for context)."""
-    import json
+def trained_geometry(model_cfg, folder: Path) -> dict:
+    """What a causal student was trained with: chunk size (config.json), timesteps, sink and window
+    (`posttrain.json`, written by post-training next to the weights) and a clean t = 0 K/V refresh
+    (the only mode post-training trains). {} for a bidirectional model (it was trained on none of it)."""
+    meta_path = folder / "posttrain.json"
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise EngineError(f"{meta_path}: unreadable ({e})") from None
+    chunk = model_cfg.causal_chunk_frames or meta.get("chunk_frames")
+    if not chunk:
+        return {}
+    trained: dict = {"chunk_frames": int(chunk), "kv_refresh": meta.get("kv_refresh", "clean")}
+    for key in ("sink_frames", "window_frames"):
+        if key in meta:
+            trained[key] = int(meta[key])
+    if meta.get("denoise_steps"):
+        trained["sigmas"] = [t / 1000.0 for t in meta["denoise_steps"]]
+    return trained
 
+
+def _asked_sigmas(sc: ServingConfig) -> list[float] | None:
+    if sc.sigmas:
+        return [float(x) for x in sc.sigmas]
+    return default_sigmas(sc.denoise_steps) if sc.denoise_steps is not None else None
+
+
+def student_settings(sc: ServingConfig, model_cfg, source: str) -> ServingConfig:
+    """Stream a student the way it was trained (`trained_geometry`): unset serving keys take the
+    student's values; a set one that differs is an EngineError naming each key, unless
+    `serving.force_geometry` (then it runs, with a warning naming each difference)."""
+    folder = Path(source)
+    trained = trained_geometry(model_cfg, folder)
     changes: dict = {}
-    if model_cfg.causal_chunk_frames and model_cfg.causal_chunk_frames != sc.chunk_frames:
-        changes["chunk_frames"] = model_cfg.causal_chunk_frames
-    meta = Path(source) / "posttrain.json"
-    if meta.is_file():
-        steps = json.loads(meta.read_text()).get("denoise_steps")
-        trained = [t / 1000.0 for t in steps or []]
-        if trained and not sc.sigmas and trained != default_sigmas(sc.denoise_steps):
-            changes["sigmas"] = trained
+    differences: list[str] = []
+    for key, value in trained.items():
+        if key == "sigmas":
+            asked = _asked_sigmas(sc)
+            if asked is None:
+                changes.update(sigmas=value, denoise_steps=len(value))
+            elif asked != value:
+                differences.append(f"serving.sigmas={asked} (serving.denoise_steps={sc.denoise_steps}) vs the "
+                                   f"student's timesteps {value}")
+        elif getattr(sc, key) is None:
+            changes[key] = value
+        elif getattr(sc, key) != value:
+            what = f"serving.{key}={getattr(sc, key)!r} vs the student's {value!r}"
+            if key == "kv_refresh":
+                what += (" (last_step: one pass per chunk cheaper, but the cache holds noisy-step K/V the student "
+                         "never saw: a speed/quality trade-off, docs/serving.md)")
+            differences.append(what)
+    if differences:
+        where = f"{folder} (config.json, posttrain.json)"
+        if not sc.force_geometry:
+            raise EngineError(f"{where}: the student was not trained for " + "; ".join(differences)
+                              + ". Unset these keys to serve it as trained, or set serving.force_geometry=true")
+        log.warning("serving.force_geometry: streaming %s with settings it was not trained for: %s", where,
+                    "; ".join(differences))
     if changes:
-        log.warning("serving the student with its trained settings: %s", changes)
+        log.info("serving the student with its trained settings: %s", changes)
     return replace(sc, **changes)
 
 
@@ -139,6 +182,7 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None, require_caus
     model, source = load_model(cfg, device, dtype, require_causal=require_causal)
     if source != "random":
         sc = student_settings(sc, model.cfg, str(resolve_checkpoint_dir(source)))
+    sc = with_fallback_geometry(sc)
     mc = model.cfg
     if cp is not None:
         model.set_context_parallel(cp)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from serving.config import ServingConfig
+from serving.config import ServingConfig, check_geometry, with_fallback_geometry
 from serving.engine import TEMPORAL_STRIDE, BaseSession, Chunk, EngineError, image_to_tensor
 from serving.graphs import GraphedBackbone
 from titan_world.model.codec import video_to_frames
@@ -33,6 +33,7 @@ from serving.pose import PoseTracker
 from titan_world.model.action import ActionInputs
 from titan_world.model.dit import PreparedContext, WanDiT
 from titan_world.model.kv_cache import KVCache
+from titan_world.posttrain.rollout import denoise_chunk
 
 log = logging.getLogger("titan_world.serving")
 
@@ -112,6 +113,11 @@ class StreamingEngine:
     def __init__(self, model: WanDiT, codec, text_encoder, cfg: ServingConfig, *, cp=None):
         if not isinstance(model, WanDiT):
             raise EngineError(f"serving needs a dense causal student (WanDiT); got {type(model).__name__}")
+        cfg = with_fallback_geometry(cfg)  # serving/loading.py fills them from the student first
+        try:
+            check_geometry(cfg)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         self.model, self.codec, self.text_encoder, self.cfg = model.eval(), codec, text_encoder, cfg
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -135,8 +141,9 @@ class StreamingEngine:
             raise EngineError(f"serving.sigmas={self.sigmas}: expected decreasing values in (0, 1]")
         if cfg.sampler not in ("renoise", "euler"):
             raise EngineError(f"serving.sampler={cfg.sampler!r}: expected renoise or euler")
-        if cfg.kv_refresh not in ("clean", "last_step"):
-            raise EngineError(f"serving.kv_refresh={cfg.kv_refresh!r}: expected clean or last_step")
+        if cfg.kv_refresh == "last_step":
+            log.warning("serving.kv_refresh=last_step: a speed/quality trade-off: one pass per chunk fewer, but the "
+                        "cache holds the last denoising step's (noisy) K/V, which the student never saw in training")
         self.cuda_graphs = cfg.cuda_graphs
         if cfg.cuda_graphs and self.cp_size > 1:
             log.warning("serving.cuda_graphs is not supported with --gpus %d yet; serving without graphs", self.cp_size)
@@ -218,19 +225,13 @@ class StreamingSession(BaseSession):
         act = self._chunk_actions(a)
         cond = self._cond(self.frame, n)
         x = self._noise.normal_(generator=self.generator).clone()
-        sig = self.engine.sigmas
         last_writes = self.cfg.kv_refresh == "last_step"
-        for i, s in enumerate(sig):
-            final = i == len(sig) - 1
-            v = self._forward(x, s, cond, act, write=final and last_writes).float()
-            x0 = x - s * v
-            if final:
-                x = x0
-            elif self.cfg.sampler == "renoise":
-                nxt = sig[i + 1]
-                x = (1 - nxt) * x0 + nxt * self._noise.normal_(generator=self.generator)
-            else:
-                x = x + (sig[i + 1] - s) * v
+
+        def predict(x: torch.Tensor, sigma: float, final: bool) -> torch.Tensor:
+            return self._forward(x, sigma, cond, act, write=final and last_writes).float()
+
+        x = denoise_chunk(predict, x, self.engine.sigmas, lambda: self._noise.normal_(generator=self.generator),
+                          self.cfg.sampler)
         _sync(dev)
         t1 = time.perf_counter()
         if not last_writes:

@@ -22,15 +22,20 @@ def test_find_demo_student_picks_the_causal_export(tmp_path):
 def test_student_is_served_with_its_trained_chunk_and_timesteps(tmp_path):
     import json
 
+    import pytest
+
     from serving.config import ServingConfig
+    from serving.engine import EngineError
     from serving.loading import student_settings
 
     cfg = dataclasses.replace(load_config().model, causal_chunk_frames=3)
     (tmp_path / "posttrain.json").write_text(json.dumps({"chunk_frames": 3, "denoise_steps": [1000, 600, 300]}))
-    sc = student_settings(ServingConfig(chunk_frames=1), cfg, str(tmp_path))
+    sc = student_settings(ServingConfig(), cfg, str(tmp_path))
     assert sc.chunk_frames == 3 and sc.sigmas == [1.0, 0.6, 0.3]
-    mine = student_settings(ServingConfig(chunk_frames=3, sigmas=[1.0, 0.5]), cfg, str(tmp_path))
-    assert mine.sigmas == [1.0, 0.5]  # explicit serving.sigmas win
+    with pytest.raises(EngineError, match=r"serving.sigmas=\[1.0, 0.5\]"):  # not what it was trained for
+        student_settings(ServingConfig(sigmas=[1.0, 0.5]), cfg, str(tmp_path))
+    mine = student_settings(ServingConfig(sigmas=[1.0, 0.5], force_geometry=True), cfg, str(tmp_path))
+    assert mine.sigmas == [1.0, 0.5] and mine.chunk_frames == 3  # forced serving.sigmas win
 
 
 def test_serve_refuses_a_bidirectional_checkpoint_unless_allowed(tmp_path):

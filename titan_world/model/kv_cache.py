@@ -38,6 +38,9 @@ class KVCache:
     ):
         if window_frames < 1:
             raise ValueError(f"window_frames={window_frames}: expected >= 1")
+        if window_frames < chunk_frames:  # two frames of one chunk would share a ring slot (racy index_copy_)
+            raise ValueError(f"KV cache window_frames={window_frames} < chunk_frames={chunk_frames}: the local "
+                             "window must hold at least one chunk (serving./posttrain.window_frames >= chunk_frames)")
         self.tpf, self.sink, self.window, self.chunk = tokens_per_frame, sink_frames, window_frames, chunk_frames
         shape = self.buffer_shape(num_layers, batch, heads, head_dim, tokens_per_frame, sink_frames, window_frames, chunk_frames)
         self.k = torch.zeros(shape, dtype=dtype, device=device)

@@ -19,6 +19,7 @@ frame at t = 0 under the block-causal mask); the tests check that both agree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,31 @@ class RecordedPassCache(KVCache):
 
     def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         raise RuntimeError("a recorded (gradient) pass never writes the cache; the t = 0 pass does")
+
+
+def denoise_chunk(
+    predict: Callable[[torch.Tensor, float, bool], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: list[float],
+    draw_noise: Callable[[], torch.Tensor],
+    sampler: str = "renoise",
+) -> torch.Tensor:
+    """The student's few-step sampling of one chunk, shared by self-rollout and the streaming engine
+    (serving/streaming.py), so training and serving are one computation (tests/test_serving_fidelity.py).
+
+    From noise `x` at sigmas[0], one pass per sigma: `predict(x, sigma, final)` -> velocity (fp32);
+    x0 = x - sigma * v; between passes either re-noise the x0 estimate to the next sigma with
+    `draw_noise()` (Self-Forcing; what post-training trains) or take an Euler step. The last sigma's
+    x0 is returned (a rollout's exit step: pass `sigmas[: exit + 1]`)."""
+    for i, sigma in enumerate(sigmas):
+        final = i == len(sigmas) - 1
+        v = predict(x, sigma, final)
+        x0 = x - sigma * v
+        if final:
+            return x0
+        nxt = sigmas[i + 1]
+        x = (1 - nxt) * x0 + nxt * draw_noise() if sampler == "renoise" else x + (nxt - sigma) * v
+    raise ValueError("denoise_chunk: no sigmas")
 
 
 def sample_exit_steps(num_chunks: int, num_steps: int, generator: torch.Generator) -> list[int]:
@@ -138,17 +164,17 @@ def self_rollout(
     with torch.no_grad():
         _call(model, inp, cond, inp.given, 0.0, 0, p, kv_cache=cache, cache_write=True)
     for j, (s, e) in enumerate(chunks):
-        x = torch.randn(b, c, e - s, h, w, generator=generator, device=inp.given.device)
-        with torch.no_grad():
-            for i in range(exits[j]):
-                x0 = x - sigmas[i] * _call(model, inp, cond, x, sigmas[i], s, e, kv_cache=cache)
-                x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(x.shape, generator=generator, device=x.device)
-        sig = sigmas[exits[j]]
-        if j >= first_grad:
-            x0 = x - sig * _call(model, inp, cond, x, sig, s, e, kv_cache=RecordedPassCache(cache, snapshot_recorded))
-        else:
+        record = j >= first_grad
+
+        def predict(x, sigma, final, s=s, e=e, record=record):
+            if final and record:
+                return _call(model, inp, cond, x, sigma, s, e, kv_cache=RecordedPassCache(cache, snapshot_recorded))
             with torch.no_grad():
-                x0 = x - sig * _call(model, inp, cond, x, sig, s, e, kv_cache=cache)
+                return _call(model, inp, cond, x, sigma, s, e, kv_cache=cache)
+
+        x = torch.randn(b, c, e - s, h, w, generator=generator, device=inp.given.device)
+        x0 = denoise_chunk(predict, x, sigmas[: exits[j] + 1],
+                           lambda shape=x.shape: torch.randn(shape, generator=generator, device=inp.given.device))
         out.append(x0)
         with torch.no_grad():
             _call(model, inp, cond, x0.detach(), 0.0, s, e, kv_cache=cache, cache_write=True)

@@ -1,0 +1,122 @@
+"""What is trained is what is served: serving streams a student with its post-training geometry
+(posttrain.json), refuses other geometry unless forced, and its stream equals post-training's
+self-rollout exactly (same noise, actions and exit steps)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.config import ServingConfig
+from serving.engine import EngineError
+from serving.loading import build_engine
+from serving.pose import PoseTracker
+from serving.streaming import StreamingEngine
+from test_serving_engine import TINY, make_engine
+from titan_world.config import load_config
+from titan_world.model import build_model, save_pretrained
+from titan_world.model.action import ActionInputs
+from titan_world.model.kv_cache import KVCache
+from titan_world.posttrain.causal import ChunkLayout
+from titan_world.posttrain.rollout import RolloutInputs, self_rollout, student_sigmas
+
+# Tiny stand-ins for the 14B student's sink 3 / window 18 / chunk 3: none equals serving's fallbacks.
+TRAINED = {"chunk_frames": 2, "denoise_steps": [1000, 600, 300], "sink_frames": 2, "window_frames": 3}
+SERVE = ["serving.height=16", "serving.width=16", "serving.fps=16", "serving.device=cpu", "data.text_encoder.kind=tiny"]
+
+
+def tiny_student(root: Path, meta: dict = TRAINED) -> Path:
+    """A post-trained-looking student: Wan folder with causal_chunk_frames and posttrain.json."""
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(cfg.model, causal_chunk_frames=meta["chunk_frames"]))
+    with torch.no_grad():  # a fresh model predicts v = 0 (zero head) and ignores actions: wake both up
+        torch.nn.init.normal_(model.head.head.weight, std=0.2)
+        for block in model.blocks:
+            torch.nn.init.normal_(block.action_proj.proj.weight, std=0.2)
+    out = root / "model"
+    save_pretrained(model, out)
+    (out / "posttrain.json").write_text(json.dumps(meta))
+    return out
+
+
+def engine_for(folder: Path, *overrides: str) -> StreamingEngine:
+    return build_engine(load_config(None, [*TINY, *SERVE, f"serving.checkpoint={folder}", *overrides]))
+
+
+def test_student_is_served_with_its_training_geometry(tmp_path):
+    eng = engine_for(tiny_student(tmp_path))
+    sc = eng.cfg
+    assert (sc.chunk_frames, sc.sink_frames, sc.window_frames, sc.kv_refresh) == (2, 2, 3, "clean")
+    assert eng.sigmas == [1.0, 0.6, 0.3]
+    cache = eng.start(None, "p", 0).cache
+    assert (cache.chunk, cache.sink, cache.window) == (2, 2, 3)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("serving.window_frames=8", "serving.window_frames=8"),
+    ("serving.sink_frames=1", "serving.sink_frames=1"),
+    ("serving.chunk_frames=1", "serving.chunk_frames=1"),
+    ("serving.denoise_steps=4", "serving.sigmas"),
+    ("serving.kv_refresh=last_step", "serving.kv_refresh='last_step'"),
+])
+def test_untrained_geometry_is_refused_unless_forced(tmp_path, caplog, override, key):
+    student = tiny_student(tmp_path)
+    with pytest.raises(EngineError, match="not trained for") as err:
+        engine_for(student, override)
+    assert key in str(err.value) and "force_geometry" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="titan_world.serving"):
+        eng = engine_for(student, override, "serving.force_geometry=true")
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert key in warned
+    if "kv_refresh" in override:
+        assert "trade-off" in warned
+    eng.start(None, "p", 0).step(torch.zeros(8))
+    assert engine_for(student, "serving.window_frames=3").cfg.window_frames == 3  # the trained value is no override
+
+
+def test_window_smaller_than_a_chunk_is_refused():
+    with pytest.raises(ValueError, match=r"serving.window_frames=1 < serving.chunk_frames=2"):
+        ServingConfig(chunk_frames=2, window_frames=1).validate()
+    with pytest.raises(EngineError, match=r"serving.window_frames=1 < serving.chunk_frames=2"):
+        make_engine(chunk_frames=2, window_frames=1)
+    with pytest.raises(ValueError, match=r"window_frames=2 < chunk_frames=3"):
+        KVCache(1, 1, 1, 4, 4, sink_frames=1, window_frames=2, chunk_frames=3)
+
+
+def test_serving_stream_equals_posttraining_self_rollout(tmp_path):
+    """Exact equality: the engine's chunks == `self_rollout` of the same student, from the same
+    start latents, prompt, seed (noise), per-video-frame actions (encoded by training's
+    `ActionInputs.from_video_frames`, poses integrated as the engine does) and exit steps."""
+    eng = engine_for(tiny_student(tmp_path))
+    chunks, seed, prompt = 4, 7, "a red house"
+    session = eng.start(None, prompt, seed=seed)
+    gen = torch.Generator().manual_seed(0)
+    per_chunk = []
+    for _ in range(chunks):
+        a = torch.rand(eng.frames_per_chunk, 8, generator=gen)
+        a[:, 6:] = a[:, 6:] * 2 - 1
+        per_chunk.append(a)
+    served = torch.cat([session.denoise(a).payload.latents for a in per_chunk], dim=2)
+
+    video_actions = torch.cat([torch.zeros(1, 8), *per_chunk])  # the start frame has no action
+    pose = PoseTracker(eng.cfg.fps, eng.height, eng.width)
+    c2w = torch.cat([pose.origin[None], pose.advance(video_actions[1:])])
+    intrinsics = pose.intrinsics.expand(len(video_actions), 4)
+    acts = ActionInputs.from_video_frames(video_actions[None], c2w[None], intrinsics[None])
+    given = session.start_latents
+    layout = ChunkLayout(given.shape[2] + chunks * eng.cfg.chunk_frames, given.shape[2], eng.cfg.chunk_frames)
+    context = eng.text_encoder.encode([prompt])
+    inp = RolloutInputs(given, context, acts, layout, eng.model.cfg.cond_channels > 0)
+    sigmas = student_sigmas(TRAINED["denoise_steps"])
+    with torch.no_grad():
+        rolled = self_rollout(eng.model, inp, sigmas, torch.Generator().manual_seed(seed),
+                              exit_steps=[len(sigmas) - 1] * chunks, sink_frames=TRAINED["sink_frames"],
+                              window_frames=TRAINED["window_frames"]).latents
+    assert rolled.shape[2] > TRAINED["sink_frames"] + TRAINED["window_frames"]  # the window really rolls
+    assert torch.equal(served, rolled[:, :, given.shape[2]:]), (served - rolled[:, :, given.shape[2]:]).abs().max()
