@@ -64,8 +64,8 @@ def _pipeline(kind: str):
     in_ch = 2 * z + 4 if kind == "i2v" else z
 
     def dit():
-        net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_ch,
-                                    out_channels=z,
+        net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                    in_channels=in_ch, out_channels=z,
                                     text_dim=32, freq_dim=256, ffn_dim=48, num_layers=2, cross_attn_norm=True,
                                     qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
         with torch.no_grad():  # a strong text pathway: prompt, negative prompt and guidance all matter
@@ -327,7 +327,8 @@ def test_reference_training_inputs_are_the_pipelines_inputs(tmp_path):
     nb = training_inputs(cfg, latents, torch.ones(1, latents.shape[2], dtype=torch.bool), sigma, noise,
                          first_frames=video[:, :, 0], codec=codec)
     with torch.no_grad():
-        _, condition = pipe.prepare_latents(video[:, :, 0], 1, latents.shape[1], 32, 32, FRAMES, torch.float32, "cpu", None,
+        _, condition = pipe.prepare_latents(video[:, :, 0], 1, latents.shape[1], 32, 32, FRAMES, torch.float32, "cpu",
+                                            None,
                                             latents=noise)
         torch.testing.assert_close(nb.cond, condition, rtol=1e-5, atol=1e-5)
         x_t = 0.3 * latents + 0.7 * noise
@@ -369,18 +370,21 @@ def test_first_training_step_from_official_weights_uses_the_reference_inputs(tmp
     pipe.vae.save_pretrained(tmp_path / "vae")
     torch.manual_seed(5)
     net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12,
-                                out_channels=4, text_dim=64, freq_dim=256, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+                                out_channels=4, text_dim=64, freq_dim=256, ffn_dim=48, num_layers=2,
+                                cross_attn_norm=True,
                                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.1)
-    official = {"_class_name": "WanModel", "model_type": "i2v", "dim": 24, "ffn_dim": 48, "num_heads": 2, "num_layers": 2,
+    official = {"_class_name": "WanModel", "model_type": "i2v", "dim": 24, "ffn_dim": 48, "num_heads": 2,
+                "num_layers": 2,
                 "in_dim": 12, "out_dim": 4, "text_len": 32, "freq_dim": 256, "eps": 1e-6, "text_dim": 64}
     save_state_dict(diffusers_to_native(net.state_dict()), tmp_path / "wan", official)
     cfg = load_config(None, [
         "data.height=32", "data.width=32", "data.codec.kind=wan_vae", f"data.codec.path={tmp_path / 'vae'}",
         f"data.path={tmp_path / 'data'}", "run.wandb=disabled", "run.progress=false", f"run.dir={tmp_path / 'run'}",
-        "train.global_batch=2", "train.warmup_steps=1", "train.ckpt_every=0", "train.steps=1", "train.stages.0.frames=5",
+        "train.global_batch=2", "train.warmup_steps=1", "train.ckpt_every=0", "train.steps=1",
+        "train.stages.0.frames=5",
         "train.action_check_episodes=0", "model.dim=24", "model.ffn_dim=48", "model.num_heads=2", "model.num_layers=2",
         "model.in_dim=12", "model.out_dim=4", "model.text_dim=64", "model.action.enabled=false",
         "model.conditioning=reference", f"train.base_checkpoint={tmp_path / 'wan'}"])
@@ -393,8 +397,9 @@ def test_first_training_step_from_official_weights_uses_the_reference_inputs(tmp
         trainer.loader.close()
         destroy()
 
-    reference = WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, scheduler=pipe.scheduler,
-                                        vae=AutoencoderKLWan.from_pretrained(tmp_path / "vae").eval(), transformer=net)
+    vae = AutoencoderKLWan.from_pretrained(tmp_path / "vae").eval()
+    reference = WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
+                                        scheduler=pipe.scheduler, vae=vae, transformer=net)
     losses = []
     with torch.no_grad():
         for batch in batches:
@@ -407,6 +412,7 @@ def test_first_training_step_from_official_weights_uses_the_reference_inputs(tmp
                 image = frames_to_video(batch["frames"][i : i + 1, :1].numpy())[:, :, 0]
                 _, y = reference.prepare_latents(image, 1, 4, 32, 32, 5, torch.float32, "cpu", None, latents=noise)
                 x_t = (1 - sigma) * z + sigma * noise
-                pred = net(torch.cat([x_t, y], 1), (sigma * 1000).view(1), batch["text"][i : i + 1], return_dict=False)[0]
+                t = (sigma * 1000).view(1)
+                pred = net(torch.cat([x_t, y], 1), t, batch["text"][i : i + 1], return_dict=False)[0]
                 losses.append((pred - (noise - z)).pow(2).mean().item())
     assert loss == pytest.approx(float(np.mean(losses)), rel=1e-4), (loss, losses)
