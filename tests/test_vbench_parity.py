@@ -13,6 +13,7 @@ import torch
 
 import vbench_official as vo
 from titan_world.eval import dimensions as D
+from titan_world.eval import official_models
 from titan_world.eval.config import EvalConfig
 from titan_world.eval.vbench import colour_for, run_vbench
 from titan_world.eval.video_io import read_video
@@ -88,7 +89,7 @@ def test_dynamic_degree(official, videos, tmp_path):
     dd = official.dd.DynamicDegree(EasyDict({"model": str(raft), **vo.RAFT_ARGS}), "cpu")
     recorded: dict[str, list[float]] = {name: [] for name in paths}  # each pair's magnitude, official run
     want = _by_name(official.dd.dynamic_degree(_Recorder(dd, recorded), [str(p) for p in paths.values()])[1])
-    factory = vo.raft_factory(str(raft))
+    factory = official_models.raft(str(raft))
     for name, path in paths.items():
         frames, fps = read_video(path, colour_for("dynamic_degree"))
         mags = D.dynamic_degree_magnitudes(frames, fps, factory, batch_size=4)
@@ -96,7 +97,7 @@ def test_dynamic_degree(official, videos, tmp_path):
         np.testing.assert_allclose(mags, recorded[name], atol=1e-5, rtol=0, err_msg=name)
     assert [len(recorded[n]) for n in paths] == [3, 3, 2, 1, 0]
     assert want["two-0.mp4"] and not want["three-0.mp4"]  # VBench's quirks: 1 pair moves, 0 pairs static
-    got = _ours(paths.values(), ["dynamic_degree"], raft_path=str(raft), raft_factory="vbench_official:raft_factory")
+    got = _ours(paths.values(), ["dynamic_degree"], raft_path=str(raft), raft_factory="titan_world.eval.official_models:raft")
     assert {n: s["dynamic_degree"] for n, s in got.items()} == {n: float(v) for n, v in want.items()}
 
 
@@ -124,9 +125,9 @@ def test_motion_smoothness(official, videos, tmp_path):
     with pytest.raises(AssertionError, match="more than one"):
         ms.motion_score(str(paths.pop("two-0.mp4")))
     want = _by_name(official.ms.motion_smoothness(ms, [str(p) for p in paths.values()])[1])
-    got = _ours(paths.values(), ["motion_smoothness"], amt_path=str(amt), amt_factory="vbench_official:amt_factory")
+    got = _ours(paths.values(), ["motion_smoothness"], amt_path=str(amt), amt_factory="titan_world.eval.official_models:amt")
     assert "motion_smoothness" not in _ours([videos["two-0.mp4"]], ["motion_smoothness"], amt_path=str(amt),
-                                            amt_factory="vbench_official:amt_factory")["two-0.mp4"]
+                                            amt_factory="titan_world.eval.official_models:amt")["two-0.mp4"]
     for name in paths:
         assert 0.3 < want[name] < 1.0, (name, want[name])  # a real interpolation, not NaN frames
         assert got[name]["motion_smoothness"] == pytest.approx(want[name], abs=1e-6), name
@@ -153,10 +154,11 @@ def test_overall_consistency(official, videos, tmp_path):
 def test_imaging_quality(official, videos, tmp_path):
     """MUSIQ (SPAQ head layout) on every frame; the 640x360 clip takes VBench's 'longer' resize to 512x288."""
     ckpt = vo.write_musiq(tmp_path / "musiq_spaq_ckpt-358bb6af.pth")
-    model = vo.musiq_factory(str(ckpt))
+    model = official.musiq.MUSIQ(pretrained_model_path=str(ckpt), **vo.TINY_MUSIQ)
+    model.training = False  # exactly what VBench's compute_imaging_quality sets
     videos = {n: videos[n] for n in ("bt709-0.mp4", "rgb-0.mp4", "two-0.mp4", "wide-0.mp4")}  # time: a subset
     want = _by_name(official.iq.technical_quality(model, [str(p) for p in videos.values()], "cpu")[1])
-    got = _ours(videos.values(), ["imaging_quality"], musiq_path=str(ckpt), musiq_factory="vbench_official:musiq_factory")
+    got = _ours(videos.values(), ["imaging_quality"], musiq_path=str(ckpt), musiq_factory="titan_world.eval.official_models:musiq")
     for name in videos:  # VBench stores per-video MOS 0..100 and divides only the mean; we store /100
         assert got[name]["imaging_quality"] == pytest.approx(want[name] / 100, abs=1e-6), name
 

@@ -39,8 +39,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-STUB_ROOTS = ("torchvision", "scipy", "imageio", "pkg_resources", "timm", "pyiqa", "scenedetect", "moviepy",
-              "vbench2_beta_long")
+STUB_ROOTS = ("torchvision", "scipy", "imageio", "pkg_resources", "timm", "scenedetect", "moviepy")
+# package shells stay registered after the import (with what was loaded through them), so
+# titan_world.eval.official_models:musiq finds pyiqa.archs.musiq_arch as a user's pyiqa provides it
+SHELLS = ("pyiqa", "pyiqa.archs", "pyiqa.utils", "pyiqa.data", "vbench2_beta_long")
 
 
 # ------------------------------------------------------------------ torchvision.transforms stand-in
@@ -197,7 +199,7 @@ def _stubs() -> dict[str, types.ModuleType]:
         "timm.models.layers": _module("timm.models.layers", DropPath=DropPath),
         "timm.models.registry": _module("timm.models.registry", register_model=lambda f: f),
     }
-    for name in ("pyiqa", "pyiqa.archs", "pyiqa.utils", "pyiqa.data", "vbench2_beta_long"):
+    for name in SHELLS:
         stubs[name] = _package_shell(name)
     return stubs
 
@@ -313,26 +315,6 @@ def amt_config() -> str:
     return str(official().package_dir / "third_party" / "amt" / "cfgs" / "AMT-S.yaml")
 
 
-# factories for EvalConfig.<name>_factory: the official network behind titan-world's call interface
-
-def raft_factory(path: str):
-    from easydict import EasyDict
-
-    net = official().raft.RAFT(EasyDict(RAFT_ARGS))
-    net.load_state_dict({k.replace("module.", ""): v for k, v in torch.load(path, map_location="cpu").items()})
-    net.eval()
-    return lambda a, b: net(a, b, iters=20, test_mode=True)[1]
-
-
-def amt_factory(path: str):
-    from omegaconf import OmegaConf
-
-    net = official().ms.build_from_cfg(OmegaConf.load(amt_config()).network)
-    net.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
-    net.eval()
-    return lambda a, b, t: net(a, b, t, scale_factor=1.0, eval=True)["imgt_pred"]
-
-
 # ViCLIP: the official class with its vision/text towers built by the official constructors at a
 # tiny width (ViCLIP-L/14's 24+12 layers at 1024/768 would take minutes on 2 cores); patch 14,
 # 224 px, 8 frames, 32-token context as the released model.
@@ -385,7 +367,7 @@ def viclip_factory(path: str):
 
 # MUSIQ: pyiqa's class (VBench builds MUSIQ(pretrained_model_path=musiq_spaq_ckpt-358bb6af.pth), num_class 1)
 # at a tiny transformer size; the ResNet root, multi-scale patching (224/384 + native) and head as released.
-TINY_MUSIQ = {"hidden_size": 32, "mlp_dim": 64, "num_heads": 2, "num_layers": 1}
+TINY_MUSIQ = {"hidden_size": 64, "mlp_dim": 128, "num_heads": 1, "num_layers": 1}  # heads = width / 64
 
 
 def write_musiq(path: Path, seed: int = 0) -> Path:
@@ -396,12 +378,6 @@ def write_musiq(path: Path, seed: int = 0) -> Path:
         net.head.weight.mul_(300.0)
     torch.save(net.state_dict(), path)  # the released file is a plain state dict too
     return path
-
-
-def musiq_factory(path: str):
-    net = official().musiq.MUSIQ(pretrained_model_path=path, **TINY_MUSIQ)
-    net.training = False  # exactly what VBench's compute_imaging_quality sets
-    return net
 
 
 # OpenAI CLIP (the `clip` package VBench imports) at a tiny width; 224 px, patch 14 and a 768-d
