@@ -6,8 +6,10 @@ the ranks, so it owns the decision; it forwards the signal to every job step on 
 `scancel --signal=USR1 $SLURM_JOB_ID` (steps only, not itself). On each node the
 `launch.torchrun` agent forwards it to its ranks and turns elastic restarts off; the ranks
 checkpoint and exit with EXIT_PREEMPTED (75); the shell then runs `scontrol requeue`, and the
-requeued job starts the same command, which resumes (`--resume`) from the last complete
-checkpoint. Without `B:`, SLURM would signal every process of the steps, but the shell would
+requeued job starts the same command, which resumes from the last complete checkpoint (the
+trainers resume a run.dir that holds checkpoints; the script passes no `--resume`, which is an
+error when there is nothing to resume, as on the first attempt). Without `B:`, SLURM would
+signal every process of the steps, but the shell would
 not know, and a preemption by the scheduler (SIGTERM) looks the same to it as a crash.
 """
 
@@ -83,7 +85,7 @@ def launch_command(spec: JobSpec) -> list[list[str]]:
         srun.append(f"--gpus-per-node={spec.gpus_per_node}")
     if spec.cpus_per_task:
         srun.append(f"--cpus-per-task={spec.cpus_per_task}")
-    trainer = [*spec.entry, "--config", str(spec.config_path), "--resume", *spec.trainer_args]
+    trainer = [*spec.entry, "--config", str(spec.config_path), *spec.trainer_args]  # resumes if run.dir has checkpoints
     if spec.one_task_per_gpu:
         srun.append(f"--ntasks-per-node={spec.ranks_per_node}")
         groups = [srun, ["$PYTHON", "-m", "launch.slurm_task", "--from-slurm", "--log-dir", "$LOG_DIR"], trainer]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Debian packages used by the real-SLURM and real-browser tests. Idempotent; needs root + apt-get.
+# Debian packages used by the real-SLURM (one- and two-node: iproute2 for the network namespaces) and
+# real-browser tests. Idempotent; needs root + apt-get.
 set -euo pipefail
-PKGS=(slurm-wlm munge chromium)
+PKGS=(slurm-wlm munge iproute2 chromium)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 [ ${#missing[@]} -eq 0 ] && exit 0

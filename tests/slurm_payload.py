@@ -4,9 +4,10 @@
 toy regression on WORLD_SIZE ranks (gloo all-reduce), writes RUN_DIR/metrics.jsonl lines
 {"step", "loss"} and checkpoints RUN_DIR/payload_ckpt.json atomically. On SIGUSR1/SIGTERM it
 finishes the current step, agrees with the other ranks to stop (all-reduce, so every rank stops
-at the same step), checkpoints and exits with EXIT_PREEMPTED (75). With --resume it continues
-from the checkpoint (or starts fresh when there is none). The loss sequence depends only on the
-step, so an interrupted-and-resumed run ends with exactly the loss of an uninterrupted one.
+at the same step), checkpoints and exits with EXIT_PREEMPTED (75). Like the trainer, it continues
+from the checkpoint when the run dir holds one, and `--resume` with none is an error (exit 2).
+The loss sequence depends only on the step, so an interrupted-and-resumed run ends with exactly
+the loss of an uninterrupted one.
 Env TW_PAYLOAD_STEP_SLEEP (seconds per step) keeps it running long enough to be preempted;
 TW_PAYLOAD_CRASH_AT=STEP makes the last rank die at that step in the first torchrun attempt
 (to test elastic restarts).
@@ -64,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = run_dir / "payload_ckpt.json"
     w, start = torch.zeros(DIM, dtype=torch.float64), 0
-    if args.resume and ckpt.is_file():
+    if args.resume and not ckpt.is_file():
+        print(f"--resume: nothing to resume in run.dir={run_dir} (no {ckpt.name})", file=sys.stderr)
+        return 2
+    if ckpt.is_file():
         state = json.loads(ckpt.read_text())
         w, start = torch.tensor(state["w"], dtype=torch.float64), state["step"]
         print(f"rank {rank}: resumed at step {start}", flush=True)

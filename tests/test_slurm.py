@@ -8,13 +8,13 @@ and the stand-in trainer tests/slurm_payload.py (same CLI and signal contract as
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
+from slurm_cluster import (  # noqa: F401  (slurm_cluster: the module fixture)
+    attempt_events, job_state, metrics_records, preempt_and_release, slurm_cluster, wait_for, wait_job_done,
+)
 
 from launch.cli import main as cli
 
@@ -44,7 +44,7 @@ def test_dry_run_writes_readable_script(tmp_path, capsys, monkeypatch):
     for piece in ('scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1', "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
                   "-m launch.torchrun", '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"', "--rdzv-backend=c10d",
                   "--nproc-per-node=8", "--max-restarts=3", "launch.slurm_task", "launch.cli train --config",
-                  f"{tmp_path}/run/config.yaml --resume", "trap on_preempt USR1", 'scontrol requeue "$SLURM_JOB_ID"',
+                  f"{tmp_path}/run/config.yaml &\n", "trap on_preempt USR1", 'scontrol requeue "$SLURM_JOB_ID"',
                   'scancel --signal=USR1 "$SLURM_JOB_ID"'):
         assert piece in script, piece
     assert subprocess.run(["bash", "-n", str(tmp_path / "run/slurm/job.sbatch")]).returncode == 0
@@ -80,10 +80,10 @@ def test_dry_run_chain_stages_with_own_resources(tmp_path, capsys):
 
 def test_dry_run_post_training_job(tmp_path, capsys):
     """Post-training runs under the same script with another entry: one job, resumable (exit 75
-    on SIGUSR1 -> requeue -> `--resume`), its config in the run dir; a chain is refused."""
+    on SIGUSR1 -> requeue -> resume), its config in the run dir; a chain is refused."""
     _submit(capsys, tmp_path / "p", "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "launch.entry=launch.cli post-train dmd")
     script = (tmp_path / "p/slurm/job.sbatch").read_text()
-    assert f"launch.cli post-train dmd --config {tmp_path}/p/config.yaml --resume" in script
+    assert f"launch.cli post-train dmd --config {tmp_path}/p/config.yaml &\n" in script
     assert "#SBATCH --nodes=2" in script and "trap on_preempt USR1" in script
     assert cli(["slurm", "submit", "--config", "tiny", "--stages", "chain", "--dry-run", "launch.entry=launch.cli post-train dmd",
                 f"run.dir={tmp_path}/q"]) == 2
@@ -102,60 +102,6 @@ def test_bad_values_and_missing_sbatch(tmp_path, capsys, monkeypatch):
 
 
 # -- real jobs -----------------------------------------------------------------------------------
-def _sh(*argv: str) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
-
-
-def _job(job_id: str) -> dict[str, str]:
-    import re
-
-    return dict(re.findall(r"(\w+)=(\S*)", _sh("scontrol", "show", "job", "-o", job_id)))
-
-
-def _wait(predicate, timeout: float, what: str, run_dir: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((run_dir or Path("/nonexistent")).glob("slurm/logs/**/*")) if p.is_file())
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
-
-
-def _done(job_id: str, run_dir: Path, timeout: float = 90) -> dict[str, str]:
-    info = _wait(lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None)(_job(job_id)),
-                 timeout, f"job {job_id} to end", run_dir)
-    if info["JobState"] != "COMPLETED":
-        keys = ("JobState", "Reason", "ExitCode", "Restarts", "RunTime")
-        log = run_dir / f"slurm/logs/{job_id}.out"
-        cluster_logs = SlurmCluster.tail_logs_of(Path(os.environ["SLURM_CONF"]).parent)
-        raise AssertionError(f"job {job_id}: {[(k, info.get(k)) for k in keys]}\n{log.read_text() if log.is_file() else ''}\n{cluster_logs}")
-    return info
-
-
-def _events(run_dir: Path) -> list[tuple]:
-    lines = (run_dir / "slurm/attempts.jsonl").read_text().splitlines()
-    return [(r["attempt"], r["event"]) for r in map(json.loads, lines)]
-
-
-def _losses(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _preempt_and_release(run: Path, job_id: str, min_lines: int) -> int:
-    """Signal the batch shell like SLURM does (--signal=B:USR1), wait for the requeue, release the job."""
-    _wait(lambda: (run / "metrics.jsonl").is_file() and len(_losses(run)) >= min_lines, 120, f"{min_lines} training steps", run)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
-    _wait(lambda: (lambda j: j if j.get("Restarts") == "1" and j.get("JobState") == "PENDING" else None)(_job(job_id)),
-          90, "the job to requeue itself", run)
-    # SLURM holds a requeued job (BeginTime), partly because slurmd rejects a job credential issued in
-    # the same second as the revoked one ("Job credential revoked"); release it, but not within that second
-    time.sleep(2.0)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
-    return len(_losses(run))
-
-
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")
 def test_two_task_job_trains_and_finishes(slurm_cluster, tmp_path, capsys, monkeypatch):
@@ -166,10 +112,10 @@ def test_two_task_job_trains_and_finishes(slurm_cluster, tmp_path, capsys, monke
     out = _submit(capsys, run, "--gpus-per-node", "0", "--tasks-per-node", "2", PAYLOAD, "train.steps=5")
     job_id = json.loads((run / "slurm/jobs.jsonl").read_text().splitlines()[0])["job_id"]
     assert f"submitted job {job_id}" in out
-    _done(job_id, run)
-    assert [m["step"] for m in _losses(run)] == [1, 2, 3, 4, 5]
-    assert [m["loss"] for m in _losses(run)] == reference_losses(5, 2)  # 2 ranks really all-reduced
-    assert _events(run) == [(0, "start"), (0, "done")]
+    wait_job_done(job_id, run)
+    assert [m["step"] for m in metrics_records(run)] == [1, 2, 3, 4, 5]
+    assert [m["loss"] for m in metrics_records(run)] == reference_losses(5, 2)  # 2 ranks really all-reduced
+    assert attempt_events(run) == [(0, "start"), (0, "done")]
     for rank in (0, 1):
         assert "done at step 5" in (run / f"slurm/logs/{job_id}/rank-{rank}.log").read_text()
     assert cli(["slurm", "status", str(run)]) == 0
@@ -192,17 +138,17 @@ def test_one_task_per_rank_job_then_cancel(slurm_cluster, tmp_path, capsys, monk
     run = tmp_path / "run"  # srun starts the 2 ranks itself (no torchrun): RANK/WORLD_SIZE from SLURM_*
     _submit(capsys, run, "--gpus-per-node", "0", "--tasks-per-node", "2", "--one-task-per-gpu", PAYLOAD, "train.steps=3")
     job_id = json.loads((run / "slurm/jobs.jsonl").read_text())["job_id"]
-    _done(job_id, run)
-    assert [m["loss"] for m in _losses(run)] == reference_losses(3, 2)
+    wait_job_done(job_id, run)
+    assert [m["loss"] for m in metrics_records(run)] == reference_losses(3, 2)
 
     monkeypatch.setenv("TW_PAYLOAD_STEP_SLEEP", "5")
     long = tmp_path / "long"
     _submit(capsys, long, "--gpus-per-node", "0", "--tasks-per-node", "1", PAYLOAD, "train.steps=100")
     long_id = json.loads((long / "slurm/jobs.jsonl").read_text())["job_id"]
-    _wait(lambda: _job(long_id).get("JobState") == "RUNNING", 60, "the job to run", long)
+    wait_for(lambda: job_state(long_id).get("JobState") == "RUNNING", 60, "the job to run", long)
     assert cli(["slurm", "cancel", str(long)]) == 0
     assert f"cancelled {long_id}" in capsys.readouterr().out
-    _wait(lambda: _job(long_id).get("JobState") == "CANCELLED", 60, "the job to be cancelled", long)
+    wait_for(lambda: job_state(long_id).get("JobState") == "CANCELLED", 60, "the job to be cancelled", long)
     assert cli(["slurm", "cancel", str(long)]) == 0
     assert "nothing to cancel" in capsys.readouterr().out
 
@@ -217,13 +163,13 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm_clus
     run, total = tmp_path / "run", 16
     _submit(capsys, run, "--gpus-per-node", "0", "--tasks-per-node", "2", PAYLOAD, f"train.steps={total}", "train.ckpt_every=1000")
     job_id = json.loads((run / "slurm/jobs.jsonl").read_text().splitlines()[0])["job_id"]
-    stopped_at = _preempt_and_release(run, job_id, min_lines=3)  # steps logged by the first attempt
+    stopped_at = preempt_and_release(run, job_id, min_lines=3)  # steps logged by the first attempt
     assert 3 <= stopped_at < total, "the first attempt must stop mid-run"
-    _done(job_id, run)
-    losses = _losses(run)
+    wait_job_done(job_id, run)
+    losses = metrics_records(run)
     assert [m["step"] for m in losses] == list(range(1, total + 1))  # resumed exactly after the checkpoint
     assert [m["loss"] for m in losses] == reference_losses(total, 2)
-    assert _events(run) == [(0, "start"), (0, "signal"), (0, "requeue"), (1, "start"), (1, "done")]
+    assert attempt_events(run) == [(0, "start"), (0, "signal"), (0, "requeue"), (1, "start"), (1, "done")]
     log = (run / f"slurm/logs/{job_id}/rank-0.log").read_text()
     assert f"checkpointed at step {stopped_at}, exiting 75" in log and f"resumed at step {stopped_at}" in log
     assert "attempt 1" in log
@@ -243,9 +189,9 @@ def test_chained_stages_run_in_order(slurm_cluster, tmp_path, capsys, monkeypatc
     jobs = [json.loads(x) for x in (run / "slurm/jobs.jsonl").read_text().splitlines()]
     assert [j["stage"] for j in jobs] == ["a", "b"] and jobs[1]["dependency"] == f"afterok:{jobs[0]['job_id']}"
     assert "after" in out
-    _done(jobs[0]["job_id"], run)
-    _done(jobs[1]["job_id"], run)
-    assert [m["step"] for m in _losses(run)] == [1, 2, 3, 4, 5]  # stage b resumed stage a's checkpoint
+    wait_job_done(jobs[0]["job_id"], run)
+    wait_job_done(jobs[1]["job_id"], run)
+    assert [m["step"] for m in metrics_records(run)] == [1, 2, 3, 4, 5]  # stage b resumed stage a's checkpoint
 
 
 def _trainer_missing() -> str | None:
@@ -268,16 +214,16 @@ def test_real_trainer_job_and_preemption(slurm_cluster, tmp_path, capsys, monkey
     _submit(capsys, ref, *common)
     _submit(capsys, pre, *common)  # queued behind the first (2 CPUs); runs when it ends
     ref_id, pre_id = (json.loads((d / "slurm/jobs.jsonl").read_text())["job_id"] for d in (ref, pre))
-    _done(ref_id, ref, timeout=180)
-    assert [m["step"] for m in _losses(ref)] == list(range(steps))
+    wait_job_done(ref_id, ref, timeout=180)
+    assert [m["step"] for m in metrics_records(ref)] == list(range(steps))
     assert (ref / f"checkpoints/step_{steps:08d}").is_dir()
 
-    first_attempt = _preempt_and_release(pre, pre_id, min_lines=2)
+    first_attempt = preempt_and_release(pre, pre_id, min_lines=2)
     assert first_attempt < steps, "the preemption must land mid-run"
-    _done(pre_id, pre, timeout=180)
-    events = [e for _, e in _events(pre)]
+    wait_job_done(pre_id, pre, timeout=180)
+    events = [e for _, e in attempt_events(pre)]
     assert events == ["start", "signal", "requeue", "start", "done"], events
-    losses = _losses(pre)
+    losses = metrics_records(pre)
     assert [m["step"] for m in losses] == list(range(steps))
-    assert losses[-1]["loss"] == pytest.approx(_losses(ref)[-1]["loss"], rel=1e-6, abs=1e-7)
+    assert losses[-1]["loss"] == pytest.approx(metrics_records(ref)[-1]["loss"], rel=1e-6, abs=1e-7)
     assert "resumed from" in (pre / f"slurm/logs/{pre_id}/rank-0.log").read_text()
