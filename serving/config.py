@@ -31,6 +31,9 @@ class ServingConfig:
     kv_refresh: str | None = None
     sink_frames: int | None = None
     window_frames: int | None = None
+    # Latent frames the student was trained on (posttrain.json; else sink + window + chunk): past it
+    # the sink keeps the trained distance and action poses are re-anchored (docs/serving.md "Long sessions").
+    horizon_frames: int | None = None
     force_geometry: bool = False
     default_prompt: str = "a sunny meadow with trees and a red house"
     # Transport and admission.
@@ -60,15 +63,20 @@ GEOMETRY_KEYS = tuple(FALLBACK_GEOMETRY)
 
 
 def with_fallback_geometry(sc: ServingConfig) -> ServingConfig:
-    """Unset (None) geometry keys filled with `FALLBACK_GEOMETRY`."""
-    return replace(sc, **{k: v for k, v in FALLBACK_GEOMETRY.items() if getattr(sc, k) is None})
+    """Unset (None) geometry keys filled with `FALLBACK_GEOMETRY`; the horizon with the span of
+    one full cache plus a chunk (sink + window + chunk)."""
+    sc = replace(sc, **{k: v for k, v in FALLBACK_GEOMETRY.items() if getattr(sc, k) is None})
+    if sc.horizon_frames is None:
+        sc = replace(sc, horizon_frames=sc.sink_frames + sc.window_frames + sc.chunk_frames)
+    return sc
 
 
 def check_geometry(sc: ServingConfig) -> None:
     """Ranges of the geometry keys that are set (at config load: the user's; at engine build: the
     resolved ones). A window smaller than a chunk cannot hold one chunk's frames in the cache's
     ring: two frames would share a slot (a nondeterministic `index_copy_` on CUDA)."""
-    for key, low in (("chunk_frames", 1), ("denoise_steps", 1), ("window_frames", 1), ("sink_frames", 0)):
+    for key, low in (("chunk_frames", 1), ("denoise_steps", 1), ("window_frames", 1), ("sink_frames", 0),
+                     ("horizon_frames", 1)):
         value = getattr(sc, key)
         if value is not None and value < low:
             raise ValueError(f"serving.{key}={value}: expected >= {low}")

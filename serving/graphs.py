@@ -70,8 +70,7 @@ class GraphedBackbone:
         for dst, src in zip(_tensors(p.static), _tensors(tokens)):
             if dst is not None:
                 dst.copy_(src)
-        if write:
-            self.cache.write_index(tokens.grid[0])  # this chunk's slots, into the buffer the graph reads
+        self.cache.prepare(tokens.grid[0])  # this chunk's slots and sink rotation, into the buffers the graph reads
         if p.graph is not None:
             p.graph.replay()
         else:
@@ -98,8 +97,7 @@ class GraphedBackbone:
         record it. Capture failure is logged once and leaves the session eager."""
         x, e0, e, cos, sin, action = (t.clone() if t is not None else None for t in _tensors(tokens))
         static = replace(tokens, x=x, e0=e0, e=e, rope=(cos, sin), action=action)
-        if write:
-            self.cache.write_index(tokens.grid[0])
+        self.cache.prepare(tokens.grid[0])
         if self.device.type != "cuda":
             out = self.model.backbone(static, self.cache, write)
             self.passes[write] = _Pass(static, out, None)

@@ -124,7 +124,7 @@ def trained_geometry(model_cfg, folder: Path) -> dict:
     if not chunk:
         return {}
     trained: dict = {"chunk_frames": int(chunk), "kv_refresh": meta.get("kv_refresh", "clean")}
-    for key in ("sink_frames", "window_frames"):
+    for key in ("sink_frames", "window_frames", "horizon_frames"):
         if key in meta:
             trained[key] = int(meta[key])
     if meta.get("denoise_steps"):

@@ -32,7 +32,7 @@ from titan_world.model.codec import video_to_frames
 from serving.pose import PoseTracker
 from titan_world.model.action import ActionInputs
 from titan_world.model.dit import PreparedContext, WanDiT
-from titan_world.model.kv_cache import KVCache
+from titan_world.model.kv_cache import KVCache, horizon_shift
 from titan_world.posttrain.rollout import denoise_chunk
 
 log = logging.getLogger("titan_world.serving")
@@ -169,11 +169,12 @@ class StreamingSession(BaseSession):
         self.cache = KVCache(
             mc.num_layers, 1, mc.num_heads // e.cp_size, mc.head_dim, e.tokens_per_frame,
             sink_frames=cfg.sink_frames, window_frames=cfg.window_frames, chunk_frames=cfg.chunk_frames,
-            dtype=e.dtype, device=dev,
+            dtype=e.dtype, device=dev, horizon_frames=cfg.horizon_frames, rope_theta=mc.rope_theta,
         )
         self.graphs = GraphedBackbone(e.model, self.cache) if e.cuda_graphs else None
         self.context: PreparedContext | None = None
-        self.pose = PoseTracker(cfg.fps, cfg.height, cfg.width)
+        self.horizon = cfg.horizon_frames
+        self.pose = PoseTracker(cfg.fps, cfg.height, cfg.width, history=cfg.horizon_frames + cfg.chunk_frames)
         self.generator = torch.Generator(dev)
         self.decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         h, w = e.latent_hw
@@ -196,13 +197,15 @@ class StreamingSession(BaseSession):
         self.generator.manual_seed(self.seed)
         self.cache.reset()
         self.pose.reset()
-        self._origin = _to_device(self.pose.origin[None], self.engine.device)  # actions are relative to it
+        # action poses are relative to it: the session's start, re-anchored past the horizon (_chunk_actions)
+        self._origin = _to_device(self.pose.origin[None], self.engine.device)
         self._load_prompt(self.start_prompt)
         self.prompt = self.start_prompt
         self.chunk_index = 0
         self.frame = 0
         self._stream = _DecodeStream(self.engine.codec, self.start_latents)
         lat = self.start_latents
+        self.pose.record(0, self.pose.origin.expand(lat.shape[2], 4, 4))  # the given frames: the start pose
         for start in range(0, lat.shape[2], self.chunk_frames):  # write the given frames, clean
             part = lat[:, :, start : start + self.chunk_frames]
             self._forward(part, 0.0, self._cond(start, part.shape[2]), self._still_actions(part.shape[2]), write=True)
@@ -272,12 +275,13 @@ class StreamingSession(BaseSession):
 
     def state_bytes(self) -> int:
         """Bytes of every tensor this session holds (flat for any session length)."""
-        tensors = [self.cache.k, self.cache.v, self._noise, self.start_latents, self._start_video, self._last_latent]
+        tensors = [self._noise, self.start_latents, self._start_video, self._last_latent]
         tensors += [t for kv in self.context.kv for t in kv]
         if self._cond_chunk is not None:
             tensors.append(self._cond_chunk)
         graph_bytes = self.graphs.state_bytes() if self.graphs is not None else 0
-        return sum(t.numel() * t.element_size() for t in tensors) + graph_bytes + self._stream.nbytes()
+        own = sum(t.numel() * t.element_size() for t in tensors)
+        return own + self.cache.nbytes() + graph_bytes + self._stream.nbytes()
 
     # ---- internals -----------------------------------------------------------------------------
     def _decode(self, p: _Payload) -> np.ndarray:
@@ -336,9 +340,13 @@ class StreamingSession(BaseSession):
     def _chunk_actions(self, a: torch.Tensor) -> ActionInputs | None:
         """Per video frame [4n, 8] -> per latent frame: keys averaged, pose after the group's last frame."""
         poses = self.pose.advance(a)  # integrate always, so the pose is right if actions matter later
+        dev, n = self.engine.device, self.chunk_frames
+        c2w = poses[TEMPORAL_STRIDE - 1 :: TEMPORAL_STRIDE]
+        self.pose.record(self.frame, c2w)
         if not self._use_actions:
             return None
-        dev, n = self.engine.device, self.chunk_frames
+        anchor = horizon_shift(self.frame + n, self.horizon)  # 0 within the trained horizon: the start
+        if anchor:
+            self._origin = _to_device(self.pose.at(anchor)[None], dev)
         keys = a.view(n, TEMPORAL_STRIDE, -1).mean(1)
-        c2w = poses[TEMPORAL_STRIDE - 1 :: TEMPORAL_STRIDE]
         return ActionInputs(_to_device(keys[None], dev), _to_device(c2w[None], dev), self._intrinsics.expand(1, n, 4))

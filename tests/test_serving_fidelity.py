@@ -17,7 +17,7 @@ from serving.engine import EngineError
 from serving.loading import build_engine
 from serving.pose import PoseTracker
 from serving.streaming import StreamingEngine
-from test_serving_engine import TINY, make_engine
+from test_serving_engine import TINY, keys, make_engine
 from titan_world.config import load_config
 from titan_world.model import build_model, save_pretrained
 from titan_world.model.action import ActionInputs
@@ -117,6 +117,61 @@ def test_serving_stream_equals_posttraining_self_rollout(tmp_path):
     with torch.no_grad():
         rolled = self_rollout(eng.model, inp, sigmas, torch.Generator().manual_seed(seed),
                               exit_steps=[len(sigmas) - 1] * chunks, sink_frames=TRAINED["sink_frames"],
-                              window_frames=TRAINED["window_frames"]).latents
+                              window_frames=TRAINED["window_frames"], horizon_frames=eng.cfg.horizon_frames).latents
     assert rolled.shape[2] > TRAINED["sink_frames"] + TRAINED["window_frames"]  # the window really rolls
+    assert rolled.shape[2] > eng.cfg.horizon_frames == 7  # and the last chunk is past the horizon (sink held)
     assert torch.equal(served, rolled[:, :, given.shape[2]:]), (served - rolled[:, :, given.shape[2]:]).abs().max()
+
+
+def jump(session, frames: int) -> None:
+    """Make `session` the same session `frames` latent frames later with the same last window (a
+    10,000-chunk session costs minutes on 2 CPU cores; this is its state at a fraction of the cost):
+    counters advanced, the window's stored keys rotated `frames` further (RoPE: a key J frames later
+    is the same key rotated by J), pose history relabelled. `frames` is a multiple of the window so
+    every frame keeps its ring slot; the sink is frames 0..S-1 in both."""
+    from titan_world.model.rope import apply_rope, rope_angles
+
+    cache = session.cache
+    assert frames % cache.window == 0
+    cos, sin = rope_angles((1, 1, 1), cache.k.shape[-1], frame_offset=frames, theta=cache.rope_theta)
+    ring = slice((cache.chunk + cache.sink) * cache.tpf, None)
+    for layer in range(cache.k.shape[0]):
+        cache.k[layer, :, ring] = apply_rope(cache.k[layer, :, ring], cos, sin)
+    cache.committed_frames += frames
+    session.frame += frames
+    session.pose._latent = type(session.pose._latent)(((f + frames, p) for f, p in session.pose._latent),
+                                                       maxlen=session.pose.history)
+
+
+def relative_translation(session) -> torch.Tensor:
+    """Translation of the current camera relative to the pose the next chunk's actions are anchored to."""
+    return (torch.linalg.inv(session._origin[0]) @ session.pose.current())[:3, 3]
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_long_session_attends_like_chunk_50(hold):
+    """Chunk 10,000 of a session sees its sink at the trained distance, so with the same last
+    window it gives chunk 50's latents (to float rounding of the larger RoPE angles); without the
+    horizon (the old absolute positions) the sink drifts away and the output changes. Action poses
+    are re-anchored, so walking forward keeps the pose input bounded."""
+    horizon = None if hold else 10**9  # 10**9: never held (the old behaviour)
+    eng = make_engine(denoise_steps=1, horizon_frames=horizon)
+    near, far = eng.start(None, "p", 3), eng.start(None, "p", 3)
+    walk = keys("w")
+    for i in range(50):
+        near.denoise(walk)
+        far.denoise(walk)
+        if i == 30:
+            moved_30 = relative_translation(near)
+    moved_50 = relative_translation(near)
+    state = far.state_bytes()
+    jump(far, 10_000 * eng.cfg.chunk_frames)
+    a, b = near.denoise(walk).payload.latents, far.denoise(walk).payload.latents
+    assert far.frame == near.frame + 10_000 and torch.isfinite(b).all()
+    assert far.state_bytes() == state and len(far.pose._latent) <= far.pose.history  # flat memory
+    if hold:
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        torch.testing.assert_close(moved_50, moved_30, rtol=0, atol=1e-5)  # steady walk: same relative pose
+    else:
+        assert (b - a).abs().max() > 1e-3
+        assert moved_50.norm() > moved_30.norm() + 0.1  # relative to the session start: grows without bound

@@ -5,7 +5,9 @@ current-chunk slot of C frames, S sink frames and a ring of W window frames. Lay
 `[chunk | sink | window ring]` keeps the keys a chunk attends to contiguous (a view, no copy):
 the current chunk of n <= C frames is written at the end of the chunk slot, right before the
 sink, so the visible region is `[C - n, C + stored)`. Keys are stored with RoPE already applied
-at absolute frame positions, so their order in memory does not matter for attention.
+at absolute frame positions, so their order in memory does not matter for attention; with
+`horizon_frames`, the sink is read rotated to a bounded distance past that horizon (long sessions,
+docs/serving.md).
 
 Equivalent mask (tested): `AttnMask.block_causal(..., sink_frames=S, window_frames=W)` — a chunk
 sees its own frames, the first S frames, and the W frames before it.
@@ -19,6 +21,17 @@ same work at the same addresses every time, which is what a CUDA graph replays
 from __future__ import annotations
 
 import torch
+
+from titan_world.model.rope import apply_rope, rope_angles
+
+
+def horizon_shift(chunk_end: int, horizon_frames: int | None) -> int:
+    """How far a chunk ending at latent frame `chunk_end` lies beyond the trained horizon (0 within it).
+
+    The one rule for long sessions (docs/serving.md "Long sessions"): the attention sink is rotated
+    `shift` frames forward and action poses are taken relative to latent frame `shift`, so every
+    chunk past the horizon sees the sink distance and pose range of the last trained chunk."""
+    return 0 if horizon_frames is None else max(0, chunk_end - horizon_frames)
 
 
 class KVCache:
@@ -35,6 +48,8 @@ class KVCache:
         chunk_frames: int = 3,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        horizon_frames: int | None = None,
+        rope_theta: float = 10000.0,
     ):
         if window_frames < 1:
             raise ValueError(f"window_frames={window_frames}: expected >= 1")
@@ -48,6 +63,19 @@ class KVCache:
         self.committed_frames = 0  # frames ever written (the window keeps the last W of them)
         self._write_index = torch.zeros(chunk_frames * tokens_per_frame, dtype=torch.long, device=device)
         self._write_index_for: tuple[int, int] | None = None  # (committed_frames, frames) it holds
+        # Long sessions: keys carry RoPE at absolute frames, so the sink (frames 0..S-1) drifts away
+        # from the query. With `horizon_frames`, the sink's keys as written are kept in `_sink_base`
+        # and every pass reads them rotated `horizon_shift` frames forward (a rotation on the
+        # temporal RoPE pairs, exact identity at shift 0): past the horizon the query-to-sink
+        # distance stays that of the last trained chunk. The window's distances are bounded anyway.
+        self.horizon, self.rope_theta = horizon_frames, rope_theta
+        self._sink_base = None
+        if horizon_frames is not None and sink_frames > 0:
+            self._sink_base = torch.zeros(num_layers, batch, sink_frames * tokens_per_frame, heads, head_dim,
+                                          dtype=dtype, device=device)
+            self._shift_cos = torch.ones(1, head_dim // 2, device=device)
+            self._shift_sin = torch.zeros(1, head_dim // 2, device=device)
+        self._shift_for = 0
 
     @staticmethod
     def buffer_shape(num_layers: int, batch: int, heads: int, head_dim: int, tokens_per_frame: int, sink_frames: int,
@@ -69,7 +97,8 @@ class KVCache:
         return self.committed_frames >= self.sink + self.window
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        sink = self._sink_base.numel() * self._sink_base.element_size() if self._sink_base is not None else 0
+        return self.k.numel() * self.k.element_size() * 2 + sink
 
     def attend_region(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Put the current chunk's k/v [B, n*tpf, H, D] into the chunk slot; return the visible keys."""
@@ -78,6 +107,10 @@ class KVCache:
             raise ValueError(f"chunk of {n_tok} tokens: expected a multiple of {self.tpf} and at most {self.chunk} frames")
         c_tok = self.chunk * self.tpf
         start = c_tok - n_tok
+        if self._sink_base is not None and self.committed_frames >= self.sink:
+            self.prepare(n_tok // self.tpf)
+            sink = slice(c_tok, c_tok + self.sink * self.tpf)
+            self.k[layer, :, sink] = apply_rope(self._sink_base[layer], self._shift_cos, self._shift_sin)
         self.k[layer, :, start:c_tok] = k
         self.v[layer, :, start:c_tok] = v
         end = c_tok + self.stored_frames * self.tpf
@@ -88,6 +121,23 @@ class KVCache:
         index = self.write_index(k.shape[1] // self.tpf)
         self.k[layer].index_copy_(1, index, k.to(self.k.dtype))
         self.v[layer].index_copy_(1, index, v.to(self.v.dtype))
+        if self._sink_base is not None and self.committed_frames < self.sink:  # the sink is being written
+            lo = self.chunk * self.tpf
+            self._sink_base[layer].copy_(self.k[layer, :, lo : lo + self.sink * self.tpf])
+
+    def prepare(self, frames: int) -> None:
+        """Device buffers the next pass of a `frames`-frame chunk reads (its write slots and the
+        sink's rotation), from host integers only; a graph replay calls this before replaying."""
+        self.write_index(frames)
+        if self._sink_base is None:
+            return
+        shift = horizon_shift(self.committed_frames + frames, self.horizon)
+        if shift != self._shift_for:
+            cos, sin = rope_angles((1, 1, 1), self.k.shape[-1], frame_offset=shift, theta=self.rope_theta,
+                                   device=self._shift_cos.device)
+            self._shift_cos.copy_(cos)
+            self._shift_sin.copy_(sin)
+            self._shift_for = shift
 
     def write_index(self, frames: int) -> torch.Tensor:
         """Token slots the next `frames` committed frames go to, as a device tensor.

@@ -26,7 +26,8 @@ import torch
 
 from titan_world.conditioning import i2v_condition
 from titan_world.model.action import ActionInputs
-from titan_world.model.kv_cache import KVCache
+from titan_world.model.kv_cache import KVCache, horizon_shift
+from titan_world.model.rope import apply_rope
 from titan_world.posttrain.causal import ChunkLayout
 
 
@@ -54,7 +55,12 @@ class RecordedPassCache(KVCache):
             self.stored_k, self.stored_v = self.stored_k.clone(), self.stored_v.clone()
 
     def attend_region(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([k, self.stored_k[layer]], 1), torch.cat([v, self.stored_v[layer]], 1)
+        stored_k = self.stored_k[layer]
+        if self._sink_base is not None and self.committed_frames >= self.sink:  # the sink as `KVCache` reads it
+            self.prepare(k.shape[1] // self.tpf)
+            sink = apply_rope(self._sink_base[layer], self._shift_cos, self._shift_sin)
+            stored_k = torch.cat([sink, stored_k[:, sink.shape[1]:]], 1)
+        return torch.cat([k, stored_k], 1), torch.cat([v, self.stored_v[layer]], 1)
 
     def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         raise RuntimeError("a recorded (gradient) pass never writes the cache; the t = 0 pass does")
@@ -121,10 +127,10 @@ class Rollout:
     chunks: list[torch.Tensor] = field(default_factory=list)  # each generated chunk's output
 
 
-def _call(model, inp: RolloutInputs, cond, x, sigma, s, e, **kw):
+def _call(model, inp: RolloutInputs, cond, x, sigma, s, e, horizon=None, **kw):
     t = torch.full((x.shape[0],), sigma * 1000.0, device=x.device)
     acts = inp.actions.slice(s, e) if inp.actions is not None else None
-    ref = inp.actions.c2w[:, 0] if inp.actions is not None else None
+    ref = inp.actions.c2w[:, horizon_shift(e, horizon)] if inp.actions is not None else None  # re-anchored poses
     c = cond[:, :, s:e] if cond is not None else None
     return model(x, t, inp.context, cond=c, actions=acts, action_reference=ref, frame_offset=s, **kw).float()
 
@@ -141,13 +147,16 @@ def self_rollout(
     window_frames: int = 8,
     cache_dtype: torch.dtype | None = None,
     snapshot_recorded: bool = False,
+    horizon_frames: int | None = None,
 ) -> Rollout:
     """Generate every chunk of `inp.layout` with the KV cache; grads only in the last `grad_chunks`.
 
     `cache_dtype`: the dtype the model computes K/V in; default its parameters' dtype. An FSDP
     student stores fp32 shards but may compute in bf16 (`Sharding.compute_dtype`).
     `snapshot_recorded`: the recorded passes read copies of the cache (`RecordedPassCache`); needed
-    when the student's blocks are checkpointed and so recompute those passes in backward."""
+    when the student's blocks are checkpointed and so recompute those passes in backward.
+    `horizon_frames`: the trained horizon past which the sink and the pose reference are held
+    (`horizon_shift`; None: never), as the streaming engine does in long sessions."""
     lay, cfg = inp.layout, model.cfg
     chunks = lay.chunks()
     exits = exit_steps if exit_steps is not None else [len(sigmas) - 1] * len(chunks)
@@ -156,28 +165,30 @@ def self_rollout(
     heads = cfg.num_heads // (model.cp.size if model.cp is not None else 1)  # Ulysses: this rank's heads, every token
     cache = KVCache(
         cfg.num_layers, b, heads, cfg.head_dim, tpf, sink_frames=sink_frames, window_frames=window_frames,
-        chunk_frames=max(lay.chunk_frames, lay.prefix), dtype=cache_dtype or next(model.parameters()).dtype, device=inp.given.device,
+        chunk_frames=max(lay.chunk_frames, lay.prefix), dtype=cache_dtype or next(model.parameters()).dtype,
+        device=inp.given.device, horizon_frames=horizon_frames, rope_theta=cfg.rope_theta,
     )
     cond = inp.cond()
     out = [inp.given]
     first_grad = len(chunks) - grad_chunks if torch.is_grad_enabled() else len(chunks)
     with torch.no_grad():
-        _call(model, inp, cond, inp.given, 0.0, 0, p, kv_cache=cache, cache_write=True)
+        _call(model, inp, cond, inp.given, 0.0, 0, p, horizon_frames, kv_cache=cache, cache_write=True)
     for j, (s, e) in enumerate(chunks):
         record = j >= first_grad
 
         def predict(x, sigma, final, s=s, e=e, record=record):
             if final and record:
-                return _call(model, inp, cond, x, sigma, s, e, kv_cache=RecordedPassCache(cache, snapshot_recorded))
+                recorded = RecordedPassCache(cache, snapshot_recorded)
+                return _call(model, inp, cond, x, sigma, s, e, horizon_frames, kv_cache=recorded)
             with torch.no_grad():
-                return _call(model, inp, cond, x, sigma, s, e, kv_cache=cache)
+                return _call(model, inp, cond, x, sigma, s, e, horizon_frames, kv_cache=cache)
 
         x = torch.randn(b, c, e - s, h, w, generator=generator, device=inp.given.device)
         x0 = denoise_chunk(predict, x, sigmas[: exits[j] + 1],
                            lambda shape=x.shape: torch.randn(shape, generator=generator, device=inp.given.device))
         out.append(x0)
         with torch.no_grad():
-            _call(model, inp, cond, x0.detach(), 0.0, s, e, kv_cache=cache, cache_write=True)
+            _call(model, inp, cond, x0.detach(), 0.0, s, e, horizon_frames, kv_cache=cache, cache_write=True)
     grad_start = chunks[first_grad][0] if first_grad < len(chunks) else lay.num_frames
     return Rollout(torch.cat(out, dim=2), grad_start, list(exits), out[1:])
 
