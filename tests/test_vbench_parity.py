@@ -27,6 +27,7 @@ SPECS = {
     "two-0.mp4": (2, 8, "yuv420p", 128, 150),  # 8 fps: both frames sampled, one pair, count needed 0
     "three-0.mp4": (3, 30, "bt709", 128, 150),
 }
+FACTORIES = "titan_world.eval.official_models:"
 WIDE = {"wide-0.mp4": (3, 24, "bt709", 360, 640)}  # imaging quality's resize (longer side 640 > 512)
 
 
@@ -97,7 +98,7 @@ def test_dynamic_degree(official, videos, tmp_path):
         np.testing.assert_allclose(mags, recorded[name], atol=1e-5, rtol=0, err_msg=name)
     assert [len(recorded[n]) for n in paths] == [3, 3, 2, 1, 0]
     assert want["two-0.mp4"] and not want["three-0.mp4"]  # VBench's quirks: 1 pair moves, 0 pairs static
-    got = _ours(paths.values(), ["dynamic_degree"], raft_path=str(raft), raft_factory="titan_world.eval.official_models:raft")
+    got = _ours(paths.values(), ["dynamic_degree"], raft_path=str(raft), raft_factory=FACTORIES + "raft")
     assert {n: s["dynamic_degree"] for n, s in got.items()} == {n: float(v) for n, v in want.items()}
 
 
@@ -125,9 +126,9 @@ def test_motion_smoothness(official, videos, tmp_path):
     with pytest.raises(AssertionError, match="more than one"):
         ms.motion_score(str(paths.pop("two-0.mp4")))
     want = _by_name(official.ms.motion_smoothness(ms, [str(p) for p in paths.values()])[1])
-    got = _ours(paths.values(), ["motion_smoothness"], amt_path=str(amt), amt_factory="titan_world.eval.official_models:amt")
+    got = _ours(paths.values(), ["motion_smoothness"], amt_path=str(amt), amt_factory=FACTORIES + "amt")
     assert "motion_smoothness" not in _ours([videos["two-0.mp4"]], ["motion_smoothness"], amt_path=str(amt),
-                                            amt_factory="titan_world.eval.official_models:amt")["two-0.mp4"]
+                                            amt_factory=FACTORIES + "amt")["two-0.mp4"]
     for name in paths:
         assert 0.3 < want[name] < 1.0, (name, want[name])  # a real interpolation, not NaN frames
         assert got[name]["motion_smoothness"] == pytest.approx(want[name], abs=1e-6), name
@@ -158,7 +159,7 @@ def test_imaging_quality(official, videos, tmp_path):
     model.training = False  # exactly what VBench's compute_imaging_quality sets
     videos = {n: videos[n] for n in ("bt709-0.mp4", "rgb-0.mp4", "two-0.mp4", "wide-0.mp4")}  # time: a subset
     want = _by_name(official.iq.technical_quality(model, [str(p) for p in videos.values()], "cpu")[1])
-    got = _ours(videos.values(), ["imaging_quality"], musiq_path=str(ckpt), musiq_factory="titan_world.eval.official_models:musiq")
+    got = _ours(videos.values(), ["imaging_quality"], musiq_path=str(ckpt), musiq_factory=FACTORIES + "musiq")
     for name in videos:  # VBench stores per-video MOS 0..100 and divides only the mean; we store /100
         assert got[name]["imaging_quality"] == pytest.approx(want[name] / 100, abs=1e-6), name
 

@@ -15,8 +15,8 @@ official modules are imported and removed afterwards (the official functions kee
   `timm.models.layers.DropPath` / `timm.models.registry.register_model` (ViCLIP; DropPath is the
   identity in eval mode, register_model a no-op decorator).
 * `torchvision.io.write_video` (VBench-Long re-encodes its clips with it): torchvision's default
-  path re-stated on PyAV (libx264, yuv420p, no options); `scenedetect`, `moviepy`, `scipy.stats` names (the semantic split and
-  slow-fast fusion, off in custom mode).
+  path re-stated on PyAV (libx264, yuv420p, no options); `scenedetect`, `moviepy`, `scipy.stats`
+  names (the semantic split and slow-fast fusion, off in custom mode).
 * `pyiqa`, `pyiqa.archs`, `pyiqa.utils`, `pyiqa.data`, `vbench2_beta_long`: package shells whose
   `__init__` (importing every metric / the whole long pipeline) is not run, so
   `pyiqa.archs.musiq_arch` and `vbench2_beta_long.utils` load alone.

@@ -38,10 +38,10 @@ def openai_clip_vision(path: str | Path):
     width, _, patch, _ = sd["visual.conv1.weight"].shape
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                           num_hidden_layers=layers, num_attention_heads=width // 64, image_size=patch * grid,
-                           patch_size=patch, projection_dim=sd["visual.proj"].shape[1], hidden_act="quick_gelu",
-                           layer_norm_eps=1e-5)
+    mlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                           num_attention_heads=width // 64, image_size=patch * grid, patch_size=patch,
+                           projection_dim=sd["visual.proj"].shape[1], hidden_act="quick_gelu", layer_norm_eps=1e-5)
     model = CLIPVisionModelWithProjection(cfg)
     missing, unexpected = model.load_state_dict(convert_openai_vision(sd), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
