@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -48,13 +49,14 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def _free_subnet() -> int:
-    """The S of a 10.77.S.0/24 that no interface on this machine uses (two test sessions may run at once)."""
+    """The S of a 10.77.S.0/24 that no interface on this machine uses, picked at random so that two
+    test sessions starting at once are unlikely to pick the same."""
     used = _ip("-4", "-o", "addr", "show").stdout
     nets = [ipaddress.ip_interface(w).network for w in used.split() if "/" in w and w[0].isdigit()]
-    for s in [77, *range(78, 255)]:
-        if not any(n.overlaps(ipaddress.ip_network(f"10.77.{s}.0/24")) for n in nets):
-            return s
-    raise ClusterUnavailable("no free 10.77.S.0/24 subnet for the test network")
+    free = [s for s in range(1, 255) if not any(n.overlaps(ipaddress.ip_network(f"10.77.{s}.0/24")) for n in nets)]
+    if not free:
+        raise ClusterUnavailable("no free 10.77.S.0/24 subnet for the test network")
+    return random.choice(free)
 
 
 def netns_unavailable() -> str | None:

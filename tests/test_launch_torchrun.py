@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from launch.torchrun import EXIT_PREEMPTED, is_distributed_child, launch_local, local_torchrun_argv
+from parallel.checkpoint import list_checkpoints, validate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -140,7 +141,5 @@ def test_sigkilled_launcher_takes_agent_and_ranks_with_it(tmp_path):
     before = _run_dir_state(run)
     time.sleep(2.0)
     assert _run_dir_state(run) == before, "the run dir still changes after the launcher and its children are gone"
-    from parallel.checkpoint import list_checkpoints, validate_checkpoint
-
-    (step, ckpt), *_ = reversed(list_checkpoints(run / "checkpoints"))  # the ranks checkpointed on their SIGTERM
+    (step, ckpt), *_ = list_checkpoints(run / "checkpoints")  # newest first: the ranks checkpointed on their SIGTERM
     assert step >= 1 and validate_checkpoint(ckpt) is None
