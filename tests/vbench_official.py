@@ -24,6 +24,7 @@ official modules are imported and removed afterwards (the official functions kee
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import os
@@ -224,6 +225,7 @@ class Official:
         # VBench's ViCLIP tokenizer downloads its BPE vocabulary into the cache at import; the
         # openai-clip package ships the same file, so the cache is a temp folder holding it
         self.cache_dir = Path(tempfile.mkdtemp(prefix="vbench_cache_"))
+        atexit.register(shutil.rmtree, self.cache_dir, True)
         (self.cache_dir / "ViCLIP").mkdir()
         bpe = Path(importlib.util.find_spec("clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
         shutil.copy(bpe, self.cache_dir / "ViCLIP" / bpe.name)
