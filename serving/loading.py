@@ -111,13 +111,14 @@ def resolved_serving(cfg: TitanConfig) -> ServingConfig:
     return replace(sc, height=sc.height or d.height, width=sc.width or d.width, fps=sc.fps or float(d.fps))
 
 
-def trained_geometry(model_cfg, folder: Path) -> dict:
+def trained_geometry(model_cfg, folder: Path | None) -> dict:
     """What a causal student was trained with: chunk size (config.json), timesteps, sink and window
     (`posttrain.json`, written by post-training next to the weights) and a clean t = 0 K/V refresh
-    (the only mode post-training trains). {} for a bidirectional model (it was trained on none of it)."""
-    meta_path = folder / "posttrain.json"
+    (the only mode post-training trains). {} for a bidirectional model (it was trained on none of it).
+    `folder` None: a model without a checkpoint folder (config.json's chunk only)."""
+    meta_path = folder / "posttrain.json" if folder is not None else None
     try:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = json.loads(meta_path.read_text()) if meta_path is not None and meta_path.is_file() else {}
     except (OSError, ValueError) as e:
         raise EngineError(f"{meta_path}: unreadable ({e})") from None
     chunk = model_cfg.causal_chunk_frames or meta.get("chunk_frames")
@@ -142,7 +143,7 @@ def student_settings(sc: ServingConfig, model_cfg, source: str) -> ServingConfig
     """Stream a student the way it was trained (`trained_geometry`): unset serving keys take the
     student's values; a set one that differs is an EngineError naming each key, unless
     `serving.force_geometry` (then it runs, with a warning naming each difference)."""
-    folder = Path(source)
+    folder = Path(source) if source else None
     trained = trained_geometry(model_cfg, folder)
     changes: dict = {}
     differences: list[str] = []
@@ -163,7 +164,7 @@ def student_settings(sc: ServingConfig, model_cfg, source: str) -> ServingConfig
                          "never saw: a speed/quality trade-off, docs/serving.md)")
             differences.append(what)
     if differences:
-        where = f"{folder} (config.json, posttrain.json)"
+        where = f"{folder} (config.json, posttrain.json)" if folder is not None else "the model"
         if not sc.force_geometry:
             raise EngineError(f"{where}: the student was not trained for " + "; ".join(differences)
                               + ". Unset these keys to serve it as trained, or set serving.force_geometry=true")
