@@ -6,8 +6,9 @@ Defaults: the tiny model (random weights unless serving.checkpoint / runs/demo h
 CPU. GPU example (the lead's runs):
     python -m benchmarks.bench_serving --config wan2.1-1.3b.yaml serving.height=480 serving.width=832 \\
         serving.chunk_frames=3 data.codec.kind=wan_vae data.codec.path=/weights/vae
-Levers to compare: serving.kv_refresh=last_step, serving.window_frames=N, serving.denoise_steps=N,
-serving.compile=true, serving.cuda_graphs=true. Without VAE weights, `--random-vae` decodes with the
+Levers to compare: serving.kv_refresh=last_step, serving.window_frames=N, serving.denoise_steps=N
+(settings a student was not trained with: add serving.force_geometry=true), serving.compile=true,
+serving.cuda_graphs=true. Without VAE weights, `--random-vae` decodes with the
 Wan2.1 VAE's architecture (random weights, same cost).
 
 Reports: start (prompt encode + first-frame cache write) and first-chunk latency (start -> first
