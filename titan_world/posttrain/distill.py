@@ -211,7 +211,6 @@ class DMDTrainer:
         norm = average_and_clip(opt, self.grad_clip, sharded=self.sharding is not None)
         if finite_on_all_ranks([float(loss.detach()), norm], self.device):
             opt.step()
-        opt.zero_grad(set_to_none=True)
         return norm
 
     # -- updates --------------------------------------------------------------------------------

@@ -343,7 +343,6 @@ class CausalJob(PostTrainJob):
         loss = float(out.loss.detach())
         if finite_on_all_ranks([loss, norm], self.device):  # else skipped (no update), as in pretraining
             self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": norm}
 
 
