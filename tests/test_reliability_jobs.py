@@ -265,7 +265,9 @@ def test_posttrain_skips_non_finite_steps_and_stops_on_a_streak(stage, data_dir,
         return load_config(None, [*POST, f"data.path={data_dir}", f"run.dir={tmp_path / run}",
                                   f"posttrain.teacher={teacher}", *extra])
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     assert run_stage(stage, cfg("one", "train.steps=3", "train.inject_nan_steps=[1]")) == 0
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # the job restored them
     recs = _metrics(tmp_path / "one")
     assert [r["skipped"] for r in recs] == [False, True, False]
     assert _finite_export(tmp_path / "one")
