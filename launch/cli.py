@@ -8,6 +8,7 @@ imported when their subcommand runs).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # a checkpoint path given by the user that does not fit
         print(f"titan-world {name}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:  # disk full: the checkpointer's message says where and how much
+            raise
+        print(f"titan-world {name}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"titan-world {name}: interrupted", file=sys.stderr)
         return 130

@@ -60,7 +60,10 @@ def test_causal_stage_runs_and_exports(world):
     assert run_stage("causal", _cfg(tmp, data, "causal", teacher, "train.steps=3")) == 0
     rec = _losses(tmp / "causal")
     assert len(rec) == 3 and all(r["loss"] >= 0 for r in rec)
-    assert (tmp / "causal" / "model" / "posttrain.json").is_file()
+    # Serving reads the student's geometry back from posttrain.json, including the horizon past which
+    # the sink keeps its trained distance (stage 1 saw 17-frame clips: 5 latent frames).
+    meta = json.loads((tmp / "causal" / "model" / "posttrain.json").read_text())
+    assert meta["kv_refresh"] == "clean" and meta["horizon_frames"] == 5, meta
 
 
 @pytest.fixture(scope="session")

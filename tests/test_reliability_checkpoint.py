@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import os
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -221,20 +220,6 @@ def test_resumed_run_keeps_checkpoints_above_its_step(tmp_path):
 
 
 # ------------------------------------------------------------------ T3: disk full
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A real 2 MB filesystem (tmpfs); skipped where this process may not mount one."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a 2 MB tmpfs (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_disk_full_during_save_is_clear_and_keeps_the_previous_checkpoint(tiny_fs):
     state = _state(layers=1, width=300)  # ~1.1 MB per checkpoint (weights + two AdamW moments)
     ck = Checkpointer(tiny_fs / "run", keep_last=2)

@@ -344,10 +344,12 @@ def test_a_second_ctrl_c_exits_at_once():
     ("data.synth_episodes=0", r"data.synth_episodes=0"),
     ("run.log_every=0", r"run.log_every=0"),
     ("decoder.clip_frames=4", r"decoder.clip_frames=4"),
+    ("posttrain.chunk_frames=3 posttrain.window_frames=2", r"posttrain.window_frames=2.*>= posttrain.chunk_frames=3"),
+    ("serving.chunk_frames=3 serving.window_frames=2", r"serving.window_frames=2 < serving.chunk_frames=3"),
 ])
 def test_bad_values_are_config_errors_at_load(override, expected):
     with pytest.raises(ConfigError, match=expected):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 @pytest.mark.parametrize("args", [
@@ -360,3 +362,13 @@ def test_the_cli_turns_bad_values_into_exit_2(args, tmp_path, capsys):
     assert rc == 2 and "config error" in err and "Traceback" not in err, err
     assert ("--nproc" in err) if "--nproc" in args else True
     assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_is_one_clear_line_from_the_cli(data_dir, tiny_fs, capsys):
+    """T3 at the command line: the checkpointer's message, exit 1, no traceback; the run dir keeps
+    what it had (config, metrics) and no partial checkpoint."""
+    rc = main(["train", *BASE, f"data.path={data_dir}", f"run.dir={tiny_fs / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "no space left on" in err and "checkpoint needs ~" in err and "Traceback" not in err, err
+    assert not [p for p in (tiny_fs / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]

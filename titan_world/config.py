@@ -159,7 +159,7 @@ def validate(cfg: TitanConfig) -> None:
             raise ConfigError(f"model.{key}={getattr(m, key)}: expected >= 1")
     if cfg.run.log_every < 1:
         raise ConfigError(f"run.log_every={cfg.run.log_every}: expected >= 1 (log every N steps)")
-    for section in (cfg.model, cfg.data, cfg.train, cfg.decoder, cfg.posttrain):
+    for section in (cfg.model, cfg.data, cfg.train, cfg.decoder, cfg.posttrain, cfg.serving):
         try:
             section.validate()
         except ValueError as e:

@@ -66,3 +66,6 @@ class PostTrainConfig:
             if not steps or not all(0 < t <= 1000 for t in steps):
                 raise _bad(key, steps, "a non-empty list of timesteps in (0, 1000], e.g. [1000, 750, 500, 250]")
         check_frame_count(self.clip_frames, f"posttrain.clip_frames={self.clip_frames}:")
+        if self.window_frames < self.chunk_frames:
+            raise _bad("window_frames", self.window_frames,
+                       f">= posttrain.chunk_frames={self.chunk_frames} (the KV cache's ring must hold one whole chunk)")

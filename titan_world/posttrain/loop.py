@@ -31,6 +31,7 @@ import torch.distributed as dist
 from parallel.ulysses import UlyssesContext
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.data.loader import check_data_path, prepare_dataset
+from titan_world.model.codec import latent_frames
 from titan_world.posttrain.causal import ChunkLayout, diffusion_forcing_loss, forcing_sigmas
 from titan_world.posttrain.distill import Batch, DMDTrainer, average_and_clip
 from titan_world.posttrain.memory import teacher_dtype
@@ -121,7 +122,12 @@ def export_student(student, run_dir: Path, cfg: TitanConfig, rank: int) -> Path:
     out = run_dir / "model"
     export_model(student, out, rank)
     if rank == 0:
-        meta = {"chunk_frames": p.chunk_frames, "denoise_steps": p.denoise_steps, "sink_frames": p.sink_frames, "window_frames": p.window_frames}
+        # Serving reads this back and streams the student exactly so (serving/loading.trained_geometry):
+        # the horizon is the longest context it saw (stage 1 clips, stage 2 rollouts); past it the sink
+        # keeps its trained distance. Clean t = 0 K/V refresh is the only mode post-training trains.
+        horizon = max(latent_frames(p.clip_frames), 1 + p.rollout_chunks * p.chunk_frames)
+        meta = {"chunk_frames": p.chunk_frames, "denoise_steps": p.denoise_steps, "sink_frames": p.sink_frames,
+                "window_frames": p.window_frames, "horizon_frames": horizon, "kv_refresh": "clean"}
         (out / "posttrain.json").write_text(json.dumps(meta, indent=2))
     return out
 
@@ -148,10 +154,6 @@ def eval_batches(cfg: TitanConfig, frames: int, use_actions: bool, device, seed:
     finally:
         loader.close()
     return out
-
-
-def latent_frames_of(video_frames: int) -> int:
-    return 1 + (video_frames - 1) // 4
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ class CausalJob(PostTrainJob):
         self.use_actions = self.student.action_embedding is not None
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=p.causal_lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.loader = make_loader(cfg, p.clip_frames, self.dp_rank, self.dp_size, cfg.train.seed)
-        self.layout = ChunkLayout(latent_frames_of(p.clip_frames), 1, p.chunk_frames)
+        self.layout = ChunkLayout(latent_frames(p.clip_frames), 1, p.chunk_frames)
 
     def default_steps(self) -> int:
         return self.cfg.posttrain.causal_steps

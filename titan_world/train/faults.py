@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from launch.torchrun import EXIT_PREEMPTED
+from titan_world.model.io import CheckpointError
 
 EXIT_DIVERGED = 3  # too many consecutive non-finite losses
 # Ctrl-C: the shell's code for SIGINT (128 + 2), so scripts and `make` stop as for any interrupted
@@ -120,7 +121,10 @@ class NonFiniteGuard:
         self.log(f"[{self.tag}] step {step}: non-finite loss/grad ({loss}), step skipped ({streak} in a row)")
         if streak <= self.max_bad:
             return False
-        last = self.last_checkpoint()
+        try:
+            last = self.last_checkpoint()
+        except CheckpointError:  # every checkpoint failed validation (each was logged by the checkpointer)
+            last = None
         self.log(f"[{self.tag}] stopping at step {step}: {streak} consecutive non-finite losses "
                  f"(train.max_bad_steps={self.max_bad}). The last good checkpoint is {last or '(none saved yet)'}; "
                  "lower the learning rate or check the data, then --resume.")

@@ -176,6 +176,14 @@ class Trainer:
         self.loader = self._build_loader(self.stage)
         if path is not None:
             self.ckpt.load(path, self._state())
+            if self.ckpt.loaded_from != path and stage_at(self.stages, self.position["step"]) is not self.stage:
+                # The newest failed to load and the older one that did is in an earlier stage: the
+                # loader was built for the newer one's clip length; rebuild it and restore its state.
+                self.loader.close()
+                self.stage = stage_at(self.stages, self.position["step"])
+                self.loader = self._build_loader(self.stage)
+                self.ckpt.load(self.ckpt.loaded_from, self._state())
+            path = self.ckpt.loaded_from
             self.resumed_from, self.last_saved = path, self.position["step"]
         self.batches = self.loader.batches()
         self.peak = device_peak_tflops(self.device, t.peak_tflops)

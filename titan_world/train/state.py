@@ -24,7 +24,11 @@ from titan_world.model.moe import EXPERT_DIRS
 
 def peek_trainer_state(path: Path) -> dict:
     """The replicated trainer position of checkpoint `path` (read before the loader is built)."""
-    saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # a checkpoint from before checksums, corrupted: name the file
+        raise CheckpointError(f"{path / 'state.pt'}: unreadable ({type(e).__name__}: {e}); move {path} aside "
+                              "to resume from the previous checkpoint") from None
     return dict(saved.get("trainer", {}))
 
 
