@@ -66,22 +66,24 @@ def test_a14b_is_two_experts():
     assert sum(p.numel() for p in moe.parameters()) == 2 * 14_288_901_184
 
 
-# (boundary, shift, steps, guidance high-noise, guidance low-noise) from Wan2.2 wan/configs/wan_*.py
-# (Wan2.1 1.3B: Wan2.1 generate.py's t2v defaults).
+# (preset, boundary, shift, steps, guidance high-noise, guidance low-noise) from Wan2.2 wan/configs/wan_*.py
+# (Wan2.1 1.3B: Wan2.1 generate.py's t2v defaults), written down here independently of presets.py.
 OFFICIAL_SAMPLING = {
-    "wan2.2-t2v-a14b": (0.875, 12.0, 40, 4.0, 3.0),
-    "wan2.2-i2v-a14b": (0.900, 5.0, 40, 3.5, 3.5),
-    "wan2.2-ti2v-5b": (None, 5.0, 50, 5.0, 5.0),
-    "wan2.1-1.3b": (None, 5.0, 50, 5.0, 5.0),
+    "wan2.2-t2v-a14b": ("wan2.2-t2v-a14b", 0.875, 12.0, 40, 4.0, 3.0),
+    "wan2.2-i2v-a14b": ("wan2.2-i2v-a14b", 0.900, 5.0, 40, 3.5, 3.5),
+    "wan2.2-ti2v-5b": ("wan2.2-ti2v-5b", None, 5.0, 50, 5.0, 5.0),
+    "wan2.1-1.3b": ("wan2.1-t2v", None, 5.0, 50, 5.0, 5.0),
 }
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_SAMPLING))
-def test_configs_carry_the_official_sampling_defaults(name):
+def test_presets_carry_the_official_sampling_defaults(name):
+    from titan_world.model.presets import PRESETS
+
     cfg = model_cfg(name)
-    boundary, shift, steps, high, low = OFFICIAL_SAMPLING[name]
-    got = (cfg.sample_shift, cfg.sample_steps, cfg.guidance_high_noise, cfg.guidance_low_noise)
-    assert got == (shift, steps, high, low)
+    preset, boundary, shift, steps, high, low = OFFICIAL_SAMPLING[name]
+    p = PRESETS[preset]
+    assert (p.shift, p.steps, p.guidance_high, p.guidance_low, p.boundary) == (shift, steps, high, low, boundary)
     if boundary is not None:
         assert cfg.num_experts == 2 and cfg.boundary == boundary
 

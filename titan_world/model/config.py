@@ -37,12 +37,8 @@ class ModelConfig:
     # MoE: the expert used for t >= boundary * 1000 is the high-noise one.
     num_experts: int = 1
     boundary: float = 0.900
-    # The reference sampling defaults of the official config (Wan2.2 wan/configs/wan_*.py): flow shift,
-    # steps and the classifier-free guidance of each expert (dense models: both the same).
-    sample_shift: float = 5.0
-    sample_steps: int = 50
-    guidance_high_noise: float = 5.0
-    guidance_low_noise: float = 5.0
+    # (The official sampling defaults of each Wan model — shift, steps, guidance pair — live in one
+    # place, titan_world/model/presets.py, which generation reads.)
     action: ActionConfig = field(default_factory=ActionConfig)
     # > 0 for a block-causal student (post-training): latent frames per chunk; 0: bidirectional
     causal_chunk_frames: int = 0
@@ -84,7 +80,3 @@ class ModelConfig:
             bad("boundary", self.boundary, "a fraction in (0, 1), e.g. 0.900")
         if self.conditioning not in ("reference", "clean_first_frame"):
             bad("conditioning", self.conditioning, "reference or clean_first_frame")
-        if self.sample_shift <= 0:
-            bad("sample_shift", self.sample_shift, "a positive flow shift, e.g. 5.0")
-        if self.sample_steps < 1:
-            bad("sample_steps", self.sample_steps, "a positive number of sampling steps")
