@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def titan(args: list[str], log: Path) -> None:
     cmd = [sys.executable, "-m", "launch.cli", *args]
@@ -30,30 +28,6 @@ def titan(args: list[str], log: Path) -> None:
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"demo: `titan-world {shlex.join(args)}` failed with exit code {proc.returncode}")
-
-
-def action_following(root: Path, episode_seed: int, frames: int) -> dict:
-    """Student rollout under the true actions vs shuffled actions vs the simulator."""
-    from titan_world.config import load_config
-    from titan_world.eval.action_following import action_following_report
-    from titan_world.eval.report import write_action_report
-    from titan_world.generate import build_inputs, generate
-
-    cfg = load_config()
-    inputs = build_inputs(cfg, image=None, prompt=None, actions=None, frames=frames, episode_seed=episode_seed)
-    student = str(root / "dmd")
-    true_video, _ = generate(cfg, student, inputs, device="cpu")
-    rng = np.random.default_rng(0)
-    shuffled_inputs = build_inputs(cfg, image=None, prompt=None, actions=None, frames=frames, episode_seed=episode_seed)
-    perm = np.concatenate([[0], 1 + rng.permutation(frames - 1)])
-    shuffled_inputs.actions = inputs.actions[perm]
-    from titan_world.data.actions import integrate_actions
-
-    shuffled_inputs.c2w = integrate_actions(shuffled_inputs.actions, inputs.c2w[0], cfg.data.fps).astype(np.float32)
-    shuffled_video, _ = generate(cfg, student, shuffled_inputs, device="cpu")
-    report = action_following_report(true_video, inputs.reference, shuffled=shuffled_video, context_frames=1, poses=inputs.c2w, intrinsics=inputs.intrinsics[0])
-    write_action_report(report, root / "eval" / "action_following", frames={"simulator": inputs.reference, "generated": true_video, "shuffled": shuffled_video})
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                "--steps", "20", "--out", str(videos / "teacher.mp4")])
     stage("eval vbench", root / "eval" / "vbench" / "results.json",
           ["eval", "vbench", "--videos", str(videos), "--out", str(root / "eval" / "vbench")])
-    start = time.time()
-    print("\n===== [eval action following] =====", flush=True)
-    report = action_following(root, episode_seed=123456, frames=33)
-    times["eval action following"] = time.time() - start
+    action_dir = root / "eval" / "action_following"
+    stage("eval action following", action_dir / "action_following.json",
+          ["eval", "action", "--checkpoint", str(root / "dmd"), "--episodes", "1", "--seed", "123456", "--seconds", "2",
+           "--out", str(action_dir)])
+    report = json.loads((action_dir / "action_following.json").read_text())
 
     print("\n" + "=" * 72)
     print(f"titan-world demo finished in {time.time() - t0:.0f} s")

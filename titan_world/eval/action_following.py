@@ -206,3 +206,95 @@ def action_following_report(generated: Any, simulator: Any, shuffled: Any | None
                             **{k: camera_errors(e, ref, start) for k, e in est.items() if k != "simulator"}}
     report["camera"]["estimates"] = est
     return report
+
+
+# ------------------------------------------------------------------ long streams: drift, revisits
+
+def detail_energy(frames: Any) -> np.ndarray:
+    """High-frequency energy per frame: mean squared 4-neighbour Laplacian of the grey image.
+    A rollout that blurs (or dissolves into noise) has less (or more) of it than the simulator."""
+    g = _gray(as_float_frames(frames))
+    lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+    return (lap ** 2).mean(axis=(1, 2))
+
+
+def colour_histogram(frames: np.ndarray, bins: int = 8) -> np.ndarray:
+    """Joint RGB histogram (bins^3, sums to 1) of float frames in 0..1."""
+    q = np.clip((frames * bins).astype(np.int64), 0, bins - 1)
+    idx = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
+    h = np.bincount(idx.ravel(), minlength=bins ** 3).astype(np.float64)
+    return h / max(h.sum(), 1.0)
+
+
+def drift_windows(generated: Any, simulator: Any, fps: float, window_seconds: float = 10.0,
+                  context_frames: int = 1) -> dict[str, Any]:
+    """Per window of `window_seconds` over a long rollout: detail (the model's high-frequency
+    energy / the simulator's over the same frames) and colour-histogram distance (total variation,
+    0 = same colours, 1 = disjoint), and the ratio last window / first window of each. A stream
+    that keeps the data's statistics has ratios near 1 (issue 22 asks for within 1.5x)."""
+    gen, sim = as_float_frames(generated, "generated"), as_float_frames(simulator, "simulator")
+    if gen.shape != sim.shape:
+        raise ValueError(f"generated {gen.shape} and simulator {sim.shape} videos differ in shape")
+    size = max(1, int(round(window_seconds * fps)))
+    e_gen, e_sim = detail_energy(gen), detail_energy(sim)
+    windows = []
+    for start in range(context_frames, len(sim), size):
+        sl = slice(start, min(start + size, len(sim)))
+        if sl.stop - sl.start < size // 2 and windows:  # a short tail would be a noisy last window
+            break
+        tv = 0.5 * float(np.abs(colour_histogram(gen[sl]) - colour_histogram(sim[sl])).sum())
+        windows.append({"start_s": start / fps, "end_s": sl.stop / fps, "frames": sl.stop - sl.start,
+                        "detail_ratio": float(e_gen[sl].mean() / max(e_sim[sl].mean(), 1e-12)),
+                        "colour_hist_distance": tv,
+                        "psnr": _psnr(float(((gen[sl] - sim[sl]) ** 2).mean()))})
+
+    def ratio(key: str) -> float | None:
+        if len(windows) < 2:
+            return None
+        first, last = windows[0][key], windows[-1][key]
+        return float(last / first) if first > 1e-12 else None
+
+    return {"window_seconds": window_seconds, "windows": windows,
+            "last_over_first": {k: ratio(k) for k in ("detail_ratio", "colour_hist_distance")}}
+
+
+def find_revisits(c2w: Any, fps: float, radius: float = 0.5, max_yaw_deg: float = 30.0,
+                  min_gap_seconds: float = 3.0) -> dict[str, Any]:
+    """Frames where the agent is back at a place it saw earlier: an earlier frame at least
+    `min_gap_seconds` before within `radius` metres (floor plane) looking within `max_yaw_deg`.
+
+    Uses ground-truth camera-to-world poses [T, 4, 4] (world: x east, y down, z north). Returns
+    `revisit` (frame indices), `earlier` (the earliest matching frame of each) and `first_visit`
+    (every other frame: no match that far back)."""
+    p = np.asarray(c2w.detach().cpu().numpy() if hasattr(c2w, "detach") else c2w, dtype=np.float64)
+    if p.ndim != 3 or p.shape[1:] != (4, 4):
+        raise ValueError(f"poses: expected camera-to-world [T, 4, 4], got {p.shape}")
+    xz = p[:, [0, 2], 3]
+    yaw = np.arctan2(p[:, 0, 2], p[:, 2, 2])
+    dist = np.linalg.norm(xz[:, None] - xz[None], axis=-1)
+    dyaw = np.abs((yaw[:, None] - yaw[None] + np.pi) % (2 * np.pi) - np.pi)
+    gap = max(1, int(round(min_gap_seconds * fps)))
+    t = np.arange(len(p))
+    match = (dist <= radius) & (dyaw <= math.radians(max_yaw_deg)) & (t[None] <= t[:, None] - gap)
+    revisit = np.flatnonzero(match.any(axis=1))
+    return {"radius_m": radius, "max_yaw_deg": max_yaw_deg, "min_gap_seconds": min_gap_seconds,
+            "revisit": revisit.tolist(), "earlier": [int(np.argmax(match[i])) for i in revisit],
+            "first_visit": np.flatnonzero(~match.any(axis=1)).tolist()}
+
+
+def revisit_errors(videos: dict[str, Any], simulator: Any, revisits: dict[str, Any],
+                   context_frames: int = 1) -> dict[str, Any]:
+    """Frame error (MSE, PSNR of the mean MSE) at revisits vs at first visits, per rollout in
+    `videos` (e.g. model, copy_last); context frames are not scored."""
+    sim = as_float_frames(simulator, "simulator")
+    sets = {k: [i for i in revisits[k] if i >= context_frames] for k in ("revisit", "first_visit")}
+    out: dict[str, Any] = {"frames": {k: len(v) for k, v in sets.items()}}
+    for name, v in videos.items():
+        gen = as_float_frames(v, name)
+        mse_t = ((gen - sim) ** 2).mean(axis=(1, 2, 3))
+        row = {}
+        for k, idx in sets.items():
+            mse = float(mse_t[idx].mean()) if idx else None
+            row[k] = {"mse": mse, "psnr": None if mse is None else _psnr(mse)}
+        out[name] = row
+    return out

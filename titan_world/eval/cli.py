@@ -1,4 +1,4 @@
-"""`titan-world eval {vbench,compare,report}`."""
+"""`titan-world eval {vbench,action,compare,report}`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ MODEL_FLAGS = ("raft_path", "raft_factory", "amt_path", "amt_factory", "musiq_pa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="eval_command", metavar="{vbench,compare,report}", required=True)
+    sub = parser.add_subparsers(dest="eval_command", metavar="{vbench,action,compare,report}", required=True)
     vb = sub.add_parser("vbench", help="score a folder of mp4 files on VBench dimensions")
     vb.add_argument("--videos", required=True, help="folder of videos (or the output folder with --generate)")
     vb.add_argument("--dimensions", nargs="+", default=None, metavar="DIM",
@@ -34,6 +34,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "(JSON {file: prompt} or one prompt per line), else 4 synthetic-world clips; "
                          "their prompts go to VIDEOS/prompts.json, which scoring then reads")
     vb.add_argument("--no-report", action="store_true", help="JSON only (no markdown/HTML/PNGs)")
+    ac = sub.add_parser("action", help="action following on held-out synthetic-world episodes (JSON + HTML report)")
+    ac.add_argument("--checkpoint", required=True,
+                    help="a run dir (its model/ and config.yaml) or an exported model folder; bidirectional models "
+                         "are rolled out in clips, block-causal students streamed as `serve` streams them")
+    ac.add_argument("--episodes", type=int, default=4, help="held-out episodes (default 4)")
+    ac.add_argument("--seed", type=int, default=10_000,
+                    help="agent seed of the first episode (episode i: SEED + i); choose seeds that differ from "
+                         "training's (data.synth_seed .. + data.synth_episodes - 1, 0..47 by default) (default 10000)")
+    ac.add_argument("--seconds", type=float, default=2.0,
+                    help="length of each rollout; the first 2 s are scored against the baselines, the whole stream "
+                         "in windows (drift) and at revisits (e.g. 60; default 2)")
+    ac.add_argument("--window-seconds", type=float, default=10.0, help="drift window length (default 10)")
+    ac.add_argument("--steps", type=int, default=20, help="sampling steps of a bidirectional model (default 20)")
+    ac.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    ac.add_argument("--out", required=True, help="writes OUT/action_following.json, OUT/index.html, OUT/plots/")
     cp = sub.add_parser("compare", help="runs side by side with LingBot-World's published numbers")
     cp.add_argument("runs", nargs="+", help="results.json files or folders holding one")
     cp.add_argument("--names", nargs="+", default=None, help="display name per run")
@@ -97,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         files = report.write_report(args.results, args.out)
         print(f"wrote {', '.join(str(p) for p in files.values())}")
         return 0
+    if args.eval_command == "action":
+        return run_action(args)
     from titan_world.eval.vbench import PromptsError, run_vbench, summary
     from titan_world.eval.video_io import list_videos
 
@@ -137,4 +154,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"titan-world eval: {len(failed)} of {len(videos)} videos could not be read (listed under "
               f"failed_videos in {files['json']}); exit 1", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_action(args: argparse.Namespace) -> int:
+    from titan_world.config import ConfigError
+    from titan_world.eval.action_eval import evaluate_action_following
+    from titan_world.model.io import CheckpointError
+
+    try:
+        rep = evaluate_action_following(args.checkpoint, args.out, episodes=args.episodes, seed=args.seed,
+                                        seconds=args.seconds, window_seconds=args.window_seconds, steps=args.steps,
+                                        device=args.device, progress=lambda m: print(f"[eval action] {m}", flush=True))
+    except (CheckpointError, ConfigError, OSError, ValueError) as e:
+        print(f"titan-world eval action: {e}", file=sys.stderr)
+        return 2
+    print("action following (PSNR vs simulator over the first 2 s, higher is better):")
+    for k, v in rep["frame_error"].items():
+        print(f"  {k:<12} {v['psnr']:6.2f} dB")
+    ratio = rep["drift"]["last_over_first"]
+    print("drift, last window / first: " + ", ".join(f"{k} {'—' if v is None else f'{v:.2f}'}" for k, v in ratio.items()))
+    rv = rep["revisits"]["model"]
+    fmt = lambda x: "—" if x is None else f"{x:.2f} dB"  # noqa: E731
+    print(f"revisits: {rep['revisits']['frames']['revisit']} frames, PSNR {fmt(rv['revisit']['psnr'])} "
+          f"vs first visits {fmt(rv['first_visit']['psnr'])}")
+    print(f"wrote {Path(args.out) / 'action_following.json'}, {Path(args.out) / 'index.html'}")
     return 0

@@ -171,9 +171,11 @@ def _vbench_filmstrips(vids: dict[str, Any], plot_dir: Path, n: int) -> list[Pat
 # -------------------------------------------------------------------------- action following
 
 def write_action_report(report: dict[str, Any], out_dir: str | Path,
-                        frames: dict[str, np.ndarray] | None = None) -> dict[str, Path]:
-    """action_following.json/.md/.html + PSNR-over-time and yaw-drift plots (+ filmstrip of
-    `frames`, e.g. {'simulator': ..., 'generated': ...} uint8 [T, H, W, 3])."""
+                        frames: dict[str, np.ndarray] | None = None,
+                        stream_frames: dict[str, np.ndarray] | None = None, fps: float | None = None) -> dict[str, Path]:
+    """action_following.json/.md + index.html (PSNR-over-time and yaw-drift plots, drift windows
+    and revisits when the report has them, a filmstrip of `frames`, e.g. {'simulator': ...,
+    'model': ...} uint8 [T, H, W, 3], and one of the long `stream_frames`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": write_json(report, out / "action_following.json")}
@@ -199,17 +201,42 @@ def write_action_report(report: dict[str, Any], out_dir: str | Path,
                   for k, v in cam.items() if isinstance(v, dict) and "yaw_cum_err_per_pair_deg" in v}
         images.append(plots.line_plot(series, out / "plots" / "yaw_drift.png", title="cumulative yaw error",
                                       xlabel="frame", ylabel="deg"))
+    drift = report.get("drift")
+    if drift and drift["windows"]:
+        ratio = drift["last_over_first"]
+        lines += ["", f"## Drift over the stream ({drift['window_seconds']:g} s windows)", "",
+                  "detail = the model's high-frequency energy / the simulator's; colour = histogram distance "
+                  "(0 same, 1 disjoint).", "", "| window | detail | colour | PSNR (dB) |", "|---|---|---|---|"]
+        for w in drift["windows"]:
+            lines.append(f"| {w['start_s']:.1f}-{w['end_s']:.1f} s | {w['detail_ratio']:.3f} | "
+                         f"{w['colour_hist_distance']:.3f} | {w['psnr']:.2f} |")
+        lines += ["", "last window / first window: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ratio.items())]
+        starts = [w["start_s"] for w in drift["windows"]]
+        images.append(plots.line_plot({k: (starts, [w[k] for w in drift["windows"]])
+                                       for k in ("detail_ratio", "colour_hist_distance")},
+                                      out / "plots" / "drift_windows.png", title="drift per window",
+                                      xlabel="window start (s)", ylabel="ratio / distance"))
+    rv = report.get("revisits")
+    if rv:
+        lines += ["", f"## Revisits (within {rv['radius_m']:g} m and {rv['max_yaw_deg']:g} deg of a frame at least "
+                      f"{rv['min_gap_seconds']:g} s earlier)", "",
+                  f"{rv['frames']['revisit']} revisit frames, {rv['frames']['first_visit']} first-visit frames.", "",
+                  "| rollout | PSNR at revisits (dB) | PSNR at first visits (dB) |", "|---|---|---|"]
+        for k in ("model", "copy_last"):
+            lines.append(f"| {k} | {_fmt(rv[k]['revisit']['psnr'])} | {_fmt(rv[k]['first_visit']['psnr'])} |")
     xs = list(range(c, s["num_frames"]))
     images.insert(0, plots.line_plot({k: (xs, v["psnr_per_frame"]) for k, v in fe.items()},
                                      out / "plots" / "psnr_over_time.png", title="PSNR vs simulator",
                                      xlabel="frame", ylabel="dB"))
     if frames:
-        images.append(plots.filmstrip(frames, out / "plots" / "action_filmstrip.png"))
+        images.append(plots.filmstrip(frames, out / "plots" / "action_filmstrip.png", fps=fps))
+    if stream_frames:
+        images.append(plots.filmstrip(stream_frames, out / "plots" / "stream_filmstrip.png", num=10, fps=fps))
     lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in images]
     md = "\n".join(lines) + "\n"
     files["md"] = out / "action_following.md"
     files["md"].write_text(md)
-    files["html"] = out / "action_following.html"
+    files["html"] = out / "index.html"
     files["html"].write_text(_html("Action following", [("Report", md)], images))
     return files
 

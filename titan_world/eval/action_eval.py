@@ -1,0 +1,180 @@
+"""`titan-world eval action`: action following of a model on held-out synthetic-world episodes.
+
+Each episode (agent seed S + i) is rendered by the simulator; the model starts from its first
+frame and is driven by its actions. A bidirectional model is rolled out in clips (each clip starts
+from the last frame the previous one generated); a block-causal student is streamed through the
+serving engine, as `titan-world serve` streams it (both via `titan_world.generate`). Scored:
+the first clip (frame error vs the simulator, copy-last-frame and shuffled-action baselines,
+camera motion), the whole stream in windows (detail, colour histogram: drift) and the frames
+where the agent is back where it was earlier (revisits vs first visits). docs/eval.md describes
+every figure.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from titan_world.config import TitanConfig, load_config
+from titan_world.data.synth import Episode, episode_frames, make_episode
+from titan_world.eval.action_following import (_psnr, action_following_report, drift_windows, find_revisits,
+                                               revisit_errors)
+from titan_world.eval.report import write_action_report
+from titan_world.generate import (GenerationInputs, generate_bidirectional, generate_causal, load_generation_model,
+                                  resolve_device)
+from titan_world.model.codec import codec_from_config
+from titan_world.model.text_encoder import build_text_encoder
+
+log = logging.getLogger("titan_world.eval.action")
+SHUFFLE_SEED = 0
+
+
+def run_config(checkpoint: str | Path) -> tuple[TitanConfig, str]:
+    """The config the checkpoint's run was trained with (RUN/config.yaml, or the one above an
+    exported model/ folder); the packaged default when there is none. -> (config, where from)."""
+    p = Path(checkpoint)
+    for d in (p, p.parent):
+        if (d / "config.yaml").is_file():
+            return load_config(d / "config.yaml"), str(d / "config.yaml")
+    log.warning("%s: no config.yaml in the run folder; rendering episodes with the default config", checkpoint)
+    return load_config(), "default"
+
+
+class Rollout:
+    """A loaded model that continues from a first frame under given actions (generate's samplers)."""
+
+    def __init__(self, cfg: TitanConfig, checkpoint: str, device: str = "cpu", steps: int = 20, shift: float = 5.0):
+        self.cfg, self.dev = cfg, resolve_device(device)
+        dtype = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
+        self.model, self.source = load_generation_model(cfg, checkpoint, self.dev, dtype)
+        mc = self.model.cfg
+        self.codec = codec_from_config(cfg.data.codec, device=self.dev)
+        te = cfg.data.text_encoder
+        self.text = build_text_encoder(te.kind, mc.text_dim, mc.text_len, te.path, device=self.dev)
+        self.causal = bool(getattr(mc, "causal_chunk_frames", 0))
+        self.steps, self.shift = steps, shift
+        self.kind = "streamed causal student" if self.causal else "chunked bidirectional"
+
+    def __call__(self, inputs: GenerationInputs, clip_frames: int, seed: int) -> np.ndarray:
+        """uint8 [T', H, W, 3], T' <= T (a stream stops at its last whole chunk)."""
+        if self.causal:
+            return generate_causal(self.cfg, self.model, self.codec, self.text, inputs, seed=seed, source=self.source)
+        out, start, t = [inputs.first_frame[None]], 0, len(inputs.actions)
+        while start < t - 1:
+            sl = slice(start, min(start + clip_frames, t))
+            clip = GenerationInputs(out[-1][-1], inputs.prompt, inputs.actions[sl], inputs.c2w[sl], inputs.intrinsics[sl])
+            video = generate_bidirectional(self.model, self.codec, self.text, clip, steps=self.steps, shift=self.shift,
+                                           seed=seed + start, device=self.dev)
+            out.append(video[1:])
+            start = sl.stop - 1
+        return np.concatenate(out)
+
+
+def episode_inputs(ep: Episode, frames: int, actions: np.ndarray | None = None) -> GenerationInputs:
+    acts = ep.actions[:frames] if actions is None else actions
+    return GenerationInputs(ep.frames[0], ep.captions["narrative"], acts, ep.c2w[:frames], ep.intrinsics[:frames],
+                            ep.frames[:frames])
+
+
+def shuffled_actions(actions: np.ndarray, seed: int = SHUFFLE_SEED) -> np.ndarray:
+    """The same actions in a random order (frame 0's kept): what a model that ignores them matches."""
+    perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(len(actions) - 1)])
+    return actions[perm]
+
+
+def _mean_errors(reports: list[dict], key: str) -> dict[str, Any]:
+    per_frame = np.mean([r["frame_error"][key]["mse_per_frame"] for r in reports], axis=0)
+    mse = float(per_frame.mean())
+    return {"mse": mse, "mae": float(np.mean([r["frame_error"][key]["mae"] for r in reports])), "psnr": _psnr(mse),
+            "psnr_per_frame": [_psnr(float(m)) for m in per_frame], "mse_per_frame": per_frame.tolist()}
+
+
+def _mean_windows(drifts: list[dict]) -> dict[str, Any]:
+    n = min(len(d["windows"]) for d in drifts)
+    keys = ("detail_ratio", "colour_hist_distance", "psnr")
+    windows = [{**drifts[0]["windows"][i], **{k: float(np.mean([d["windows"][i][k] for d in drifts])) for k in keys}}
+               for i in range(n)]
+    ratio = {k: (windows[-1][k] / windows[0][k] if n >= 2 and windows[0][k] > 1e-12 else None)
+             for k in ("detail_ratio", "colour_hist_distance")}
+    return {"window_seconds": drifts[0]["window_seconds"], "windows": windows, "last_over_first": ratio,
+            "per_episode": drifts}
+
+
+def _mean_revisits(per_episode: list[dict]) -> dict[str, Any]:
+    """Frame-weighted over episodes."""
+    out: dict[str, Any] = {"frames": {k: sum(r["frames"][k] for r in per_episode) for k in ("revisit", "first_visit")}}
+    for name in ("model", "copy_last"):
+        row = {}
+        for k in ("revisit", "first_visit"):
+            pairs = [(r[name][k]["mse"], r["frames"][k]) for r in per_episode if r[name][k]["mse"] is not None]
+            n = sum(c for _, c in pairs)
+            mse = sum(m * c for m, c in pairs) / n if n else None
+            row[k] = {"mse": mse, "psnr": None if mse is None else _psnr(mse)}
+        out[name] = row
+    m = out["model"]
+    out["revisit_minus_first_visit_psnr"] = (m["revisit"]["psnr"] - m["first_visit"]["psnr"]
+                                             if m["revisit"]["psnr"] is not None and m["first_visit"]["psnr"] is not None
+                                             else None)
+    return out
+
+
+def evaluate_action_following(checkpoint: str | Path, out_dir: str | Path, *, episodes: int = 4, seed: int = 10_000,
+                              seconds: float = 2.0, clip_seconds: float = 2.0, window_seconds: float = 10.0,
+                              steps: int = 20, device: str = "cpu", revisit_radius: float = 0.5,
+                              revisit_yaw_deg: float = 30.0, revisit_gap_seconds: float = 3.0,
+                              progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Render, roll out, score, write OUT/action_following.json + index.html; returns the report."""
+    if episodes < 1:
+        raise ValueError(f"--episodes {episodes}: expected at least 1")
+    if seconds < clip_seconds:
+        raise ValueError(f"--seconds {seconds}: expected at least the scored clip ({clip_seconds} s)")
+    cfg, cfg_source = run_config(checkpoint)
+    d = cfg.data
+    if d.synth_seed <= seed < d.synth_seed + d.synth_episodes:
+        log.warning("--seed %d: seeds %d..%d were used to make the training data; these episodes are not held out",
+                    seed, d.synth_seed, d.synth_seed + d.synth_episodes - 1)
+    roll = Rollout(cfg, str(checkpoint), device, steps)
+    clip = episode_frames(clip_seconds, d.fps)
+    reports, drifts, revisits, strips = [], [], [], {}
+    for i in range(episodes):
+        progress(f"episode {i + 1}/{episodes} (seed {seed + i}): rendering {seconds:g} s")
+        ep = make_episode(seed + i, d.height, d.width, seconds=seconds, fps=d.fps)
+        stream = roll(episode_inputs(ep, ep.num_frames), clip, seed=i)
+        t = len(stream)
+        sim = ep.frames[:t]
+        progress(f"episode {i + 1}/{episodes}: {t} frames rolled out ({roll.kind}); shuffled-action clip")
+        shuffled = roll(episode_inputs(ep, clip, shuffled_actions(ep.actions[:clip])), clip, seed=i)
+        if len(shuffled) < clip or t < clip:
+            raise ValueError(f"the rollout gave {min(len(shuffled), t)} frames, fewer than the {clip}-frame clip")
+        rep = action_following_report(stream[:clip], sim[:clip], shuffled=shuffled, context_frames=1,
+                                      poses=ep.c2w[:clip], intrinsics=ep.intrinsics[0])
+        reports.append({"seed": seed + i, **rep})
+        drifts.append(drift_windows(stream, sim, d.fps, window_seconds))
+        rv = find_revisits(ep.c2w[:t], d.fps, revisit_radius, revisit_yaw_deg, revisit_gap_seconds)
+        errs = revisit_errors({"model": stream, "copy_last": np.repeat(sim[:1], t, axis=0)}, sim, rv)
+        revisits.append({"seed": seed + i, **errs, "pairs": list(zip(rv["revisit"], rv["earlier"]))})
+        if i == 0:
+            strips = {"clip": {"simulator": sim[:clip], "model": stream[:clip], "shuffled": shuffled[:clip]},
+                      "stream": {"simulator": sim, "model": stream}}
+    fe = {k: _mean_errors(reports, k) for k in ("model", "shuffled", "copy_last")}
+    report: dict[str, Any] = {
+        "kind": "titan-world-eval/action-following", "version": 2,
+        "settings": {"checkpoint": str(checkpoint), "model": roll.source, "config": cfg_source, "rollout": roll.kind,
+                     "episodes": episodes, "seeds": [seed + i for i in range(episodes)], "seconds": seconds,
+                     "fps": d.fps, "height": d.height, "width": d.width, "context_frames": 1, "num_frames": clip,
+                     "scored_frames": clip - 1, "stream_frames": len(strips["stream"]["model"]),
+                     "sample_steps": None if roll.causal else steps, "window_seconds": window_seconds,
+                     "training_seeds": [d.synth_seed, d.synth_seed + d.synth_episodes - 1], "frame_range": "0..1"},
+        "frame_error": fe,
+        "beats": {f"psnr_vs_{k}": fe["model"]["psnr"] - fe[k]["psnr"] for k in ("shuffled", "copy_last")},
+        "drift": _mean_windows(drifts),
+        "revisits": {"radius_m": revisit_radius, "max_yaw_deg": revisit_yaw_deg,
+                     "min_gap_seconds": revisit_gap_seconds, **_mean_revisits(revisits), "per_episode": revisits},
+        "episodes": reports,
+    }
+    write_action_report(report, out_dir, frames=strips["clip"], stream_frames=strips["stream"], fps=d.fps)
+    return report
