@@ -175,3 +175,14 @@ def test_long_session_attends_like_chunk_50(hold):
     else:
         assert (b - a).abs().max() > 1e-3
         assert moved_50.norm() > moved_30.norm() + 0.1  # relative to the session start: grows without bound
+
+
+def test_generate_reports_an_untrained_geometry_in_one_line(tmp_path, capsys):
+    """`generate` streams a student through the same settings check; a refusal is exit 2, no traceback."""
+    from launch.cli import main
+
+    rc = main(["generate", "--checkpoint", str(tiny_student(tmp_path)), "--frames", "5", "--out",
+               str(tmp_path / "x.mp4"), *TINY, "serving.window_frames=4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "serving.window_frames=4 vs the student's 3" in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.mp4").exists()

@@ -531,6 +531,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
         print(f"titan-world generate: {e}", file=sys.stderr)
         return 2
+    from serving.engine import EngineError  # a streamed student's geometry refusal (serving.force_geometry)
+
     cfg = config_from_args(args)
     try:
         bundle = reference_checkpoint(cfg, args.checkpoint, dev) if args.checkpoint else None
@@ -551,7 +553,7 @@ def run(args: argparse.Namespace) -> int:
                                  shift=args.shift if args.shift is not None else 5.0, sampler=args.sampler or "dpmpp2m",
                                  guidance=args.guidance if args.guidance is not None else 1.0, seed=args.seed,
                                  device=args.device, progress=bar, negative_prompt=args.negative_prompt or "")
-    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, OSError, CheckpointError, EngineError) as e:
         print(f"titan-world generate: {e}", file=sys.stderr)
         return 2
     out = write_output(args.out, video, cfg.data.fps)
