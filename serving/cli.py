@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
 
 from launch.cli_common import add_config_arguments
+from serving.config import ServingConfig
+
+log = logging.getLogger("titan_world.serving")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +80,66 @@ def _relaunch_argv(args: argparse.Namespace) -> list[str]:
     return out + ["--engine", args.engine, *args.overrides]
 
 
+SYNTHETIC_START_SEED = 10_000  # an agent seed outside the default training set (0 .. data.synth_episodes - 1)
+
+
+def run_config(source: str, serve_cfg):
+    """The config the served model was trained with: config.yaml of its run (next to it, or above
+    an exported model/ folder); for random weights the serve config itself; None if unknown."""
+    from titan_world.config import ConfigError, load_config
+
+    if source == "random":
+        return serve_cfg
+    p = Path(source)
+    for d in (p, p.parent):
+        if (d / "config.yaml").is_file():
+            try:
+                return load_config(d / "config.yaml")
+            except ConfigError as e:
+                log.warning("%s: unreadable (%s); serving without the synthetic-world start", d / "config.yaml", e)
+                return None
+    return None
+
+
+def trained_on_synthetic_world(cfg) -> bool:
+    """data.path `synthetic[:DIR]`, or a dataset folder whose titan_dataset.json says source synthetic."""
+    path = cfg.data.path
+    if path == "synthetic" or path.startswith("synthetic:"):
+        return True
+    marker = Path(path) / "titan_dataset.json"
+    try:
+        return json.loads(marker.read_text()).get("source") == "synthetic"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def synthetic_start(cfg) -> tuple[np.ndarray, str]:
+    """The first frame of a held-out episode of the model's synthetic world (its data size, fps and
+    episode length) and that episode's caption, the kind of prompt the model was trained on."""
+    from titan_world.data.synth import make_episode
+
+    d = cfg.data
+    seed = SYNTHETIC_START_SEED
+    if d.synth_seed <= seed < d.synth_seed + d.synth_episodes:
+        seed = d.synth_seed + d.synth_episodes
+    ep = make_episode(seed, d.height, d.width, seconds=d.synth_seconds, fps=d.fps)
+    return ep.frames[0], ep.captions["narrative"]
+
+
+def start_defaults(serve_cfg, sc: ServingConfig, source: str) -> tuple[ServingConfig, np.ndarray | None]:
+    """For a model trained on the synthetic world: its world's start image and a caption as the
+    default prompt (unless serving.default_prompt was set); otherwise the serve config as it is."""
+    run_cfg = run_config(source, serve_cfg)
+    if run_cfg is None or not trained_on_synthetic_world(run_cfg):
+        return sc, None
+    image, caption = synthetic_start(run_cfg)
+    if sc.default_prompt == ServingConfig.default_prompt:
+        sc = replace(sc, default_prompt=caption)
+    log.warning("start: %s was trained on the synthetic world; sessions start in a held-out episode of it: %r",
+                source, sc.default_prompt)
+    return sc, image
+
+
 def _serve(cfg, engine_kind: str, *, require_causal: bool) -> int:
     from serving.engine import EngineError
     from serving.loading import resolved_serving
@@ -93,7 +161,8 @@ def _serve(cfg, engine_kind: str, *, require_causal: bool) -> int:
     except EngineError as e:
         print(f"titan-world serve: {e}", file=sys.stderr)
         return 2
-    asyncio.run(serve_forever(StreamServer(engine, sc), sc.host, sc.port))
+    sc, image = start_defaults(cfg, sc, getattr(engine, "source", "random"))
+    asyncio.run(serve_forever(StreamServer(engine, sc, image), sc.host, sc.port))
     return 0
 
 
@@ -113,8 +182,9 @@ def _serve_ranked(cfg, sc, *, require_causal: bool) -> int:
     try:
         if rank == 0:
             ranked = RankedEngine(engine, control)
+            sc, image = start_defaults(cfg, sc, getattr(engine, "source", "random"))
             try:
-                asyncio.run(serve_forever(StreamServer(ranked, sc), sc.host, sc.port))
+                asyncio.run(serve_forever(StreamServer(ranked, sc, image), sc.host, sc.port))
             finally:
                 try:
                     ranked.shutdown()

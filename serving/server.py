@@ -1,4 +1,4 @@
-"""The WebSocket server: `/` (browser page), `/ws` (the stream), `/health`.
+"""The WebSocket server: `/` (browser page), `/ws` (the stream), `/health`, `/start` (the default start).
 
 One engine = one GPU set = one active session; other clients wait in a bounded line or are
 refused (`Admission`) before any expensive work is done for them. Generation runs on a single
@@ -238,7 +238,7 @@ class Connection:
             if not admitted.done():
                 self.state = "queued"
                 await self.send_queued()
-            image = await srv.decode_start_image(req.image) if req.image else None  # off the loop, in line
+            image = await srv.decode_start_image(req.image) if req.image else srv.start_image  # off the loop, in line
             await admitted
             self.state = "starting"
             t0 = time.perf_counter()
@@ -378,8 +378,15 @@ class Connection:
 class StreamServer:
     """Owns the engine, the two worker threads, admission and the open connections."""
 
-    def __init__(self, engine: Engine, cfg: ServingConfig):
-        self.engine, self.cfg = engine, cfg
+    def __init__(self, engine: Engine, cfg: ServingConfig, start_image: np.ndarray | None = None):
+        """`start_image`: uint8 [H, W, 3] a session starts from when its client sends none (e.g. the
+        synthetic world's first frame for a model trained there); None: the engine's default."""
+        self.engine, self.cfg, self.start_image = engine, cfg, start_image
+        self._start_png = None
+        if start_image is not None:
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(start_image)).save(buf, format="PNG")
+            self._start_png = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         self.connections: set[Connection] = set()
         self.admission = Admission(cfg.queue_size, on_change=self._queue_changed)
         self._gpu = cf.ThreadPoolExecutor(1, thread_name_prefix="titan-gpu")
@@ -447,6 +454,7 @@ class StreamServer:
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/start", self.start_defaults)
         app.router.add_get("/static/{name}", self.static)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -463,6 +471,10 @@ class StreamServer:
         if "/" in name or ".." in name or ext not in types or not entry.is_file():
             raise web.HTTPNotFound()
         return web.Response(body=entry.read_bytes(), content_type=types[ext])
+
+    async def start_defaults(self, request: web.Request) -> web.Response:
+        """What a start without image or prompt begins from, for the page to show before Start."""
+        return web.json_response({"prompt": self.cfg.default_prompt, "image": self._start_png})
 
     async def health(self, request: web.Request) -> web.Response:
         e = self.engine

@@ -1,7 +1,8 @@
 """The browser client in real headless Chromium, driven over the DevTools protocol (no npm).
 
-The page connects to a live server, frames arrive and are drawn on the canvas (pixels read back
-through JS), and a key press in the page changes what the engine receives.
+The page connects to a live server, shows the server's start image and prompt before Start, frames
+arrive and are drawn on the canvas (pixels read back through JS), and a key press in the page
+changes what the engine receives.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 import time
 
 import aiohttp
+import numpy as np
 import pytest
 
 from serving.config import ServingConfig
@@ -27,7 +29,7 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (scripts/install_system.sh installs it)"),
 ]
-PROMPT = "a sunny meadow with trees and a red house"  # the page's default prompt
+PROMPT = "a sunny meadow with trees and a red house"  # ServingConfig's default prompt (the page shows the server's)
 
 
 def _free_port() -> int:
@@ -72,10 +74,10 @@ class CDP:
                         windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk)
 
 
-def test_page_streams_draws_and_sends_keys():
-    engine = FakeEngine(fps=30.0)
+def in_chromium(server: StreamServer, drive) -> None:
+    """Serve `server`, open headless Chromium and run `drive(cdp, url)` against its page."""
     port = _free_port()
-    with ServerThread(StreamServer(engine, ServingConfig())) as st, tempfile.TemporaryDirectory() as profile:
+    with ServerThread(server) as st, tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
@@ -83,7 +85,7 @@ def test_page_streams_draws_and_sends_keys():
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
-            asyncio.run(asyncio.wait_for(_drive(port, st.url, engine), 90))
+            asyncio.run(asyncio.wait_for(_connect(port, st.url, drive), 90))
         finally:
             proc.terminate()
             try:
@@ -92,7 +94,7 @@ def test_page_streams_draws_and_sends_keys():
                 proc.kill()
 
 
-async def _drive(port: int, url: str, engine: FakeEngine) -> None:
+async def _connect(port: int, url: str, drive) -> None:
     async with aiohttp.ClientSession() as s:
         targets = None
         for _ in range(200):
@@ -108,46 +110,78 @@ async def _drive(port: int, url: str, engine: FakeEngine) -> None:
         async with s.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
             cdp = CDP(ws)
             await cdp.call("Page.navigate", url=url + "/")
-            await cdp.wait_for("window.titan && window.titan.ws && window.titan.ws.readyState === 1")
-            await cdp.js("document.getElementById('start').click()")
-            await cdp.wait_for("window.titan.drawn >= 5")
-            stats = await cdp.wait_for("document.getElementById('stats').textContent.includes('fps') && document.getElementById('stats').textContent")
-            assert "latency" in stats
+            await drive(cdp, url)
 
-            # the canvas shows the stream: its pixels are the engine's prompt colour (+ white square)
-            pixels = json.loads(await cdp.js("""(() => {
-                const c = document.getElementById('view');
-                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                let r = 0, g = 0, b = 0, white = 0, n = d.length / 4;
-                for (let i = 0; i < d.length; i += 4) {
-                  r += d[i]; g += d[i + 1]; b += d[i + 2];
-                  if (d[i] > 230 && d[i + 1] > 230 && d[i + 2] > 230) white++;
-                }
-                return JSON.stringify({w: c.width, h: c.height, mean: [r / n, g / n, b / n], white});
-            })()"""))
-            assert (pixels["w"], pixels["h"]) == (64, 64)
-            assert pixels["white"] > 0
-            color = _prompt_color(PROMPT)
-            bg = [(m * 4096 - 255 * pixels["white"]) / (4096 - pixels["white"]) for m in pixels["mean"]]
-            assert all(abs(a - b) < 12 for a, b in zip(bg, color)), (bg, color)
 
-            # a key press in the page changes what the server (engine) receives
-            assert not any(a[:, 0].any() for a in list(engine.received))
-            await cdp.key("KeyW", "w", 87, down=True)
-            await cdp.wait_for("document.querySelector('#keys span[data-k=w]').classList.contains('on')")
-            for _ in range(100):
-                if any(a[0, 0] == 1 for a in list(engine.received)):
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("W pressed in the page never reached the engine")
-            await cdp.key("KeyW", "w", 87, down=False)
-            n0 = len(engine.received)
-            for _ in range(100):  # released: later chunks have w = 0 again
-                recent = list(engine.received)[n0:]
-                if recent and recent[-1][0, 0] == 0:
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("releasing W never reached the engine")
-            assert await cdp.js("window.titan.errors.length") == 0
+def test_page_streams_draws_and_sends_keys():
+    engine = FakeEngine(fps=30.0)
+
+    async def drive(cdp: CDP, url: str) -> None:
+        await cdp.wait_for("window.titan && window.titan.ws && window.titan.ws.readyState === 1")
+        await cdp.js("document.getElementById('start').click()")
+        await cdp.wait_for("window.titan.drawn >= 5")
+        stats = await cdp.wait_for("document.getElementById('stats').textContent.includes('fps') && document.getElementById('stats').textContent")
+        assert "latency" in stats
+
+        # the canvas shows the stream: its pixels are the engine's prompt colour (+ white square)
+        pixels = json.loads(await cdp.js("""(() => {
+            const c = document.getElementById('view');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let r = 0, g = 0, b = 0, white = 0, n = d.length / 4;
+            for (let i = 0; i < d.length; i += 4) {
+              r += d[i]; g += d[i + 1]; b += d[i + 2];
+              if (d[i] > 230 && d[i + 1] > 230 && d[i + 2] > 230) white++;
+            }
+            return JSON.stringify({w: c.width, h: c.height, mean: [r / n, g / n, b / n], white});
+        })()"""))
+        assert (pixels["w"], pixels["h"]) == (64, 64)
+        assert pixels["white"] > 0
+        color = _prompt_color(PROMPT)
+        bg = [(m * 4096 - 255 * pixels["white"]) / (4096 - pixels["white"]) for m in pixels["mean"]]
+        assert all(abs(a - b) < 12 for a, b in zip(bg, color)), (bg, color)
+
+        # a key press in the page changes what the server (engine) receives
+        assert not any(a[:, 0].any() for a in list(engine.received))
+        await cdp.key("KeyW", "w", 87, down=True)
+        await cdp.wait_for("document.querySelector('#keys span[data-k=w]').classList.contains('on')")
+        for _ in range(100):
+            if any(a[0, 0] == 1 for a in list(engine.received)):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("W pressed in the page never reached the engine")
+        await cdp.key("KeyW", "w", 87, down=False)
+        n0 = len(engine.received)
+        for _ in range(100):  # released: later chunks have w = 0 again
+            recent = list(engine.received)[n0:]
+            if recent and recent[-1][0, 0] == 0:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("releasing W never reached the engine")
+        assert await cdp.js("window.titan.errors.length") == 0
+
+    in_chromium(StreamServer(engine, ServingConfig()), drive)
+
+
+def test_page_shows_the_start_image_and_prompt_before_start():
+    """Issue 22: before Start, the page shows what a session will start from (the server's start
+    image and prompt, e.g. the synthetic world a model was trained on; test_serving_start.py)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    prompt = "a brick maze under a clear blue sky"
+
+    async def drive(cdp: CDP, url: str) -> None:
+        await cdp.wait_for("window.titan && window.titan.startShown")
+        assert await cdp.js("document.getElementById('prompt').value") == prompt
+        pixels = json.loads(await cdp.js("""(() => {
+            const c = document.getElementById('view');
+            return JSON.stringify({w: c.width, h: c.height,
+                                   data: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)});
+        })()"""))
+        assert (pixels["w"], pixels["h"]) == (40, 48)
+        shown = np.array(pixels["data"], np.int16).reshape(48, 40, 4)[..., :3]
+        assert np.abs(shown - image).max() <= 2
+        assert await cdp.js("window.titan.errors.length") == 0
+
+    in_chromium(StreamServer(FakeEngine(fps=30.0), ServingConfig(default_prompt=prompt), image), drive)

@@ -107,6 +107,25 @@
   });
   document.getElementById("setprompt").addEventListener("click", () => send({ type: "prompt", text: document.getElementById("prompt").value }));
   document.getElementById("reset").addEventListener("click", () => send({ type: "reset" }));
+  // What a start without image or prompt begins from (e.g. the synthetic world a model was trained
+  // on): shown in the view and the prompt box before Start.
+  async function showStartDefaults() {
+    try {
+      const d = await (await fetch("/start")).json();
+      t.startDefaults = d;
+      const promptEl = document.getElementById("prompt");
+      if (!promptEl.value) promptEl.value = d.prompt;
+      if (!d.image || t.started) return;
+      const bmp = await createImageBitmap(await (await fetch(d.image)).blob());
+      if (!t.started && t.frames === 0) {
+        canvas.width = bmp.width; canvas.height = bmp.height;
+        ctx.drawImage(bmp, 0, 0);
+        t.startShown = true;
+      }
+      bmp.close();
+    } catch (e) { t.errors.push(`start defaults: ${e}`); }
+  }
   t.send = send;
+  showStartDefaults();
   connect();
 })();

@@ -1,0 +1,94 @@
+"""`titan-world serve` of a model trained on the synthetic world starts in that world: the start
+image (shown by the page before Start, served at /start) is a held-out episode's first frame and
+the default prompt its caption. A model trained on real data keeps the configured defaults."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import aiohttp
+import numpy as np
+from PIL import Image
+
+from serving.cli import SYNTHETIC_START_SEED, start_defaults
+from serving.config import ServingConfig
+from serving.fake_engine import FakeEngine
+from serving.server import ServerThread, StreamServer
+from titan_world.config import load_config, save_config
+from titan_world.data.synth import make_episode
+
+
+class RecordingEngine(FakeEngine):
+    """The fake engine, remembering what each session was started from."""
+
+    def __init__(self):
+        super().__init__(fps=50.0)
+        self.starts: list[tuple[np.ndarray | None, str]] = []
+
+    def start(self, image, prompt, seed=None):
+        self.starts.append((image, prompt))
+        return super().start(image, prompt, seed)
+
+
+def run_dir(tmp_path, data_path: str):
+    cfg = load_config(None, ["data.height=32", "data.width=32", f"data.path={data_path}", "data.synth_seconds=1.0"])
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
+async def fetch_start_and_start_a_session(url: str) -> dict:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/start") as r:
+            assert r.status == 200
+            defaults = await r.json()
+        async with s.ws_connect(url + "/ws") as ws:
+            await ws.send_json({"type": "start"})  # no image, no prompt: the server's defaults
+            while True:
+                msg = await ws.receive(timeout=10)
+                if msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data)["type"] == "started":
+                    break
+    return defaults
+
+
+def test_synthetic_world_model_starts_in_its_world(tmp_path):
+    run = run_dir(tmp_path, "synthetic")
+    sc, image = start_defaults(load_config(), ServingConfig(), str(run / "model"))
+    ep = make_episode(SYNTHETIC_START_SEED, 32, 32, seconds=1.0, fps=16)
+    engine = RecordingEngine()
+    with ServerThread(StreamServer(engine, sc, image)) as st:
+        defaults = asyncio.run(fetch_start_and_start_a_session(st.url))
+    png = base64.b64decode(defaults["image"].removeprefix("data:image/png;base64,"))
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), ep.frames[0])
+    assert defaults["prompt"] == ep.captions["narrative"] != ServingConfig.default_prompt
+    started_image, started_prompt = engine.starts[0]
+    np.testing.assert_array_equal(started_image, ep.frames[0])
+    assert started_prompt == ep.captions["narrative"]
+
+
+def test_dataset_marker_says_synthetic_and_real_data_keeps_the_defaults(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "titan_dataset.json").write_text(json.dumps({"source": "synthetic", "episodes": 4}))
+    run = run_dir(tmp_path, str(data))
+    _, image = start_defaults(load_config(), ServingConfig(), str(run))  # a run dir, not its model/
+    assert image is not None
+
+    (data / "titan_dataset.json").write_text(json.dumps({"source": "video", "episodes": 4}))
+    sc, image = start_defaults(load_config(), ServingConfig(), str(run))
+    assert image is None and sc.default_prompt == ServingConfig.default_prompt
+    engine = RecordingEngine()
+    with ServerThread(StreamServer(engine, sc, image)) as st:
+        defaults = asyncio.run(fetch_start_and_start_a_session(st.url))
+    assert defaults == {"prompt": ServingConfig.default_prompt, "image": None}
+    assert engine.starts[0][0] is None and engine.starts[0][1] == ServingConfig.default_prompt
+
+
+def test_an_explicit_default_prompt_is_kept(tmp_path):
+    run = run_dir(tmp_path, "synthetic")
+    sc, image = start_defaults(load_config(), ServingConfig(default_prompt="a brick maze"), str(run / "model"))
+    assert image is not None and sc.default_prompt == "a brick maze"
