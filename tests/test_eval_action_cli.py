@@ -12,7 +12,7 @@ import torch
 
 from launch.cli import main
 from titan_world.config import load_config, save_config
-from titan_world.data.actions import state_to_c2w, CameraState
+from titan_world.data.actions import CameraState, state_to_c2w
 from titan_world.data.synth import make_episode
 from titan_world.eval.action_following import find_revisits
 from titan_world.model import build_model, save_pretrained
@@ -20,35 +20,38 @@ from titan_world.model import build_model, save_pretrained
 SIZE = ["data.height=32", "data.width=32", "model.action.enabled=true"]
 
 
-def make_run(root, causal: bool) -> None:
+def make_run(root, chunk: int) -> None:
     """A tiny run folder as training leaves it: model/ (Wan format) and config.yaml. The head is
     given weights (Wan zero-inits it) so rollouts differ from the first frame."""
     cfg = load_config(None, SIZE)
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(cfg.model, causal_chunk_frames=1) if causal else cfg.model)
+    model = build_model(dataclasses.replace(cfg.model, causal_chunk_frames=chunk))
     for p in model.head.parameters():
         p.data.normal_(0, 0.02)
     save_pretrained(model, root / "model")
     save_config(cfg, root / "config.yaml")
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_eval_action_writes_every_figure_on_the_right_frames(tmp_path, causal):
+@pytest.mark.parametrize("chunk", [0, 1, 3])  # bidirectional; students with 4- and 12-frame chunks
+def test_eval_action_writes_every_figure_on_the_right_frames(tmp_path, chunk):
+    """3 s streams (49 frames, 3 one-second windows); the first 2 s (33 frames) are scored, or the
+    whole chunks of a student within them (12-frame chunks: 25 frames)."""
     run = tmp_path / "run"
-    make_run(run, causal)
+    make_run(run, chunk)
+    clip = 25 if chunk == 3 else 33
     out = tmp_path / "out"
     assert main(["eval", "action", "--checkpoint", str(run), "--episodes", "2", "--seed", "777", "--seconds", "3",
                  "--window-seconds", "1", "--steps", "2", "--out", str(out)]) == 0
     rep = json.loads((out / "action_following.json").read_text())
     s = rep["settings"]
-    assert s["rollout"] == ("streamed causal student" if causal else "chunked bidirectional")
-    assert s["seeds"] == [777, 778] and s["num_frames"] == 33 and s["stream_frames"] == 49
+    assert s["rollout"] == ("streamed causal student" if chunk else "chunked bidirectional")
+    assert s["seeds"] == [777, 778] and s["num_frames"] == clip and s["stream_frames"] == 49
     for k in ("model", "shuffled", "copy_last"):
-        assert len(rep["frame_error"][k]["psnr_per_frame"]) == 32
+        assert len(rep["frame_error"][k]["psnr_per_frame"]) == clip - 1
     # copy-last-frame, computed here from the simulator's own episodes: the same frames were scored
     mse = []
     for seed in (777, 778):
-        ep = make_episode(seed, 32, 32, seconds=3, fps=16).frames[:33].astype(np.float64) / 255
+        ep = make_episode(seed, 32, 32, seconds=3, fps=16).frames[:clip].astype(np.float64) / 255
         mse.append(((ep[1:] - ep[:1]) ** 2).mean())
     assert rep["frame_error"]["copy_last"]["psnr"] == pytest.approx(-10 * math.log10(np.mean(mse)), abs=1e-9)
     assert rep["frame_error"]["model"]["psnr"] != rep["frame_error"]["copy_last"]["psnr"]

@@ -138,19 +138,22 @@ def evaluate_action_following(checkpoint: str | Path, out_dir: str | Path, *, ep
         log.warning("--seed %d: seeds %d..%d were used to make the training data; these episodes are not held out",
                     seed, d.synth_seed, d.synth_seed + d.synth_episodes - 1)
     roll = Rollout(cfg, str(checkpoint), device, steps)
-    clip = episode_frames(clip_seconds, d.fps)
+    chunk = episode_frames(clip_seconds, d.fps)  # a bidirectional model's clip; the scored clip (<= it)
+    clip = chunk
     reports, drifts, revisits, strips = [], [], [], {}
     for i in range(episodes):
         progress(f"episode {i + 1}/{episodes} (seed {seed + i}): rendering {seconds:g} s")
         ep = make_episode(seed + i, d.height, d.width, seconds=seconds, fps=d.fps)
-        stream = roll(episode_inputs(ep, ep.num_frames), clip, seed=i)
+        stream = roll(episode_inputs(ep, ep.num_frames), chunk, seed=i)
         t = len(stream)
         sim = ep.frames[:t]
         progress(f"episode {i + 1}/{episodes}: {t} frames rolled out ({roll.kind}); shuffled-action clip")
-        shuffled = roll(episode_inputs(ep, clip, shuffled_actions(ep.actions[:clip])), clip, seed=i)
-        if len(shuffled) < clip or t < clip:
-            raise ValueError(f"the rollout gave {min(len(shuffled), t)} frames, fewer than the {clip}-frame clip")
-        rep = action_following_report(stream[:clip], sim[:clip], shuffled=shuffled, context_frames=1,
+        shuffled = roll(episode_inputs(ep, chunk, shuffled_actions(ep.actions[:chunk])), chunk, seed=i)
+        clip = min(chunk, len(shuffled), t)  # a stream ends at its last whole chunk: score what both have
+        if clip < 2:
+            raise ValueError(f"the rollout gave {clip} frame(s): nothing to score after the first frame "
+                             f"(one chunk of the student is longer than the {clip_seconds:g} s clip)")
+        rep = action_following_report(stream[:clip], sim[:clip], shuffled=shuffled[:clip], context_frames=1,
                                       poses=ep.c2w[:clip], intrinsics=ep.intrinsics[0])
         reports.append({"seed": seed + i, **rep})
         drifts.append(drift_windows(stream, sim, d.fps, window_seconds))
