@@ -113,16 +113,17 @@ def trained_on_synthetic_world(cfg) -> bool:
         return False
 
 
-def synthetic_start(cfg) -> tuple[np.ndarray, str]:
-    """The first frame of a held-out episode of the model's synthetic world (its data size, fps and
-    episode length) and that episode's caption, the kind of prompt the model was trained on."""
+def synthetic_start(cfg, height: int = 0, width: int = 0) -> tuple[np.ndarray, str]:
+    """The first frame of a held-out episode of the model's synthetic world (its fps and episode
+    length; rendered at the stream's `height` x `width`, 0: the data size) and that episode's
+    caption, the kind of prompt the model was trained on."""
     from titan_world.data.synth import make_episode
 
     d = cfg.data
     seed = SYNTHETIC_START_SEED
     if d.synth_seed <= seed < d.synth_seed + d.synth_episodes:
         seed = d.synth_seed + d.synth_episodes
-    ep = make_episode(seed, d.height, d.width, seconds=d.synth_seconds, fps=d.fps)
+    ep = make_episode(seed, height or d.height, width or d.width, seconds=d.synth_seconds, fps=d.fps)
     return ep.frames[0], ep.captions["narrative"]
 
 
@@ -132,7 +133,7 @@ def start_defaults(serve_cfg, sc: ServingConfig, source: str) -> tuple[ServingCo
     run_cfg = run_config(source, serve_cfg)
     if run_cfg is None or not trained_on_synthetic_world(run_cfg):
         return sc, None
-    image, caption = synthetic_start(run_cfg)
+    image, caption = synthetic_start(run_cfg, sc.height, sc.width)
     if sc.default_prompt == ServingConfig.default_prompt:
         sc = replace(sc, default_prompt=caption)
     log.warning("start: %s was trained on the synthetic world; sessions start in a held-out episode of it: %r",

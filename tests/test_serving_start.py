@@ -13,7 +13,7 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-from serving.cli import SYNTHETIC_START_SEED, start_defaults
+from serving.cli import SYNTHETIC_START_SEED, start_defaults, synthetic_start
 from serving.config import ServingConfig
 from serving.fake_engine import FakeEngine
 from serving.server import ServerThread, StreamServer
@@ -88,7 +88,22 @@ def test_dataset_marker_says_synthetic_and_real_data_keeps_the_defaults(tmp_path
     assert engine.starts[0][0] is None and engine.starts[0][1] == ServingConfig.default_prompt
 
 
+def test_start_image_is_rendered_at_the_stream_size(tmp_path):
+    run = run_dir(tmp_path, "synthetic")
+    _, image = start_defaults(load_config(), ServingConfig(height=48, width=40), str(run / "model"))
+    np.testing.assert_array_equal(image, make_episode(SYNTHETIC_START_SEED, 48, 40, seconds=1.0, fps=16).frames[0])
+
+
 def test_an_explicit_default_prompt_is_kept(tmp_path):
     run = run_dir(tmp_path, "synthetic")
     sc, image = start_defaults(load_config(), ServingConfig(default_prompt="a brick maze"), str(run / "model"))
     assert image is not None and sc.default_prompt == "a brick maze"
+
+
+def test_start_episode_is_held_out_of_training():
+    cfg = load_config(None, ["data.height=32", "data.width=32", "data.synth_seconds=1.0", "data.synth_seed=5000",
+                             "data.synth_episodes=6000"])  # training used seeds 5000..10999, the default among them
+    image, caption = synthetic_start(cfg)
+    ep = make_episode(11_000, 32, 32, seconds=1.0, fps=16)
+    np.testing.assert_array_equal(image, ep.frames[0])
+    assert caption == ep.captions["narrative"]
