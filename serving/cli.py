@@ -87,18 +87,18 @@ def run_config(source: str, serve_cfg):
     """The config the served model was trained with: config.yaml of its run (next to it, or above
     an exported model/ folder); for random weights the serve config itself; None if unknown."""
     from titan_world.config import ConfigError, load_config
+    from titan_world.eval.action_eval import run_config_path
 
     if source == "random":
         return serve_cfg
-    p = Path(source)
-    for d in (p, p.parent):
-        if (d / "config.yaml").is_file():
-            try:
-                return load_config(d / "config.yaml")
-            except ConfigError as e:
-                log.warning("%s: unreadable (%s); serving without the synthetic-world start", d / "config.yaml", e)
-                return None
-    return None
+    path = run_config_path(source)
+    if path is None:
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        log.warning("%s: unreadable (%s); serving without the synthetic-world start", path, e)
+        return None
 
 
 def trained_on_synthetic_world(cfg) -> bool:

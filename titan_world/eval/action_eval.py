@@ -33,13 +33,19 @@ log = logging.getLogger("titan_world.eval.action")
 SHUFFLE_SEED = 0
 
 
-def run_config(checkpoint: str | Path) -> tuple[TitanConfig, str]:
-    """The config the checkpoint's run was trained with (RUN/config.yaml, or the one above an
-    exported model/ folder); the packaged default when there is none. -> (config, where from)."""
+def run_config_path(checkpoint: str | Path) -> Path | None:
+    """config.yaml of the run a checkpoint comes from: RUN/config.yaml, or the one above an exported
+    model/ folder (training and post-training write it there); None when there is none."""
     p = Path(checkpoint)
-    for d in (p, p.parent):
-        if (d / "config.yaml").is_file():
-            return load_config(d / "config.yaml"), str(d / "config.yaml")
+    return next((d / "config.yaml" for d in (p, p.parent) if (d / "config.yaml").is_file()), None)
+
+
+def run_config(checkpoint: str | Path) -> tuple[TitanConfig, str]:
+    """The config the checkpoint's run was trained with; the packaged default when there is none.
+    -> (config, where from)."""
+    path = run_config_path(checkpoint)
+    if path is not None:
+        return load_config(path), str(path)
     log.warning("%s: no config.yaml in the run folder; rendering episodes with the default config", checkpoint)
     return load_config(), "default"
 
@@ -66,7 +72,8 @@ class Rollout:
         out, start, t = [inputs.first_frame[None]], 0, len(inputs.actions)
         while start < t - 1:
             sl = slice(start, min(start + clip_frames, t))
-            clip = GenerationInputs(out[-1][-1], inputs.prompt, inputs.actions[sl], inputs.c2w[sl], inputs.intrinsics[sl])
+            clip = GenerationInputs(out[-1][-1], inputs.prompt, inputs.actions[sl], inputs.c2w[sl],
+                                    inputs.intrinsics[sl])
             video = generate_bidirectional(self.model, self.codec, self.text, clip, steps=self.steps, shift=self.shift,
                                            seed=seed + start, device=self.dev)
             out.append(video[1:])
@@ -115,10 +122,8 @@ def _mean_revisits(per_episode: list[dict]) -> dict[str, Any]:
             mse = sum(m * c for m, c in pairs) / n if n else None
             row[k] = {"mse": mse, "psnr": None if mse is None else _psnr(mse)}
         out[name] = row
-    m = out["model"]
-    out["revisit_minus_first_visit_psnr"] = (m["revisit"]["psnr"] - m["first_visit"]["psnr"]
-                                             if m["revisit"]["psnr"] is not None and m["first_visit"]["psnr"] is not None
-                                             else None)
+    revisit, first = out["model"]["revisit"]["psnr"], out["model"]["first_visit"]["psnr"]
+    out["revisit_minus_first_visit_psnr"] = revisit - first if revisit is not None and first is not None else None
     return out
 
 

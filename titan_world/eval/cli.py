@@ -172,11 +172,10 @@ def run_action(args: argparse.Namespace) -> int:
     print("action following (PSNR vs simulator over the first 2 s, higher is better):")
     for k, v in rep["frame_error"].items():
         print(f"  {k:<12} {v['psnr']:6.2f} dB")
-    ratio = rep["drift"]["last_over_first"]
-    print("drift, last window / first: " + ", ".join(f"{k} {'—' if v is None else f'{v:.2f}'}" for k, v in ratio.items()))
+    num = lambda x, unit="": "—" if x is None else f"{x:.2f}{unit}"  # noqa: E731
+    print("drift, last window / first: " + ", ".join(f"{k} {num(v)}" for k, v in rep["drift"]["last_over_first"].items()))
     rv = rep["revisits"]["model"]
-    fmt = lambda x: "—" if x is None else f"{x:.2f} dB"  # noqa: E731
-    print(f"revisits: {rep['revisits']['frames']['revisit']} frames, PSNR {fmt(rv['revisit']['psnr'])} "
-          f"vs first visits {fmt(rv['first_visit']['psnr'])}")
+    print(f"revisits: {rep['revisits']['frames']['revisit']} frames, PSNR {num(rv['revisit']['psnr'], ' dB')} "
+          f"vs first visits {num(rv['first_visit']['psnr'], ' dB')}")
     print(f"wrote {Path(args.out) / 'action_following.json'}, {Path(args.out) / 'index.html'}")
     return 0

@@ -172,7 +172,8 @@ def _vbench_filmstrips(vids: dict[str, Any], plot_dir: Path, n: int) -> list[Pat
 
 def write_action_report(report: dict[str, Any], out_dir: str | Path,
                         frames: dict[str, np.ndarray] | None = None,
-                        stream_frames: dict[str, np.ndarray] | None = None, fps: float | None = None) -> dict[str, Path]:
+                        stream_frames: dict[str, np.ndarray] | None = None,
+                        fps: float | None = None) -> dict[str, Path]:
     """action_following.json/.md + index.html (PSNR-over-time and yaw-drift plots, drift windows
     and revisits when the report has them, a filmstrip of `frames`, e.g. {'simulator': ...,
     'model': ...} uint8 [T, H, W, 3], and one of the long `stream_frames`)."""
