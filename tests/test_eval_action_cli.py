@@ -79,3 +79,12 @@ def test_revisit_detection_finds_a_known_return():
     assert rv["revisit"] == [41, 42, 43, 44]
     assert all(e <= 2 for e in rv["earlier"])  # matched to the start, not to the walk back (wrong heading)
     assert set(rv["first_visit"]) == set(range(41))
+
+
+def test_bad_arguments_are_named_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["eval", "action", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert f"--checkpoint {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+    assert main(["eval", "action", "--checkpoint", str(tmp_path), "--seconds", "1", "--out", str(out)]) == 2
+    assert "--seconds 1.0: expected at least the scored clip" in capsys.readouterr().err
+    assert not out.exists()

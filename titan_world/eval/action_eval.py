@@ -137,6 +137,10 @@ def evaluate_action_following(checkpoint: str | Path, out_dir: str | Path, *, ep
         raise ValueError(f"--episodes {episodes}: expected at least 1")
     if seconds < clip_seconds:
         raise ValueError(f"--seconds {seconds}: expected at least the scored clip ({clip_seconds} s)")
+    if window_seconds <= 0:
+        raise ValueError(f"--window-seconds {window_seconds}: expected > 0")
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
     cfg, cfg_source = run_config(checkpoint)
     d = cfg.data
     if d.synth_seed <= seed < d.synth_seed + d.synth_episodes:
