@@ -50,6 +50,12 @@ def test_dmd_resume_reproduces_uninterrupted_losses(world):
     for a, b in zip(full, cut):
         for k in ("dmd_loss", "fake_loss", "d_loss", "g_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+    # The student's EMA (exported by default) is checkpointed with the job: the resumed run exports the same weights.
+    from titan_world.posttrain.loop import load_net
+
+    exported_full, exported_cut = (load_net(tmp / run / "model", "cpu").state_dict() for run in ("full", "cut"))
+    for k, v in exported_full.items():
+        assert torch.allclose(v, exported_cut[k], atol=1e-7, rtol=1e-5), k
     assert (tmp / "cut" / "model" / "config.json").is_file()
     meta = json.loads((tmp / "cut" / "model" / "config.json").read_text())
     assert meta["titan_world"]["causal_chunk_frames"] == 1

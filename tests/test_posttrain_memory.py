@@ -41,7 +41,7 @@ def _trainer(ac: str = "none", dtype: str = "auto", sharding=None, window: int =
     fake = copy.deepcopy(teacher)
     tr = DMDTrainer(student, teacher, fake, pcfg, dp_rank=dist.get_rank() if dist.is_initialized() else 0, sharding=sharding,
                     parallel=ParallelConfig(activation_checkpoint=ac, **speed))
-    batch = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4), torch.zeros(2, 8, 16))
+    batch = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4))
     return tr, batch
 
 

@@ -117,7 +117,7 @@ def _trainer(gan_weight=0.5, fake_updates=3, grad_chunks=1):
     student, teacher = tiny(), tiny()
     fake = copy.deepcopy(teacher)
     tr = DMDTrainer(student, teacher, fake, pcfg)
-    b = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4), torch.zeros(2, 8, 16))
+    b = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4))
     return tr, b
 
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from titan_world.model.codec import check_frame_count
+from titan_world.model.presets import OFFICIAL_NEGATIVE_PROMPT
 
 
 def _bad(key: str, value, expected: str) -> ValueError:
@@ -30,7 +31,14 @@ class PostTrainConfig:
     gan_weight: float = 0.0
     gan_blocks: list[int] = field(default_factory=lambda: [1, 3])
     gan_queries: int = 4
-    guidance_scale: float = 1.0  # CFG on the real score (unconditional = zero text context)
+    # CFG on the real score, Wan's convention: v = v_neg + s·(v_cond − v_neg), 1 = off. Self-Forcing writes
+    # cond + s'·(cond − uncond): its s' is our s − 1 (its 3.0 is our 4.0). docs/posttrain.md, "reference → ours".
+    guidance_scale: float = 1.0
+    # The teacher's unconditional text, encoded once per job by data.text_encoder (only when guidance_scale != 1).
+    # "" (the tiny world: its hash encoder reads no Chinese); "official": Wan's default negative prompt (14B).
+    negative_prompt: str = ""
+    ema_decay: float = 0.99  # stage 2: EMA of the student's weights (Self-Forcing: 0.99); 0 disables
+    export_ema: bool = True  # stage 2 exports the EMA weights (false: the raw student); needs ema_decay > 0
     dmd_shift: float = 3.0  # DMD noise levels: shifted uniform sigmas in [dmd_sigma_min, dmd_sigma_max]
     dmd_sigma_min: float = 0.02
     dmd_sigma_max: float = 0.98
@@ -59,6 +67,8 @@ class PostTrainConfig:
         for key in ("gan_weight", "guidance_scale"):
             if not getattr(self, key) >= 0:
                 raise _bad(key, getattr(self, key), ">= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise _bad("ema_decay", self.ema_decay, "0 (off) or a decay in (0, 1)")
         if not 0.0 < self.dmd_sigma_min < self.dmd_sigma_max < 1.0:
             raise _bad("dmd_sigma_min/dmd_sigma_max", [self.dmd_sigma_min, self.dmd_sigma_max], "0 < min < max < 1")
         for key in ("forcing_timesteps", "denoise_steps"):
@@ -69,3 +79,7 @@ class PostTrainConfig:
         if self.window_frames < self.chunk_frames:
             raise _bad("window_frames", self.window_frames,
                        f">= posttrain.chunk_frames={self.chunk_frames} (the KV cache's ring must hold one whole chunk)")
+
+    def negative_text(self) -> str:
+        """The prompt the real score's unconditional branch encodes (`official` resolved)."""
+        return OFFICIAL_NEGATIVE_PROMPT if self.negative_prompt == "official" else self.negative_prompt

@@ -40,6 +40,7 @@ from titan_world.posttrain.memory import prepare_network, store_teacher, teacher
 from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
 from titan_world.posttrain.sharding import Sharding
 from titan_world.train.faults import finite_on_all_ranks
+from titan_world.train.optim import EMA
 
 
 class Critic(nn.Module):
@@ -100,7 +101,6 @@ class Batch:
     latents: torch.Tensor  # [B, C, F, h, w] real clip (ground truth for the GAN and eval)
     context: torch.Tensor
     actions: ActionInputs | None
-    uncond_context: torch.Tensor | None = None
 
     @staticmethod
     def from_loader(batch: dict, use_actions: bool, device) -> "Batch":
@@ -108,7 +108,7 @@ class Batch:
         if acts is not None:
             acts = ActionInputs(acts.keys.to(device), acts.c2w.to(device), acts.intrinsics.to(device))
         text = batch["text"].to(device)
-        return Batch(batch["latents"].to(device), text, acts, torch.zeros_like(text))
+        return Batch(batch["latents"].to(device), text, acts)
 
 
 class DMDTrainer:
@@ -119,11 +119,18 @@ class DMDTrainer:
     with `sharding` every network is sharded before the optimizers are built on its parameters.
     `parallel` defaults to the sharding's settings; without either, no AC. Networks built on the
     meta device (`loop.network`) are filled by `fill` right after sharding, each rank its shards;
-    `device` is then where they live (default: where the fake score's parameters are)."""
+    `device` is then where they live (default: where the fake score's parameters are).
+
+    `uncond_context` [1, text_len, text_dim]: the teacher's unconditional text for guidance != 1,
+    the job's encoding of `posttrain.negative_prompt` (`loop.negative_context`), shared by every clip.
+    With `posttrain.ema_decay` > 0 the trainer keeps an EMA of the student's weights (`train.optim.EMA`,
+    built on the sharded parameters: each rank averages its own shards), updated after every
+    student update that was applied."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, dp_rank: int = 0,
                  grad_clip: float = 1.0, sharding: Sharding | None = None, parallel: ParallelConfig | None = None,
-                 device: torch.device | str | None = None, fill: Callable[[], None] | None = None):
+                 device: torch.device | str | None = None, fill: Callable[[], None] | None = None,
+                 uncond_context: torch.Tensor | None = None):
         self.student, self.teacher, self.pcfg, self.seed, self.dp_rank, self.grad_clip = student, teacher, pcfg, seed, dp_rank, grad_clip
         self.sharding = sharding
         self.device = device = torch.device(device) if device is not None else next(fake.parameters()).device
@@ -142,6 +149,10 @@ class DMDTrainer:
         if fill is not None:
             fill()
         self.cache_dtype = sharding.compute_dtype if sharding is not None else None
+        self.uncond_context = uncond_context
+        # after sharding and fill: the live (sharded) parameters the optimizer updates
+        self.named_student = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        self.ema = EMA(self.named_student, pcfg.ema_decay) if pcfg.ema_decay > 0 else None
         self.critic = Critic(fake, head)
         self.tap = FeatureTap(fake, pcfg.gan_blocks) if head is not None else None
         # DMD practice (DMD2 / Self-Forcing): beta1 = 0 for both players of the min-max game.
@@ -179,7 +190,9 @@ class DMDTrainer:
         cond = torch.zeros(lat.shape[0], lat.shape[2], dtype=torch.bool, device=lat.device)
         cond[:, 0] = True
         acts = batch.actions.slice(g - 1, lay.num_frames) if batch.actions is not None else None
-        return ScoreInputs(lat, cond, batch.context, acts, self.student.cfg.cond_channels > 0, batch.uncond_context)
+        u = self.uncond_context
+        uncond = u.expand(lat.shape[0], *u.shape[1:]) if u is not None else None
+        return ScoreInputs(lat, cond, batch.context, acts, self.student.cfg.cond_channels > 0, uncond)
 
     def _sigma(self, shared: torch.Generator) -> float:
         p = self.pcfg
@@ -203,14 +216,16 @@ class DMDTrainer:
             hs = [cp.gather(h, 1)[:, :tokens] for h in hs]
         return self.critic.head(hs)
 
-    def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-        """One update; skipped (no step) when the loss or gradient norm is non-finite on any rank,
-        as in pretraining (the job loop counts and stops on such steps, train/faults.py)."""
+    def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, ema: EMA | None = None) -> float:
+        """One update; skipped (no step, no EMA update) when the loss or gradient norm is non-finite
+        on any rank, as in pretraining (the job loop counts and stops on such steps, train/faults.py)."""
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = average_and_clip(opt, self.grad_clip, sharded=self.sharding is not None)
         if finite_on_all_ranks([float(loss.detach()), norm], self.device):
             opt.step()
+            if ema is not None:
+                ema.update(self.named_student)
         return norm
 
     # -- updates --------------------------------------------------------------------------------
@@ -254,7 +269,7 @@ class DMDTrainer:
         loss = terms.loss
         out = {"dmd_loss": float(terms.loss.detach()), "real_fake_gap": terms.gap, "sigma": sigma}
         if self.critic.head is None:
-            out["student_grad_norm"] = self._step(self.opt_student, loss)
+            out["student_grad_norm"] = self._step(self.opt_student, loss, self.ema)
         else:
             # The critic stays frozen through the backward too: the gradient flows through it into
             # x̂, never into it, and a checkpointed fake-score block recomputes its forward during
@@ -262,7 +277,7 @@ class DMDTrainer:
             with frozen(self.critic):
                 lg = g_loss(self._logits(inp, sigma, noise))
                 out["g_loss"] = float(lg.detach())
-                out["student_grad_norm"] = self._step(self.opt_student, loss + self.pcfg.gan_weight * lg)
+                out["student_grad_norm"] = self._step(self.opt_student, loss + self.pcfg.gan_weight * lg, self.ema)
         self.counts["student_updates"] += 1
         return out
 

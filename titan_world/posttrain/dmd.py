@@ -2,7 +2,8 @@
 
 Notation: x̂ = student sample (clean latents of the generated frames, with gradient), σ ~ the
 DMD sigma range, x̂_σ = (1 − σ)·x̂ + σ·ε. The scores are x0-predictions (x0 = x_σ − σ·v):
-    μ_real = frozen teacher (WanMoE routes by t; optional CFG on its velocity),
+    μ_real = frozen teacher (WanMoE routes by t; optional CFG on its velocity, Wan's convention
+             v = v_neg + s·(v_cond − v_neg) with v_neg the job's encoded negative prompt),
     μ_fake = fake score, initialised from the teacher and trained on student samples with the
              flow-matching loss  ‖v_fake(x̃_σ) − (ε − x̃)‖²  (x̃ = detached student samples).
 
@@ -62,7 +63,7 @@ def noised(inp: ScoreInputs, sigma: float, noise: torch.Tensor):
 
 
 def score_x0(net: torch.nn.Module, inp: ScoreInputs, sigma: float, noise: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
-    """μ(x_σ): the net's x0-prediction at noise level σ (CFG when guidance != 1)."""
+    """μ(x_σ): the net's x0-prediction at noise level σ (CFG when guidance != 1: v_u + s·(v − v_u))."""
     nb = noised(inp, sigma, noise)
     expert = route(net, sigma)
     v = velocity(expert, nb.x_t, nb.t, inp, nb.cond)

@@ -52,7 +52,7 @@ def held_out_batches(cfg, num_clips: int, frames: int, use_actions: bool, device
         if use_actions:
             a = ActionInputs.from_video_frames(*(torch.from_numpy(raw[k]).float() for k in ("actions", "c2w", "intrinsics")))
             acts = ActionInputs(a.keys.to(device), a.c2w.to(device), a.intrinsics.to(device))
-        out.append((Batch(codec.encode(video).float().to(device), text, acts, torch.zeros_like(text)), raw))
+        out.append((Batch(codec.encode(video).float().to(device), text, acts), raw))
     return out
 
 

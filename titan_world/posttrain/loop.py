@@ -107,6 +107,25 @@ def fill_pending(pending: list, device) -> None:
         fill_weights(net, folders, device=device, seed=0)
 
 
+def negative_context(cfg: TitanConfig, text_dim: int, text_len: int, device) -> torch.Tensor:
+    """`posttrain.negative_prompt` through `data.text_encoder` (the encoder the dataset's captions
+    went through): [1, text_len, text_dim], the real score's unconditional text. Once per job,
+    on every rank (a bad encoder setting fails on all of them alike); the encoder is freed after."""
+    from titan_world.model.text_encoder import build_text_encoder
+
+    p, te = cfg.posttrain, cfg.data.text_encoder
+    try:
+        encoder = build_text_encoder(te.kind, text_dim, text_len, te.path, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"posttrain.guidance_scale={p.guidance_scale} encodes posttrain.negative_prompt="
+                          f"{p.negative_prompt!r} with data.text_encoder: {e}") from None
+    out = encoder.encode([p.negative_text()]).float().to(device)
+    del encoder
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # umT5-XXL is ~11 GB: give it back before the networks fill the GPU
+    return out
+
+
 def student_from(net):
     """LingBot: the causal student starts from the high-noise expert (a dense teacher: itself)."""
     from titan_world.model.moe import WanMoE
@@ -114,13 +133,15 @@ def student_from(net):
     return net.high if isinstance(net, WanMoE) else net
 
 
-def export_student(student, run_dir: Path, cfg: TitanConfig, rank: int) -> Path:
+def export_student(student, run_dir: Path, cfg: TitanConfig, rank: int,
+                   overrides: dict[str, torch.Tensor] | None = None) -> Path:
+    """RUN_DIR/model/ + posttrain.json; `overrides` replaces weights by name (the EMA). Collective under FSDP."""
     from titan_world.train.state import export_model
 
     p = cfg.posttrain
     student.cfg.causal_chunk_frames = p.chunk_frames
     out = run_dir / "model"
-    export_model(student, out, rank)
+    export_model(student, out, rank, overrides)
     if rank == 0:
         # Serving reads this back and streams the student exactly so (serving/loading.trained_geometry):
         # the horizon is the longest context it saw (stage 1 clips, stage 2 rollouts); past it the sink
@@ -243,9 +264,14 @@ class PostTrainJob:
     def train_step(self, step: int, raw: dict) -> dict:
         raise NotImplementedError
 
+    def export_weights(self) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """Weights that replace the student's in the export (None: its own), and what they are."""
+        return None, "the student"
+
     def finish(self, metrics) -> None:
-        export_student(self.student, self.run_dir, self.cfg, self.rank)
-        metrics.message(f"[post-train {self.stage}] exported the student to {self.run_dir / 'model'}")
+        overrides, what = self.export_weights()
+        export_student(self.student, self.run_dir, self.cfg, self.rank, overrides)
+        metrics.message(f"[post-train {self.stage}] exported {what} to {self.run_dir / 'model'}")
 
     def fit(self) -> int:
         from titan_world.train.metrics import MetricsLogger
@@ -366,9 +392,13 @@ class DMDJob(PostTrainJob):
         teacher = self.spread(network(self.teacher_path, self.device, pending, teacher_dtype(p.teacher_dtype, self.device)))  # stored as it will be used
         self.student = self.spread(network(student_path, self.device, pending, student=True).train())
         fake = self.spread(network(self.teacher_path, self.device, pending).train())  # fake score: initialised from the teacher
+        sc = self.student.cfg
+        # the real score's negative text, encoded once (unused, so not encoded, at guidance 1)
+        uncond = negative_context(cfg, sc.text_dim, sc.text_len, self.device) if p.guidance_scale != 1.0 else None
         self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, dp_rank=self.dp_rank, grad_clip=cfg.train.grad_clip,
                                   sharding=self.sharding, parallel=cfg.parallel, device=self.device,
-                                  fill=(lambda: fill_pending(pending, self.device)) if pending is not None else None)
+                                  fill=(lambda: fill_pending(pending, self.device)) if pending is not None else None,
+                                  uncond_context=uncond)
         self.use_actions = self.student.action_embedding is not None
         rollout_latents = 1 + p.rollout_chunks * p.chunk_frames
         self.clip_frames = 1 + 4 * (rollout_latents - 1)
@@ -410,8 +440,17 @@ class DMDJob(PostTrainJob):
 
     def state(self) -> dict:
         t = self.trainer
-        return {"student": self.student, "critic": t.critic, "opt_student": t.opt_student, "opt_critic": t.opt_critic,
-                "progress": self.progress, "dataloader": self.loader}
+        state = {"student": self.student, "critic": t.critic, "opt_student": t.opt_student, "opt_critic": t.opt_critic,
+                 "progress": self.progress, "dataloader": self.loader}
+        if t.ema is not None:
+            state["ema"] = t.ema
+        return state
+
+    def export_weights(self) -> tuple[dict[str, torch.Tensor] | None, str]:
+        ema = self.trainer.ema
+        if ema is None or not self.cfg.posttrain.export_ema:
+            return None, "the student (raw weights)"
+        return ema.state_for_export(), f"the student's EMA (decay {ema.decay})"
 
     def train_step(self, step: int, raw: dict) -> dict:
         t = self.trainer
