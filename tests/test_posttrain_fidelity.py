@@ -1,8 +1,10 @@
 """DMD fidelity to the references (issue 21): the real score's unconditional branch is the encoded
-negative prompt, and the exported student is the EMA of its weights (Self-Forcing keeps one)."""
+negative prompt, the exported student is the EMA of its weights (Self-Forcing keeps one), and the
+scores' given frame is a start image's latent (decoded and re-encoded, as Self-Forcing does)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -10,10 +12,11 @@ import pytest
 import torch
 
 from titan_world.config import load_config
-from titan_world.model import build_model, save_pretrained
+from titan_world.model import ActionConfig, ActionInputs, ModelConfig, build_model, save_pretrained
+from titan_world.model.codec import TinyCodec
 from titan_world.model.text_encoder import build_text_encoder
 from titan_world.posttrain.config import PostTrainConfig
-from titan_world.posttrain.distill import Batch
+from titan_world.posttrain.distill import Batch, DMDTrainer, step_generators
 from titan_world.posttrain.dmd import dmd_step_loss
 from titan_world.posttrain.loop import DMDJob, load_net
 
@@ -82,16 +85,18 @@ def _params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_exported_student_is_the_ema_of_its_updates(world):
-    """The export equals an EMA computed here from the student after every applied update."""
+    """The export equals an EMA computed here from the student after every applied update: a copy
+    before `ema_start_step` (1), an average from it on."""
     tmp, data, teacher = world
     decay, steps = 0.5, 3
-    job = DMDJob(_cfg(tmp, data, "ema", teacher, f"train.steps={steps}", f"posttrain.ema_decay={decay}"))
-    expected = _params(job.student)
+    job = DMDJob(_cfg(tmp, data, "ema", teacher, f"train.steps={steps}", f"posttrain.ema_decay={decay}",
+                      "posttrain.ema_start_step=1"))
     updates = []
     job.trainer.opt_student.register_step_post_hook(lambda opt, args, kwargs: updates.append(_params(job.student)))
     assert job.fit() == 0
     assert len(updates) == steps
-    for snap in updates:
+    expected = updates[0]
+    for snap in updates[1:]:
         expected = {n: decay * e + (1 - decay) * snap[n] for n, e in expected.items()}
     exported = load_net(tmp / "ema" / "model", "cpu").state_dict()
     raw = _params(job.student)
@@ -102,9 +107,65 @@ def test_exported_student_is_the_ema_of_its_updates(world):
 
 def test_export_ema_false_exports_the_raw_student(world):
     tmp, data, teacher = world
-    job = DMDJob(_cfg(tmp, data, "raw", teacher, "train.steps=1", "posttrain.export_ema=false"))
+    job = DMDJob(_cfg(tmp, data, "raw", teacher, "train.steps=1", "posttrain.export_ema=false",
+                      "posttrain.ema_start_step=0"))
     assert job.fit() == 0
     exported = load_net(tmp / "raw" / "model", "cpu").state_dict()
     for n, p in _params(job.student).items():
         assert torch.equal(exported[n], p), n
-    assert job.trainer.ema is not None  # still kept (and checkpointed); only the export picks the raw weights
+    ema = job.trainer.ema.state_for_export()  # still kept (and checkpointed); only the export picks the raw weights
+    assert any(not torch.allclose(exported[n], ema[n]) for n in ema)
+
+
+C, HW = 8, 8
+
+
+def _tiny() -> torch.nn.Module:
+    cfg = ModelConfig(dim=48, ffn_dim=96, num_heads=4, num_layers=4, in_dim=2 * C + 4, out_dim=C, text_dim=16,
+                      text_len=8, action=ActionConfig(enabled=True, spatial_stride=1))
+    m = build_model(cfg)
+    for p in m.parameters():  # Wan init zeroes the head: give every path a signal
+        p.data.normal_(0, 0.05)
+    return m
+
+
+def _actions(b: int, f: int) -> ActionInputs:
+    c2w = torch.eye(4).repeat(b, f, 1, 1)
+    c2w[:, :, 0, 3] = torch.linspace(0, 1, f)
+    return ActionInputs(torch.rand(b, f, 8), c2w, torch.tensor([8.0, 8, 4, 4]).repeat(b, f, 1))
+
+
+def _start_image_latent(codec: TinyCodec, latents: torch.Tensor, g: int) -> torch.Tensor:
+    """Latent frame g - 1 the way the teacher's start images are made: decode, last frame, encode."""
+    return codec.encode(codec.decode(latents[:, :, :g])[:, :, -1:])
+
+
+def test_scores_given_frame_is_a_reencoded_start_image():
+    """grad_chunks 1 of 3: the scores see frames [2, 4); frame 2 is a generated 4-frame latent, and the
+    teacher gets it the way it saw every conditioning frame in training, as one encoded image."""
+    torch.manual_seed(0)
+    codec = TinyCodec(2, C)  # lossy: 8 of 48 coefficients, so a re-encoded frame differs from the latent
+    pcfg = PostTrainConfig(chunk_frames=1, rollout_chunks=3, grad_chunks=1, fake_updates=1, window_frames=4)
+    student, teacher = _tiny(), _tiny()
+    tr = DMDTrainer(student, teacher, copy.deepcopy(teacher), pcfg, codec=codec)
+    batch = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), _actions(2, 4))
+
+    inp = tr.window(batch, batch.latents)  # the real clip's window (the discriminator's)
+    given = _start_image_latent(codec, batch.latents, 3)
+    assert torch.allclose(inp.latents[:, :, :1], given, atol=1e-6, rtol=0)
+    assert not torch.allclose(given, batch.latents[:, :, 2:3], atol=1e-2)
+    assert torch.equal(inp.latents[:, :, 1:], batch.latents[:, :, 3:4])
+
+    # The teacher's input in a student update: its given (clean, t = 0) frame is the re-encoded rollout frame.
+    shared, local = step_generators(tr.seed, 0, 0, pcfg.fake_updates)
+    rolled = tr.rollout(batch, shared, local, grad=False).latents
+    seen: list[torch.Tensor] = []
+    teacher.register_forward_pre_hook(lambda net, args: seen.append(args[0][:, :C, :1].detach().clone()))
+    tr.student_update(batch, 0)
+    assert torch.allclose(seen[0], _start_image_latent(codec, rolled, 3), atol=1e-5, rtol=0)
+
+    # posttrain.score_cond=latent: the generated latent as it is; without a codec the default is refused.
+    raw = DMDTrainer(_tiny(), _tiny(), _tiny(), dataclasses.replace(pcfg, score_cond="latent"))
+    assert torch.equal(raw.window(batch, batch.latents).latents, batch.latents[:, :, 2:4])
+    with pytest.raises(ValueError, match="score_cond=reencode"):
+        DMDTrainer(_tiny(), _tiny(), _tiny(), pcfg)

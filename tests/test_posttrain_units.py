@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from titan_world.model import ActionConfig, ActionInputs, AttnMask, ModelConfig, build_model
+from titan_world.model.codec import TinyCodec
 from titan_world.posttrain import distill
 from titan_world.posttrain.causal import ChunkLayout, CausalMask, diffusion_forcing_loss, forcing_sigmas
 from titan_world.posttrain.config import PostTrainConfig
@@ -116,7 +117,7 @@ def _trainer(gan_weight=0.5, fake_updates=3, grad_chunks=1):
                            gan_weight=gan_weight, gan_blocks=[1, 3], window_frames=4)
     student, teacher = tiny(), tiny()
     fake = copy.deepcopy(teacher)
-    tr = DMDTrainer(student, teacher, fake, pcfg)
+    tr = DMDTrainer(student, teacher, fake, pcfg, codec=TinyCodec(2, C))  # the scores' given frame is re-encoded
     b = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4))
     return tr, b
 

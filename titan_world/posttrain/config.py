@@ -38,12 +38,17 @@ class PostTrainConfig:
     # "" (the tiny world: its hash encoder reads no Chinese); "official": Wan's default negative prompt (14B).
     negative_prompt: str = ""
     ema_decay: float = 0.99  # stage 2: EMA of the student's weights (Self-Forcing: 0.99); 0 disables
+    ema_start_step: int = 200  # the EMA copies the student until this step, then averages (Self-Forcing: 200)
     export_ema: bool = True  # stage 2 exports the EMA weights (false: the raw student); needs ema_decay > 0
     dmd_shift: float = 3.0  # DMD noise levels: shifted uniform sigmas in [dmd_sigma_min, dmd_sigma_max]
     dmd_sigma_min: float = 0.02
     dmd_sigma_max: float = 0.98
     rollout_chunks: int = 4
     grad_chunks: int = 4  # gradients flow through the last K chunks only (tiny: all, so DMD's scores see the teacher's I2V clip)
+    # The scores' given frame when grad_chunks < rollout_chunks (a mid-rollout latent): "reencode" decodes it
+    # with data.codec and encodes its last video frame as a start image (Self-Forcing; the teacher's I2V
+    # conditioning is always an encoded single image); "latent" passes the 4-frame latent as is.
+    score_cond: str = "reencode"
     sink_frames: int = 1  # KV cache: attention-sink latent frames
     window_frames: int = 8  # KV cache: local window of latent frames
     bootstrap_steps: int = 150  # steps of the tiny teacher trained when no teacher exists
@@ -57,7 +62,7 @@ class PostTrainConfig:
                     "bootstrap_steps"):
             if getattr(self, key) < 1:
                 raise _bad(key, getattr(self, key), ">= 1")
-        for key in ("causal_steps", "dmd_steps", "sink_frames", "eval_clips"):
+        for key in ("causal_steps", "dmd_steps", "sink_frames", "eval_clips", "ema_start_step"):
             if getattr(self, key) < 0:
                 raise _bad(key, getattr(self, key), ">= 0")
         for key in ("fake_lr", "student_lr", "causal_lr", "dmd_shift"):
@@ -67,6 +72,8 @@ class PostTrainConfig:
         for key in ("gan_weight", "guidance_scale"):
             if not getattr(self, key) >= 0:
                 raise _bad(key, getattr(self, key), ">= 0")
+        if self.score_cond not in ("reencode", "latent"):
+            raise _bad("score_cond", self.score_cond, "'reencode' or 'latent'")
         if not 0.0 <= self.ema_decay < 1.0:
             raise _bad("ema_decay", self.ema_decay, "0 (off) or a decay in (0, 1)")
         if not 0.0 < self.dmd_sigma_min < self.dmd_sigma_max < 1.0:
@@ -79,6 +86,11 @@ class PostTrainConfig:
         if self.window_frames < self.chunk_frames:
             raise _bad("window_frames", self.window_frames,
                        f">= posttrain.chunk_frames={self.chunk_frames} (the KV cache's ring must hold one whole chunk)")
+
+    @property
+    def reencodes_score_cond(self) -> bool:
+        """Whether the scores' given frame is a generated mid-rollout latent to re-encode (`score_cond`)."""
+        return self.score_cond == "reencode" and max(1, self.grad_chunks) < self.rollout_chunks
 
     def negative_text(self) -> str:
         """The prompt the real score's unconditional branch encodes (`official` resolved)."""

@@ -125,12 +125,15 @@ class DMDTrainer:
     the job's encoding of `posttrain.negative_prompt` (`loop.negative_context`), shared by every clip.
     With `posttrain.ema_decay` > 0 the trainer keeps an EMA of the student's weights (`train.optim.EMA`,
     built on the sharded parameters: each rank averages its own shards), updated after every
-    student update that was applied."""
+    student update that was applied: a copy of the student before step `ema_start_step`, an average
+    from it on (so a run shorter than that exports the raw student). `codec` (the data's,
+    `posttrain.score_cond=reencode`): turns the scores' given frame into a start image's latent when
+    it is a mid-rollout one (`window`)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, dp_rank: int = 0,
                  grad_clip: float = 1.0, sharding: Sharding | None = None, parallel: ParallelConfig | None = None,
                  device: torch.device | str | None = None, fill: Callable[[], None] | None = None,
-                 uncond_context: torch.Tensor | None = None):
+                 uncond_context: torch.Tensor | None = None, codec=None):
         self.student, self.teacher, self.pcfg, self.seed, self.dp_rank, self.grad_clip = student, teacher, pcfg, seed, dp_rank, grad_clip
         self.sharding = sharding
         self.device = device = torch.device(device) if device is not None else next(fake.parameters()).device
@@ -150,6 +153,11 @@ class DMDTrainer:
             fill()
         self.cache_dtype = sharding.compute_dtype if sharding is not None else None
         self.uncond_context = uncond_context
+        if pcfg.reencodes_score_cond and codec is None:
+            raise ValueError(f"posttrain.score_cond=reencode with grad_chunks={pcfg.grad_chunks} < rollout_chunks="
+                             f"{pcfg.rollout_chunks}: the trainer needs the data's codec "
+                             "(or posttrain.score_cond=latent)")
+        self.codec = codec
         # after sharding and fill: the live (sharded) parameters the optimizer updates
         self.named_student = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
         self.ema = EMA(self.named_student, pcfg.ema_decay) if pcfg.ema_decay > 0 else None
@@ -182,11 +190,25 @@ class DMDTrainer:
             return self_rollout(self.student, inp, self.sigmas, local, exit_steps=exits, grad_chunks=p.grad_chunks, sink_frames=p.sink_frames,
                                 window_frames=p.window_frames, cache_dtype=self.cache_dtype, snapshot_recorded=bool(self.student_checkpointed))
 
+    @torch.no_grad()
+    def start_latent(self, latents: torch.Tensor, g: int) -> torch.Tensor:
+        """Latent frame g − 1 as the teacher's I2V conditioning sees a start image: latents [0, g)
+        decoded (a causal codec needs the prefix), their last video frame encoded alone. The
+        stream decoder takes one latent at a time (the frames of one whole decode, codec.py), so a
+        Wan VAE's peak memory is one latent frame's decode, not the prefix's."""
+        decoder = self.codec.stream_decoder()
+        for i in range(g):
+            frame = decoder.decode(latents[:, :, i : i + 1].detach())[:, :, -1:]
+        return self.codec.encode(frame).to(latents.dtype)
+
     def window(self, batch: Batch, latents: torch.Tensor) -> ScoreInputs:
-        """Frames [g − 1, F) of `latents`, g = first frame of the last K chunks; frame g − 1 given."""
+        """Frames [g − 1, F) of `latents`, g = first frame of the last K chunks; frame g − 1 given
+        (re-encoded as a start image when it is a generated mid-rollout latent: `posttrain.score_cond`)."""
         lay = self.layout(batch)
         g = lay.chunks()[-max(1, self.pcfg.grad_chunks)][0]
         lat = latents[:, :, g - 1 : lay.num_frames]
+        if self.pcfg.reencodes_score_cond:
+            lat = torch.cat([self.start_latent(latents, g), lat[:, :, 1:]], dim=2)
         cond = torch.zeros(lat.shape[0], lat.shape[2], dtype=torch.bool, device=lat.device)
         cond[:, 0] = True
         acts = batch.actions.slice(g - 1, lay.num_frames) if batch.actions is not None else None
@@ -216,7 +238,7 @@ class DMDTrainer:
             hs = [cp.gather(h, 1)[:, :tokens] for h in hs]
         return self.critic.head(hs)
 
-    def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, ema: EMA | None = None) -> float:
+    def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, ema: EMA | None = None, step: int = 0) -> float:
         """One update; skipped (no step, no EMA update) when the loss or gradient norm is non-finite
         on any rank, as in pretraining (the job loop counts and stops on such steps, train/faults.py)."""
         opt.zero_grad(set_to_none=True)
@@ -225,7 +247,7 @@ class DMDTrainer:
         if finite_on_all_ranks([float(loss.detach()), norm], self.device):
             opt.step()
             if ema is not None:
-                ema.update(self.named_student)
+                ema.update(self.named_student, None if step >= self.pcfg.ema_start_step else 0.0)
         return norm
 
     # -- updates --------------------------------------------------------------------------------
@@ -269,7 +291,7 @@ class DMDTrainer:
         loss = terms.loss
         out = {"dmd_loss": float(terms.loss.detach()), "real_fake_gap": terms.gap, "sigma": sigma}
         if self.critic.head is None:
-            out["student_grad_norm"] = self._step(self.opt_student, loss, self.ema)
+            out["student_grad_norm"] = self._step(self.opt_student, loss, self.ema, step)
         else:
             # The critic stays frozen through the backward too: the gradient flows through it into
             # x̂, never into it, and a checkpointed fake-score block recomputes its forward during
@@ -277,7 +299,8 @@ class DMDTrainer:
             with frozen(self.critic):
                 lg = g_loss(self._logits(inp, sigma, noise))
                 out["g_loss"] = float(lg.detach())
-                out["student_grad_norm"] = self._step(self.opt_student, loss + self.pcfg.gan_weight * lg, self.ema)
+                total = loss + self.pcfg.gan_weight * lg
+                out["student_grad_norm"] = self._step(self.opt_student, total, self.ema, step)
         self.counts["student_updates"] += 1
         return out
 

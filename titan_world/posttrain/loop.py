@@ -31,7 +31,7 @@ import torch.distributed as dist
 from parallel.ulysses import UlyssesContext
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.data.loader import check_data_path, prepare_dataset
-from titan_world.model.codec import latent_frames
+from titan_world.model.codec import codec_from_config, latent_frames
 from titan_world.posttrain.causal import ChunkLayout, diffusion_forcing_loss, forcing_sigmas
 from titan_world.posttrain.distill import Batch, DMDTrainer, average_and_clip
 from titan_world.posttrain.memory import teacher_dtype
@@ -395,10 +395,17 @@ class DMDJob(PostTrainJob):
         sc = self.student.cfg
         # the real score's negative text, encoded once (unused, so not encoded, at guidance 1)
         uncond = negative_context(cfg, sc.text_dim, sc.text_len, self.device) if p.guidance_scale != 1.0 else None
+        # the scores' given frame re-encoded as a start image (posttrain.score_cond): the data's codec
+        try:
+            codec = codec_from_config(cfg.data.codec, device=self.device) if p.reencodes_score_cond else None
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"posttrain.score_cond=reencode (grad_chunks {p.grad_chunks} < rollout_chunks "
+                              f"{p.rollout_chunks}) decodes and re-encodes the scores' given frame with data.codec: "
+                              f"{e}") from None
         self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, dp_rank=self.dp_rank, grad_clip=cfg.train.grad_clip,
                                   sharding=self.sharding, parallel=cfg.parallel, device=self.device,
                                   fill=(lambda: fill_pending(pending, self.device)) if pending is not None else None,
-                                  uncond_context=uncond)
+                                  uncond_context=uncond, codec=codec)
         self.use_actions = self.student.action_embedding is not None
         rollout_latents = 1 + p.rollout_chunks * p.chunk_frames
         self.clip_frames = 1 + 4 * (rollout_latents - 1)

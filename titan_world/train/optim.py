@@ -80,10 +80,11 @@ class EMA(nn.Module):
         )
 
     @torch.no_grad()
-    def update(self, named_params: Iterable[tuple[str, nn.Parameter]]) -> None:
+    def update(self, named_params: Iterable[tuple[str, nn.Parameter]], decay: float | None = None) -> None:
+        """shadow ← decay·shadow + (1 − decay)·param; `decay` 0 copies (an EMA that has not started yet)."""
         pairs = [(self.shadow[n.replace(".", "/")], p) for n, p in named_params]
         ema, cur = [e for e, _ in pairs], [p.detach().float() for _, p in pairs]
-        torch._foreach_lerp_(ema, cur, 1.0 - self.decay)
+        torch._foreach_lerp_(ema, cur, 1.0 - (self.decay if decay is None else decay))
 
     def state_for_export(self) -> dict[str, torch.Tensor]:
         return {k.replace("/", "."): (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in self.shadow.items()}
