@@ -7,7 +7,8 @@ recorded passes), so the mesh has to be chosen up front (`titan-world inspect CO
 `parallel.planner` (its parameter formula and per-token activation constant, bf16 compute), and
 what the stage-2 code does (docs/posttrain.md, "Memory plan"):
 
-- state, sharded over dp_shard x cp: the student with fp32 params, grads and AdamW (16 B/param);
+- state, sharded over dp_shard x cp: the student with fp32 params, grads and AdamW (16 B/param)
+  and its fp32 EMA (4 B/param, when `posttrain.ema_decay` > 0);
   the fake score (the teacher's experts) with fp32 params and AdamW for every expert and the
   grads of the routed one; the GAN head like the student; the frozen teacher's weights only, in
   `posttrain.teacher_dtype`;
@@ -126,6 +127,7 @@ def posttrain_plan(
     trained_roots = 1 + teacher_experts  # the student and every fake-score expert
     state = {
         "student": 16 * n / gpus / GB,
+        "student_ema": (4 * n / gpus / GB) if p.ema_decay > 0 else 0.0,  # fp32, sharded like the student
         "fake_score": (12 * teacher_experts + 4) * n / gpus / GB,
         "gan_head": 16 * gan / gpus / GB,
         "teacher": teacher_bytes * teacher_experts * n / gpus / GB,
