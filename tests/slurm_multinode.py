@@ -36,9 +36,15 @@ from slurm_cluster import ClusterUnavailable, SlurmCluster, SlurmNode, serve_clu
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns add NAME` puts the namespace's handle
 SHARED_PARENT = "/var/tmp"  # the cluster dir (and the tests' shared files): not under the nodes' private /tmp
-# in a node's namespaces: own hostname, /etc/hosts, /tmp, /dev/shm; then exec the daemon (a Popen pid is the daemon's)
-ENTER_NODE = ('hostname "$0" && mount --bind "$1" /etc/hosts && mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp '
-              '&& mount -t tmpfs -o size=2g tmpfs /dev/shm && shift && exec "$@"')
+REPO = Path(__file__).resolve().parents[1]  # jobs run from here (and its .venv): every node must see it
+# in a node's namespaces: own hostname, /etc/hosts, /tmp, /dev/shm; then exec the daemon (a Popen pid is the daemon's).
+# $2/$3: a folder under /tmp that must stay visible (the checkout, when it lives in /tmp: CI clones may) and an
+# empty staging mount point: it is bound there before the private /tmp hides it, then bound back to its path.
+ENTER_NODE = ('hostname "$0" && mount --bind "$1" /etc/hosts '
+              '&& { [ -z "$2" ] || { mkdir -p "$3" && mount --bind "$2" "$3"; }; } '
+              '&& mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp '
+              '&& { [ -z "$2" ] || { mkdir -p "$2" && mount --bind "$3" "$2"; }; } '
+              '&& mount -t tmpfs -o size=2g tmpfs /dev/shm && shift 3 && exec "$@"')
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -110,8 +116,10 @@ class NodeNetwork:
 
     def enter(self, i: int, hosts: Path) -> list[str]:
         """Command prefix: run in node i's network namespace with its own hostname and /etc/hosts."""
+        under_tmp = REPO.is_relative_to("/tmp")
+        keep, stage = (str(REPO), str(hosts.parent / f"keep-{self.names[i]}")) if under_tmp else ("", "")
         return ["nsenter", f"--net={NETNS_DIR / self.netns(i)}", "unshare", "--uts", "--mount", "--",
-                "sh", "-c", ENTER_NODE, self.names[i], str(hosts)]
+                "sh", "-c", ENTER_NODE, self.names[i], str(hosts), keep, stage]
 
     def hosts(self, ctld_name: str) -> str:
         """/etc/hosts of every node: the controller's host and all nodes by name."""
