@@ -5,6 +5,8 @@ one process; per-video values must agree (docs/eval.md, "Parity with the officia
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,20 @@ def test_overall_consistency(official, videos, tmp_path):
     # deterministic: the official path with test=False drops 90 % of tokens at random
     frames = torch.zeros(1, 8, 3, 224, 224)
     assert torch.equal(model.encode_vision(frames, test=True), model.encode_vision(frames, test=True))
+    # the shipped factory builds VBench's class from the same file (here at the tiny size the test can afford)
+    # with the BPE vocabulary found beside the checkpoint
+    shutil.copy(official.cache_dir / "ViCLIP" / "bpe_simple_vocab_16e6.txt.gz", tmp_path)
+    official_class, tiny = sys.modules["vbench.third_party.ViCLIP.viclip"].ViCLIP, vo.tiny_viclip_class()
+    full_size = official_class.build_vision_encoder, official_class.build_text_encoder
+    official_class.build_vision_encoder = tiny.build_vision_encoder
+    official_class.build_text_encoder = tiny.build_text_encoder
+    try:
+        shipped = official_models.viclip(str(ckpt))
+    finally:
+        official_class.build_vision_encoder, official_class.build_text_encoder = full_size
+    frames = torch.rand(1, 8, 3, 224, 224)
+    assert torch.equal(shipped.encode_vision(frames, test=True), model.encode_vision(frames, test=True))
+    assert torch.equal(shipped.encode_text("a red house"), model.encode_text("a red house"))
 
 
 def test_imaging_quality(official, videos, tmp_path):

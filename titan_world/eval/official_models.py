@@ -3,6 +3,7 @@
     titan-world eval vbench ... --raft-path raft-things.pth --raft-factory titan_world.eval.official_models:raft
         --amt-path amt-s.pth --amt-factory titan_world.eval.official_models:amt
         --musiq-path musiq_spaq_ckpt-358bb6af.pth --musiq-factory titan_world.eval.official_models:musiq
+        --viclip-path ViClip-InternVid-10M-FLT.pth --viclip-factory titan_world.eval.official_models:viclip
 
 Each builds the network exactly as VBench 0.1.5 does (same class, same checkpoint handling, same
 call) and returns it behind the interface of docs/eval.md. They need the `vbench` package (RAFT,
@@ -78,3 +79,21 @@ def musiq(path: str) -> nn.Module:
     net = MUSIQ(pretrained_model_path=path, hidden_size=hidden, mlp_dim=mlp, num_heads=max(1, hidden // 64),
                 num_layers=layers)
     return net.eval()
+
+
+def viclip(path: str) -> nn.Module:
+    """ViClip-InternVid-10M-FLT.pth -> ViCLIP-L/14, as VBench's compute_overall_consistency builds it:
+    `ViCLIP(tokenizer=SimpleTokenizer(bpe), pretrain=path)`. The BPE vocabulary
+    (`bpe_simple_vocab_16e6.txt.gz`) is read beside the checkpoint, else from VBench's cache
+    (`$VBENCH_CACHE_DIR` or ~/.cache/vbench, `ViCLIP/`); it is never downloaded here."""
+    import os
+
+    from vbench.third_party.ViCLIP.simple_tokenizer import SimpleTokenizer
+    from vbench.third_party.ViCLIP.viclip import ViCLIP
+
+    name = "bpe_simple_vocab_16e6.txt.gz"
+    cache = Path(os.environ.get("VBENCH_CACHE_DIR") or Path.home() / ".cache" / "vbench") / "ViCLIP" / name
+    bpe = next((p for p in (Path(path).with_name(name), cache) if p.is_file()), None)
+    if bpe is None:
+        raise FileNotFoundError(f"ViCLIP's BPE vocabulary {name}: put it beside {path} or at {cache}")
+    return ViCLIP(tokenizer=SimpleTokenizer(str(bpe)), pretrain=path).eval()
