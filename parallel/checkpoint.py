@@ -32,13 +32,11 @@ shapes by DCP, so a checkpoint written by N ranks loads on any M ranks and on 1 
 
 from __future__ import annotations
 
-import errno
 import inspect
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 import warnings
@@ -50,7 +48,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
@@ -62,6 +59,22 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from parallel.checkpoint_files import (
+    CHECKSUM,
+    MARKER,
+    STEP_RE,
+    DiskFullError,
+    check_structure,
+    checksum_failure,
+    file_checksum,
+    filesystem_of,
+    human_bytes,
+    is_ours,
+    list_checkpoints,
+    looks_like_disk_full,
+    no_valid_checkpoint,
+    validate_checkpoint,
+)
 from titan_world.model.io import CheckpointError, check_shapes
 
 __all__ = [
@@ -70,9 +83,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
-MARKER = "COMPLETE"
-CHECKSUM = "xxh3_128"
 
 
 class CheckpointWarning(UserWarning):
@@ -161,167 +171,6 @@ def _reseed(step: int, rank: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------------------------
-# Validation and discovery
-# ------------------------------------------------------------------------------------------------
-def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """Finished-looking checkpoint dirs (not `.tmp`), newest first."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def file_checksum(path: str | Path) -> str:
-    """xxh3-128 of a file's bytes (hex), read in 8 MiB chunks into one reused buffer."""
-    h = xxhash.xxh3_128()
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _read_marker(path: Path) -> tuple[dict | None, str | None]:
-    """(marker, None) or (None, why it cannot be used)."""
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except FileNotFoundError:
-        return None, f"no {MARKER} marker (the save did not finish)"
-    except (OSError, ValueError) as e:
-        return None, f"unreadable {MARKER} marker: {e}"
-    if not isinstance(marker, dict) or not isinstance(marker.get("sizes", {}), dict):
-        return None, f"{MARKER} marker is not a checkpoint marker: {str(marker)[:80]}"
-    return marker, None
-
-
-def _is_ours(path: Path) -> bool:
-    """A folder this module wrote: step_XXXXXXXX naming and a COMPLETE marker holding its step."""
-    m = _STEP_RE.match(path.name)
-    marker, _ = _read_marker(path)
-    return bool(m and marker is not None and marker.get("step") == int(m.group(1)))
-
-
-def _check_structure(path: Path) -> tuple[str | None, dict | None]:
-    """(None, marker) if `path` is complete as far as names and sizes go, else (reason, None)."""
-    marker, reason = _read_marker(path)
-    if marker is None:
-        return reason, None
-    try:
-        meta = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # truncated/garbage pickle, missing file
-        return f"unreadable DCP metadata (.metadata): {type(e).__name__}: {e}", None
-    files = {getattr(v, "relative_path", None) for v in (meta.storage_data or {}).values()} - {None}
-    for name in sorted(files) + ["state.pt"]:
-        if not (path / name).is_file():
-            return f"missing file {name}", None
-    for name, size in marker.get("sizes", {}).items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            return f"file {name} is missing or has the wrong size (expected {size} bytes)", None
-    return None, marker
-
-
-def _verify_checksums(path: Path, checksums: dict[str, str]) -> str | None:
-    """None if every file named in `checksums` still hashes to its stored value."""
-    for name, want in sorted(checksums.items()):
-        try:
-            got = file_checksum(path / name)
-        except OSError as e:
-            return f"file {name} unreadable: {e}"
-        if got != want:
-            return f"file {name} is corrupt: its {CHECKSUM} checksum is {got}, the marker says {want}"
-    return None
-
-
-def validate_checkpoint(path: str | Path, verify_checksums: bool = True) -> str | None:
-    """None if `path` is a complete checkpoint, else the reason it is not. Checks the marker, the
-    DCP metadata, every file's size and (unless verify_checksums=False) its checksum; checkpoints
-    written before checksums were stored are checked by size only."""
-    path = Path(path)
-    reason, marker = _check_structure(path)
-    if reason is None and verify_checksums:
-        reason = _verify_checksums(path, marker.get("checksums", {}))
-    return reason
-
-
-def _no_valid_checkpoint(ckpt_dir: Path, failures: list[tuple[str, str]]) -> CheckpointError:
-    lines = "\n".join(f"  {p}: {why}" for p, why in failures)
-    return CheckpointError(
-        f"{ckpt_dir}: none of the {len(failures)} checkpoints can be loaded:\n{lines}\n"
-        "Nothing was deleted. Move the broken ones aside (or restore them) and resume again."
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# Disk full
-# ------------------------------------------------------------------------------------------------
-class DiskFullError(OSError):
-    """A checkpoint did not fit on its filesystem; the partial save was removed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ENOSPC, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-# torch.save reports a full disk as a RuntimeError from its zip writer, without the errno
-_TORCH_WRITE_FAILURE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
-
-
-def _causes(exc: BaseException) -> Iterable[BaseException]:
-    """`exc`, its causes/contexts and, for DCP's CheckpointException, every rank's exception."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__]
-        if isinstance(e, CheckpointException):
-            todo += [pair[0] for pair in e.failures.values()]
-
-
-def _looks_like_disk_full(exc: BaseException, free_bytes: int) -> bool:
-    for e in _causes(exc):
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        text = str(e)
-        if "No space left on device" in text:
-            return True
-        if any(s in text for s in _TORCH_WRITE_FAILURE) and free_bytes < 16 << 20:
-            return True
-    return False
-
-
-def _filesystem(path: Path) -> str:
-    """'DEVICE (FSTYPE at MOUNTPOINT)' of the filesystem holding `path` (from /proc/mounts)."""
-    real = os.path.realpath(path)
-    best = None
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            dev, mnt, fstype = line.split()[:3]
-            mnt = mnt.replace("\\040", " ")
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and (best is None or len(mnt) > len(best[1])):
-                best = (dev, mnt, fstype)
-    except OSError:
-        pass
-    return f"{best[0]} ({best[2]} at {best[1]})" if best else str(path)
-
-
-def _human(n: float) -> str:
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def _state_bytes(sharded: dict[str, Stateful]) -> int:
@@ -490,7 +339,7 @@ class Checkpointer:
         _write_synced(tmp / MARKER, json.dumps(marker, indent=1))
         if final.exists():  # re-saving a step (e.g. after a requeue): replace it, but only if we wrote it
             old = final.with_name(f"{final.name}.replaced-{os.getpid()}")
-            if not _is_ours(final):
+            if not is_ours(final):
                 old = final.with_name(f"{final.name}.not-a-checkpoint-{int(time.time())}")
                 warnings.warn(f"{final} has no {MARKER} marker of ours; moved aside to {old.name} (not deleted)",
                               CheckpointWarning, stacklevel=3)
@@ -510,7 +359,7 @@ class Checkpointer:
         original error (or, on ranks where nothing failed, a RuntimeError naming the rank that did)."""
         rank, _ = self._dist()
         free_at_failure = shutil.disk_usage(self.dir).free if self.dir.is_dir() else 1 << 62
-        full = self._agree("full" if error is not None and _looks_like_disk_full(error, free_at_failure) else None)
+        full = self._agree("full" if error is not None and looks_like_disk_full(error, free_at_failure) else None)
         self._barrier()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -519,8 +368,8 @@ class Checkpointer:
             need = _state_bytes(sharded)
             free = shutil.disk_usage(self.dir).free
             return DiskFullError(
-                f"no space left on {_filesystem(self.dir)} writing {tmp} (checkpoint needs ~{_human(need)}, "
-                f"{_human(free)} free). The partial checkpoint was removed; the previous checkpoints are intact. "
+                f"no space left on {filesystem_of(self.dir)} writing {tmp} (checkpoint needs ~{human_bytes(need)}, "
+                f"{human_bytes(free)} free). The partial checkpoint was removed; the previous checkpoints are intact. "
                 "Free space or set run.dir on a larger filesystem, then --resume."
             )
         if error is not None:
@@ -539,7 +388,7 @@ class Checkpointer:
             if s > step:
                 continue
             if kept >= self.keep_last:
-                if _is_ours(p):
+                if is_ours(p):
                     shutil.rmtree(p, ignore_errors=True)
             elif validate_checkpoint(p, verify_checksums=False) is None:
                 kept += 1
@@ -551,7 +400,7 @@ class Checkpointer:
             return None
         rank, world = self._dist()
         names = sorted(checksums)
-        error = _verify_checksums(path, {n: checksums[n] for n in names[rank::world]})
+        error = checksum_failure(path, {n: checksums[n] for n in names[rank::world]})
         error = self._agree(error)
         if error is None:
             self._verified.add(str(path))
@@ -566,7 +415,7 @@ class Checkpointer:
             for step, path in list_checkpoints(self.dir):
                 if below is not None and step >= below:
                     continue
-                reason, marker = _check_structure(path)
+                reason, marker = check_structure(path)
                 if marker is not None and "checksums" not in marker:
                     warnings.warn(f"checkpoint {path} has no checksums (written before they were stored): "
                                   "sizes checked only", CheckpointWarning, stacklevel=3)
@@ -596,7 +445,7 @@ class Checkpointer:
         failures: list[tuple[str, str]] = []
         choice = self._newest_valid(listing, failures)
         if choice is None:
-            raise _no_valid_checkpoint(self.dir, failures)
+            raise no_valid_checkpoint(self.dir, failures)
         return choice
 
     def load_latest(self, state: dict[str, Any]) -> int | None:
@@ -623,10 +472,10 @@ class Checkpointer:
                 log.warning("loading checkpoint %s failed: %s", path, reason)
                 warnings.warn(f"loading checkpoint {path} failed: {reason}; falling back to an older one",
                               CheckpointWarning, stacklevel=2)
-            m = _STEP_RE.match(path.name)
+            m = STEP_RE.match(path.name)
             older = self._newest_valid(self._candidates(below=int(m.group(1)) if m else -1), failures)
             if older is None:
-                raise _no_valid_checkpoint(self.dir if m else path, failures)
+                raise no_valid_checkpoint(self.dir if m else path, failures)
             path = older
         self.loaded_from = path
         self._barrier()
