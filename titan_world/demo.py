@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -30,17 +31,24 @@ def titan(args: list[str], log: Path) -> None:
         raise SystemExit(f"demo: `titan-world {shlex.join(args)}` failed with exit code {proc.returncode}")
 
 
+DEMO_MARKER = ".titan-world-demo"  # written into --root: the only folder --fresh may delete
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/demo", help="where every stage writes (default runs/demo)")
     p.add_argument("--fresh", action="store_true", help="delete ROOT first (otherwise finished stages are reused)")
     args = p.parse_args(argv)
     root = Path(args.root)
+    marker = root / DEMO_MARKER
+    ours = marker.is_file() or (root / "commands.txt").is_file()  # (earlier demos wrote only commands.txt)
+    if root.exists() and any(root.iterdir()) and not ours:
+        raise SystemExit(f"demo: --root {root} is a non-empty folder the demo did not create (no {DEMO_MARKER}); "
+                         "it writes only into a new folder or its own: pick another --root")
     if args.fresh and root.exists():
-        import shutil
-
-        shutil.rmtree(root)
+        shutil.rmtree(root)  # the demo's own folder (it holds the marker)
     root.mkdir(parents=True, exist_ok=True)
+    marker.write_text("created by `python -m titan_world.demo`; --fresh deletes this folder\n")
     log = root / "commands.txt"
     t0 = time.time()
     times: dict[str, float] = {}
