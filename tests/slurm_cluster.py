@@ -283,16 +283,22 @@ def start_cluster(cpus: int = 2) -> SlurmCluster:
     return SlurmCluster(root=root, cpus=cpus).start()
 
 
-if __name__ == "__main__":  # manual debugging: start, print the env line, wait for Ctrl-C
+def run_until_interrupted(start: Callable[[], SlurmCluster],
+                          describe: Callable[[SlurmCluster], str] = lambda c: "") -> None:
+    """Manual debugging (`python tests/slurm_*.py`): start, print the env line, wait for Ctrl-C, stop."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`/`timeout` stop it cleanly too
-    c = start_cluster()
-    print(f"export SLURM_CONF={c.conf}   # Ctrl-C stops the cluster", flush=True)
+    c = start()
+    print(f"export SLURM_CONF={c.conf}   # {describe(c)}Ctrl-C stops the cluster", flush=True)
     try:
         signal.pause()
     except KeyboardInterrupt:
         pass
     finally:
         c.stop()
+
+
+if __name__ == "__main__":
+    run_until_interrupted(start_cluster)
 
 
 # -- pytest fixtures ---------------------------------------------------------------------------

@@ -27,12 +27,11 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slurm_cluster import ClusterUnavailable, SlurmCluster, SlurmNode, serve_cluster
+from slurm_cluster import ClusterUnavailable, SlurmCluster, SlurmNode, run_until_interrupted, serve_cluster
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns add NAME` puts the namespace's handle
 SHARED_PARENT = "/var/tmp"  # the cluster dir (and the tests' shared files): not under the nodes' private /tmp
@@ -207,17 +206,9 @@ def start_two_node_cluster() -> TwoNodeCluster:
     return TwoNodeCluster(root=root, cpus=min(2, os.cpu_count() or 2)).start()
 
 
-if __name__ == "__main__":  # manual debugging: start, print the env line, wait for Ctrl-C
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`/`timeout` stop it cleanly too
-    c = start_two_node_cluster()
-    print(f"export SLURM_CONF={c.conf}   # nodes {[(n.name, n.addr) for n in c.nodes]}, shared dir {c.shared}; "
-          "Ctrl-C stops the cluster", flush=True)
-    try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        c.stop()
+if __name__ == "__main__":
+    run_until_interrupted(start_two_node_cluster,
+                          lambda c: f"nodes {[(n.name, n.addr) for n in c.nodes]}, shared dir {c.shared}; ")
 
 
 try:
