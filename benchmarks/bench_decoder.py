@@ -38,7 +38,13 @@ def _stream_fps(make_decoder, latents: torch.Tensor, chunk: int, device: torch.d
 
 def main(argv: list[str] | None = None) -> int:
     from titan_world.model.codec import WanVAECodec
-    from titan_world.model.light_decoder import LightDecodedCodec, LightDecoder, LightDecoderConfig, LightStreamDecoder, load_light_decoder
+    from titan_world.model.light_decoder import (
+        LightDecodedCodec,
+        LightDecoder,
+        LightDecoderConfig,
+        LightStreamDecoder,
+        load_light_decoder,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
@@ -48,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (serving.chunk_frames)")
     p.add_argument("--vae", default=None, help="a local Wan VAE folder (default: random weights, same architecture)")
     p.add_argument("--light-decoder", default=None, help="a distilled light decoder (default: random, --width/--depth)")
-    p.add_argument("--width-channels", dest="channels", type=int, default=64, help="light decoder width (LightDecoderConfig.width)")
+    p.add_argument(
+        "--width-channels", dest="channels", type=int, default=64, help="light decoder width (LightDecoderConfig.width)"
+    )
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--json", default=None)
@@ -74,25 +82,38 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"--light-decoder {args.light_decoder}: {e}") from None
     else:
-        light = LightDecoder(LightDecoderConfig(vae.latent_channels, s, args.channels, args.depth)).to(device, dtype).eval()
-    latents = torch.randn(1, vae.latent_channels, 1 + args.chunks * args.chunk_frames, args.height // s, args.width // s, device=device)
+        light = (
+            LightDecoder(LightDecoderConfig(vae.latent_channels, s, args.channels, args.depth)).to(device, dtype).eval()
+        )
+    latents = torch.randn(
+        1, vae.latent_channels, 1 + args.chunks * args.chunk_frames, args.height // s, args.width // s, device=device
+    )
 
     rows = {}
     with torch.no_grad():
-        for name, make in (("Wan VAE (stream decoder)", vae.stream_decoder), ("light decoder", lambda: LightStreamDecoder(light))):
+        for name, make in (
+            ("Wan VAE (stream decoder)", vae.stream_decoder),
+            ("light decoder", lambda: LightStreamDecoder(light)),
+        ):
             fps, peak = _stream_fps(make, latents, args.chunk_frames, device)
             rows[name] = {"fps": fps, "ms_per_frame": 1e3 / fps, "peak_gb": peak}
     base = rows["Wan VAE (stream decoder)"]["fps"]
-    params = {"Wan VAE (stream decoder)": sum(q.numel() for q in vae.vae.decoder.parameters()),
-              "light decoder": sum(q.numel() for q in light.parameters())}
-    print(f"streaming decode on {device} ({str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads): "
-          f"{args.width}x{args.height}, chunks of {args.chunk_frames} latents ({4 * args.chunk_frames} frames), "
-          f"{args.chunks} timed chunks after the first latent")
+    params = {
+        "Wan VAE (stream decoder)": sum(q.numel() for q in vae.vae.decoder.parameters()),
+        "light decoder": sum(q.numel() for q in light.parameters()),
+    }
+    print(
+        f"streaming decode on {device} ({str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads): "
+        f"{args.width}x{args.height}, chunks of {args.chunk_frames} latents ({4 * args.chunk_frames} frames), "
+        f"{args.chunks} timed chunks after the first latent"
+    )
     print(f"{'decoder':<26} {'params':>9} {'frames/s':>9} {'ms/frame':>9} {'peak GB':>8} {'vs VAE':>7}")
     for name, r in rows.items():
         r["params"], r["speedup"] = params[name], r["fps"] / base
         peak = f"{r['peak_gb']:8.2f}" if r["peak_gb"] is not None else "       -"
-        print(f"{name:<26} {params[name] / 1e6:8.2f}M {r['fps']:9.1f} {r['ms_per_frame']:9.2f} {peak} {r['speedup']:6.1f}x")
+        print(
+            f"{name:<26} {params[name] / 1e6:8.2f}M {r['fps']:9.1f} {r['ms_per_frame']:9.2f} {peak} {r['speedup']:6.1f}x"
+        )
     write_json(args.json, {"device": str(device), "height": args.height, "width": args.width, "rows": rows})
     return 0
 

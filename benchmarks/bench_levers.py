@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--seconds", type=float, default=4.0, help="streamed length per episode")
     p.add_argument("--offset", type=int, default=16, help="start frame in the episode (its first second barely moves)")
-    p.add_argument("--light-decoder", default=None, help="add the light-decoder lever: a `titan-world distill-decoder` run dir")
+    p.add_argument(
+        "--light-decoder", default=None, help="add the light-decoder lever: a `titan-world distill-decoder` run dir"
+    )
     args, cfg = parse_serving_args(p, argv)
     from serving.loading import build_engine
     from titan_world.data.synth import make_episode
@@ -106,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     sc, dev = base.cfg, base.device
     frames = 1 + int(args.seconds * sc.fps) // base.frames_per_chunk * base.frames_per_chunk
     d = cfg.data
-    episodes = [make_episode(HELD_OUT_SEED + i, d.height, d.width, (args.offset + frames) / d.fps + 0.5, d.fps) for i in range(args.episodes)]
-    print(f"serving levers: {base.source} on {dev} ({torch.get_num_threads()} threads); {args.episodes} held-out episodes x "
-          f"{frames} frames at {sc.width}x{sc.height}; baseline: {len(base.sigmas)} steps, kv_refresh={sc.kv_refresh}, "
-          f"sink {sc.sink_frames} + window {sc.window_frames}")
+    episodes = [
+        make_episode(HELD_OUT_SEED + i, d.height, d.width, (args.offset + frames) / d.fps + 0.5, d.fps)
+        for i in range(args.episodes)
+    ]
+    print(
+        f"serving levers: {base.source} on {dev} ({torch.get_num_threads()} threads); {args.episodes} held-out episodes x "
+        f"{frames} frames at {sc.width}x{sc.height}; baseline: {len(base.sigmas)} steps, kv_refresh={sc.kv_refresh}, "
+        f"sink {sc.sink_frames} + window {sc.window_frames}"
+    )
     rows = []
     for name, change in _levers(sc, [float(x) for x in base.sigmas], dev, args.light_decoder):
         lever_cfg = copy.deepcopy(cfg)
@@ -122,23 +129,45 @@ def main(argv: list[str] | None = None) -> int:
         for j, ep in enumerate(episodes):
             gen, s = stream_episode(engine, ep, args.offset, frames, seed=j)
             true = ep.frames[args.offset : args.offset + len(gen)]
-            rep = action_following_report(gen, true, context_frames=1, poses=ep.c2w[args.offset : args.offset + len(gen)], intrinsics=ep.intrinsics[0])
+            rep = action_following_report(
+                gen,
+                true,
+                context_frames=1,
+                poses=ep.c2w[args.offset : args.offset + len(gen)],
+                intrinsics=ep.intrinsics[0],
+            )
             psnr.append(rep["frame_error"]["model"]["psnr"])
             sharp.append(detail(gen[1:]) / detail(true[1:]))
             copy_psnr.append(rep["frame_error"]["copy_last"]["psnr"])
             if rep["camera"]["model"]["yaw_mae_deg"] is not None:
                 yaw.append(rep["camera"]["model"]["yaw_mae_deg"])
             spent, n = spent + s, n + len(gen) - 1
-        rows.append({"lever": name, "fps": n / spent, "psnr": float(np.mean(psnr)), "copy_last_psnr": float(np.mean(copy_psnr)),
-                     "yaw_mae_deg": float(np.mean(yaw)) if yaw else None, "detail_vs_truth": float(np.mean(sharp)), "passes_per_chunk": len(engine.sigmas) + (engine.cfg.kv_refresh == "clean")})
+        rows.append(
+            {
+                "lever": name,
+                "fps": n / spent,
+                "psnr": float(np.mean(psnr)),
+                "copy_last_psnr": float(np.mean(copy_psnr)),
+                "yaw_mae_deg": float(np.mean(yaw)) if yaw else None,
+                "detail_vs_truth": float(np.mean(sharp)),
+                "passes_per_chunk": len(engine.sigmas) + (engine.cfg.kv_refresh == "clean"),
+            }
+        )
     b = rows[0]
-    print(f"{'lever':<22} {'passes':>6} {'fps':>8} {'speed':>6} {'PSNR dB':>8} {'ΔPSNR':>6} {'detail':>6} {'yaw err°':>8}")
+    print(
+        f"{'lever':<22} {'passes':>6} {'fps':>8} {'speed':>6} {'PSNR dB':>8} {'ΔPSNR':>6} {'detail':>6} {'yaw err°':>8}"
+    )
     for r in rows:
         r["speed_vs_baseline"], r["dpsnr"] = r["fps"] / b["fps"], r["psnr"] - b["psnr"]
         yaw_s = f"{r['yaw_mae_deg']:.2f}" if r["yaw_mae_deg"] is not None else "-"
-        print(f"{r['lever']:<22} {r['passes_per_chunk']:>6} {r['fps']:>8.1f} {r['speed_vs_baseline']:>5.2f}x {r['psnr']:>8.2f} {r['dpsnr']:>+6.2f} {r['detail_vs_truth']:>6.2f} {yaw_s:>8}")
+        print(
+            f"{r['lever']:<22} {r['passes_per_chunk']:>6} {r['fps']:>8.1f} {r['speed_vs_baseline']:>5.2f}x {r['psnr']:>8.2f} {r['dpsnr']:>+6.2f} {r['detail_vs_truth']:>6.2f} {yaw_s:>8}"
+        )
     print(f"(copy-last-frame baseline: {b['copy_last_psnr']:.2f} dB)")
-    write_json(args.json, {"device": str(dev), "source": base.source, "frames": frames, "episodes": args.episodes, "rows": rows})
+    write_json(
+        args.json,
+        {"device": str(dev), "source": base.source, "frames": frames, "episodes": args.episodes, "rows": rows},
+    )
     return 0
 
 

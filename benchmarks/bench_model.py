@@ -19,9 +19,9 @@ import yaml
 
 from benchmarks.common import HEADER, Row, peak_gb, reset_peak, time_fn
 from titan_world.config import CONFIG_ROOT
+from titan_world.model.codec import default_vae_stride
 from titan_world.model.config import ModelConfig
 from titan_world.model.dit import WanDiT
-from titan_world.model.codec import default_vae_stride
 from titan_world.train.flops import device_peak_tflops, sample_flops
 
 
@@ -54,7 +54,9 @@ def diffusers_model(cfg: ModelConfig, device, dtype):
     return WanTransformer3DModel(**kw).to(device=device, dtype=dtype)
 
 
-def ours_model(cfg: ModelConfig, device, dtype, ac: str, compile_blocks: bool, skip_last: int = 0, float8: str = "none"):
+def ours_model(
+    cfg: ModelConfig, device, dtype, ac: str, compile_blocks: bool, skip_last: int = 0, float8: str = "none"
+):
     from parallel.checkpointing import apply_activation_checkpointing
     from parallel.compile import compile_blocks as compile_fn
     from parallel.config import ParallelConfig
@@ -101,10 +103,13 @@ def main() -> None:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--phases", default="fwd,train")
-    p.add_argument("--variants", default="compile-attention,compile-full,compile-selective,eager-full",
-                   help="ours: {eager|compile}-{none|full|selective|attention}[:N][+RECIPE] activation checkpointing; "
-                        ":N leaves the last N blocks un-checkpointed (parallel.ac_skip_last), +RECIPE runs the blocks' "
-                        "GEMMs in FP8 (parallel.float8: rowwise|tensorwise), e.g. compile-attention:14+rowwise")
+    p.add_argument(
+        "--variants",
+        default="compile-attention,compile-full,compile-selective,eager-full",
+        help="ours: {eager|compile}-{none|full|selective|attention}[:N][+RECIPE] activation checkpointing; "
+        ":N leaves the last N blocks un-checkpointed (parallel.ac_skip_last), +RECIPE runs the blocks' "
+        "GEMMs in FP8 (parallel.float8: rowwise|tensorwise), e.g. compile-attention:14+rowwise",
+    )
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -116,8 +121,10 @@ def main() -> None:
     x, t, ctx, target, lat = inputs(cfg, args.frames, args.height, args.width, device, dtype)
     fl = sample_flops(cfg, *lat)
     peak = device_peak_tflops(device)
-    print(f"{cfg.name}: {cfg.num_layers} layers, {args.frames} frames {args.width}x{args.height} -> {fl.tokens:,} tokens; "
-          f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, {dtype}")
+    print(
+        f"{cfg.name}: {cfg.num_layers} layers, {args.frames} frames {args.width}x{args.height} -> {fl.tokens:,} tokens; "
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, {dtype}"
+    )
     print(HEADER)
     base: dict[str, Row] = {}
 
@@ -134,23 +141,80 @@ def main() -> None:
         else:
             ref.enable_gradient_checkpointing()
             call = lambda m, x, t, c: m(x, t, c, return_dict=False)[0]  # noqa: E731
-            report(bench("diffusers (default SDPA, GC)", ref, call, x, t, ctx, target, fl, fl.tokens, device, peak, phases, args.warmup, args.iters))
+            report(
+                bench(
+                    "diffusers (default SDPA, GC)",
+                    ref,
+                    call,
+                    x,
+                    t,
+                    ctx,
+                    target,
+                    fl,
+                    fl.tokens,
+                    device,
+                    peak,
+                    phases,
+                    args.warmup,
+                    args.iters,
+                )
+            )
             if device.type == "cuda":
                 from titan_world.model.attention import prefer_cudnn_sdpa
 
                 prefer_cudnn_sdpa()
-                report(bench("diffusers (cuDNN SDPA first, GC)", ref, call, x, t, ctx, target, fl, fl.tokens, device, peak, phases, args.warmup, args.iters))
+                report(
+                    bench(
+                        "diffusers (cuDNN SDPA first, GC)",
+                        ref,
+                        call,
+                        x,
+                        t,
+                        ctx,
+                        target,
+                        fl,
+                        fl.tokens,
+                        device,
+                        peak,
+                        phases,
+                        args.warmup,
+                        args.iters,
+                    )
+                )
             del ref
             gc.collect()
-    call = lambda m, x, t, c: m(x[:, : cfg.out_dim], t, c, cond=x[:, cfg.out_dim :] if cfg.in_dim > cfg.out_dim else None)  # noqa: E731
+    call = lambda m, x, t, c: m(
+        x[:, : cfg.out_dim], t, c, cond=x[:, cfg.out_dim :] if cfg.in_dim > cfg.out_dim else None
+    )  # noqa: E731
     for variant in args.variants.split(","):
         variant, _, float8 = variant.partition("+")  # "+rowwise": FP8 GEMMs
         mode, ac = variant.split("-")
         ac, _, skip = ac.partition(":")  # "attention:14": the last 14 blocks keep their activations
-        label = f"AC {ac}" + (f", last {skip} blocks not checkpointed" if skip else "") + (f", FP8 {float8}" if float8 else "")
+        label = (
+            f"AC {ac}"
+            + (f", last {skip} blocks not checkpointed" if skip else "")
+            + (f", FP8 {float8}" if float8 else "")
+        )
         try:
             model = ours_model(cfg, device, dtype, ac, mode == "compile", int(skip or 0), float8 or "none")
-            report(bench(f"titan-world ({mode}, {label})", model, call, x, t, ctx, target, fl, fl.tokens, device, peak, phases, args.warmup, args.iters))
+            report(
+                bench(
+                    f"titan-world ({mode}, {label})",
+                    model,
+                    call,
+                    x,
+                    t,
+                    ctx,
+                    target,
+                    fl,
+                    fl.tokens,
+                    device,
+                    peak,
+                    phases,
+                    args.warmup,
+                    args.iters,
+                )
+            )
         except torch.OutOfMemoryError:
             print(f"titan-world ({mode}, {label}): out of memory")
         model = None

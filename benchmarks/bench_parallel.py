@@ -61,8 +61,10 @@ def cmd_a2a(a) -> None:
             continue
         c = a2a_cost(cfg, tokens, cp, a.ac)
         compute = flops / cp / (a.tflops * 1e12)
-        print(f"cp={cp:>2}: {c['bytes_per_gpu_GB']:7.1f} GB/GPU, {c['seconds_per_step']:6.2f} s at {c['bandwidth_GBs']:.0f} GB/s "
-              f"vs compute {compute:6.2f} s at {a.tflops:.0f} TFLOP/s")
+        print(
+            f"cp={cp:>2}: {c['bytes_per_gpu_GB']:7.1f} GB/GPU, {c['seconds_per_step']:6.2f} s at {c['bandwidth_GBs']:.0f} GB/s "
+            f"vs compute {compute:6.2f} s at {a.tflops:.0f} TFLOP/s"
+        )
 
 
 def cmd_cluster(a) -> None:
@@ -70,20 +72,28 @@ def cmd_cluster(a) -> None:
 
     cfg = _model_cfg(a.model)
     gpus = a.nodes * GPUS_PER_NODE
-    print(f"{a.model} on {a.nodes} x {GPUS_PER_NODE} H100 ({gpus} GPUs), {a.height}x{a.width}, AC {a.ac}, "
-          f"assumed {a.tflops:.0f} achieved model-TFLOP/s per GPU, NVLink {NVLINK_GBS:.0f} / IB {IB_GBS:.0f} GB/s per GPU")
-    print(f"{'clip':>5} {'tokens':>8} {'cp':>3} {'dp_shard':>8} {'GB/GPU':>7} {'batch':>5} {'compute':>8} {'a2a':>6} "
-          f"{'fsdp':>6} {'step':>7} {'samples/s':>9} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>5}")
+    print(
+        f"{a.model} on {a.nodes} x {GPUS_PER_NODE} H100 ({gpus} GPUs), {a.height}x{a.width}, AC {a.ac}, "
+        f"assumed {a.tflops:.0f} achieved model-TFLOP/s per GPU, NVLink {NVLINK_GBS:.0f} / IB {IB_GBS:.0f} GB/s per GPU"
+    )
+    print(
+        f"{'clip':>5} {'tokens':>8} {'cp':>3} {'dp_shard':>8} {'GB/GPU':>7} {'batch':>5} {'compute':>8} {'a2a':>6} "
+        f"{'fsdp':>6} {'step':>7} {'samples/s':>9} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>5}"
+    )
     for name, frames in (("5s", 81), ("60s", 961)):
         flops = model_flops_per_step(cfg, frames, a.height, a.width)
         r = cluster_prediction(cfg, frames, gpus, a.height, a.width, flops, a.tflops, a.ac)
         if r is None:
             print(f"{name:>5} does not fit on {gpus} GPUs")
             continue
-        print(f"{name:>5} {r['tokens']:>8,} {r['cp']:>3} {r['dp_shard']:>8} {r['gb_per_gpu']:>7.1f} {r['global_batch']:>5} "
-              f"{r['compute_s']:>7.2f}s {r['a2a_s']:>5.2f}s {r['fsdp_comm_s']:>5.2f}s {r['step_s']:>6.2f}s "
-              f"{r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9,.0f} {r['model_tflops_per_gpu']:>8.0f} {r['mfu']:>5.0%}")
-    print("(one sample per cp group per step; raise the global batch with gradient accumulation: the FSDP traffic is paid once per step)")
+        print(
+            f"{name:>5} {r['tokens']:>8,} {r['cp']:>3} {r['dp_shard']:>8} {r['gb_per_gpu']:>7.1f} {r['global_batch']:>5} "
+            f"{r['compute_s']:>7.2f}s {r['a2a_s']:>5.2f}s {r['fsdp_comm_s']:>5.2f}s {r['step_s']:>6.2f}s "
+            f"{r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9,.0f} {r['model_tflops_per_gpu']:>8.0f} {r['mfu']:>5.0%}"
+        )
+    print(
+        "(one sample per cp group per step; raise the global batch with gradient accumulation: the FSDP traffic is paid once per step)"
+    )
 
 
 def cmd_step(a) -> None:
@@ -127,8 +137,15 @@ def cmd_step(a) -> None:
 
     tokens = num_tokens(a.frames, a.height, a.width)
     step = sorted(times[1:] or times)[len(times[1:] or times) // 2]
-    out = {"model": a.model, "gpus": world, "cp": a.cp, "ac": a.ac, "tokens": tokens, "step_s": step,
-           "model_tflops_per_gpu": model_flops_per_step(cfg, a.frames, a.height, a.width) / step / world / 1e12}
+    out = {
+        "model": a.model,
+        "gpus": world,
+        "cp": a.cp,
+        "ac": a.ac,
+        "tokens": tokens,
+        "step_s": step,
+        "model_tflops_per_gpu": model_flops_per_step(cfg, a.frames, a.height, a.width) / step / world / 1e12,
+    }
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if rank == 0:
@@ -146,7 +163,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--ac", default="full")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--tflops", type=float, default=300.0, help="achieved model TFLOP/s per GPU for the compute comparison")
+    ap.add_argument(
+        "--tflops", type=float, default=300.0, help="achieved model TFLOP/s per GPU for the compute comparison"
+    )
     ap.add_argument("--nodes", type=int, default=8, help="cluster mode: nodes of 8 GPUs")
     a = ap.parse_args(argv)
     {"plan": cmd_plan, "a2a": cmd_a2a, "cluster": cmd_cluster, "step": cmd_step}[a.mode](a)

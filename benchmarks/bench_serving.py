@@ -63,9 +63,12 @@ def random_wan_vae() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chunks", type=int, default=300, help="chunks in the long session (memory + steady fps)")
-    p.add_argument("--random-vae", action="store_true",
-                   help="decode with a random-weight Wan2.1 VAE (diffusers' default AutoencoderKLWan: the real architecture "
-                        "and cost) when no VAE weights are at hand; sets data.codec.kind=wan_vae")
+    p.add_argument(
+        "--random-vae",
+        action="store_true",
+        help="decode with a random-weight Wan2.1 VAE (diffusers' default AutoencoderKLWan: the real architecture "
+        "and cost) when no VAE weights are at hand; sets data.codec.kind=wan_vae",
+    )
     args, cfg = parse_serving_args(p, argv)
     if args.random_vae:
         cfg.data.codec.kind, cfg.data.codec.path = "wan_vae", random_wan_vae()
@@ -133,21 +136,26 @@ def main(argv: list[str] | None = None) -> int:
 
     med = {k: 1e3 * statistics.median(v) for k, v in stages.items()}
     res = {
-        "device": str(dev), "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "device": str(dev),
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
         "model": f"{cfg.model.name} ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M params, {engine.source})",
         "geometry": f"{sc.width}x{sc.height}, {engine.frames_per_chunk} frames/chunk, {len(engine.sigmas)} steps, "
-                    f"sink {sc.sink_frames} + window {sc.window_frames} latent frames, kv_refresh={sc.kv_refresh}, "
-                    f"compile={sc.compile}, cuda_graphs={sc.cuda_graphs}",
+        f"sink {sc.sink_frames} + window {sc.window_frames} latent frames, kv_refresh={sc.kv_refresh}, "
+        f"compile={sc.compile}, cuda_graphs={sc.cuda_graphs}",
         "graph_replays": session.graphs.replays if session.graphs is not None else 0,
         "graph_failure": session.graphs.failed if session.graphs is not None else None,
-        "start_ms": 1e3 * t_start, "first_chunk_ms": 1e3 * t_first,
+        "start_ms": 1e3 * t_start,
+        "first_chunk_ms": 1e3 * t_first,
         "stage_median_ms": med,
         "serial_fps": n_frames / serial_s,
         "pipelined_fps": pipe_n * engine.frames_per_chunk / pipe_s if pipe_n else None,
         "chunks": args.chunks,
         "kv_cache_mb": session.cache.nbytes() / 2**20,
-        "session_state_mb": state[-1] / 2**20, "session_state_growth_bytes": state[-1] - state[0],
-        "rss_mb_first_last": [rss[0], rss[-1]], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "session_state_mb": state[-1] / 2**20,
+        "session_state_growth_bytes": state[-1] - state[0],
+        "rss_mb_first_last": [rss[0], rss[-1]],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if cuda:
         res["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
@@ -155,15 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving benchmark: {res['model']} on {res['device']} {res['dtype']} ({res['threads']} threads)")
     print(f"  {res['geometry']}")
     if sc.cuda_graphs:
-        print(f"  CUDA graphs: {res['graph_replays']} passes replayed" + (f", capture failed: {res['graph_failure']}" if res["graph_failure"] else ""))
+        print(
+            f"  CUDA graphs: {res['graph_replays']} passes replayed"
+            + (f", capture failed: {res['graph_failure']}" if res["graph_failure"] else "")
+        )
     print(f"  start {res['start_ms']:.1f} ms, first chunk {res['first_chunk_ms']:.1f} ms (start -> JPEG frames)")
     print("  per chunk (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
-    print(f"  fps incl. decode + JPEG: serial {res['serial_fps']:.1f}, pipelined {res['pipelined_fps'] or 0:.1f} "
-          f"(target: serving fps {sc.fps:.0f})")
-    print(f"  memory over {args.chunks} chunks: KV cache {res['kv_cache_mb']:.2f} MB, session state "
-          f"{res['session_state_mb']:.2f} MB (growth {res['session_state_growth_bytes']} B), RSS "
-          f"{rss[0]:.0f} -> {rss[-1]:.0f} MB, peak RSS {res['peak_rss_mb']:.0f} MB"
-          + (f", CUDA peak {res['cuda_peak_allocated_mb']:.0f} MB" if cuda else ""))
+    print(
+        f"  fps incl. decode + JPEG: serial {res['serial_fps']:.1f}, pipelined {res['pipelined_fps'] or 0:.1f} "
+        f"(target: serving fps {sc.fps:.0f})"
+    )
+    print(
+        f"  memory over {args.chunks} chunks: KV cache {res['kv_cache_mb']:.2f} MB, session state "
+        f"{res['session_state_mb']:.2f} MB (growth {res['session_state_growth_bytes']} B), RSS "
+        f"{rss[0]:.0f} -> {rss[-1]:.0f} MB, peak RSS {res['peak_rss_mb']:.0f} MB"
+        + (f", CUDA peak {res['cuda_peak_allocated_mb']:.0f} MB" if cuda else "")
+    )
     write_json(args.json, res)
     return 0
 

@@ -58,7 +58,11 @@ def _step_timer(step_fn, warmup: int, iters: int, device: torch.device) -> float
 
 
 def _train_step_fn(forward, params, batch, device, amp: bool):
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda") if device.type == "cuda" else torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    opt = (
+        torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+        if device.type == "cuda"
+        else torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    )
     x, target = batch
 
     def step():
@@ -72,15 +76,28 @@ def _train_step_fn(forward, params, batch, device, amp: bool):
     return step
 
 
-def _measure(name: str, model: nn.Module, forward, batch, device, amp, flops: float, peak, warmup: int, iters: int, tokens: int) -> dict:
+def _measure(
+    name: str, model: nn.Module, forward, batch, device, amp, flops: float, peak, warmup: int, iters: int, tokens: int
+) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    dt = _step_timer(_train_step_fn(forward, [p for p in model.parameters() if p.requires_grad], batch, device, amp), warmup, iters, device)
+    dt = _step_timer(
+        _train_step_fn(forward, [p for p in model.parameters() if p.requires_grad], batch, device, amp),
+        warmup,
+        iters,
+        device,
+    )
     tflops = flops / dt / 1e12
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"model": name, "step_s": dt, "model_tflops": tflops, "mfu": tflops / peak if peak else None,
-            "tokens_per_s": tokens / dt, "peak_mem_gb": mem}
+    return {
+        "model": name,
+        "step_s": dt,
+        "model_tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "tokens_per_s": tokens / dt,
+        "peak_mem_gb": mem,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,13 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     flops = train_step_flops(cfg, args.batch, f, h, w)
     tokens = args.batch * f * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     peak = device_peak_tflops(device, args.peak_tflops)
-    print(f"[bench_train] {cfg.name}: {tokens} tokens/sample-batch ({f}x{h}x{w} latents), {flops / 1e12:.1f} model-TFLOP per step, "
-          f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, peak {peak} TFLOP/s")
+    print(
+        f"[bench_train] {cfg.name}: {tokens} tokens/sample-batch ({f}x{h}x{w} latents), {flops / 1e12:.1f} model-TFLOP per step, "
+        f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, peak {peak} TFLOP/s"
+    )
 
     torch.manual_seed(0)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(args.batch, cfg.out_dim, f, h, w, generator=g).to(device, dtype)
-    cond = torch.randn(args.batch, cfg.in_dim - cfg.out_dim, f, h, w, generator=g).to(device, dtype) if cfg.in_dim > cfg.out_dim else None
+    cond = (
+        torch.randn(args.batch, cfg.in_dim - cfg.out_dim, f, h, w, generator=g).to(device, dtype)
+        if cfg.in_dim > cfg.out_dim
+        else None
+    )
     ctx = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=g).to(device, dtype)
     t = torch.full((args.batch,), 500.0, device=device)
     target = torch.randn(args.batch, cfg.out_dim, f, h, w, generator=g).to(device)
@@ -137,7 +160,21 @@ def main(argv: list[str] | None = None) -> int:
         apply_activation_checkpointing(ours, ParallelConfig(activation_checkpoint="full"))
     if args.compile:
         compile_blocks(ours)
-    results.append(_measure("titan_world.WanDiT", ours, lambda inp: ours(inp, t, ctx, cond=cond), (x, target), device, amp, flops, peak, args.warmup, args.iters, tokens))
+    results.append(
+        _measure(
+            "titan_world.WanDiT",
+            ours,
+            lambda inp: ours(inp, t, ctx, cond=cond),
+            (x, target),
+            device,
+            amp,
+            flops,
+            peak,
+            args.warmup,
+            args.iters,
+            tokens,
+        )
+    )
     print(json.dumps(results[-1]))
     del ours
     if device.type == "cuda":
@@ -151,16 +188,37 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with torch.device(device):
                 ref = WanTransformer3DModel(
-                    patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-                    in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-                    ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=cfg.eps,
+                    patch_size=tuple(cfg.patch_size),
+                    num_attention_heads=cfg.num_heads,
+                    attention_head_dim=cfg.head_dim,
+                    in_channels=cfg.in_dim,
+                    out_channels=cfg.out_dim,
+                    text_dim=cfg.text_dim,
+                    freq_dim=cfg.freq_dim,
+                    ffn_dim=cfg.ffn_dim,
+                    num_layers=cfg.num_layers,
+                    cross_attn_norm=True,
+                    qk_norm="rms_norm_across_heads",
+                    eps=cfg.eps,
                 )
             if args.grad_ckpt:
                 ref.enable_gradient_checkpointing()
             inp_cond = (lambda inp: torch.cat([inp, cond], 1)) if cond is not None else (lambda inp: inp)
-            results.append(_measure("diffusers.WanTransformer3DModel", ref,
-                                    lambda inp: ref(inp_cond(inp), t, ctx, return_dict=False)[0], (x, target), device, amp, flops, peak,
-                                    args.warmup, args.iters, tokens))
+            results.append(
+                _measure(
+                    "diffusers.WanTransformer3DModel",
+                    ref,
+                    lambda inp: ref(inp_cond(inp), t, ctx, return_dict=False)[0],
+                    (x, target),
+                    device,
+                    amp,
+                    flops,
+                    peak,
+                    args.warmup,
+                    args.iters,
+                    tokens,
+                )
+            )
             print(json.dumps(results[-1]))
             print(f"[bench_train] step-rate ratio ours/diffusers: {results[1]['step_s'] / results[0]['step_s']:.2f}x")
     write_json(args.json, results)

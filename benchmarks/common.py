@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -60,12 +60,14 @@ class Row:
     def tflops(self) -> float:
         return self.flops / self.seconds / 1e12
 
-    def format(self, baseline: "Row | None") -> str:
+    def format(self, baseline: Row | None) -> str:
         mfu = f"{100 * self.tflops / self.peak_tflops:5.1f}%" if self.peak_tflops else "    -"
         mem = f"{self.peak_gb:6.1f}" if self.peak_gb is not None else "     -"
         ratio = f"{baseline.seconds / self.seconds:5.2f}x" if baseline else "    -"
-        return (f"{self.name:<34} {self.phase:<6} {self.seconds * 1e3:9.1f} ms {self.tflops:8.1f} {mfu} "
-                f"{self.tokens / self.seconds:11,.0f} {mem} {ratio}")
+        return (
+            f"{self.name:<34} {self.phase:<6} {self.seconds * 1e3:9.1f} ms {self.tflops:8.1f} {mfu} "
+            f"{self.tokens / self.seconds:11,.0f} {mem} {ratio}"
+        )
 
 
 HEADER = f"{'implementation':<34} {'phase':<6} {'time':>12} {'TFLOP/s':>8} {'MFU':>6} {'tokens/s':>11} {'peakGB':>6} {'vs base':>6}"

@@ -34,7 +34,18 @@ def check(name: str, a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
 
 
 def cfg(**kw) -> ModelConfig:
-    base = dict(name="t", model_type="i2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16, text_dim=64, text_len=32)
+    base = dict(
+        name="t",
+        model_type="i2v",
+        dim=256,
+        ffn_dim=512,
+        num_heads=2,
+        num_layers=2,
+        in_dim=36,
+        out_dim=16,
+        text_dim=64,
+        text_len=32,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -86,7 +97,9 @@ def check_graphed_streaming(dev: torch.device) -> None:
                 from parallel.compile import compile_blocks
 
                 compile_blocks(model)
-            engine = StreamingEngine(model, TinyCodec(8, 16), TinyTextEncoder(64, 32), ServingConfig(**sc, cuda_graphs=graphs))
+            engine = StreamingEngine(
+                model, TinyCodec(8, 16), TinyTextEncoder(64, 32), ServingConfig(**sc, cuda_graphs=graphs)
+            )
             session = engine.start(None, "a red house", seed=0)
             keys = torch.zeros(12, 8)
             out = []
@@ -97,11 +110,19 @@ def check_graphed_streaming(dev: torch.device) -> None:
                 out.append(session.denoise(keys).payload.latents.float())
             if graphs:
                 ok = session.graphs.failed is None and session.graphs.replays > 0
-                print(f"{'PASS' if ok else 'FAIL'} CUDA graphs captured ({session.graphs.replays} replays, failure: {session.graphs.failed})", flush=True)
+                print(
+                    f"{'PASS' if ok else 'FAIL'} CUDA graphs captured ({session.graphs.replays} replays, failure: {session.graphs.failed})",
+                    flush=True,
+                )
                 global failures
                 failures += not ok
             streams.append(torch.cat(out, 2))
-        check(f"CUDA-graph streaming == eager streaming ({'compiled' if compiled else 'eager'} blocks, bf16)", streams[1], streams[0], 3e-2)
+        check(
+            f"CUDA-graph streaming == eager streaming ({'compiled' if compiled else 'eager'} blocks, bf16)",
+            streams[1],
+            streams[0],
+            3e-2,
+        )
 
 
 def check_light_decoder(dev: torch.device) -> None:
@@ -134,8 +155,12 @@ def check_sync_free_streaming(dev: torch.device) -> None:
     for graphs, refresh in ((False, "clean"), (True, "last_step")):
         model = randomized(cfg(model_type="t2v", in_dim=16, action=ActionConfig(enabled=True)), dev, torch.bfloat16)
         model.set_attn_backend("sdpa", dev)
-        engine = streaming.StreamingEngine(model, TinyCodec(8, 16), TinyTextEncoder(64, 32),
-                                           ServingConfig(**sc, kv_refresh=refresh, cuda_graphs=graphs))
+        engine = streaming.StreamingEngine(
+            model,
+            TinyCodec(8, 16),
+            TinyTextEncoder(64, 32),
+            ServingConfig(**sc, kv_refresh=refresh, cuda_graphs=graphs),
+        )
         session = engine.start(None, "a red house", seed=0)
         keys = torch.zeros(12, 8)
         keys[:, 0], keys[:, 6] = 1.0, 0.3
@@ -166,9 +191,9 @@ def main() -> int:
         print("benchmarks.gpu_checks needs a CUDA device (CPU CI runs the same paths as tests/)", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-    import titan_world.model.dit as dit
     from diffusers import WanTransformer3DModel
 
+    import titan_world.model.dit as dit
     from titan_world.model.diffusers_names import native_config_to_diffusers, native_to_diffusers
 
     c = cfg()
@@ -178,11 +203,20 @@ def main() -> int:
         ref = WanTransformer3DModel(**{k: v for k, v in native_config_to_diffusers(c).items() if not k.startswith("_")})
         ref.load_state_dict(native_to_diffusers(ours.state_dict()))
         ref = ref.to(dev, dtype).eval()
-        x, t, ctx = torch.randn(1, 36, 5, 30, 52, device=dev, dtype=dtype), torch.tensor([900.0], device=dev), torch.randn(1, 32, 64, device=dev, dtype=dtype)
+        x, t, ctx = (
+            torch.randn(1, 36, 5, 30, 52, device=dev, dtype=dtype),
+            torch.tensor([900.0], device=dev),
+            torch.randn(1, 32, 64, device=dev, dtype=dtype),
+        )
         orig = dit.sinusoidal_embedding
         dit.sinusoidal_embedding = functools.partial(orig, dtype=torch.float32)
         with torch.no_grad():
-            check(f"DiT == diffusers on CUDA ({dtype})", ours(x[:, :16], t, ctx, cond=x[:, 16:]), ref(x, t, ctx, return_dict=False)[0], tol)
+            check(
+                f"DiT == diffusers on CUDA ({dtype})",
+                ours(x[:, :16], t, ctx, cond=x[:, 16:]),
+                ref(x, t, ctx, return_dict=False)[0],
+                tol,
+            )
         dit.sinusoidal_embedding = orig
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -206,10 +240,15 @@ def main() -> int:
     x = torch.randn(1, 16, frames, 30, 52, device=dev, dtype=torch.bfloat16)
     ctx = torch.randn(1, 32, 64, device=dev, dtype=torch.bfloat16)
     t = torch.tensor([0.0], device=dev)
-    cache = KVCache(2, 1, 2, 128, tpf, sink_frames=1, window_frames=2, chunk_frames=chunk, dtype=torch.bfloat16, device=dev)
+    cache = KVCache(
+        2, 1, 2, 128, tpf, sink_frames=1, window_frames=2, chunk_frames=chunk, dtype=torch.bfloat16, device=dev
+    )
     with torch.no_grad():
         full = model(x, t, ctx, attn_mask=AttnMask.block_causal(frames, tpf, chunk, sink_frames=1, window_frames=2))
-        outs = [model(x[:, :, s : s + chunk], t, ctx, frame_offset=s, kv_cache=cache, cache_write=True) for s in range(0, frames, chunk)]
+        outs = [
+            model(x[:, :, s : s + chunk], t, ctx, frame_offset=s, kv_cache=cache, cache_write=True)
+            for s in range(0, frames, chunk)
+        ]
         check("KV-cache streaming == block-causal forward (CUDA bf16)", torch.cat(outs, 2), full, 3e-2)
         eager = model(x, torch.tensor([500.0], device=dev), ctx)
         from parallel.compile import compile_blocks

@@ -100,7 +100,12 @@ def chunk_seconds(name: str, g: Geometry, gpus: int, *, graphs: bool = False, fp
     if heads % gpus:
         raise ValueError(f"{name}: {heads} heads do not split over {gpus} GPUs")
     host, per_elem = calibrate(g)
-    layer = layer_kernel_s(dim, ffn, g, gpus, fp8) + (0.0 if graphs else host) + per_elem * g.query_tokens * dim / gpus + a2a_s(dim, g, gpus)
+    layer = (
+        layer_kernel_s(dim, ffn, g, gpus, fp8)
+        + (0.0 if graphs else host)
+        + per_elem * g.query_tokens * dim / gpus
+        + a2a_s(dim, g, gpus)
+    )
     return layer * layers * g.passes
 
 
@@ -110,16 +115,27 @@ def table(gpus: list[int]) -> list[dict]:
     rows = []
     for name in SHAPES:
         for p in gpus:
-            for label, kw in (("compiled, last-step refresh", {}), ("+ CUDA graphs", {"graphs": True}),
-                              ("+ CUDA graphs + FP8 GEMMs", {"graphs": True, "fp8": True})):
+            for label, kw in (
+                ("compiled, last-step refresh", {}),
+                ("+ CUDA graphs", {"graphs": True}),
+                ("+ CUDA graphs + FP8 GEMMs", {"graphs": True, "fp8": True}),
+            ):
                 try:
                     s = chunk_seconds(name, g, p, **kw)
                 except ValueError:
                     continue
                 fps = frames / (s + CHUNK_OVERHEAD_S)
                 shared = frames / (s + CHUNK_OVERHEAD_S + frames / VAE_DECODE_FPS)
-                rows.append({"student": name, "gpus": p, "levers": label, "denoise_ms": 1e3 * s, "fps": fps,
-                             "fps_wan_vae_shared": shared})
+                rows.append(
+                    {
+                        "student": name,
+                        "gpus": p,
+                        "levers": label,
+                        "denoise_ms": 1e3 * s,
+                        "fps": fps,
+                        "fps_wan_vae_shared": shared,
+                    }
+                )
     return rows
 
 
@@ -129,12 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     host, per_elem = calibrate(Geometry())
-    print(f"calibrated on the measured passes: host {1e3 * host:.2f} ms per layer-pass, "
-          f"{per_elem * 1e12:.0f} ps per token x width (memory-bound work)")
-    print(f"{'student':<8} {'GPUs':>4}  {'levers':<28} {'denoise ms/chunk':>16} {'fps':>6} {'fps (+ Wan VAE on the GPU)':>26}")
+    print(
+        f"calibrated on the measured passes: host {1e3 * host:.2f} ms per layer-pass, "
+        f"{per_elem * 1e12:.0f} ps per token x width (memory-bound work)"
+    )
+    print(
+        f"{'student':<8} {'GPUs':>4}  {'levers':<28} {'denoise ms/chunk':>16} {'fps':>6} {'fps (+ Wan VAE on the GPU)':>26}"
+    )
     rows = table(args.gpus)
     for r in rows:
-        print(f"{r['student']:<8} {r['gpus']:>4}  {r['levers']:<28} {r['denoise_ms']:16.1f} {r['fps']:6.1f} {r['fps_wan_vae_shared']:26.1f}")
+        print(
+            f"{r['student']:<8} {r['gpus']:>4}  {r['levers']:<28} {r['denoise_ms']:16.1f} {r['fps']:6.1f} {r['fps_wan_vae_shared']:26.1f}"
+        )
     print("a model, not a measurement (see the module docstring); measured rows are in benchmarks/RESULTS.md")
     write_json(args.json, rows)
     return 0

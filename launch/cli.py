@@ -14,16 +14,28 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("titan_world.data.cli", "build datasets: `synth` (procedural world) and `ingest` (real videos) into MDS shards"),
+    "data": (
+        "titan_world.data.cli",
+        "build datasets: `synth` (procedural world) and `ingest` (real videos) into MDS shards",
+    ),
     "train": ("titan_world.train.cli", "pre/middle-training and action finetuning over a curriculum (FSDP2 + Ulysses)"),
-    "post-train": ("titan_world.posttrain.cli", "causal adaptation (diffusion forcing) and DMD + GAN + self-rollout distillation"),
-    "distill-decoder": ("titan_world.train.light_decoder", "distill a light streaming decoder from the codec's (serving.light_decoder)"),
+    "post-train": (
+        "titan_world.posttrain.cli",
+        "causal adaptation (diffusion forcing) and DMD + GAN + self-rollout distillation",
+    ),
+    "distill-decoder": (
+        "titan_world.train.light_decoder",
+        "distill a light streaming decoder from the codec's (serving.light_decoder)",
+    ),
     "generate": ("titan_world.generate", "generate an mp4 from an image, a prompt and optional actions"),
     "serve": ("serving.cli", "serve an interactive world over WebSocket with a browser client"),
     "eval": ("titan_world.eval.cli", "VBench dimensions, action following and long-horizon drift reports"),
     "slurm": ("launch.slurm_cli", "submit, follow and cancel SLURM jobs with preemption-safe requeue"),
     "convert": ("titan_world.model.convert", "convert checkpoints: diffusers <-> Wan native, DCP -> safetensors"),
-    "inspect": ("titan_world.model.inspect_cli", "parameters, shapes, tokens, FLOPs and a memory plan of a config/checkpoint"),
+    "inspect": (
+        "titan_world.model.inspect_cli",
+        "parameters, shapes, tokens, FLOPs and a memory plan of a config/checkpoint",
+    ),
 }
 
 

@@ -10,16 +10,25 @@ from titan_world.config import ConfigError, TitanConfig, load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, default_config: str = "tiny.yaml") -> None:
-    parser.add_argument("--config", default=None, help=f"YAML config (path or name under configs/); default {default_config}")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10 run.dir=runs/a")
+    parser.add_argument(
+        "--config", default=None, help=f"YAML config (path or name under configs/); default {default_config}"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10 run.dir=runs/a"
+    )
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, default=1, help="local processes (torchrun underneath; gloo on CPU, NCCL on GPU)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in run.dir (default: the newest runs/* with a checkpoint) from its "
-                             "newest valid checkpoint; an error when there is none. Without it, a run.dir holding "
-                             "checkpoints resumes too")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="local processes (torchrun underneath; gloo on CPU, NCCL on GPU)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in run.dir (default: the newest runs/* with a checkpoint) from its "
+        "newest valid checkpoint; an error when there is none. Without it, a run.dir holding "
+        "checkpoints resumes too",
+    )
 
 
 def config_from_args(args: argparse.Namespace, default_config: str = "tiny.yaml") -> TitanConfig:
@@ -54,12 +63,16 @@ def resolve_resume(cfg: TitanConfig, resume: bool, tag: str) -> bool:
     if resume and not cfg.run.dir:
         cfg.run.dir = newest_run_dir()
         if not cfg.run.dir:
-            raise ConfigError("--resume without run.dir: no run under runs/ holds a checkpoint; pass run.dir=RUN_DIR "
-                              "of the run to continue, or drop --resume to start a new run")
+            raise ConfigError(
+                "--resume without run.dir: no run under runs/ holds a checkpoint; pass run.dir=RUN_DIR "
+                "of the run to continue, or drop --resume to start a new run"
+            )
         print(f"[{tag}] --resume: continuing the newest run, {cfg.run.dir}", file=sys.stderr)
     elif resume and not has_checkpoints(cfg.run.dir):
-        raise ConfigError(f"--resume: nothing to resume in run.dir={cfg.run.dir} (no checkpoint in "
-                          f"{Path(cfg.run.dir) / 'checkpoints'}); drop --resume to start a new run there")
+        raise ConfigError(
+            f"--resume: nothing to resume in run.dir={cfg.run.dir} (no checkpoint in "
+            f"{Path(cfg.run.dir) / 'checkpoints'}); drop --resume to start a new run there"
+        )
     elif not resume and has_checkpoints(cfg.run.dir):
         print(f"[{tag}] {cfg.run.dir} has checkpoints: resuming from the newest valid one", file=sys.stderr)
         resume = True

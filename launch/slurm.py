@@ -66,8 +66,9 @@ def _check_launch(cfg: TitanConfig) -> None:
         raise ConfigError(f"launch.stage_resources: unknown stage(s) {unknown}; stages are {sorted(names)}")
 
 
-def plan_jobs(cfg: TitanConfig, run_dir: Path, config_path: Path, *, workdir: Path,
-              overrides: list[str] = ()) -> list[JobSpec]:
+def plan_jobs(
+    cfg: TitanConfig, run_dir: Path, config_path: Path, *, workdir: Path, overrides: list[str] = ()
+) -> list[JobSpec]:
     """One JobSpec (single) or one per curriculum stage (chain: stage k trains up to its last step)."""
     _check_launch(cfg)
     lc = cfg.launch
@@ -82,22 +83,41 @@ def plan_jobs(cfg: TitanConfig, run_dir: Path, config_path: Path, *, workdir: Pa
         cpus = lc.cpus_per_task or (None if gpus > 0 else (1 if lc.one_task_per_gpu else ranks))
         name = lc.job_name or cfg.run.name
         return JobSpec(
-            run_dir=run_dir, config_path=config_path, workdir=workdir, python=lc.python or sys.executable,
-            entry=entry, job_name=f"{name}-{stage}" if stage else name,
-            nodes=(res.nodes if res and res.nodes else lc.nodes), gpus_per_node=gpus, ranks_per_node=ranks,
-            cpus_per_task=cpus, time=(res.time if res and res.time else lc.time),
-            partition=lc.partition, account=lc.account, qos=lc.qos, signal_seconds=lc.signal_seconds,
-            requeue=lc.requeue, max_requeues=lc.max_requeues, max_restarts=lc.max_restarts,
-            one_task_per_gpu=lc.one_task_per_gpu, master_port=lc.master_port, stage=stage,
-            trainer_args=trainer_args, env=dict(lc.env), extra_sbatch=list(lc.extra_sbatch),
-            overrides_note=list(overrides), script_path=run_dir / "slurm" / f"{tag}.sbatch",
+            run_dir=run_dir,
+            config_path=config_path,
+            workdir=workdir,
+            python=lc.python or sys.executable,
+            entry=entry,
+            job_name=f"{name}-{stage}" if stage else name,
+            nodes=(res.nodes if res and res.nodes else lc.nodes),
+            gpus_per_node=gpus,
+            ranks_per_node=ranks,
+            cpus_per_task=cpus,
+            time=(res.time if res and res.time else lc.time),
+            partition=lc.partition,
+            account=lc.account,
+            qos=lc.qos,
+            signal_seconds=lc.signal_seconds,
+            requeue=lc.requeue,
+            max_requeues=lc.max_requeues,
+            max_restarts=lc.max_restarts,
+            one_task_per_gpu=lc.one_task_per_gpu,
+            master_port=lc.master_port,
+            stage=stage,
+            trainer_args=trainer_args,
+            env=dict(lc.env),
+            extra_sbatch=list(lc.extra_sbatch),
+            overrides_note=list(overrides),
+            script_path=run_dir / "slurm" / f"{tag}.sbatch",
         )
 
     if lc.stages == "single":
         return [spec(None, None, [], "job")]
     if "post-train" in entry:
-        raise ConfigError(f"launch.stages=chain with launch.entry={lc.entry!r}: a chain splits train.stages into jobs, which only "
-                          "`train` runs; submit post-training with launch.stages=single")
+        raise ConfigError(
+            f"launch.stages=chain with launch.entry={lc.entry!r}: a chain splits train.stages into jobs, which only "
+            "`train` runs; submit post-training with launch.stages=single"
+        )
     jobs, done = [], 0
     limit = cfg.train.steps
     for i, stage in enumerate(cfg.train.stages):
@@ -128,8 +148,9 @@ def prepare_run(cfg: TitanConfig) -> tuple[Path, Path]:
     return run_dir, config_path
 
 
-def submit(cfg: TitanConfig, *, overrides: list[str] = (), dry_run: bool = False, workdir: Path | None = None,
-           echo=print) -> Submission:
+def submit(
+    cfg: TitanConfig, *, overrides: list[str] = (), dry_run: bool = False, workdir: Path | None = None, echo=print
+) -> Submission:
     """Write the script(s) into the run dir; unless dry_run, sbatch them (chained with afterok)."""
     if not dry_run:
         require("sbatch")
@@ -153,10 +174,18 @@ def submit(cfg: TitanConfig, *, overrides: list[str] = (), dry_run: bool = False
             raise SlurmError(f"sbatch {job.script_path} failed: {proc.stderr.strip() or proc.stdout.strip()}")
         job_id = proc.stdout.strip().split(";")[0]
         ids.append(job_id)
-        append_jsonl(run_dir / "slurm" / "jobs.jsonl", {
-            "job_id": job_id, "stage": job.stage, "script": str(job.script_path), "dependency": dep,
-            "nodes": job.nodes, "ranks_per_node": job.ranks_per_node, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
+        append_jsonl(
+            run_dir / "slurm" / "jobs.jsonl",
+            {
+                "job_id": job_id,
+                "stage": job.stage,
+                "script": str(job.script_path),
+                "dependency": dep,
+                "nodes": job.nodes,
+                "ranks_per_node": job.ranks_per_node,
+                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
         echo(f"submitted job {job_id}{f' (stage {job.stage}, after {ids[-2]})' if dep else ''}: {job.script_path}")
     return Submission(run_dir, jobs, ids)
 
@@ -183,13 +212,26 @@ def read_jsonl(path: Path) -> list[dict]:
 def run_jobs(run_dir: Path) -> list[dict]:
     jobs = read_jsonl(Path(run_dir) / "slurm" / "jobs.jsonl")
     if not jobs:
-        raise SlurmError(f"{run_dir}: no SLURM jobs recorded (slurm/jobs.jsonl); submit with `titan-world slurm submit`")
+        raise SlurmError(
+            f"{run_dir}: no SLURM jobs recorded (slurm/jobs.jsonl); submit with `titan-world slurm submit`"
+        )
     return jobs
 
 
 # -- follow-ups -------------------------------------------------------------------------------
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-          "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+}
 
 
 def job_info(job_id: str) -> dict[str, str] | None:
@@ -237,9 +279,17 @@ def cancel(run_dir: Path) -> list[str]:
         if proc.returncode != 0:
             raise SlurmError(f"scancel {job['job_id']} failed: {proc.stderr.strip()}")
         cancelled.append(job["job_id"])
-        append_jsonl(Path(run_dir) / "slurm" / "attempts.jsonl", {
-            "job_id": job["job_id"], "attempt": info.get("Restarts"), "stage": job.get("stage") or "",
-            "event": "cancelled", "rc": None, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        append_jsonl(
+            Path(run_dir) / "slurm" / "attempts.jsonl",
+            {
+                "job_id": job["job_id"],
+                "attempt": info.get("Restarts"),
+                "stage": job.get("stage") or "",
+                "event": "cancelled",
+                "rc": None,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
     return cancelled
 
 

@@ -11,31 +11,55 @@ from launch.slurm import SlurmError, cancel, follow, log_path, run_jobs, status_
 
 # submit flag -> launch.* key (flags win over the YAML and over launch.* overrides)
 FLAG_KEYS = {
-    "nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
-    "cpus_per_task": "cpus_per_task", "partition": "partition", "account": "account", "qos": "qos",
-    "time": "time", "signal_seconds": "signal_seconds", "max_restarts": "max_restarts", "stages": "stages",
+    "nodes": "nodes",
+    "gpus_per_node": "gpus_per_node",
+    "tasks_per_node": "tasks_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "time": "time",
+    "signal_seconds": "signal_seconds",
+    "max_restarts": "max_restarts",
+    "stages": "stages",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    s = sub.add_parser("submit", help="write the sbatch script(s) into run.dir and submit them",
-                       description="Write a readable sbatch script into run.dir (plus the resolved config every node "
-                                   "reads) and submit it. Overrides (key=value) work exactly as for `titan-world train`.")
+    s = sub.add_parser(
+        "submit",
+        help="write the sbatch script(s) into run.dir and submit them",
+        description="Write a readable sbatch script into run.dir (plus the resolved config every node "
+        "reads) and submit it. Overrides (key=value) work exactly as for `titan-world train`.",
+    )
     add_config_arguments(s)
     s.add_argument("--nodes", type=int, help="nodes per job (launch.nodes)")
-    s.add_argument("--gpus-per-node", type=int, help="GPUs per node; 0 = CPU-only tasks with gloo (launch.gpus_per_node)")
+    s.add_argument(
+        "--gpus-per-node", type=int, help="GPUs per node; 0 = CPU-only tasks with gloo (launch.gpus_per_node)"
+    )
     s.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs per node, 1 on CPU)")
     s.add_argument("--cpus-per-task", type=int, help="CPUs per SLURM task")
     s.add_argument("--partition")
     s.add_argument("--account")
     s.add_argument("--qos")
     s.add_argument("--time", help="time limit, e.g. 24:00:00 (launch.time)")
-    s.add_argument("--signal-seconds", type=int, help="SIGUSR1 this many seconds before the limit (launch.signal_seconds)")
+    s.add_argument(
+        "--signal-seconds", type=int, help="SIGUSR1 this many seconds before the limit (launch.signal_seconds)"
+    )
     s.add_argument("--max-restarts", type=int, help="torchrun elastic restarts per attempt (launch.max_restarts)")
-    s.add_argument("--one-task-per-gpu", action="store_true", default=None, help="srun one task per rank instead of one torchrun per node")
-    s.add_argument("--stages", choices=("single", "chain"), help="single: one allocation for the whole curriculum; "
-                   "chain: one job per train stage, each after the previous (afterok)")
+    s.add_argument(
+        "--one-task-per-gpu",
+        action="store_true",
+        default=None,
+        help="srun one task per rank instead of one torchrun per node",
+    )
+    s.add_argument(
+        "--stages",
+        choices=("single", "chain"),
+        help="single: one allocation for the whole curriculum; "
+        "chain: one job per train stage, each after the previous (afterok)",
+    )
     s.add_argument("--dry-run", action="store_true", help="print and write the script(s), do not submit")
 
     st = sub.add_parser("status", help="state of the run's jobs and their attempts")
@@ -59,8 +83,10 @@ def _submit(args: argparse.Namespace) -> int:
         cfg.launch.one_task_per_gpu = True
     sub = submit(cfg, overrides=list(args.overrides), dry_run=args.dry_run)
     if sub.job_ids:
-        print(f"run dir {sub.run_dir}\nfollow: titan-world slurm status {sub.run_dir}   |   "
-              f"titan-world slurm logs {sub.run_dir} --rank 0 --follow")
+        print(
+            f"run dir {sub.run_dir}\nfollow: titan-world slurm status {sub.run_dir}   |   "
+            f"titan-world slurm logs {sub.run_dir} --rank 0 --follow"
+        )
     return 0
 
 

@@ -92,8 +92,14 @@ def launch_command(spec: JobSpec) -> list[list[str]]:
     else:
         srun.append("--ntasks-per-node=1")
         torchrun = [
-            "$PYTHON", "-m", "launch.torchrun", "--nnodes=$SLURM_JOB_NUM_NODES", f"--nproc-per-node={spec.ranks_per_node}",
-            f"--max-restarts={spec.max_restarts}", "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT",
+            "$PYTHON",
+            "-m",
+            "launch.torchrun",
+            "--nnodes=$SLURM_JOB_NUM_NODES",
+            f"--nproc-per-node={spec.ranks_per_node}",
+            f"--max-restarts={spec.max_restarts}",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT",
             "--rdzv-id=$SLURM_JOB_ID-$ATTEMPT",
         ]
         groups = [srun, torchrun, ["-m", "launch.slurm_task", "--log-dir", "$LOG_DIR"], trainer]
@@ -103,7 +109,11 @@ def launch_command(spec: JobSpec) -> list[list[str]]:
 
 def render(spec: JobSpec) -> str:
     now = dt.datetime.now().isoformat(timespec="seconds")
-    mode = "one task per GPU (no torchrun)" if spec.one_task_per_gpu else "one torchrun per node (c10d rendezvous on the first node)"
+    mode = (
+        "one task per GPU (no torchrun)"
+        if spec.one_task_per_gpu
+        else "one torchrun per node (c10d rendezvous on the first node)"
+    )
     device = f"{spec.gpus_per_node} GPU(s)" if spec.gpus_per_node > 0 else "CPU only (gloo)"
     header = [
         "#!/bin/bash",
@@ -129,8 +139,11 @@ def render(spec: JobSpec) -> str:
         "SCRIPT": str(spec.script_path or "<this script>"),
     }
     # a port free right now on this (the first) node: job-id-derived ports collide between jobs sharing a node
-    port = str(spec.master_port) if spec.master_port else (
-        """$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')""")
+    port = (
+        str(spec.master_port)
+        if spec.master_port
+        else ("""$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')""")
+    )
     user_env = "\n".join(f"export {k}={_q(v)}" for k, v in spec.env.items())
     cmd = " \\\n    ".join(" ".join(g) for g in launch_command(spec))
     body = f"""

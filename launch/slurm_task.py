@@ -41,8 +41,10 @@ def redirect_output(log_dir: str, rank: str) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    header = (f"===== {dt.datetime.now().isoformat(timespec='seconds')} job {os.environ.get('SLURM_JOB_ID', '-')} "
-              f"attempt {attempt} elastic-restart {restart} rank {rank} host {os.uname().nodename} =====\n")
+    header = (
+        f"===== {dt.datetime.now().isoformat(timespec='seconds')} job {os.environ.get('SLURM_JOB_ID', '-')} "
+        f"attempt {attempt} elastic-restart {restart} rank {rank} host {os.uname().nodename} =====\n"
+    )
     os.write(fd, header.encode())
     sys.stdout.flush()
     sys.stderr.flush()

@@ -69,13 +69,20 @@ def local_torchrun_argv(nproc: int, module_args: Sequence[str], *, max_restarts:
     if not module_args:
         raise ValueError("launch_local: expected [module, *args]")
     return [
-        sys.executable, "-m", "launch.torchrun", "--standalone", f"--nproc-per-node={nproc}",
-        f"--max-restarts={max_restarts}", "-m", *module_args,
+        sys.executable,
+        "-m",
+        "launch.torchrun",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        *module_args,
     ]
 
 
-def launch_local(nproc: int, argv_module_args: Sequence[str], env: Mapping[str, str] | None = None,
-                 *, max_restarts: int = 0) -> int:
+def launch_local(
+    nproc: int, argv_module_args: Sequence[str], env: Mapping[str, str] | None = None, *, max_restarts: int = 0
+) -> int:
     """Run `module args` on `nproc` local ranks; return the launcher's exit code.
 
     SIGUSR1/SIGTERM sent to this process are forwarded to the agent (which forwards to the
@@ -115,8 +122,12 @@ class _Preemption:
             if hasattr(agent, "_remaining_restarts"):
                 agent._remaining_restarts = 0  # type: ignore[attr-defined]
         if first:
-            print(f"[launch.torchrun] pid {os.getpid()}: got {signal.Signals(signum).name}; "
-                  "forwarding to the ranks (they checkpoint and exit), elastic restarts off", file=sys.stderr, flush=True)
+            print(
+                f"[launch.torchrun] pid {os.getpid()}: got {signal.Signals(signum).name}; "
+                "forwarding to the ranks (they checkpoint and exit), elastic restarts off",
+                file=sys.stderr,
+                flush=True,
+            )
             threading.Thread(target=self._forward_loop, args=(signum,), daemon=True).start()
         self._forward(signum)
 

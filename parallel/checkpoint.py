@@ -40,8 +40,9 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,8 +79,14 @@ from parallel.checkpoint_files import (
 from titan_world.model.io import CheckpointError, check_shapes
 
 __all__ = [
-    "Checkpointer", "CheckpointError", "CheckpointWarning", "DiskFullError", "export_safetensors", "file_checksum",
-    "list_checkpoints", "validate_checkpoint",
+    "Checkpointer",
+    "CheckpointError",
+    "CheckpointWarning",
+    "DiskFullError",
+    "export_safetensors",
+    "file_checksum",
+    "list_checkpoints",
+    "validate_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,7 +159,11 @@ def _owner_module(optim: torch.optim.Optimizer, modules: dict[str, nn.Module]) -
 # RNG
 # ------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -205,7 +216,13 @@ class Checkpointer:
     taken from rank 0. RNG states are always saved per rank.
     """
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 3, per_rank: Iterable[str] = ("dataloader",), subdir: str = "checkpoints") -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep_last: int = 3,
+        per_rank: Iterable[str] = ("dataloader",),
+        subdir: str = "checkpoints",
+    ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: expected >= 1")
         self.dir = Path(run_dir) / subdir
@@ -279,7 +296,9 @@ class Checkpointer:
             target.clear()
             target.update(saved)
         else:
-            raise TypeError(f"Checkpointer: cannot restore state[{key!r}] of type {type(target).__name__} in place (use a dict or an object with load_state_dict)")
+            raise TypeError(
+                f"Checkpointer: cannot restore state[{key!r}] of type {type(target).__name__} in place (use a dict or an object with load_state_dict)"
+            )
 
     # -- save --------------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any]) -> Path:
@@ -334,15 +353,25 @@ class Checkpointer:
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         sizes = {p.name: p.stat().st_size for p in files}
         checksums = {p.name: sums[p.name] if p.name in sums else file_checksum(p) for p in files}
-        marker = {"step": step, "world_size": world, "time": time.time(), "save_seconds": round(time.time() - t0, 3),
-                  "sizes": sizes, "checksum": CHECKSUM, "checksums": checksums}
+        marker = {
+            "step": step,
+            "world_size": world,
+            "time": time.time(),
+            "save_seconds": round(time.time() - t0, 3),
+            "sizes": sizes,
+            "checksum": CHECKSUM,
+            "checksums": checksums,
+        }
         _write_synced(tmp / MARKER, json.dumps(marker, indent=1))
         if final.exists():  # re-saving a step (e.g. after a requeue): replace it, but only if we wrote it
             old = final.with_name(f"{final.name}.replaced-{os.getpid()}")
             if not is_ours(final):
                 old = final.with_name(f"{final.name}.not-a-checkpoint-{int(time.time())}")
-                warnings.warn(f"{final} has no {MARKER} marker of ours; moved aside to {old.name} (not deleted)",
-                              CheckpointWarning, stacklevel=3)
+                warnings.warn(
+                    f"{final} has no {MARKER} marker of ours; moved aside to {old.name} (not deleted)",
+                    CheckpointWarning,
+                    stacklevel=3,
+                )
             os.replace(final, old)
             os.replace(tmp, final)
             if old.name.startswith(f"{final.name}.replaced-"):
@@ -417,8 +446,11 @@ class Checkpointer:
                     continue
                 reason, marker = check_structure(path)
                 if marker is not None and "checksums" not in marker:
-                    warnings.warn(f"checkpoint {path} has no checksums (written before they were stored): "
-                                  "sizes checked only", CheckpointWarning, stacklevel=3)
+                    warnings.warn(
+                        f"checkpoint {path} has no checksums (written before they were stored): sizes checked only",
+                        CheckpointWarning,
+                        stacklevel=3,
+                    )
                 listing.append((str(path), reason, None if marker is None else marker.get("checksums", {})))
         return self._broadcast(listing)
 
@@ -432,8 +464,9 @@ class Checkpointer:
             failures.append((path, reason))
             if rank == 0:
                 log.warning("checkpoint %s skipped: %s", path, reason)
-                warnings.warn(f"checkpoint {path} skipped: {reason}; trying an older one", CheckpointWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"checkpoint {path} skipped: {reason}; trying an older one", CheckpointWarning, stacklevel=3
+                )
         return None
 
     def latest(self) -> Path | None:
@@ -470,8 +503,11 @@ class Checkpointer:
             failures.append((str(path), reason))
             if self._dist()[0] == 0:
                 log.warning("loading checkpoint %s failed: %s", path, reason)
-                warnings.warn(f"loading checkpoint {path} failed: {reason}; falling back to an older one",
-                              CheckpointWarning, stacklevel=2)
+                warnings.warn(
+                    f"loading checkpoint {path} failed: {reason}; falling back to an older one",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
             m = STEP_RE.match(path.name)
             older = self._newest_valid(self._candidates(below=int(m.group(1)) if m else -1), failures)
             if older is None:
@@ -537,8 +573,11 @@ class Checkpointer:
             if not isinstance(st, _ModelState):
                 continue
             head = f"{name}."
-            found = {k[len(head):]: tuple(v.size) for k, v in meta.state_dict_metadata.items()
-                     if k.startswith(head) and isinstance(v, TensorStorageMetadata)}
+            found = {
+                k[len(head) :]: tuple(v.size)
+                for k, v in meta.state_dict_metadata.items()
+                if k.startswith(head) and isinstance(v, TensorStorageMetadata)
+            }
             expected = {k: tuple(v.shape) for k, v in st.state_dict().items() if isinstance(v, torch.Tensor)}
             try:
                 check_shapes(expected, found, f"{path} state[{name!r}]")
@@ -632,7 +671,9 @@ def export_safetensors(
         if k.startswith(head) and hasattr(v, "size") and hasattr(v, "properties")
     }
     if not tensors:
-        raise ValueError(f"{checkpoint_dir}: no tensors under {prefix!r} (keys: {sorted(meta.state_dict_metadata)[:5]} ...)")
+        raise ValueError(
+            f"{checkpoint_dir}: no tensors under {prefix!r} (keys: {sorted(meta.state_dict_metadata)[:5]} ...)"
+        )
     out_path = Path(out_path)
 
     def nbytes(m) -> int:
@@ -661,12 +702,18 @@ def export_safetensors(
     weight_map: dict[str, str] = {}
     written: list[Path] = []
     for i, group in enumerate(shards):
-        fname = f"{shard_stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else f"{shard_stem}.safetensors"
+        fname = (
+            f"{shard_stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            if len(shards) > 1
+            else f"{shard_stem}.safetensors"
+        )
         save_file(load(group), str(out_path / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in group})
         written.append(out_path / fname)
     total = sum(nbytes(tensors[n]) for n in names)
-    (out_path / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out_path / index_name).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     written.append(out_path / index_name)
     if config is not None:
         (out_path / "config.json").write_text(json.dumps(config, indent=2))

@@ -8,8 +8,8 @@ import errno
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch.distributed.checkpoint as dcp
 import xxhash

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import functools
 
-import torch.nn as nn
 import torch
+import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .config import ParallelConfig
@@ -30,8 +30,10 @@ __all__ = ["apply_activation_checkpointing", "checkpointed_block_ids"]
 _ATTENTION_OPS = tuple(
     getattr(torch.ops.aten, name).default
     for name in (
-        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
     )
     if hasattr(torch.ops.aten, name)
 )
@@ -69,7 +71,9 @@ def _checkpointed(forward, *args, **kwargs):
 
 
 def _checkpointed_save_attention(forward, *args, **kwargs):
-    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_attention_context, **kwargs)
+    return checkpoint(
+        forward, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_attention_context, **kwargs
+    )
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> list[int]:

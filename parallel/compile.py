@@ -14,7 +14,9 @@ import torch.nn as nn
 __all__ = ["compile_blocks"]
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor", fullgraph: bool = False, dynamic: bool | None = False, **options) -> nn.Module:
+def compile_blocks(
+    model: nn.Module, backend: str = "inductor", fullgraph: bool = False, dynamic: bool | None = False, **options
+) -> nn.Module:
     """Compile each `model.blocks[i].forward` in place (after AC, before FSDP); returns `model`."""
     for block in model.blocks:
         if getattr(block, "_titan_compiled", False):

@@ -14,8 +14,12 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     param_dtype: str = "bfloat16"  # on GPU; CPU runs in float32
     reduce_dtype: str = "float32"
-    activation_checkpoint: str = "none"  # none | full | selective (every ac_every-th block) | attention (keep attention outputs)
+    activation_checkpoint: str = (
+        "none"  # none | full | selective (every ac_every-th block) | attention (keep attention outputs)
+    )
     ac_every: int = 2  # selective: checkpoint every n-th block
-    ac_skip_last: int = 0  # leave the last N blocks un-checkpointed: spare memory spent on speed (`inspect --plan` says how many fit)
+    ac_skip_last: int = (
+        0  # leave the last N blocks un-checkpointed: spare memory spent on speed (`inspect --plan` says how many fit)
+    )
     compile: bool = False
     float8: str = "none"  # none | tensorwise | rowwise: FP8 GEMMs in the blocks' linears (torchao; parallel/float8.py)

@@ -42,8 +42,12 @@ def apply_float8(model: nn.Module, recipe: str, *, key: str = "parallel.float8")
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as err:
-        raise ImportError(f"{key}={recipe} needs torchao (pip install torchao, see scripts/constraints.txt): {err}") from err
+        raise ImportError(
+            f"{key}={recipe} needs torchao (pip install torchao, see scripts/constraints.txt): {err}"
+        ) from err
     count = sum(float8_eligible(m, n) for n, m in model.named_modules())
     if count:
-        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=float8_eligible)
+        convert_to_float8_training(
+            model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=float8_eligible
+        )
     return count

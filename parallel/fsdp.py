@@ -34,7 +34,9 @@ def mixed_precision_policy(cfg: ParallelConfig, device_type: str) -> MixedPrecis
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=_DTYPES[cfg.reduce_dtype], cast_forward_inputs=False)
 
 
-def apply_fsdp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, mp_policy: MixedPrecisionPolicy | None = None
+) -> nn.Module:
     """Shard `model` in place (per block, then root) and return it.
 
     `mp_policy` overrides `mixed_precision_policy(cfg, ...)` (post-training: a bf16-stored frozen

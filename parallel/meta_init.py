@@ -11,7 +11,7 @@ full tensor and keep the region: peak extra memory is one tensor, not the model.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -48,5 +48,7 @@ def materialize(module: nn.Module, device: torch.device | str, read: Reader | No
             region = local_region(tensor)
             expected = tuple(r.stop - r.start for r in region)
             if tuple(local.shape) != expected:
-                raise RuntimeError(f"materialize: {name} holds a local shard of {tuple(local.shape)}, expected {expected} from its placements")
+                raise RuntimeError(
+                    f"materialize: {name} holds a local shard of {tuple(local.shape)}, expected {expected} from its placements"
+                )
             local.copy_(read(name, tensor.shape, region))

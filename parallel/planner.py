@@ -25,8 +25,20 @@ from dataclasses import dataclass, field
 
 from .checkpointing import checkpointed_block_ids
 
-__all__ = ["Plan", "plan", "format_plan", "recommend", "format_recommendations", "param_count", "block_params", "num_tokens",
-           "max_ac_skip", "a2a_cost", "fsdp_comm_cost", "cluster_prediction"]
+__all__ = [
+    "Plan",
+    "plan",
+    "format_plan",
+    "recommend",
+    "format_recommendations",
+    "param_count",
+    "block_params",
+    "num_tokens",
+    "max_ac_skip",
+    "a2a_cost",
+    "fsdp_comm_cost",
+    "cluster_prediction",
+]
 
 GB = 1e9
 # Per-GPU, one-direction bandwidths: NVLink4 inside a node of 8, InfiniBand NDR 400 Gb/s across.
@@ -123,7 +135,9 @@ def plan(
         "activations": act / GB,
         "reserve": reserve_gb,
     }
-    return Plan(getattr(model_cfg, "name", "model"), n, tokens, dp_replicate, dp_shard, cp, ac, micro_batch, gpu_mem_gb, gb)
+    return Plan(
+        getattr(model_cfg, "name", "model"), n, tokens, dp_replicate, dp_shard, cp, ac, micro_batch, gpu_mem_gb, gb
+    )
 
 
 def max_ac_skip(model_cfg, frames: int, height: int, width: int, **plan_kw) -> int | None:
@@ -194,8 +208,12 @@ def format_recommendations(recs: list[tuple[str, Plan | None]], gpus_per_node: i
             continue
         nodes = math.ceil(p.gpus / gpus_per_node)
         note = "  (cp spans nodes: all-to-all over InfiniBand)" if p.cp > gpus_per_node else ""
-        rows.append(f"{name:<8} {p.tokens:>9,} {p.cp:>3} {p.dp_shard:>8} {p.gpus:>5} {nodes:>5} {p.total_gb:>7.1f}  {p.ac}{note}")
-    rows.append("(minimum mesh per stage; add dp_shard/dp_replicate for throughput: it lowers the per-GPU share of params/optimizer)")
+        rows.append(
+            f"{name:<8} {p.tokens:>9,} {p.cp:>3} {p.dp_shard:>8} {p.gpus:>5} {nodes:>5} {p.total_gb:>7.1f}  {p.ac}{note}"
+        )
+    rows.append(
+        "(minimum mesh per stage; add dp_shard/dp_replicate for throughput: it lowers the per-GPU share of params/optimizer)"
+    )
     return "\n".join(rows)
 
 
@@ -221,15 +239,26 @@ def fsdp_comm_cost(params: int, shard: int, gpus_per_node: int = GPUS_PER_NODE) 
     return {"bytes_per_gpu_GB": total / 1e9, "bandwidth_GBs": bw, "seconds_per_step": total / (bw * 1e9)}
 
 
-def cluster_prediction(cfg, frames: int, gpus: int, height: int, width: int, flops_per_sample: float, tflops: float,
-                       ac: str = "full", peak_tflops: float = 989.0) -> dict | None:
+def cluster_prediction(
+    cfg,
+    frames: int,
+    gpus: int,
+    height: int,
+    width: int,
+    flops_per_sample: float,
+    tflops: float,
+    ac: str = "full",
+    peak_tflops: float = 989.0,
+) -> dict | None:
     """First-order training-step prediction on `gpus` GPUs, one sample per CP group per step.
 
     Mesh: the smallest cp (inside a node, dividing the heads) for which cp x dp_shard = gpus fits
     this module's memory model. Time: `flops_per_sample` (model FLOPs of fwd + bwd) at `tflops`
     achieved per GPU, plus the Ulysses all-to-all (on the critical path), plus FSDP traffic only
     where it outlasts compute (it is prefetched). None when no mesh fits."""
-    cps = [c for c in range(1, GPUS_PER_NODE + 1) if cfg.num_heads % c == 0 and gpus % c == 0 and GPUS_PER_NODE % c == 0]
+    cps = [
+        c for c in range(1, GPUS_PER_NODE + 1) if cfg.num_heads % c == 0 and gpus % c == 0 and GPUS_PER_NODE % c == 0
+    ]
     p = next((q for c in cps if (q := plan(cfg, frames, height, width, dp_shard=gpus // c, cp=c, ac=ac)).fits), None)
     if p is None:
         return None
@@ -239,7 +268,19 @@ def cluster_prediction(cfg, frames: int, gpus: int, height: int, width: int, flo
     step = compute + a2a + max(0.0, fsdp - compute)
     samples = gpus // p.cp
     achieved = samples * flops_per_sample / step / gpus / 1e12
-    return {"frames": frames, "tokens": p.tokens, "cp": p.cp, "dp_shard": p.dp_shard, "gb_per_gpu": p.total_gb,
-            "global_batch": samples, "compute_s": compute, "a2a_s": a2a, "fsdp_comm_s": fsdp, "step_s": step,
-            "samples_per_s": samples / step, "tokens_per_s": samples * p.tokens / step,
-            "model_tflops_per_gpu": achieved, "mfu": achieved / peak_tflops}
+    return {
+        "frames": frames,
+        "tokens": p.tokens,
+        "cp": p.cp,
+        "dp_shard": p.dp_shard,
+        "gb_per_gpu": p.total_gb,
+        "global_batch": samples,
+        "compute_s": compute,
+        "a2a_s": a2a,
+        "fsdp_comm_s": fsdp,
+        "step_s": step,
+        "samples_per_s": samples / step,
+        "tokens_per_s": samples * p.tokens / step,
+        "model_tflops_per_gpu": achieved,
+        "mfu": achieved / peak_tflops,
+    }

@@ -17,7 +17,7 @@ If you use CP without FSDP over the cp dim, all-reduce gradients with a mean ove
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,7 +61,9 @@ class _Scatter(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup, world: int, rank: int) -> torch.Tensor:
         ctx.dim, ctx.group, ctx.world = dim, group, world
         if x.shape[dim] % world:
-            raise ValueError(f"CP scatter: size {x.shape[dim]} of dim {dim} is not divisible by the CP degree {world} (pad first)")
+            raise ValueError(
+                f"CP scatter: size {x.shape[dim]} of dim {dim} is not divisible by the CP degree {world} (pad first)"
+            )
         return x.chunk(world, dim)[rank].contiguous()
 
     @staticmethod
@@ -107,7 +109,7 @@ class UlyssesContext:
         self._ds_attn = None
 
     @classmethod
-    def from_mesh(cls, mesh, backend: str = "native") -> "UlyssesContext":
+    def from_mesh(cls, mesh, backend: str = "native") -> UlyssesContext:
         """From a `parallel.mesh.ParallelMesh` (its cp sub-mesh's group)."""
         return cls(mesh.cp_group if mesh.cp > 1 else None, backend)
 

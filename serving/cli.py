@@ -28,15 +28,33 @@ log = logging.getLogger("titan_world.serving")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--host", default=None, help="interface to listen on (default serving.host, 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="TCP port (default serving.port, 8765; 0 picks a free one)")
-    parser.add_argument("--checkpoint", default=None, help="Wan-format student folder (default: the demo student, else random weights)")
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs of this node to shard attention heads over (Ulysses)")
-    parser.add_argument("--queue", type=int, default=None, help="clients that may wait while the GPU set is busy (default serving.queue_size)")
-    parser.add_argument("--engine", choices=["model", "fake"], default="model",
-                        help="fake: a model-free test double (for trying the client and protocol only)")
-    parser.add_argument("--allow-bidirectional", action="store_true",
-                        help="stream a bidirectional (not post-trained) checkpoint anyway, as a baseline; "
-                             "by default only a block-causal student is served")
+    parser.add_argument(
+        "--port", type=int, default=None, help="TCP port (default serving.port, 8765; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="Wan-format student folder (default: the demo student, else random weights)"
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="GPUs of this node to shard attention heads over (Ulysses)"
+    )
+    parser.add_argument(
+        "--queue",
+        type=int,
+        default=None,
+        help="clients that may wait while the GPU set is busy (default serving.queue_size)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["model", "fake"],
+        default="model",
+        help="fake: a model-free test double (for trying the client and protocol only)",
+    )
+    parser.add_argument(
+        "--allow-bidirectional",
+        action="store_true",
+        help="stream a bidirectional (not post-trained) checkpoint anyway, as a baseline; "
+        "by default only a block-causal student is served",
+    )
 
 
 def _config(args: argparse.Namespace):
@@ -44,7 +62,13 @@ def _config(args: argparse.Namespace):
 
     cfg = config_from_args(args)
     sc = cfg.serving
-    for name, key in (("host", "host"), ("port", "port"), ("checkpoint", "checkpoint"), ("gpus", "gpus"), ("queue", "queue_size")):
+    for name, key in (
+        ("host", "host"),
+        ("port", "port"),
+        ("checkpoint", "checkpoint"),
+        ("gpus", "gpus"),
+        ("queue", "queue_size"),
+    ):
         if getattr(args, name) is not None:
             setattr(sc, key, getattr(args, name))
     from titan_world.config import ConfigError
@@ -136,8 +160,11 @@ def start_defaults(serve_cfg, sc: ServingConfig, source: str) -> tuple[ServingCo
     image, caption = synthetic_start(run_cfg, sc.height, sc.width)
     if sc.default_prompt == ServingConfig.default_prompt:
         sc = replace(sc, default_prompt=caption)
-    log.warning("start: %s was trained on the synthetic world; sessions start in a held-out episode of it: %r",
-                source, sc.default_prompt)
+    log.warning(
+        "start: %s was trained on the synthetic world; sessions start in a held-out episode of it: %r",
+        source,
+        sc.default_prompt,
+    )
     return sc, image
 
 
@@ -178,8 +205,9 @@ def _serve_ranked(cfg, sc, *, require_causal: bool) -> int:
 
     rank, world, device = init_distributed()
     control = dist.new_group(backend="gloo")
-    engine = build_engine(cfg, local_rank=device.index or 0, cp=UlyssesContext(dist.group.WORLD),
-                          require_causal=require_causal)
+    engine = build_engine(
+        cfg, local_rank=device.index or 0, cp=UlyssesContext(dist.group.WORLD), require_causal=require_causal
+    )
     try:
         if rank == 0:
             ranked = RankedEngine(engine, control)

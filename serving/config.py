@@ -75,13 +75,20 @@ def check_geometry(sc: ServingConfig) -> None:
     """Ranges of the geometry keys that are set (at config load: the user's; at engine build: the
     resolved ones). A window smaller than a chunk cannot hold one chunk's frames in the cache's
     ring: two frames would share a slot (a nondeterministic `index_copy_` on CUDA)."""
-    for key, low in (("chunk_frames", 1), ("denoise_steps", 1), ("window_frames", 1), ("sink_frames", 0),
-                     ("horizon_frames", 1)):
+    for key, low in (
+        ("chunk_frames", 1),
+        ("denoise_steps", 1),
+        ("window_frames", 1),
+        ("sink_frames", 0),
+        ("horizon_frames", 1),
+    ):
         value = getattr(sc, key)
         if value is not None and value < low:
             raise ValueError(f"serving.{key}={value}: expected >= {low}")
     if sc.window_frames is not None and sc.chunk_frames is not None and sc.window_frames < sc.chunk_frames:
-        raise ValueError(f"serving.window_frames={sc.window_frames} < serving.chunk_frames={sc.chunk_frames}: the "
-                         "local window must hold at least one chunk (window_frames >= chunk_frames)")
+        raise ValueError(
+            f"serving.window_frames={sc.window_frames} < serving.chunk_frames={sc.chunk_frames}: the "
+            "local window must hold at least one chunk (window_frames >= chunk_frames)"
+        )
     if sc.kv_refresh not in (None, "clean", "last_step"):
         raise ValueError(f"serving.kv_refresh={sc.kv_refresh!r}: expected clean or last_step")

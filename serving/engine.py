@@ -109,5 +109,7 @@ def image_to_tensor(image: np.ndarray, height: int, width: int) -> torch.Tensor:
         raise EngineError(f"image has shape {arr.shape} dtype {arr.dtype}; expected uint8 [H, W, 3] or [T, H, W, 3]")
     x = torch.from_numpy(arr).permute(3, 0, 1, 2).float() / 127.5 - 1  # 3, T, H, W
     if x.shape[-2:] != (height, width):
-        x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        )
     return x.unsqueeze(0).clamp(-1, 1)

@@ -25,7 +25,7 @@ def _prompt_color(prompt: str) -> np.ndarray:
 
 
 class FakeSession(BaseSession):
-    def __init__(self, engine: "FakeEngine", image: np.ndarray | None, prompt: str, seed: int):
+    def __init__(self, engine: FakeEngine, image: np.ndarray | None, prompt: str, seed: int):
         super().__init__()
         self.engine, self.image, self.seed = engine, image, seed
         self.frames_per_chunk = engine.frames_per_chunk
@@ -82,8 +82,15 @@ class FakeEngine:
 
     name = "fake"
 
-    def __init__(self, height: int = 64, width: int = 64, fps: float = 16.0, chunk_frames: int = 1,
-                 delay_s: float = 0.0, fail_on_chunk: int | None = None):
+    def __init__(
+        self,
+        height: int = 64,
+        width: int = 64,
+        fps: float = 16.0,
+        chunk_frames: int = 1,
+        delay_s: float = 0.0,
+        fail_on_chunk: int | None = None,
+    ):
         self.height, self.width, self.fps = height, width, fps
         self.frames_per_chunk = TEMPORAL_STRIDE * chunk_frames
         self.delay_s, self.fail_on_chunk = delay_s, fail_on_chunk

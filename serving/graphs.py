@@ -35,7 +35,7 @@ log = logging.getLogger("titan_world.serving")
 class _Pass:
     static: Tokens  # the buffers the graph reads; each call copies its tokens in
     out: torch.Tensor  # the buffer the graph writes
-    graph: "torch.cuda.CUDAGraph | None"  # None on CPU: run backbone on `static`
+    graph: torch.cuda.CUDAGraph | None  # None on CPU: run backbone on `static`
 
 
 def _tensors(tokens: Tokens) -> list[torch.Tensor | None]:
@@ -48,7 +48,9 @@ class GraphedBackbone:
 
     def __init__(self, model: WanDiT, cache: KVCache):
         if model.cp is not None:
-            raise ValueError("serving.cuda_graphs with --gpus > 1 is not supported yet (graphs over NCCL all-to-all are untested)")
+            raise ValueError(
+                "serving.cuda_graphs with --gpus > 1 is not supported yet (graphs over NCCL all-to-all are untested)"
+            )
         self.model, self.cache = model, cache
         self.device = cache.k.device
         self.passes: dict[bool, _Pass] = {}
@@ -57,12 +59,16 @@ class GraphedBackbone:
 
     def ready(self, tokens: Tokens) -> bool:
         """True when this pass has the steady-state shapes the graphs are captured for."""
-        return self.failed is None and self.cache.is_full and tokens.grid[0] == self.cache.chunk and tokens.context is None
+        return (
+            self.failed is None and self.cache.is_full and tokens.grid[0] == self.cache.chunk and tokens.context is None
+        )
 
     def __call__(self, tokens: Tokens, write: bool) -> torch.Tensor:
         p = self.passes.get(write)
         if p is not None and not self._same_prompt_buffers(p.static, tokens):
-            log.warning("serving graphs: the prompt K/V buffers were replaced (expected an in-place update); recapturing")
+            log.warning(
+                "serving graphs: the prompt K/V buffers were replaced (expected an in-place update); recapturing"
+            )
             self.passes.clear()
             p = None
         if p is None:
@@ -89,8 +95,10 @@ class GraphedBackbone:
     # ---- internals -----------------------------------------------------------------------------
     @staticmethod
     def _same_prompt_buffers(static: Tokens, tokens: Tokens) -> bool:
-        return all(a[0].data_ptr() == b[0].data_ptr() and a[1].data_ptr() == b[1].data_ptr()
-                   for a, b in zip(static.context_kv, tokens.context_kv))
+        return all(
+            a[0].data_ptr() == b[0].data_ptr() and a[1].data_ptr() == b[1].data_ptr()
+            for a, b in zip(static.context_kv, tokens.context_kv)
+        )
 
     def _capture(self, tokens: Tokens, write: bool) -> torch.Tensor:
         """Run this pass eagerly on the fixed buffers (the warm-up, and the real result), then

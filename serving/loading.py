@@ -76,18 +76,22 @@ def check_causal(path: Path, *, required: bool) -> None:
     folder = checkpoint_networks(path)[0][0]
     if read_config(folder)[0].causal_chunk_frames > 0:
         return
-    what = (f"{resolve_checkpoint_dir(path)} is a bidirectional model ({folder / 'config.json'} has no "
-            "titan_world.causal_chunk_frames > 0)")
+    what = (
+        f"{resolve_checkpoint_dir(path)} is a bidirectional model ({folder / 'config.json'} has no "
+        "titan_world.causal_chunk_frames > 0)"
+    )
     if required:
         raise CheckpointError(
             f"{what}; `serve` streams a block-causal few-step student, as `titan-world post-train` exports it "
             f"(e.g. runs/demo/dmd/model). Post-train it first, or pass --allow-bidirectional to stream it "
-            "anyway as a baseline (it was trained on whole clips with many steps: expect blurry, drifting frames)")
+            "anyway as a baseline (it was trained on whole clips with many steps: expect blurry, drifting frames)"
+        )
     log.warning("%s: streaming it block-causally with few steps, which it was not trained for (a baseline only)", what)
 
 
-def load_model(cfg: TitanConfig, device: torch.device, dtype: torch.dtype, *,
-               require_causal: bool = False) -> tuple[torch.nn.Module, str]:
+def load_model(
+    cfg: TitanConfig, device: torch.device, dtype: torch.dtype, *, require_causal: bool = False
+) -> tuple[torch.nn.Module, str]:
     """-> (model, where it came from). Raises EngineError with the path when a checkpoint is bad,
     or is bidirectional and `require_causal` (`titan-world serve` without --allow-bidirectional)."""
     sc = cfg.serving
@@ -99,8 +103,11 @@ def load_model(cfg: TitanConfig, device: torch.device, dtype: torch.dtype, *,
         except (CheckpointError, OSError, ValueError, KeyError) as e:
             raise EngineError(f"--checkpoint {path}: {e}") from None
         return model, str(path)
-    log.warning("no --checkpoint and no demo student under %s: serving RANDOM weights (the stream is noise; "
-                "the pipeline is real). Train one with `make demo` or pass --checkpoint.", DEMO_ROOT)
+    log.warning(
+        "no --checkpoint and no demo student under %s: serving RANDOM weights (the stream is noise; "
+        "the pipeline is real). Train one with `make demo` or pass --checkpoint.",
+        DEMO_ROOT,
+    )
     torch.manual_seed(0)
     return build_model(cfg.model, device).to(dtype), "random"
 
@@ -153,23 +160,33 @@ def student_settings(sc: ServingConfig, model_cfg, source: str) -> ServingConfig
             if asked is None:
                 changes.update(sigmas=value, denoise_steps=len(value))
             elif asked != value:
-                differences.append(f"serving.sigmas={asked} (serving.denoise_steps={sc.denoise_steps}) vs the "
-                                   f"student's timesteps {value}")
+                differences.append(
+                    f"serving.sigmas={asked} (serving.denoise_steps={sc.denoise_steps}) vs the "
+                    f"student's timesteps {value}"
+                )
         elif getattr(sc, key) is None:
             changes[key] = value
         elif getattr(sc, key) != value:
             what = f"serving.{key}={getattr(sc, key)!r} vs the student's {value!r}"
             if key == "kv_refresh":
-                what += (" (last_step: one pass per chunk cheaper, but the cache holds noisy-step K/V the student "
-                         "never saw: a speed/quality trade-off, docs/serving.md)")
+                what += (
+                    " (last_step: one pass per chunk cheaper, but the cache holds noisy-step K/V the student "
+                    "never saw: a speed/quality trade-off, docs/serving.md)"
+                )
             differences.append(what)
     if differences:
         where = f"{folder} (config.json, posttrain.json)" if folder is not None else "the model"
         if not sc.force_geometry:
-            raise EngineError(f"{where}: the student was not trained for " + "; ".join(differences)
-                              + ". Unset these keys to serve it as trained, or set serving.force_geometry=true")
-        log.warning("serving.force_geometry: streaming %s with settings it was not trained for: %s", where,
-                    "; ".join(differences))
+            raise EngineError(
+                f"{where}: the student was not trained for "
+                + "; ".join(differences)
+                + ". Unset these keys to serve it as trained, or set serving.force_geometry=true"
+            )
+        log.warning(
+            "serving.force_geometry: streaming %s with settings it was not trained for: %s",
+            where,
+            "; ".join(differences),
+        )
     if changes:
         log.info("serving the student with its trained settings: %s", changes)
     return replace(sc, **changes)
@@ -190,7 +207,11 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None, require_caus
     if sc.float8 != "none":
         from parallel.float8 import apply_float8
 
-        log.warning("serving.float8=%s: %d linear layers run FP8 GEMMs", sc.float8, apply_float8(model, sc.float8, key="serving.float8"))
+        log.warning(
+            "serving.float8=%s: %d linear layers run FP8 GEMMs",
+            sc.float8,
+            apply_float8(model, sc.float8, key="serving.float8"),
+        )
     if sc.compile:
         from parallel.compile import compile_blocks
 
@@ -207,7 +228,16 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None, require_caus
     text = build_text_encoder(tc.kind, mc.text_dim, mc.text_len, tc.path, device=device)
     engine = StreamingEngine(model, codec, text, sc, cp=cp)
     engine.source = source  # type: ignore[attr-defined]
-    log.warning("engine: %s model (%s), %s %s, %dx%d @ %.0f fps, %d frames/chunk, %d steps",
-                source, f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params", device, dtype,
-                sc.width, sc.height, sc.fps, engine.frames_per_chunk, len(engine.sigmas))
+    log.warning(
+        "engine: %s model (%s), %s %s, %dx%d @ %.0f fps, %d frames/chunk, %d steps",
+        source,
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params",
+        device,
+        dtype,
+        sc.width,
+        sc.height,
+        sc.fps,
+        engine.frames_per_chunk,
+        len(engine.sigmas),
+    )
     return engine

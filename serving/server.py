@@ -134,7 +134,7 @@ class Connection:
 
     _ids = itertools.count(1)
 
-    def __init__(self, server: "StreamServer", ws: web.WebSocketResponse):
+    def __init__(self, server: StreamServer, ws: web.WebSocketResponse):
         self.server, self.ws, self.cfg = server, ws, server.cfg
         self.id = next(self._ids)
         self.actions = ActionAccumulator()
@@ -247,10 +247,18 @@ class Connection:
             srv.sessions_total += 1
             first = await srv.on_decoder(self._encode, session.first_frames())
             e = srv.engine
-            await self.send_json({
-                "type": "started", "session": self.id, "width": e.width, "height": e.height, "fps": e.fps,
-                "frames_per_chunk": session.frames_per_chunk, "engine": e.name, "prompt": req.prompt,
-            })
+            await self.send_json(
+                {
+                    "type": "started",
+                    "session": self.id,
+                    "width": e.width,
+                    "height": e.height,
+                    "fps": e.fps,
+                    "frames_per_chunk": session.frames_per_chunk,
+                    "engine": e.name,
+                    "prompt": req.prompt,
+                }
+            )
             self.state = "running"
             for jpeg in first:
                 await self.send_frame(jpeg)
@@ -274,8 +282,14 @@ class Connection:
             await self.send_error(error)
 
     async def send_queued(self) -> None:
-        await self.send_json({"type": "status", "state": "queued", "position": self.server.admission.position(self),
-                              "queue": self.server.admission.waiting})
+        await self.send_json(
+            {
+                "type": "status",
+                "state": "queued",
+                "position": self.server.admission.position(self),
+                "queue": self.server.admission.waiting,
+            }
+        )
 
     def _encode(self, frames: np.ndarray) -> list[bytes]:
         return [encode_jpeg(f, self.cfg.jpeg_quality) for f in frames]
@@ -341,11 +355,18 @@ class Connection:
                         latency = time.perf_counter() - (t_start if first else taken)
                 first = False
                 credits.release()
-                await self.send_json({
-                    "type": "status", "state": "running", "chunk": chunk.index, "fps": round(self.measured_fps(), 2),
-                    "latency_ms": round(1e3 * (latency or 0.0), 1), "queue": srv.admission.waiting,
-                    "stages_ms": {k: round(v, 2) for k, v in stage.items()}, "input": self.actions.snapshot()["keys"],
-                })
+                await self.send_json(
+                    {
+                        "type": "status",
+                        "state": "running",
+                        "chunk": chunk.index,
+                        "fps": round(self.measured_fps(), 2),
+                        "latency_ms": round(1e3 * (latency or 0.0), 1),
+                        "queue": srv.admission.waiting,
+                        "stages_ms": {k: round(v, 2) for k, v in stage.items()},
+                        "input": self.actions.snapshot()["keys"],
+                    }
+                )
 
         producer, sender = asyncio.create_task(produce()), asyncio.create_task(send())
         try:
@@ -466,7 +487,7 @@ class StreamServer:
     async def static(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         types = {".js": "application/javascript", ".css": "text/css", ".html": "text/html"}
-        ext = name[name.rfind("."):] if "." in name else ""
+        ext = name[name.rfind(".") :] if "." in name else ""
         entry = STATIC_DIR / name
         if "/" in name or ".." in name or ext not in types or not entry.is_file():
             raise web.HTTPNotFound()
@@ -478,12 +499,23 @@ class StreamServer:
 
     async def health(self, request: web.Request) -> web.Response:
         e = self.engine
-        return web.json_response({
-            "status": "ok", "engine": e.name, "protocol": PROTOCOL_VERSION, "busy": self.admission.holder is not None,
-            "queued": self.admission.waiting, "queue_size": self.cfg.queue_size, "connections": len(self.connections),
-            "sessions_total": self.sessions_total, "uptime_s": round(time.time() - self.started_at, 1),
-            "width": e.width, "height": e.height, "fps": e.fps, "frames_per_chunk": e.frames_per_chunk,
-        })
+        return web.json_response(
+            {
+                "status": "ok",
+                "engine": e.name,
+                "protocol": PROTOCOL_VERSION,
+                "busy": self.admission.holder is not None,
+                "queued": self.admission.waiting,
+                "queue_size": self.cfg.queue_size,
+                "connections": len(self.connections),
+                "sessions_total": self.sessions_total,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "width": e.width,
+                "height": e.height,
+                "fps": e.fps,
+                "frames_per_chunk": e.frames_per_chunk,
+            }
+        )
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         # autoclose=False: a client's close is answered after its session is released (below), so a
@@ -493,8 +525,14 @@ class StreamServer:
         conn = Connection(self, ws)
         self.connections.add(conn)
         try:
-            await conn.send_json({"type": "hello", "protocol": PROTOCOL_VERSION, "engine": self.engine.name,
-                                  "max_message_bytes": self.cfg.max_message_bytes})
+            await conn.send_json(
+                {
+                    "type": "hello",
+                    "protocol": PROTOCOL_VERSION,
+                    "engine": self.engine.name,
+                    "max_message_bytes": self.cfg.max_message_bytes,
+                }
+            )
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
                     try:
@@ -572,7 +610,7 @@ class ServerThread:
         self._ready.set()
         self.loop.run_forever()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self._thread.start()
         if not self._ready.wait(30):
             raise RuntimeError("server thread did not start within 30 s")

@@ -28,9 +28,9 @@ import torch
 from serving.config import ServingConfig, check_geometry, with_fallback_geometry
 from serving.engine import TEMPORAL_STRIDE, BaseSession, Chunk, EngineError, image_to_tensor
 from serving.graphs import GraphedBackbone
-from titan_world.model.codec import video_to_frames
 from serving.pose import PoseTracker
 from titan_world.model.action import ActionInputs
+from titan_world.model.codec import video_to_frames
 from titan_world.model.dit import PreparedContext, WanDiT
 from titan_world.model.kv_cache import KVCache, horizon_shift
 from titan_world.posttrain.rollout import denoise_chunk
@@ -71,8 +71,8 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 class _Payload:
     latents: torch.Tensor  # [1, C, n, h, w] clean latents of the chunk
     context: torch.Tensor  # [1, C, 1, h, w] the latent frame before it (to restart the decoder after a gap)
-    ready: "torch.cuda.Event | None"
-    stream: "_DecodeStream"  # the session's decoder when the chunk was made (a reset makes a new one)
+    ready: torch.cuda.Event | None
+    stream: _DecodeStream  # the session's decoder when the chunk was made (a reset makes a new one)
     index: int  # chunk number since that reset
 
 
@@ -88,7 +88,7 @@ class _DecodeStream:
     def __init__(self, codec, start_latents: torch.Tensor) -> None:
         self.codec, self.decoder, self.prime, self.next = codec, codec.stream_decoder(), start_latents, 0
 
-    def decode(self, p: "_Payload") -> torch.Tensor:
+    def decode(self, p: _Payload) -> torch.Tensor:
         if p.index != self.next:
             self.decoder, self.prime = self.codec.stream_decoder(), p.context
         if self.prime is not None:
@@ -125,25 +125,37 @@ class StreamingEngine:
         mc = model.cfg
         s = codec.stride[1]
         if cfg.height % (s * mc.patch_size[1]) or cfg.width % (s * mc.patch_size[2]):
-            raise EngineError(f"serving.height/width={cfg.height}x{cfg.width}: expected multiples of {s * mc.patch_size[1]}")
+            raise EngineError(
+                f"serving.height/width={cfg.height}x{cfg.width}: expected multiples of {s * mc.patch_size[1]}"
+            )
         if codec.latent_channels != mc.out_dim:
-            raise EngineError(f"codec gives {codec.latent_channels} latent channels; the model expects out_dim={mc.out_dim}")
+            raise EngineError(
+                f"codec gives {codec.latent_channels} latent channels; the model expects out_dim={mc.out_dim}"
+            )
         if mc.num_heads % self.cp_size:
             raise EngineError(f"--gpus {self.cp_size}: model.num_heads={mc.num_heads} must be divisible by it")
         self.height, self.width, self.fps = cfg.height, cfg.width, cfg.fps
         self.latent_hw = (cfg.height // s, cfg.width // s)
         self.tokens_per_frame = (self.latent_hw[0] // mc.patch_size[1]) * (self.latent_hw[1] // mc.patch_size[2])
         if (self.tokens_per_frame * cfg.chunk_frames) % self.cp_size:
-            raise EngineError(f"--gpus {self.cp_size}: chunk tokens {self.tokens_per_frame * cfg.chunk_frames} must divide by it")
+            raise EngineError(
+                f"--gpus {self.cp_size}: chunk tokens {self.tokens_per_frame * cfg.chunk_frames} must divide by it"
+            )
         self.frames_per_chunk = TEMPORAL_STRIDE * cfg.chunk_frames
         self.sigmas = list(cfg.sigmas) or default_sigmas(cfg.denoise_steps)
-        if not self.sigmas or any(not 0 < x <= 1 for x in self.sigmas) or sorted(self.sigmas, reverse=True) != self.sigmas:
+        if (
+            not self.sigmas
+            or any(not 0 < x <= 1 for x in self.sigmas)
+            or sorted(self.sigmas, reverse=True) != self.sigmas
+        ):
             raise EngineError(f"serving.sigmas={self.sigmas}: expected decreasing values in (0, 1]")
         if cfg.sampler not in ("renoise", "euler"):
             raise EngineError(f"serving.sampler={cfg.sampler!r}: expected renoise or euler")
         if cfg.kv_refresh == "last_step":
-            log.warning("serving.kv_refresh=last_step: a speed/quality trade-off: one pass per chunk fewer, but the "
-                        "cache holds the last denoising step's (noisy) K/V, which the student never saw in training")
+            log.warning(
+                "serving.kv_refresh=last_step: a speed/quality trade-off: one pass per chunk fewer, but the "
+                "cache holds the last denoising step's (noisy) K/V, which the student never saw in training"
+            )
         self.cuda_graphs = cfg.cuda_graphs
         if cfg.cuda_graphs and self.cp_size > 1:
             log.warning("serving.cuda_graphs is not supported with --gpus %d yet; serving without graphs", self.cp_size)
@@ -154,7 +166,7 @@ class StreamingEngine:
         ctx = self.text_encoder.encode([text]).to(self.device, self.dtype)
         return self.model.prepare_context(ctx)
 
-    def start(self, image: np.ndarray | None, prompt: str, seed: int | None = None) -> "StreamingSession":
+    def start(self, image: np.ndarray | None, prompt: str, seed: int | None = None) -> StreamingSession:
         return StreamingSession(self, image, prompt, 0 if seed is None else seed)
 
 
@@ -167,9 +179,18 @@ class StreamingSession(BaseSession):
         self.chunk_frames = cfg.chunk_frames
         dev = e.device
         self.cache = KVCache(
-            mc.num_layers, 1, mc.num_heads // e.cp_size, mc.head_dim, e.tokens_per_frame,
-            sink_frames=cfg.sink_frames, window_frames=cfg.window_frames, chunk_frames=cfg.chunk_frames,
-            dtype=e.dtype, device=dev, horizon_frames=cfg.horizon_frames, rope_theta=mc.rope_theta,
+            mc.num_layers,
+            1,
+            mc.num_heads // e.cp_size,
+            mc.head_dim,
+            e.tokens_per_frame,
+            sink_frames=cfg.sink_frames,
+            window_frames=cfg.window_frames,
+            chunk_frames=cfg.chunk_frames,
+            dtype=e.dtype,
+            device=dev,
+            horizon_frames=cfg.horizon_frames,
+            rope_theta=mc.rope_theta,
         )
         self.graphs = GraphedBackbone(e.model, self.cache) if e.cuda_graphs else None
         self.context: PreparedContext | None = None
@@ -179,10 +200,16 @@ class StreamingSession(BaseSession):
         self.decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         h, w = e.latent_hw
         self._noise = torch.empty(1, mc.out_dim, cfg.chunk_frames, h, w, device=dev, dtype=torch.float32)
-        self._cond_chunk = torch.zeros(1, mc.cond_channels, cfg.chunk_frames, h, w, device=dev, dtype=e.dtype) if mc.cond_channels else None
+        self._cond_chunk = (
+            torch.zeros(1, mc.cond_channels, cfg.chunk_frames, h, w, device=dev, dtype=e.dtype)
+            if mc.cond_channels
+            else None
+        )
         self._use_actions = e.model.action_embedding is not None
         self._intrinsics = _to_device(self.pose.intrinsics, dev)  # [4], fixed for the session
-        video = image_to_tensor(image if image is not None else default_start_image(cfg.height, cfg.width), cfg.height, cfg.width)
+        video = image_to_tensor(
+            image if image is not None else default_start_image(cfg.height, cfg.width), cfg.height, cfg.width
+        )
         t = video.shape[2]
         video = video[:, :, : 1 + (t - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE]
         self._start_video = video
@@ -233,8 +260,9 @@ class StreamingSession(BaseSession):
         def predict(x: torch.Tensor, sigma: float, final: bool) -> torch.Tensor:
             return self._forward(x, sigma, cond, act, write=final and last_writes).float()
 
-        x = denoise_chunk(predict, x, self.engine.sigmas, lambda: self._noise.normal_(generator=self.generator),
-                          self.cfg.sampler)
+        x = denoise_chunk(
+            predict, x, self.engine.sigmas, lambda: self._noise.normal_(generator=self.generator), self.cfg.sampler
+        )
         _sync(dev)
         t1 = time.perf_counter()
         if not last_writes:
@@ -303,7 +331,12 @@ class StreamingSession(BaseSession):
         e = self.engine
         t = torch.full((1,), sigma * 1000.0, device=e.device)
         tokens = e.model.embed(
-            x.to(e.dtype), t, self.context, cond=cond, actions=actions, action_reference=self._origin,
+            x.to(e.dtype),
+            t,
+            self.context,
+            cond=cond,
+            actions=actions,
+            action_reference=self._origin,
             frame_offset=self.frame,
         )
         if self.graphs is not None and self.graphs.ready(tokens):
@@ -323,7 +356,14 @@ class StreamingSession(BaseSession):
         given = self.start_latents.shape[2]
         if start >= given and n == self.chunk_frames:
             return self._cond_chunk  # preallocated zeros
-        cond = torch.zeros(1, self._cond_chunk.shape[1], n, *self._cond_chunk.shape[-2:], device=self.engine.device, dtype=self.engine.dtype)
+        cond = torch.zeros(
+            1,
+            self._cond_chunk.shape[1],
+            n,
+            *self._cond_chunk.shape[-2:],
+            device=self.engine.device,
+            dtype=self.engine.dtype,
+        )
         for j in range(n):
             if start + j < given:
                 cond[:, :4, j] = 1

@@ -17,9 +17,10 @@ import signal
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.distributed as dist
 
@@ -92,7 +93,9 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                     errors.append(f"--- rank {r}: no result ({state}) ---")
                     results.append(None)
             if errors:
-                raise RuntimeError(f"distributed run of {fn.__name__} on {world_size} ranks failed:\n" + "\n".join(errors))
+                raise RuntimeError(
+                    f"distributed run of {fn.__name__} on {world_size} ranks failed:\n" + "\n".join(errors)
+                )
             return results
         finally:
             _reap(procs)

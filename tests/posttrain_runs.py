@@ -10,13 +10,29 @@ import torch
 
 # 32x32 video (16 tokens per latent frame), 2 student sigmas, 2-chunk rollouts, GAN head on;
 # train.grad_clip so small that every step clips: the norm over shards must be the full one.
-COMMON = ["data.height=32", "data.width=32", "data.synth_episodes=4", "data.synth_seconds=1.0", "run.progress=false",
-          "run.wandb=disabled", "train.ckpt_every=0", "posttrain.batch_size=1", "posttrain.clip_frames=9",
-          "posttrain.denoise_steps=[1000,500]", "posttrain.rollout_chunks=2", "posttrain.grad_chunks=2",
-          "posttrain.fake_updates=1", "posttrain.gan_weight=0.1", "posttrain.student_lr=1e-3", "posttrain.fake_lr=1e-3",
-          "posttrain.causal_lr=1e-3", "train.grad_clip=0.002",
-          # the exported DMD student is its EMA: averaging from step 1, and 0.5 lets 3 steps move it measurably
-          "posttrain.ema_decay=0.5", "posttrain.ema_start_step=1"]
+COMMON = [
+    "data.height=32",
+    "data.width=32",
+    "data.synth_episodes=4",
+    "data.synth_seconds=1.0",
+    "run.progress=false",
+    "run.wandb=disabled",
+    "train.ckpt_every=0",
+    "posttrain.batch_size=1",
+    "posttrain.clip_frames=9",
+    "posttrain.denoise_steps=[1000,500]",
+    "posttrain.rollout_chunks=2",
+    "posttrain.grad_chunks=2",
+    "posttrain.fake_updates=1",
+    "posttrain.gan_weight=0.1",
+    "posttrain.student_lr=1e-3",
+    "posttrain.fake_lr=1e-3",
+    "posttrain.causal_lr=1e-3",
+    "train.grad_clip=0.002",
+    # the exported DMD student is its EMA: averaging from step 1, and 0.5 lets 3 steps move it measurably
+    "posttrain.ema_decay=0.5",
+    "posttrain.ema_start_step=1",
+]
 
 
 def save_teacher(path: Path, *overrides: str) -> None:

@@ -88,17 +88,29 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
-    def start(self, timeout: float = 30.0) -> "SlurmCluster":
+    def start(self, timeout: float = 30.0) -> SlurmCluster:
         missing = missing_binaries()
         if missing:
-            raise ClusterUnavailable(f"SLURM/munge not installed (missing {', '.join(missing)}); run `bash scripts/install_system.sh` as root")
+            raise ClusterUnavailable(
+                f"SLURM/munge not installed (missing {', '.join(missing)}); run `bash scripts/install_system.sh` as root"
+            )
         if os.geteuid() != 0:
             raise ClusterUnavailable("slurmd must run as root to launch jobs; run the SLURM tests as root")
         try:
             self._write_files()
-            self._spawn("munged", [MUNGED, "-F", "--force", f"--socket={self.root}/munge/munge.socket",
-                                   f"--key-file={self.root}/munge/munge.key", f"--pid-file={self.root}/munge/munged.pid",
-                                   f"--log-file={self.root}/munge/munged.log", f"--seed-file={self.root}/munge/munged.seed"])
+            self._spawn(
+                "munged",
+                [
+                    MUNGED,
+                    "-F",
+                    "--force",
+                    f"--socket={self.root}/munge/munge.socket",
+                    f"--key-file={self.root}/munge/munge.key",
+                    f"--pid-file={self.root}/munge/munged.pid",
+                    f"--log-file={self.root}/munge/munged.log",
+                    f"--seed-file={self.root}/munge/munged.seed",
+                ],
+            )
             self._wait_for(lambda: (self.root / "munge/munge.socket").exists(), 10, "munged socket")
             self._spawn("slurmctld", [SLURMCTLD, "-D", "-i", "-f", str(self.conf)])
             self._wait_for(self._ctld_up, timeout, "slurmctld to answer `scontrol ping`")
@@ -149,8 +161,9 @@ class SlurmCluster:
         key.write_bytes(secrets.token_bytes(1024))
         os.chmod(key, 0o400)
         r, host = self.root, self.host
-        node_lines = "\n".join(f"NodeName={n.name} NodeAddr={n.addr} CPUs={self.cpus} RealMemory=4000 State=UNKNOWN"
-                               for n in self.nodes)
+        node_lines = "\n".join(
+            f"NodeName={n.name} NodeAddr={n.addr} CPUs={self.cpus} RealMemory=4000 State=UNKNOWN" for n in self.nodes
+        )
         self.conf.write_text(
             f"""# written by tests/slurm_cluster.py
 ClusterName=tw{secrets.token_hex(3)}
@@ -189,7 +202,9 @@ PartitionName=debug Nodes={",".join(n.name for n in self.nodes)} Default=YES Max
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "ab")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
 
     def _wait_for(self, check, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -243,13 +258,18 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, run_dir
 
 def wait_job_done(job_id: str, run_dir: Path, timeout: float = 90, expect: str = "COMPLETED") -> dict[str, str]:
     """Wait until the job ended; fail with its logs and the daemons' logs unless it ended as `expect`."""
-    info = wait_for(lambda: (lambda j: j if j.get("JobState") in ENDED else None)(job_state(job_id)),
-                    timeout, f"job {job_id} to end", run_dir)
+    info = wait_for(
+        lambda: (lambda j: j if j.get("JobState") in ENDED else None)(job_state(job_id)),
+        timeout,
+        f"job {job_id} to end",
+        run_dir,
+    )
     if info["JobState"] != expect:
         keys = ("JobState", "Reason", "ExitCode", "Restarts", "RunTime")
         cluster_logs = SlurmCluster.tail_logs_of(Path(os.environ["SLURM_CONF"]).parent)
-        raise AssertionError(f"job {job_id}: {[(k, info.get(k)) for k in keys]}, expected {expect}\n"
-                             f"{run_logs(run_dir)}\n{cluster_logs}")
+        raise AssertionError(
+            f"job {job_id}: {[(k, info.get(k)) for k in keys]}, expected {expect}\n{run_logs(run_dir)}\n{cluster_logs}"
+        )
     return info
 
 
@@ -266,11 +286,19 @@ def metrics_records(run_dir: Path) -> list[dict]:
 def preempt_and_release(run: Path, job_id: str, min_lines: int) -> int:
     """Signal the batch shell like SLURM does (--signal=B:USR1) once `min_lines` metrics are logged, wait
     for the requeue, release the job; return how many metrics lines the first attempt wrote."""
-    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics_records(run)) >= min_lines, 120,
-             f"{min_lines} training steps", run)
+    wait_for(
+        lambda: (run / "metrics.jsonl").is_file() and len(metrics_records(run)) >= min_lines,
+        120,
+        f"{min_lines} training steps",
+        run,
+    )
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
-    wait_for(lambda: (lambda j: j.get("Restarts") == "1" and j.get("JobState") == "PENDING")(job_state(job_id)),
-             90, "the job to requeue itself", run)
+    wait_for(
+        lambda: (lambda j: j.get("Restarts") == "1" and j.get("JobState") == "PENDING")(job_state(job_id)),
+        90,
+        "the job to requeue itself",
+        run,
+    )
     # SLURM holds a requeued job (BeginTime), partly because slurmd rejects a job credential issued in
     # the same second as the revoked one ("Job credential revoked"); release it, but not within that second
     time.sleep(2.0)
@@ -283,8 +311,9 @@ def start_cluster(cpus: int = 2) -> SlurmCluster:
     return SlurmCluster(root=root, cpus=cpus).start()
 
 
-def run_until_interrupted(start: Callable[[], SlurmCluster],
-                          describe: Callable[[SlurmCluster], str] = lambda c: "") -> None:
+def run_until_interrupted(
+    start: Callable[[], SlurmCluster], describe: Callable[[SlurmCluster], str] = lambda c: ""
+) -> None:
     """Manual debugging (`python tests/slurm_*.py`): start, print the env line, wait for Ctrl-C, stop."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill`/`timeout` stop it cleanly too
     c = start()
@@ -345,5 +374,6 @@ if pytest is not None:
     @pytest.fixture(scope="module")
     def slurm_cluster():
         """A started one-node cluster, SLURM_CONF exported; skips (fails with TW_REQUIRE_SLURM=1) if impossible."""
-        yield from serve_cluster(lambda root: SlurmCluster(root=root, cpus=min(2, os.cpu_count() or 2)),
-                                 "local SLURM cluster")
+        yield from serve_cluster(
+            lambda root: SlurmCluster(root=root, cpus=min(2, os.cpu_count() or 2)), "local SLURM cluster"
+        )

@@ -39,11 +39,13 @@ REPO = Path(__file__).resolve().parents[1]  # jobs run from here (and its .venv)
 # in a node's namespaces: own hostname, /etc/hosts, /tmp, /dev/shm; then exec the daemon (a Popen pid is the daemon's).
 # $2/$3: a folder under /tmp that must stay visible (the checkout, when it lives in /tmp: CI clones may) and an
 # empty staging mount point: it is bound there before the private /tmp hides it, then bound back to its path.
-ENTER_NODE = ('hostname "$0" && mount --bind "$1" /etc/hosts '
-              '&& { [ -z "$2" ] || { mkdir -p "$3" && mount --bind "$2" "$3"; }; } '
-              '&& mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp '
-              '&& { [ -z "$2" ] || { mkdir -p "$2" && mount --bind "$3" "$2"; }; } '
-              '&& mount -t tmpfs -o size=2g tmpfs /dev/shm && shift 3 && exec "$@"')
+ENTER_NODE = (
+    'hostname "$0" && mount --bind "$1" /etc/hosts '
+    '&& { [ -z "$2" ] || { mkdir -p "$3" && mount --bind "$2" "$3"; }; } '
+    "&& mount -t tmpfs -o size=2g,mode=1777 tmpfs /tmp "
+    '&& { [ -z "$2" ] || { mkdir -p "$2" && mount --bind "$3" "$2"; }; } '
+    '&& mount -t tmpfs -o size=2g tmpfs /dev/shm && shift 3 && exec "$@"'
+)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -76,12 +78,27 @@ def netns_unavailable() -> str | None:
     if proc.returncode != 0:
         return f"`ip netns add` failed (no network namespaces in this container?): {proc.stderr.strip()}"
     try:
-        proc = subprocess.run(["nsenter", f"--net={NETNS_DIR / probe}", "unshare", "--uts", "--mount", "--", "sh", "-c",
-                               "mount -t tmpfs tmpfs /tmp"], capture_output=True, text=True, timeout=15)
+        proc = subprocess.run(
+            [
+                "nsenter",
+                f"--net={NETNS_DIR / probe}",
+                "unshare",
+                "--uts",
+                "--mount",
+                "--",
+                "sh",
+                "-c",
+                "mount -t tmpfs tmpfs /tmp",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
         if proc.returncode != 0:
             return f"`nsenter --net ... unshare --uts --mount` + tmpfs mount failed: {proc.stderr.strip()}"
-        proc = subprocess.run(["ip", "link", "add", f"{probe}b", "type", "bridge"], capture_output=True, text=True,
-                              timeout=15)
+        proc = subprocess.run(
+            ["ip", "link", "add", f"{probe}b", "type", "bridge"], capture_output=True, text=True, timeout=15
+        )
         if proc.returncode != 0:
             return f"`ip link add ... type bridge` failed: {proc.stderr.strip()}"
         _ip("link", "del", f"{probe}b", check=False)
@@ -117,13 +134,29 @@ class NodeNetwork:
         """Command prefix: run in node i's network namespace with its own hostname and /etc/hosts."""
         under_tmp = REPO.is_relative_to("/tmp")
         keep, stage = (str(REPO), str(hosts.parent / f"keep-{self.names[i]}")) if under_tmp else ("", "")
-        return ["nsenter", f"--net={NETNS_DIR / self.netns(i)}", "unshare", "--uts", "--mount", "--",
-                "sh", "-c", ENTER_NODE, self.names[i], str(hosts), keep, stage]
+        return [
+            "nsenter",
+            f"--net={NETNS_DIR / self.netns(i)}",
+            "unshare",
+            "--uts",
+            "--mount",
+            "--",
+            "sh",
+            "-c",
+            ENTER_NODE,
+            self.names[i],
+            str(hosts),
+            keep,
+            stage,
+        ]
 
     def hosts(self, ctld_name: str) -> str:
         """/etc/hosts of every node: the controller's host and all nodes by name."""
-        return "127.0.0.1 localhost\n" + f"{self.host_addr} {ctld_name}\n" + "".join(
-            f"{self.addr(i)} {name}\n" for i, name in enumerate(self.names))
+        return (
+            "127.0.0.1 localhost\n"
+            + f"{self.host_addr} {ctld_name}\n"
+            + "".join(f"{self.addr(i)} {name}\n" for i, name in enumerate(self.names))
+        )
 
     def up(self) -> None:
         self.subnet = _free_subnet()
@@ -171,7 +204,7 @@ class TwoNodeCluster(SlurmCluster):
         """A folder every node sees (put data and run dirs here: each node has its own /tmp)."""
         return self.root / "shared"
 
-    def start(self, timeout: float = 30.0) -> "TwoNodeCluster":
+    def start(self, timeout: float = 30.0) -> TwoNodeCluster:
         reason = netns_unavailable()
         if reason:
             raise ClusterUnavailable(reason)
@@ -207,8 +240,9 @@ def start_two_node_cluster() -> TwoNodeCluster:
 
 
 if __name__ == "__main__":
-    run_until_interrupted(start_two_node_cluster,
-                          lambda c: f"nodes {[(n.name, n.addr) for n in c.nodes]}, shared dir {c.shared}; ")
+    run_until_interrupted(
+        start_two_node_cluster, lambda c: f"nodes {[(n.name, n.addr) for n in c.nodes]}, shared dir {c.shared}; "
+    )
 
 
 try:
@@ -221,5 +255,8 @@ if pytest is not None:
     @pytest.fixture(scope="module")
     def slurm_two_nodes():
         """A started two-node cluster (SLURM_CONF exported); skips with the reason (fails with TW_REQUIRE_SLURM=1)."""
-        yield from serve_cluster(lambda root: TwoNodeCluster(root=root, cpus=min(2, os.cpu_count() or 2)),
-                                 "two-node SLURM cluster (network namespaces)", parent=SHARED_PARENT)
+        yield from serve_cluster(
+            lambda root: TwoNodeCluster(root=root, cpus=min(2, os.cpu_count() or 2)),
+            "two-node SLURM cluster (network namespaces)",
+            parent=SHARED_PARENT,
+        )

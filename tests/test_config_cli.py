@@ -18,8 +18,19 @@ def test_default_config_loads():
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(None, ["train.steps=7", "train.seed=3", "parallel.cp=2", "run.dir=/tmp/x", "train.lr=1e-3",
-                             "train.profile_steps=[3, 5]", "train.base_checkpoint=null", "model.action.enabled=true"])
+    cfg = load_config(
+        None,
+        [
+            "train.steps=7",
+            "train.seed=3",
+            "parallel.cp=2",
+            "run.dir=/tmp/x",
+            "train.lr=1e-3",
+            "train.profile_steps=[3, 5]",
+            "train.base_checkpoint=null",
+            "model.action.enabled=true",
+        ],
+    )
     assert (cfg.train.steps, cfg.train.seed, cfg.parallel.cp, cfg.run.dir) == (7, 3, 2, "/tmp/x")
     assert cfg.train.lr == 1e-3 and cfg.train.profile_steps == [3, 5] and cfg.train.base_checkpoint is None
     assert cfg.model.action.enabled is True

@@ -16,7 +16,12 @@ pytestmark = pytest.mark.xdist_group("data_streaming")
 
 def test_synth_cli(tmp_path, capsys):
     out = tmp_path / "ds"
-    assert main(["data", "synth", "--out", str(out), "--episodes", "3", "--seconds", "1", "--height", "32", "--width", "48"]) == 0
+    assert (
+        main(
+            ["data", "synth", "--out", str(out), "--episodes", "3", "--seconds", "1", "--height", "32", "--width", "48"]
+        )
+        == 0
+    )
     assert "wrote 3 episodes" in capsys.readouterr().out
     meta = json.loads((out / "titan_dataset.json").read_text())
     assert meta["episodes"] == 3 and meta["codec"]["kind"] == "tiny" and (out / "index.json").exists()

@@ -15,7 +15,15 @@ import pytest
 from launch.cli import main
 from titan_world.data import ingest as ingest_mod
 from titan_world.data._streaming import StreamingDataset, release_prefix
-from titan_world.data.ingest import BadItem, _frame_time, _nearest_in_time, _Source, load_item, rotate_intrinsics, rotate_poses
+from titan_world.data.ingest import (
+    BadItem,
+    _frame_time,
+    _nearest_in_time,
+    _Source,
+    load_item,
+    rotate_intrinsics,
+    rotate_poses,
+)
 
 pytestmark = pytest.mark.xdist_group("data_streaming")
 
@@ -85,7 +93,13 @@ def test_ingest_reports_and_skips(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     assert "1 written, 5 skipped" in text
-    for name, reason in [("nan.mp4", "NaN"), ("count.mp4", "7 poses for 20"), ("flat.mp4", "pose 5 has a singular rotation"), ("short.mp4", "need >= 5"), ("broken.mp4", "cannot decode")]:
+    for name, reason in [
+        ("nan.mp4", "NaN"),
+        ("count.mp4", "7 poses for 20"),
+        ("flat.mp4", "pose 5 has a singular rotation"),
+        ("short.mp4", "need >= 5"),
+        ("broken.mp4", "cannot decode"),
+    ]:
         line = next(l for l in text.splitlines() if l.startswith(name))
         assert "skipped" in line and reason in line, line
     ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
@@ -97,7 +111,9 @@ def test_ingest_reports_and_skips(tmp_path, capsys):
         idx = np.round(np.arange(21) * 30 / 16).astype(int)
         np.testing.assert_allclose(row["c2w"][:, 0, 3], idx)
         # 64x48 centre-cropped to 48x48 (x0 = 8), resized by 32/48
-        np.testing.assert_allclose(row["intrinsics"][0], [50 * 2 / 3, 50 * 2 / 3, (32 - 8) * 2 / 3, 24 * 2 / 3], rtol=1e-5)
+        np.testing.assert_allclose(
+            row["intrinsics"][0], [50 * 2 / 3, 50 * 2 / 3, (32 - 8) * 2 / 3, 24 * 2 / 3], rtol=1e-5
+        )
         assert row["captions"]["narrative"] == "a moving green bar" and row["meta"]["poses_known"]
     finally:
         release_prefix(ds._shm_prefix_int)
@@ -164,7 +180,9 @@ def test_nearest_in_time_matches_index_rounding_at_constant_rate():
             n = 97
             picks = [j for j, _ in _nearest_in_time(((j / rate, None) for j in range(n)), fps)]
             n_out = int(np.floor((n - 1) * fps / rate)) + 1
-            np.testing.assert_array_equal(picks, np.round(np.arange(n_out) * float(rate) / fps), err_msg=f"{rate} -> {fps}")
+            np.testing.assert_array_equal(
+                picks, np.round(np.arange(n_out) * float(rate) / fps), err_msg=f"{rate} -> {fps}"
+            )
 
 
 def _fake(pts=None, tb=None, h=48, w=64, rotation=0):
@@ -228,10 +246,14 @@ def test_display_rotation_is_applied(tmp_path, rotation):
     stored = np.zeros((48, 64, 3), np.uint8)
     stored[..., 0] = 8 * 4
     stored[:, :5, 1] = 200  # frame 4: a green bar at the stored left edge
+
     def err(turns: int) -> float:
         return float(np.abs(ep.frames[4].astype(float) - np.rot90(stored, turns)).mean())
 
-    assert err(rotation // 90) < 3 < 10 < err(rotation // 90 + 2), (err(rotation // 90), err(rotation // 90 + 2))  # upright, not upside down
+    assert err(rotation // 90) < 3 < 10 < err(rotation // 90 + 2), (
+        err(rotation // 90),
+        err(rotation // 90 + 2),
+    )  # upright, not upside down
     assert ep.meta["src_size"] == [up_h, up_w] and ep.meta["src_rotation"] == rotation % 360
     if rotation == -90:
         np.testing.assert_allclose(ep.intrinsics[0], [40, 50, 48 - 20, 30])

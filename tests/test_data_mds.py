@@ -17,10 +17,9 @@ from titan_world.config import load_config
 from titan_world.data._streaming import StreamingDataset, leaked_shm_files, streaming_shm_files
 from titan_world.data.curriculum import Curriculum, window_latents
 from titan_world.data.loader import build_train_loader
-from titan_world.model.codec import frames_to_video
 from titan_world.data.synth import make_episode
 from titan_world.data.writer import synthesize
-from titan_world.model.codec import TinyCodec
+from titan_world.model.codec import TinyCodec, frames_to_video
 
 pytestmark = pytest.mark.xdist_group("data_streaming")
 
@@ -77,7 +76,9 @@ def test_curriculum_windows_and_collate(dataset):
         loader = build_train_loader(cfg, frames, 0, 1, seed=1, batch_size=3)
         batch = next(iter(loader))
         f = 1 + (frames - 1) // 4
-        assert batch["latents"].shape == (3, cfg.data.codec.channels, f, 8, 8) and batch["latents"].dtype == torch.float32
+        assert (
+            batch["latents"].shape == (3, cfg.data.codec.channels, f, 8, 8) and batch["latents"].dtype == torch.float32
+        )
         assert batch["cond_mask"].shape == (3, f) and batch["cond_mask"].dtype == torch.bool
         assert batch["cond_mask"][:, 0].all()
         assert batch["actions"].shape == (3, frames, 8) and batch["latent_actions"].shape == (3, f, 8)
@@ -90,7 +91,9 @@ def test_curriculum_windows_and_collate(dataset):
             ref = TinyCodec(4, cfg.data.codec.channels).compress(exact.float())[0]
             assert torch.allclose(batch["latents"][i], ref.half().float())
             n_cond = int(batch["cond_mask"][i].sum())
-            assert batch["cond_mask"][i, :n_cond].all() and (n_cond == 1 if batch["tasks"][i] == "i2v" else 1 <= n_cond <= 2)
+            assert batch["cond_mask"][i, :n_cond].all() and (
+                n_cond == 1 if batch["tasks"][i] == "i2v" else 1 <= n_cond <= 2
+            )
         loader.close()
     assert leaked_shm_files(before) == []  # ours only: other jobs on the machine come and go
 
@@ -147,7 +150,10 @@ def test_resume_mid_epoch_exact(dataset):
     c.load_state_dict(state)
     tail = list(c)
     assert _ids(head + tail) == _ids(full)
-    assert all(torch.equal(x["latents"], y["latents"]) and torch.equal(x["cond_mask"], y["cond_mask"]) for x, y in zip(head + tail, full))
+    assert all(
+        torch.equal(x["latents"], y["latents"]) and torch.equal(x["cond_mask"], y["cond_mask"])
+        for x, y in zip(head + tail, full)
+    )
     assert _ids(list(c)) == _ids(full2)  # and the next epoch continues like the uninterrupted run
     c.close()
     assert leaked_shm_files(before) == []  # ours only: other jobs on the machine come and go
@@ -178,10 +184,26 @@ def test_two_ranks_disjoint_and_cover(dataset):
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(out), str(rank)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _RANK_SCRIPT, str(out), str(rank)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).parents[1],
+            )
+        )
     results = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=120)
@@ -197,12 +219,13 @@ def _open_while_another_job_registers(out: str) -> int:
     """Rank 1 scans for a free prefix; then "another job" registers that prefix (rank 1 makes the
     file, as that job's leader would just before this job's leader takes the lock) and the leader
     (rank 0) scans: left alone the two ranks pick different prefixes."""
-    import torch.distributed as dist
     from multiprocessing.shared_memory import SharedMemory
 
-    from parallel.distributed import init_distributed
+    import torch.distributed as dist
     from streaming.base.constant import SHM_TO_CLEAN
     from streaming.base.shared import prefix
+
+    from parallel.distributed import init_distributed
 
     rank, _, _ = init_distributed()
     real_scan, other_job = prefix._check_and_find, []

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from titan_world.data.actions import ACTION_DIM, ACTION_NAMES, integrate_actions
-from titan_world.data.agent import CLEARANCE
 from titan_world.data.geometry import plucker_rays
 from titan_world.data.synth import make_episode
 
@@ -63,7 +62,7 @@ def test_plucker_rays_consistent_with_stored_poses():
     assert torch.allclose(d.norm(dim=1), torch.ones(()).double())
     # pixel centres (7.5, 7.5) and (8.5, 8.5) straddle the principal point (8, 8): their mean
     # direction is the camera z axis in world coordinates
-    centre = (d[:, :, 7, 7] + d[:, :, 8, 8] + d[:, :, 7, 8] + d[:, :, 8, 7])
+    centre = d[:, :, 7, 7] + d[:, :, 8, 8] + d[:, :, 7, 8] + d[:, :, 8, 7]
     centre = centre / centre.norm(dim=1, keepdim=True)
     assert torch.allclose(centre, c2w[:, :3, 2], atol=1e-6)
     # moments: o x d with o the camera centre, so m . d = 0 and d x m recovers o's component

@@ -40,8 +40,29 @@ def test_eval_action_writes_every_figure_on_the_right_frames(tmp_path, chunk):
     make_run(run, chunk)
     clip = 25 if chunk == 3 else 33
     out = tmp_path / "out"
-    assert main(["eval", "action", "--checkpoint", str(run), "--episodes", "2", "--seed", "777", "--seconds", "3",
-                 "--window-seconds", "1", "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "action",
+                "--checkpoint",
+                str(run),
+                "--episodes",
+                "2",
+                "--seed",
+                "777",
+                "--seconds",
+                "3",
+                "--window-seconds",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "action_following.json").read_text())
     s = rep["settings"]
     assert s["rollout"] == ("streamed causal student" if chunk else "chunked bidirectional")
@@ -74,8 +95,7 @@ def test_revisit_detection_finds_a_known_return():
     states = [CameraState(x=0.5 + 0.1 * i, z=0.5, yaw=math.pi / 2) for i in range(21)]  # east, 5 s
     states += [CameraState(x=2.5 - 0.1 * i, z=0.5, yaw=-math.pi / 2) for i in range(1, 21)]  # back west
     states += [CameraState(x=0.5, z=0.5, yaw=math.pi / 2)] * 4  # turned to face east at the start
-    rv = find_revisits(np.stack([state_to_c2w(s) for s in states]), fps, radius=0.3, max_yaw_deg=20,
-                       min_gap_seconds=3)
+    rv = find_revisits(np.stack([state_to_c2w(s) for s in states]), fps, radius=0.3, max_yaw_deg=20, min_gap_seconds=3)
     assert rv["revisit"] == [41, 42, 43, 44]
     assert all(e <= 2 for e in rv["earlier"])  # matched to the start, not to the walk back (wrong heading)
     assert set(rv["first_visit"]) == set(range(41))

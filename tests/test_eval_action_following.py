@@ -16,8 +16,12 @@ def _pano(h: int, w: int, seed: int) -> np.ndarray:
     ys, xs = np.linspace(0, base.shape[0] - 1.001, h), np.linspace(0, base.shape[1] - 1.001, w)
     y0, x0 = ys.astype(int), xs.astype(int)
     fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    return (base[y0][:, x0] * (1 - fx) * (1 - fy) + base[y0][:, x0 + 1] * fx * (1 - fy)
-            + base[y0 + 1][:, x0] * (1 - fx) * fy + base[y0 + 1][:, x0 + 1] * fx * fy)
+    return (
+        base[y0][:, x0] * (1 - fx) * (1 - fy)
+        + base[y0][:, x0 + 1] * fx * (1 - fy)
+        + base[y0 + 1][:, x0] * (1 - fx) * fy
+        + base[y0 + 1][:, x0 + 1] * fx * fy
+    )
 
 
 def render(yaws_deg, forward, h=32, w=48, fov=90.0, seed=0):
@@ -32,8 +36,12 @@ def render(yaws_deg, forward, h=32, w=48, fov=90.0, seed=0):
         px, py = 300 + f * math.radians(ang) + u / (1 + z), (h + 16) / 2 + v / (1 + z)
         x0, y0 = np.floor(px).astype(int), np.floor(py).astype(int)
         ax, ay = (px - x0)[None, :, None], (py - y0)[:, None, None]
-        frames.append(pano[y0][:, x0] * (1 - ax) * (1 - ay) + pano[y0][:, x0 + 1] * ax * (1 - ay)
-                      + pano[y0 + 1][:, x0] * (1 - ax) * ay + pano[y0 + 1][:, x0 + 1] * ax * ay)
+        frames.append(
+            pano[y0][:, x0] * (1 - ax) * (1 - ay)
+            + pano[y0][:, x0 + 1] * ax * (1 - ay)
+            + pano[y0 + 1][:, x0] * (1 - ax) * ay
+            + pano[y0 + 1][:, x0 + 1] * ax * ay
+        )
         th = math.radians(ang)
         c2w = np.eye(4)
         c2w[:3, :3] = [[math.cos(th), 0, math.sin(th)], [0, 1, 0], [-math.sin(th), 0, math.cos(th)]]

@@ -22,8 +22,22 @@ def test_cli_vbench_compare_report(tmp_path, capsys):
     vids = tmp_path / "vids"
     _videos(vids)
     out = tmp_path / "out"
-    rc = main(["eval", "vbench", "--videos", str(vids), "--out", str(out), "--window-seconds", "2",
-               "--dimensions", "temporal_flickering,dynamic_degree", "--raft-path", str(tmp_path / "raft.pt")])
+    rc = main(
+        [
+            "eval",
+            "vbench",
+            "--videos",
+            str(vids),
+            "--out",
+            str(out),
+            "--window-seconds",
+            "2",
+            "--dimensions",
+            "temporal_flickering,dynamic_degree",
+            "--raft-path",
+            str(tmp_path / "raft.pt"),
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["videos"]) == {"clip0.mp4", "clip1.mp4"}
@@ -35,7 +49,9 @@ def test_cli_vbench_compare_report(tmp_path, capsys):
         assert (out / f).is_file(), f
     assert "skipped" in capsys.readouterr().out
 
-    rc = main(["eval", "compare", str(out), str(out / "results.json"), "--names", "a", "b", "--out", str(tmp_path / "cmp")])
+    rc = main(
+        ["eval", "compare", str(out), str(out / "results.json"), "--names", "a", "b", "--out", str(tmp_path / "cmp")]
+    )
     assert rc == 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "0.6683" in md and "| a |" in md and "| b |" in md
@@ -60,7 +76,21 @@ def test_generate_then_score(tmp_path, capsys):
 
     save_pretrained(build_model(load_config().model), tmp_path / "ckpt")
     out = tmp_path / "gen"
-    assert main(["eval", "vbench", "--videos", str(out), "--generate", str(tmp_path / "ckpt"), "--dimensions", "temporal_flickering"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "vbench",
+                "--videos",
+                str(out),
+                "--generate",
+                str(tmp_path / "ckpt"),
+                "--dimensions",
+                "temporal_flickering",
+            ]
+        )
+        == 0
+    )
     assert len(list(out.glob("*.mp4"))) == 4
     assert "temporal_flickering" in capsys.readouterr().out
     # --prompts for generation: a JSON table keeps its file names, a text file one prompt per line;
@@ -71,13 +101,37 @@ def test_generate_then_score(tmp_path, capsys):
     lines.write_text("a red car\n\na calm sea\n")
     for prompts, names in ((table, ["car.mp4", "sea.mp4"]), (lines, ["sample_000.mp4", "sample_001.mp4"])):
         gen = tmp_path / prompts.suffix[1:]
-        args = ["eval", "vbench", "--videos", str(gen), "--generate", str(tmp_path / "ckpt"), "--prompts", str(prompts),
-                "--dimensions", "temporal_flickering"]
+        args = [
+            "eval",
+            "vbench",
+            "--videos",
+            str(gen),
+            "--generate",
+            str(tmp_path / "ckpt"),
+            "--prompts",
+            str(prompts),
+            "--dimensions",
+            "temporal_flickering",
+        ]
         assert main(args) == 0, capsys.readouterr().err
         assert sorted(p.name for p in gen.glob("*.mp4")) == names
         assert json.loads((gen / "prompts.json").read_text()) == dict(zip(names, ["a red car", "a calm sea"]))
     # scoring alone needs the JSON table: a text file is refused with the format spelled out
-    assert main(["eval", "vbench", "--videos", str(tmp_path / "txt"), "--prompts", str(lines), "--dimensions", "temporal_flickering"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "vbench",
+                "--videos",
+                str(tmp_path / "txt"),
+                "--prompts",
+                str(lines),
+                "--dimensions",
+                "temporal_flickering",
+            ]
+        )
+        == 2
+    )
     assert 'expected {"name.mp4": "prompt"}' in capsys.readouterr().err
 
 
@@ -102,8 +156,20 @@ def test_truncated_video_is_reported_and_the_rest_scored(tmp_path, capsys):
     bad = vids / "clip1.mp4"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # cut mid-file: the moov atom is lost
     out = tmp_path / "out"
-    rc = main(["eval", "vbench", "--videos", str(vids), "--out", str(out), "--window-seconds", "0",
-               "--dimensions", "temporal_flickering"])
+    rc = main(
+        [
+            "eval",
+            "vbench",
+            "--videos",
+            str(vids),
+            "--out",
+            str(out),
+            "--window-seconds",
+            "0",
+            "--dimensions",
+            "temporal_flickering",
+        ]
+    )
     assert rc == 1  # results written, but a partial evaluation does not exit 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["videos"]) == {"clip0.mp4", "clip2.mp4"}

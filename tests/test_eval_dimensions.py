@@ -42,7 +42,7 @@ class ConstFlow(nn.Module):
         self.mag = mag
 
     def forward(self, a, b):
-        return torch.full((a.shape[0], 2, a.shape[2], a.shape[3]), self.mag / 2 ** 0.5)
+        return torch.full((a.shape[0], 2, a.shape[2], a.shape[3]), self.mag / 2**0.5)
 
 
 def test_dynamic_degree_threshold_rule():
@@ -67,7 +67,7 @@ def test_motion_smoothness_formula_with_ideal_interpolator():
 def test_preprocessing_matches_torchvision_conventions():
     x = torch.rand(1, 3, 30, 40)
     assert resize_shorter(x, 20).shape[-2:] == (20, 26)
-    assert center_crop(torch.arange(25.).view(1, 1, 5, 5), 3)[0, 0, 0].tolist() == [6, 7, 8]
+    assert center_crop(torch.arange(25.0).view(1, 1, 5, 5), 3)[0, 0, 0].tolist() == [6, 7, 8]
     assert middle_indices(8, 80) == [4, 14, 24, 34, 44, 54, 64, 74]
     assert middle_indices(4, 2) == [0, 1, 1, 1]
     p = Padder((30, 41), 8)

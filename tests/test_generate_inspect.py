@@ -18,7 +18,20 @@ def test_generate_tiny_clip_from_checkpoint(tmp_path, capsys):
     cfg = load_config()
     save_pretrained(build_model(cfg.model), tmp_path / "ckpt")
     out = tmp_path / "clip.mp4"
-    rc = main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--frames", "9", "--steps", "2", "--out", str(out), "--with-reference"])
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--frames",
+            "9",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--with-reference",
+        ]
+    )
     assert rc == 0
     frames, fps = read_video(out)
     assert frames.shape == (9, 64, 64, 3) and fps == 16
@@ -29,9 +42,8 @@ def test_generate_tiny_clip_from_checkpoint(tmp_path, capsys):
 
 def test_generate_keeps_the_given_first_frame(tmp_path):
     """The conditioning frame's latent is untouched by sampling: frame 0 is its codec round trip."""
-    from titan_world.model.codec import frames_to_video, video_to_frames
     from titan_world.generate import generate
-    from titan_world.model.codec import build_codec
+    from titan_world.model.codec import build_codec, frames_to_video, video_to_frames
 
     cfg = load_config()
     save_pretrained(build_model(cfg.model), tmp_path / "ckpt")
@@ -73,13 +85,16 @@ def test_generate_refuses_bad_arguments_before_sampling(tmp_path, capsys, monkey
     with pytest.raises(ValueError, match=r"nan.npy: 72 values are NaN or infinite"):
         load_actions(nan)
     inf = tmp_path / "inf.json"
-    inf.write_text('[[0, 0, 0, 0, 0, 0, Infinity, 0]]')
+    inf.write_text("[[0, 0, 0, 0, 0, 0, Infinity, 0]]")
     with pytest.raises(ValueError, match=r"inf.json: 1 values are NaN or infinite \(first at frame 0, mouse_dx\)"):
         load_actions(inf)
     out = str(tmp_path / "x.mp4")
-    cases = [(["--actions", str(nan), "--frames", "9"], "NaN or infinite"),
-             (["--steps", "0"], "--steps 0: expected at least 1"),
-             (["--steps", "-3"], "--steps -3"), (["--out", str(tmp_path / "x.txt")], "unknown extension")]
+    cases = [
+        (["--actions", str(nan), "--frames", "9"], "NaN or infinite"),
+        (["--steps", "0"], "--steps 0: expected at least 1"),
+        (["--steps", "-3"], "--steps -3"),
+        (["--out", str(tmp_path / "x.txt")], "unknown extension"),
+    ]
     cases.append((["--height", "96"], "set data.height=96"))
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA device"))
@@ -101,8 +116,19 @@ def test_generate_npy_output_and_negative_prompt(tmp_path):
     with torch.no_grad():  # a fresh head is zero (velocity 0 whatever the text): make the text matter
         model.head.head.weight.normal_(0, 0.5)
     save_pretrained(model, tmp_path / "ckpt")
-    base = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--frames", "5", "--steps", "2", "--guidance", "3",
-            "--prompt", "a red ball"]
+    base = [
+        "generate",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--frames",
+        "5",
+        "--steps",
+        "2",
+        "--guidance",
+        "3",
+        "--prompt",
+        "a red ball",
+    ]
     assert main(base + ["--out", str(tmp_path / "a.npy")]) == 0
     assert main(base + ["--out", str(tmp_path / "b.npy"), "--negative-prompt", "blue cube"]) == 0
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")

@@ -26,8 +26,16 @@ def _losses(run: Path) -> list[dict]:
 
 def test_argv_and_child_detection(monkeypatch):
     argv = local_torchrun_argv(3, ["tests.slurm_payload", "train.steps=2"], max_restarts=1)
-    assert argv[1:] == ["-m", "launch.torchrun", "--standalone", "--nproc-per-node=3", "--max-restarts=1",
-                        "-m", "tests.slurm_payload", "train.steps=2"]
+    assert argv[1:] == [
+        "-m",
+        "launch.torchrun",
+        "--standalone",
+        "--nproc-per-node=3",
+        "--max-restarts=1",
+        "-m",
+        "tests.slurm_payload",
+        "train.steps=2",
+    ]
     with pytest.raises(ValueError, match="nproc"):
         local_torchrun_argv(0, ["m"])
     monkeypatch.delenv("RANK", raising=False)
@@ -54,15 +62,25 @@ def test_elastic_restart_resumes_after_a_rank_crash(tmp_path, monkeypatch):
     args = ["tests.slurm_payload", f"run.dir={run}", "train.steps=6", "train.ckpt_every=2"]
     assert launch_local(2, args, env=env, max_restarts=1) == 0
     losses = _losses(run)
-    assert [m["step"] for m in losses] == [1, 2, 3, 3, 4, 5, 6]  # step 3 ran again: restarted from the step-2 checkpoint
+    assert [m["step"] for m in losses] == [
+        1,
+        2,
+        3,
+        3,
+        4,
+        5,
+        6,
+    ]  # step 3 ran again: restarted from the step-2 checkpoint
     assert {m["step"]: m["loss"] for m in losses} == dict(enumerate(reference_losses(6, 2), start=1))
 
 
 @pytest.mark.slow
 def test_sigusr1_checkpoints_exits_75_without_restart_then_resumes(tmp_path):
     run, total = tmp_path / "run", 30
-    code = ("import sys; from launch.torchrun import launch_local; "
-            f"sys.exit(launch_local(2, ['tests.slurm_payload', 'run.dir={run}', 'train.steps={total}'], max_restarts=2))")
+    code = (
+        "import sys; from launch.torchrun import launch_local; "
+        f"sys.exit(launch_local(2, ['tests.slurm_payload', 'run.dir={run}', 'train.steps={total}'], max_restarts=2))"
+    )
     env = {**os.environ, "TW_PAYLOAD_STEP_SLEEP": "0.25"}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
     deadline = time.monotonic() + 60
@@ -111,13 +129,45 @@ def test_sigkilled_launcher_takes_agent_and_ranks_with_it(tmp_path):
     checkpoint on the SIGTERM their parent's death sends, then exit) instead of leaving them training."""
     data, run = tmp_path / "data", tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    synth = [sys.executable, "-m", "launch.cli", "data", "synth", "--out", str(data), "--episodes", "4",
-             "--seconds", "1.0", "--height", "16", "--width", "16"]
+    synth = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "data",
+        "synth",
+        "--out",
+        str(data),
+        "--episodes",
+        "4",
+        "--seconds",
+        "1.0",
+        "--height",
+        "16",
+        "--width",
+        "16",
+    ]
     assert subprocess.run(synth, cwd=REPO, env=env, capture_output=True, timeout=120).returncode == 0
-    train = [sys.executable, "-m", "launch.cli", "train", "--nproc", "2", f"data.path={data}", f"run.dir={run}",
-             "data.height=16", "data.width=16", "model.num_layers=2", "train.global_batch=2", "train.steps=100000",
-             "train.stages.0.steps=100000", "train.stages.1.steps=0", "train.ckpt_every=0", "train.export=false",
-             "run.wandb=disabled", "run.progress=false"]
+    train = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "train",
+        "--nproc",
+        "2",
+        f"data.path={data}",
+        f"run.dir={run}",
+        "data.height=16",
+        "data.width=16",
+        "model.num_layers=2",
+        "train.global_batch=2",
+        "train.steps=100000",
+        "train.stages.0.steps=100000",
+        "train.stages.1.steps=0",
+        "train.ckpt_every=0",
+        "train.export=false",
+        "run.wandb=disabled",
+        "run.progress=false",
+    ]
     launcher = subprocess.Popen(train, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     below: set[int] = set()
     try:

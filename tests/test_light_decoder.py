@@ -19,13 +19,21 @@ from titan_world.model.light_decoder import (
     save_light_decoder,
 )
 
-SMALL = ["data.height=32", "data.width=32", "data.synth_episodes=4", "data.synth_seconds=1.0", "run.progress=false",
-         "run.wandb=disabled"]
+SMALL = [
+    "data.height=32",
+    "data.width=32",
+    "data.synth_episodes=4",
+    "data.synth_seconds=1.0",
+    "run.progress=false",
+    "run.wandb=disabled",
+]
 
 
 def _decoder(seed: int = 0, **kw) -> LightDecoder:
     torch.manual_seed(seed)
-    return LightDecoder(LightDecoderConfig(**{"latent_channels": 16, "spatial_stride": 4, "width": 24, "depth": 1, **kw})).eval()
+    return LightDecoder(
+        LightDecoderConfig(**{"latent_channels": 16, "spatial_stride": 4, "width": 24, "depth": 1, **kw})
+    ).eval()
 
 
 def test_stream_decoding_equals_one_decode_of_the_clip():
@@ -63,8 +71,16 @@ def test_save_load_roundtrip_and_clear_errors(tmp_path):
 def test_distilled_decoder_learns_the_codec(tmp_path, capsys):
     """A few dozen CPU steps take it from noise to a close copy of the tiny codec's decode."""
     run = tmp_path / "run"
-    args = ["distill-decoder", f"run.dir={run}", f"data.path=synthetic:{tmp_path / 'data'}", "decoder.steps=60", "decoder.width=32",
-            "decoder.depth=1", "decoder.eval_batches=2", *SMALL]
+    args = [
+        "distill-decoder",
+        f"run.dir={run}",
+        f"data.path=synthetic:{tmp_path / 'data'}",
+        "decoder.steps=60",
+        "decoder.width=32",
+        "decoder.depth=1",
+        "decoder.eval_batches=2",
+        *SMALL,
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "serving.light_decoder=" in out
@@ -83,7 +99,10 @@ def test_serving_engine_streams_through_the_light_decoder(tmp_path):
 
     d = _decoder(2, spatial_stride=4)
     save_light_decoder(d, tmp_path / "dec")
-    cfg = load_config(None, ["data.height=32", "data.width=32", f"serving.light_decoder={tmp_path / 'dec'}", "serving.checkpoint=null"])
+    cfg = load_config(
+        None,
+        ["data.height=32", "data.width=32", f"serving.light_decoder={tmp_path / 'dec'}", "serving.checkpoint=null"],
+    )
     engine = build_engine(cfg)
     assert isinstance(engine.codec, LightDecodedCodec)
     session = engine.start(None, "a red house", seed=0)
@@ -94,7 +113,7 @@ def test_serving_engine_streams_through_the_light_decoder(tmp_path):
     with torch.no_grad():
         whole = video_to_frames(d(latents).clamp(-1, 1))[0]
     start = session.start_latents.shape[2]
-    sent = torch.from_numpy(whole[1 + 4 * (start - 1):])
+    sent = torch.from_numpy(whole[1 + 4 * (start - 1) :])
     import numpy as np
 
     assert np.array_equal(np.concatenate(frames), sent.numpy())
@@ -114,9 +133,17 @@ def test_distills_from_the_wan_vae(tmp_path):
 
     tiny_wan_vae(tmp_path / "vae")
     run = tmp_path / "run"
-    args = ["distill-decoder", f"run.dir={run}", f"data.path=synthetic:{tmp_path / 'data'}", "data.codec.kind=wan_vae",
-            f"data.codec.path={tmp_path / 'vae'}", "model.action.spatial_stride=8", "decoder.steps=20", "decoder.eval_batches=1",
-            *SMALL]
+    args = [
+        "distill-decoder",
+        f"run.dir={run}",
+        f"data.path=synthetic:{tmp_path / 'data'}",
+        "data.codec.kind=wan_vae",
+        f"data.codec.path={tmp_path / 'vae'}",
+        "model.action.spatial_stride=8",
+        "decoder.steps=20",
+        "decoder.eval_batches=1",
+        *SMALL,
+    ]
     assert main(args) == 0
     result = json.loads((run / "decoder_metrics.json").read_text())
     assert result["teacher"].startswith("wan_vae:") and result["teacher_decoder_params"] > 0

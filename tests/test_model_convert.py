@@ -13,7 +13,18 @@ from titan_world.model.config import ModelConfig
 
 def _model(seed: int) -> WanDiT:
     torch.manual_seed(seed)
-    cfg = ModelConfig(name="t", model_type="i2v", dim=48, ffn_dim=96, num_heads=4, num_layers=2, in_dim=20, out_dim=8, text_dim=16, text_len=8)
+    cfg = ModelConfig(
+        name="t",
+        model_type="i2v",
+        dim=48,
+        ffn_dim=96,
+        num_heads=4,
+        num_layers=2,
+        in_dim=20,
+        out_dim=8,
+        text_dim=16,
+        text_len=8,
+    )
     m = WanDiT(cfg).eval()
     for p in m.parameters():
         p.data.normal_(0, 0.1)
@@ -41,9 +52,16 @@ def test_convert_roundtrip_matches_diffusers(tmp_path, monkeypatch):
         assert torch.equal(back.state_dict()[k], v), k
     # diffusers computes the timestep sinusoid in float32 (we use float64 like Wan): match it here
     monkeypatch.setattr(dit, "sinusoidal_embedding", functools.partial(dit.sinusoidal_embedding, dtype=torch.float32))
-    x, cond, ctx, t = torch.randn(1, 8, 2, 8, 8), torch.randn(1, 12, 2, 8, 8), torch.randn(1, 8, 16), torch.tensor([640.0])
+    x, cond, ctx, t = (
+        torch.randn(1, 8, 2, 8, 8),
+        torch.randn(1, 12, 2, 8, 8),
+        torch.randn(1, 8, 16),
+        torch.tensor([640.0]),
+    )
     with torch.no_grad():
-        torch.testing.assert_close(back(x, t, ctx, cond=cond), ref(torch.cat([x, cond], 1), t, ctx, return_dict=False)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            back(x, t, ctx, cond=cond), ref(torch.cat([x, cond], 1), t, ctx, return_dict=False)[0], rtol=1e-4, atol=1e-4
+        )
 
 
 def test_convert_moe_root_and_errors(tmp_path, capsys):
@@ -78,7 +96,9 @@ def test_lazy_state_is_written_one_shard_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(io.WeightFolder, "read", counting_read)
     monkeypatch.setattr(io, "save_file", counting_save)
     names = {name: name for name in source.sources}
-    io.save_state_dict(io.LazyState(source, names), tmp_path / "copy", io.config_json(model.cfg), max_shard_bytes=20_000)
+    io.save_state_dict(
+        io.LazyState(source, names), tmp_path / "copy", io.config_json(model.cfg), max_shard_bytes=20_000
+    )
     # at most the shard plus the tensor that did not fit in it
     assert len(pending) > 2 and all(held <= n + 1 for held, n in pending), pending
     copy = load_pretrained(tmp_path / "copy")

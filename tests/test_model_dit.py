@@ -9,14 +9,34 @@ import torch
 import yaml
 
 from titan_world.config import CONFIG_ROOT, load_config
-from titan_world.model import AttnMask, CheckpointError, KVCache, WanDiT, WanMoE, build_model, load_pretrained, save_pretrained
+from titan_world.model import (
+    AttnMask,
+    CheckpointError,
+    KVCache,
+    WanDiT,
+    WanMoE,
+    build_model,
+    load_pretrained,
+    save_pretrained,
+)
 from titan_world.model.config import ModelConfig
 from titan_world.model.diffusers_names import native_config_to_diffusers, native_to_diffusers
 from titan_world.model.dit import keeps_fp32
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(name="t", model_type="t2v", dim=48, ffn_dim=96, num_heads=4, num_layers=2, in_dim=8, out_dim=8, text_dim=16, text_len=8)
+    base = dict(
+        name="t",
+        model_type="t2v",
+        dim=48,
+        ffn_dim=96,
+        num_heads=4,
+        num_layers=2,
+        in_dim=8,
+        out_dim=8,
+        text_dim=16,
+        text_len=8,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -27,8 +47,12 @@ def model_cfg(name: str) -> ModelConfig:
 
 @pytest.mark.parametrize(
     "name, params",
-    [("wan2.1-1.3b", 1_418_996_800), ("wan2.2-ti2v-5b", 4_999_787_712), ("wan2.2-i2v-a14b", 14_288_901_184),
-     ("wan2.2-t2v-a14b", 14_288_491_584)],
+    [
+        ("wan2.1-1.3b", 1_418_996_800),
+        ("wan2.2-ti2v-5b", 4_999_787_712),
+        ("wan2.2-i2v-a14b", 14_288_901_184),
+        ("wan2.2-t2v-a14b", 14_288_491_584),
+    ],
 )
 def test_every_size_builds_on_meta_with_wan_names(name, params):
     cfg = model_cfg(name)
@@ -91,7 +115,14 @@ def test_presets_carry_the_official_sampling_defaults(name):
 def test_t2v_a14b_is_two_text_only_experts():
     cfg = model_cfg("wan2.2-t2v-a14b")
     assert (cfg.model_type, cfg.in_dim, cfg.out_dim, cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers) == (
-        "t2v", 16, 16, 5120, 13824, 40, 40)
+        "t2v",
+        16,
+        16,
+        5120,
+        13824,
+        40,
+        40,
+    )
     with torch.device("meta"):
         moe = build_model(cfg)
     assert isinstance(moe, WanMoE) and moe.boundary == 0.875
@@ -115,7 +146,9 @@ def test_matches_diffusers_wan_transformer(monkeypatch):
     ours = WanDiT(cfg).eval()
     for p in ours.parameters():  # non-trivial head and norms
         p.data.normal_(0, 0.2)
-    ref = WanTransformer3DModel(**{k: v for k, v in native_config_to_diffusers(cfg).items() if not k.startswith("_")}).eval()
+    ref = WanTransformer3DModel(
+        **{k: v for k, v in native_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    ).eval()
     missing, unexpected = ref.load_state_dict(native_to_diffusers(ours.state_dict()), strict=True)
     x, cond = torch.randn(2, 8, 3, 8, 8), torch.randn(2, 12, 3, 8, 8)
     t, ctx = torch.tensor([999.0, 321.0]), torch.randn(2, 8, 16)
@@ -153,8 +186,9 @@ def test_bf16_keeps_the_reference_fp32_modules_and_is_at_least_as_precise_as_dif
     import titan_world.model.dit as dit
 
     monkeypatch.setattr(dit, "sinusoidal_embedding", functools.partial(dit.sinusoidal_embedding, dtype=torch.float32))
-    cfg = tiny_cfg(model_type="i2v", dim=256, ffn_dim=512, num_layers=4, in_dim=36, out_dim=16, text_dim=64,
-                   text_len=16)
+    cfg = tiny_cfg(
+        model_type="i2v", dim=256, ffn_dim=512, num_layers=4, in_dim=36, out_dim=16, text_dim=64, text_len=16
+    )
     torch.manual_seed(0)
     ours = WanDiT(cfg).eval()
     with torch.no_grad():
@@ -167,8 +201,14 @@ def test_bf16_keeps_the_reference_fp32_modules_and_is_at_least_as_precise_as_dif
     ours16 = ours16.to(torch.bfloat16)
     fp32 = {n for n, p in ours16.named_parameters() if p.dtype == torch.float32}
     assert fp32 == {n for n, _ in ours16.named_parameters() if dit.keeps_fp32(n)}
-    assert {"time_embedding.0.weight", "time_projection.1.weight", "blocks.3.modulation", "blocks.0.norm3.weight",
-            "head.head.weight", "head.modulation"} <= fp32
+    assert {
+        "time_embedding.0.weight",
+        "time_projection.1.weight",
+        "blocks.3.modulation",
+        "blocks.0.norm3.weight",
+        "head.head.weight",
+        "head.modulation",
+    } <= fp32
     assert ours16.blocks[0].ffn[0].weight.dtype == ours16.blocks[0].self_attn.norm_q.weight.dtype == torch.bfloat16
 
     g = torch.Generator().manual_seed(1)
@@ -203,8 +243,14 @@ def test_bf16_train_step_gemms_stay_bf16():
         assert out.dtype == torch.float32
         assert {n for n, d in dtypes.items() if d == torch.float32} == fp32_gemms, setup
         bf16 = {n for n, d in dtypes.items() if d == torch.bfloat16}
-        assert bf16 >= {"blocks.1.self_attn.q", "blocks.1.cross_attn.o", "blocks.1.ffn.0", "blocks.1.ffn.2",
-                        "text_embedding.0", "patch_embedding"}, setup
+        assert bf16 >= {
+            "blocks.1.self_attn.q",
+            "blocks.1.cross_attn.o",
+            "blocks.1.ffn.0",
+            "blocks.1.ffn.2",
+            "text_embedding.0",
+            "patch_embedding",
+        }, setup
         model.zero_grad(set_to_none=True)
 
 
@@ -298,7 +344,10 @@ def test_kv_cache_streaming_equals_block_causal_full_forward(window):
     cache = KVCache(2, 1, 4, 12, tpf, sink_frames=1, window_frames=w, chunk_frames=chunk)
     with torch.no_grad():
         full = model(x, t, ctx, attn_mask=mask)
-        outs = [model(x[:, :, s : s + chunk], t, ctx, frame_offset=s, kv_cache=cache, cache_write=True) for s in range(0, frames, chunk)]
+        outs = [
+            model(x[:, :, s : s + chunk], t, ctx, frame_offset=s, kv_cache=cache, cache_write=True)
+            for s in range(0, frames, chunk)
+        ]
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-5, atol=1e-5)
 
 
@@ -309,7 +358,9 @@ def test_kv_cache_memory_is_flat():
     ctx = model.prepare_context(torch.randn(1, 8, 16))
     with torch.no_grad():
         for s in range(20):
-            model(torch.randn(1, 8, 1, 8, 8), torch.tensor([0.0]), ctx, frame_offset=s, kv_cache=cache, cache_write=True)
+            model(
+                torch.randn(1, 8, 1, 8, 8), torch.tensor([0.0]), ctx, frame_offset=s, kv_cache=cache, cache_write=True
+            )
     assert (cache.k.data_ptr(), cache.nbytes(), cache.stored_frames, cache.committed_frames) == (ptr, nbytes, 3, 20)
 
 
@@ -405,7 +456,11 @@ def test_bad_checkpoints_name_keys_and_shapes(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_pretrained(tmp_path / "bad")
     msg = str(info.value)
-    assert "blocks.1.ffn.2.bias" in msg and "extra.weight" in msg and "blocks.0.self_attn.q.weight: checkpoint (3, 3)" in msg
+    assert (
+        "blocks.1.ffn.2.bias" in msg
+        and "extra.weight" in msg
+        and "blocks.0.self_attn.q.weight: checkpoint (3, 3)" in msg
+    )
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_pretrained(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
@@ -417,7 +472,12 @@ def test_tiny_default_config_builds_and_runs():
     cfg = load_config().model
     model = build_model(cfg)
     c = cfg.out_dim
-    out = model(torch.randn(1, c, 2, 16, 16), torch.tensor([100.0]), torch.randn(1, 32, 64), cond=torch.randn(1, cfg.in_dim - c, 2, 16, 16))
+    out = model(
+        torch.randn(1, c, 2, 16, 16),
+        torch.tensor([100.0]),
+        torch.randn(1, 32, 64),
+        cond=torch.randn(1, cfg.in_dim - c, 2, 16, 16),
+    )
     assert out.shape == (1, c, 2, 16, 16)
 
 

@@ -25,10 +25,18 @@ transformers = pytest.importorskip("transformers")
 
 # (layout, number of official keys, crc32 of the sorted official key names, parameters)
 REAL_VAES = {
-    "Wan2.1_VAE.pth": (official.VAELayout(96, 96, 16, (1, 2, 4, 4), 2, (False, True, True), False),
-                       194, 2383391375, 126_892_531),
-    "Wan2.2_VAE.pth": (official.VAELayout(160, 256, 48, (1, 2, 4, 4), 2, (False, True, True), True),
-                       196, 1698115950, 704_688_668),
+    "Wan2.1_VAE.pth": (
+        official.VAELayout(96, 96, 16, (1, 2, 4, 4), 2, (False, True, True), False),
+        194,
+        2383391375,
+        126_892_531,
+    ),
+    "Wan2.2_VAE.pth": (
+        official.VAELayout(160, 256, 48, (1, 2, 4, 4), 2, (False, True, True), True),
+        196,
+        1698115950,
+        704_688_668,
+    ),
 }
 # a few names as the official code spells them (wan/modules/vae2_1.py, vae2_2.py)
 OFFICIAL_VAE_KEYS = {
@@ -78,10 +86,15 @@ def test_umt5_xxl_official_keys_map_onto_transformers():
     assert (len(kmap), _crc(kmap)) == (242, 4010791426)
     assert kmap["blocks.23.ffn.gate.0.weight"] == "encoder.block.23.layer.1.DenseReluDense.wi_0.weight"
     assert kmap["blocks.0.pos_embedding.embedding.weight"] == (
-        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-    shapes = {"token_embedding.weight": (256384, 4096), "blocks.0.pos_embedding.embedding.weight": (32, 64),
-              "blocks.0.attn.q.weight": (4096, 4096), "blocks.0.ffn.fc1.weight": (10240, 4096),
-              "blocks.23.norm1.weight": (4096,)}
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    )
+    shapes = {
+        "token_embedding.weight": (256384, 4096),
+        "blocks.0.pos_embedding.embedding.weight": (32, 64),
+        "blocks.0.attn.q.weight": (4096, 4096),
+        "blocks.0.ffn.fc1.weight": (10240, 4096),
+        "blocks.23.norm1.weight": (4096,),
+    }
     cfg = official.t5_config_from_official(shapes)
     got = (cfg.vocab_size, cfg.d_model, cfg.d_kv, cfg.d_ff, cfg.num_layers, cfg.num_heads)
     assert got == (256384, 4096, 64, 10240, 24, 64) and cfg.relative_attention_num_buckets == 32
@@ -93,10 +106,20 @@ def test_umt5_xxl_official_keys_map_onto_transformers():
 def tiny_vae(residual: bool):
     torch.manual_seed(0)
     if residual:  # Wan2.2-style: residual blocks, 2x2 patches, its own decoder width
-        vae = diffusers.AutoencoderKLWan(base_dim=8, decoder_base_dim=12, z_dim=6, dim_mult=[1, 2, 2, 2],
-                                         num_res_blocks=1, is_residual=True, in_channels=12, out_channels=12,
-                                         patch_size=2, scale_factor_spatial=16,
-                                         latents_mean=[0.0] * 6, latents_std=[1.0] * 6)
+        vae = diffusers.AutoencoderKLWan(
+            base_dim=8,
+            decoder_base_dim=12,
+            z_dim=6,
+            dim_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_spatial=16,
+            latents_mean=[0.0] * 6,
+            latents_std=[1.0] * 6,
+        )
     else:
         vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
     with torch.no_grad():  # non-trivial norms and zero-initialised projections
@@ -121,8 +144,9 @@ def test_vae_roundtrip_and_saved_pth_gives_the_same_video(tmp_path, residual):
     assert not any(p.is_meta for p in loaded.parameters())
     x = torch.rand(1, 3, 5, 32, 32) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode(x).latent_dist.mode(), vae.encode(x).latent_dist.mode(),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.encode(x).latent_dist.mode(), vae.encode(x).latent_dist.mode(), rtol=0, atol=0
+        )
         side = 32 // vae.config.scale_factor_spatial
         z = torch.randn(1, vae.config.z_dim, 2, side, side)
         torch.testing.assert_close(loaded.decode(z).sample, vae.decode(z).sample, rtol=0, atol=0)
@@ -159,11 +183,20 @@ def tiny_umt5(tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok_dir = tmp_path / "google" / "umt5-xxl"
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.save_pretrained(tok_dir)
-    cfg = transformers.UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                  relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+    cfg = transformers.UMT5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+    )
     model = transformers.UMT5EncoderModel(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -187,8 +220,12 @@ def test_t5_roundtrip_and_official_files_encode_as_the_model(tmp_path):
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).last_hidden_state,
-                                   model(input_ids=ids, attention_mask=mask).last_hidden_state, rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded(input_ids=ids, attention_mask=mask).last_hidden_state,
+            model(input_ids=ids, attention_mask=mask).last_hidden_state,
+            rtol=0,
+            atol=0,
+        )
 
     # data.text_encoder.path = the .pth (tokenizer google/umt5-xxl/ beside it) or the folder holding both
     prompts = ["a red cube moves left", "the blue sphere rolls right past the camera"]
@@ -204,8 +241,9 @@ def test_t5_roundtrip_and_official_files_encode_as_the_model(tmp_path):
 def test_a_real_model_never_gets_the_tiny_text_encoder_unasked(tmp_path):
     cfg = load_config("train/a14b_8gpu.yaml", [])  # the default data.text_encoder with a real model
     with pytest.raises(ValueError, match="text_dim 4096"):
-        build_text_encoder(cfg.data.text_encoder.kind, cfg.model.text_dim, cfg.model.text_len,
-                           cfg.data.text_encoder.path)
+        build_text_encoder(
+            cfg.data.text_encoder.kind, cfg.model.text_dim, cfg.model.text_len, cfg.data.text_encoder.path
+        )
     assert isinstance(build_text_encoder("auto", text_dim=64, text_len=32), TinyTextEncoder)  # the tiny model
     with pytest.raises(ValueError, match=f"text_dim 4096.*{official.T5_FILE}.*kind=tiny"):
         build_text_encoder("auto", text_dim=4096, text_len=512)

@@ -11,10 +11,29 @@ from titan_world.model import WanDiT
 from titan_world.model.config import ModelConfig
 
 
-@pytest.mark.parametrize("mode,skip,expected", [("full", 0, [0, 1, 2]), ("selective", 0, [0, 2]), ("attention", 0, [0, 1, 2]),
-                                                ("attention", 1, [0, 1]), ("selective", 1, [0])])
+@pytest.mark.parametrize(
+    "mode,skip,expected",
+    [
+        ("full", 0, [0, 1, 2]),
+        ("selective", 0, [0, 2]),
+        ("attention", 0, [0, 1, 2]),
+        ("attention", 1, [0, 1]),
+        ("selective", 1, [0]),
+    ],
+)
 def test_ac_mode_matches_no_checkpointing(mode, skip, expected):
-    cfg = ModelConfig(name="t", model_type="t2v", dim=48, ffn_dim=96, num_heads=4, num_layers=3, in_dim=8, out_dim=8, text_dim=16, text_len=8)
+    cfg = ModelConfig(
+        name="t",
+        model_type="t2v",
+        dim=48,
+        ffn_dim=96,
+        num_heads=4,
+        num_layers=3,
+        in_dim=8,
+        out_dim=8,
+        text_dim=16,
+        text_len=8,
+    )
     torch.manual_seed(0)
     ref = WanDiT(cfg)
     for p in ref.parameters():

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn as nn
-
 from dist_utils import run_distributed
+from test_parallel_harness import ATOL, RTOL, make_model, setup, train_step
+
 from parallel.checkpoint import Checkpointer, CheckpointWarning, export_safetensors, list_checkpoints
-from test_parallel_harness import ATOL, RTOL, full_params, make_model, setup, train_step
 
 SAVE_AT = 2
 
@@ -39,7 +38,13 @@ class Loader:
 def _state(dims):
     model, opt, mesh = setup(dims, optim="adamw")
     sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.5, total_iters=10)
-    state = {"model": model, "optimizer": opt, "scheduler": sched, "dataloader": Loader(), "curriculum": {"stage": 0, "stage_step": 0}}
+    state = {
+        "model": model,
+        "optimizer": opt,
+        "scheduler": sched,
+        "dataloader": Loader(),
+        "curriculum": {"stage": 0, "stage_step": 0},
+    }
     return state, mesh
 
 
@@ -105,14 +110,24 @@ def test_resharding_1_to_4_to_2_to_1(tmp_path):
     _close(r["losses"], expected_next, "1 -> 1")
 
     # 1 -> 4, and a fresh 4-rank run that saves
-    res4 = run_distributed(calls_worker, 4, [("resume", {"dims": fsdp_cp, "run_dir": d1}), ("train_and_save", {"dims": fsdp_cp, "run_dir": d4})], timeout=300)
+    res4 = run_distributed(
+        calls_worker,
+        4,
+        [("resume", {"dims": fsdp_cp, "run_dir": d1}), ("train_and_save", {"dims": fsdp_cp, "run_dir": d4})],
+        timeout=300,
+    )
     from_1, saved_4 = res4[0]
     _close(from_1["losses"], expected_next, "1 -> 4")
     _close(saved_4["losses"], ref["losses"], "4-rank run vs 1-process run")
     assert from_1["lr"] == pytest.approx(r["lr"]) and from_1["loader"] == SAVE_AT
 
     # 4 -> 2 (CP and FSDP layouts)
-    res2 = run_distributed(calls_worker, 2, [("resume", {"dims": {"cp": 2}, "run_dir": d4}), ("resume", {"dims": {"dp_shard": 2}, "run_dir": d4})], timeout=300)
+    res2 = run_distributed(
+        calls_worker,
+        2,
+        [("resume", {"dims": {"cp": 2}, "run_dir": d4}), ("resume", {"dims": {"dp_shard": 2}, "run_dir": d4})],
+        timeout=300,
+    )
     for got, label in zip(res2[0], ["4 -> 2 (cp)", "4 -> 2 (fsdp)"]):
         assert got["step"] == SAVE_AT and got["curriculum"]["stage_step"] == SAVE_AT
         _close(got["losses"], saved_4["losses"][SAVE_AT:], label)
@@ -178,7 +193,9 @@ def test_export_safetensors_single_and_sharded(tmp_path):
     assert got.keys() == want.keys()  # Wan names, no prefix, no optimizer state
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
-    files = export_safetensors(path, tmp_path / "sharded", max_shard_bytes=1 << 20, dtype=torch.bfloat16, config={"dim": 128})
+    files = export_safetensors(
+        path, tmp_path / "sharded", max_shard_bytes=1 << 20, dtype=torch.bfloat16, config={"dim": 128}
+    )
     index = json.loads((tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(want) and len({*index["weight_map"].values()}) > 1
     merged = {}

@@ -11,8 +11,19 @@ from titan_world.model.config import ActionConfig, ModelConfig
 
 def _model() -> WanDiT:
     torch.manual_seed(0)
-    cfg = ModelConfig(name="t", model_type="t2v", dim=32, ffn_dim=64, num_heads=2, num_layers=1, in_dim=8, out_dim=8,
-                      text_dim=16, text_len=8, action=ActionConfig(enabled=True, spatial_stride=1))
+    cfg = ModelConfig(
+        name="t",
+        model_type="t2v",
+        dim=32,
+        ffn_dim=64,
+        num_heads=2,
+        num_layers=1,
+        in_dim=8,
+        out_dim=8,
+        text_dim=16,
+        text_len=8,
+        action=ActionConfig(enabled=True, spatial_stride=1),
+    )
     return WanDiT(cfg)
 
 

@@ -8,16 +8,20 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_parallel_harness import make_model
 
 from parallel.float8 import apply_float8
-from test_parallel_harness import make_model
 from titan_world.config import ConfigError, load_config
 
 
 def inputs(cfg):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(2, cfg.out_dim, 3, 16, 16, generator=g), torch.tensor([500.0, 800.0]),
-            torch.randn(2, cfg.text_len, cfg.text_dim, generator=g), torch.randn(2, cfg.in_dim - cfg.out_dim, 3, 16, 16, generator=g))
+    return (
+        torch.randn(2, cfg.out_dim, 3, 16, 16, generator=g),
+        torch.tensor([500.0, 800.0]),
+        torch.randn(2, cfg.text_len, cfg.text_dim, generator=g),
+        torch.randn(2, cfg.in_dim - cfg.out_dim, 3, 16, 16, generator=g),
+    )
 
 
 def test_only_block_linears_are_swapped_and_names_are_kept():

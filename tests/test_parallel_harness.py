@@ -98,7 +98,14 @@ def make_optimizer(model, kind: str) -> torch.optim.Optimizer:
 
 def setup(dims: dict[str, Any] | None, frozen: bool = False, optim: str = "sgd", float8: str = "none"):
     """(model, optimizer, mesh | None) for `dims` (None: plain single-process model, no FSDP)."""
-    from parallel import apply_activation_checkpointing, apply_float8, apply_fsdp, build_mesh, compile_blocks, init_distributed
+    from parallel import (
+        apply_activation_checkpointing,
+        apply_float8,
+        apply_fsdp,
+        build_mesh,
+        compile_blocks,
+        init_distributed,
+    )
     from parallel.ulysses import UlyssesContext
 
     model = make_model(frozen=frozen)
@@ -135,7 +142,9 @@ def train_step(model, opt, mesh, step: int) -> float:
     return global_loss(loss, mesh)
 
 
-def train_worker(dims: dict[str, Any] | None, steps: int = STEPS, frozen: bool = False, optim: str = "sgd", float8: str = "none") -> dict[str, Any]:
+def train_worker(
+    dims: dict[str, Any] | None, steps: int = STEPS, frozen: bool = False, optim: str = "sgd", float8: str = "none"
+) -> dict[str, Any]:
     """Run `steps` optimizer steps; losses on all ranks, full parameters from rank 0."""
     torch.manual_seed(0)
     model, opt, mesh = setup(dims, frozen, optim, float8)

@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
 
 pytestmark = pytest.mark.xdist_group(name="dist")
@@ -30,7 +29,11 @@ def _inputs(cfg):
         t=torch.tensor([[937.3, 512.7, 3.2], [999.1, 250.4, 61.9]]),
         context=torch.randn(b, cfg.text_len, cfg.text_dim, generator=g),
         cond=torch.randn(b, cfg.in_dim - cfg.out_dim, f, h, w, generator=g) if cfg.in_dim > cfg.out_dim else None,
-        actions=ActionInputs(torch.rand(b, f, cfg.action.num_keys, generator=g), c2w, torch.tensor([32.0, 32.0, 32.0, 32.0]).repeat(b, f, 1)),
+        actions=ActionInputs(
+            torch.rand(b, f, cfg.action.num_keys, generator=g),
+            c2w,
+            torch.tensor([32.0, 32.0, 32.0, 32.0]).repeat(b, f, 1),
+        ),
     )
 
 

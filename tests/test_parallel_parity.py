@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
 from test_parallel_harness import assert_close_runs, jobs_worker, reference
 
@@ -89,5 +88,7 @@ def test_float8_under_fsdp_and_cp():
     assert gap > 1e-5, "the FP8 reference must differ from the fp32 one"
     for label, got in zip(["fsdp2 + fp8", "cp2 + fp8"], results):  # observed: gap / 12 (FSDP), gap / 4 (CP)
         diff = max((got["params"][k] - ref8["params"][k]).abs().max().item() for k in ref8["params"])
-        assert diff < gap / 2, f"{label}: parameters differ by {diff:.2e} from single-process FP8 (FP8 vs fp32: {gap:.2e})"
+        assert diff < gap / 2, (
+            f"{label}: parameters differ by {diff:.2e} from single-process FP8 (FP8 vs fp32: {gap:.2e})"
+        )
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref8["losses"]), rtol=1e-3, atol=1e-5)

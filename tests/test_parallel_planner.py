@@ -11,7 +11,9 @@ from titan_world.model.config import ModelConfig
 
 
 def _cfg(name: str) -> ModelConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(resolve_config_path(f"model/{name}"))))
+    return OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(resolve_config_path(f"model/{name}")))
+    )
 
 
 def test_counts_match_design():
@@ -27,7 +29,10 @@ def test_plan_scales_and_formats():
     eight = plan(a14, 961, 480, 832, cp=8, ac="full")
     assert not one.fits and eight.fits
     assert eight.gb["activations"] < one.gb["activations"] / 7
-    assert plan(a14, 81, 480, 832, dp_shard=8, ac="none").gb["activations"] > plan(a14, 81, 480, 832, dp_shard=8, ac="full").gb["activations"]
+    assert (
+        plan(a14, 81, 480, 832, dp_shard=8, ac="none").gb["activations"]
+        > plan(a14, 81, 480, 832, dp_shard=8, ac="full").gb["activations"]
+    )
     assert "fits" in format_plan(eight)
     with pytest.raises(ValueError, match="num_heads"):
         plan(a14, 81, 480, 832, cp=3)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
 from posttrain_runs import COMMON, records, save_teacher, weights
 
@@ -34,8 +33,17 @@ def _cfg(tmp: Path, run: str, *extra: str):
 
     teacher = tmp / "teacher"
     data = tmp / ("data24" if "data.height=24" in extra else "data")
-    return load_config(None, [f"run.dir={tmp / run}", f"data.path=synthetic:{data}", f"posttrain.teacher={teacher}",
-                              f"posttrain.student={teacher}", *COMMON, *extra])
+    return load_config(
+        None,
+        [
+            f"run.dir={tmp / run}",
+            f"data.path=synthetic:{data}",
+            f"posttrain.teacher={teacher}",
+            f"posttrain.student={teacher}",
+            *COMMON,
+            *extra,
+        ],
+    )
 
 
 def one_process(tmp: Path) -> None:
@@ -55,10 +63,14 @@ def two_cp_ranks(tmp: Path) -> dict:
     job = CausalJob(_cfg(tmp, "causal-cp", cp, "train.steps=2"))
     out = {"dp": (job.dp_rank, job.dp_size), "cp_size": job.cp.size}
     assert job.fit() == 0
-    assert CausalJob(_cfg(tmp, "causal-odd-cp", cp, *ODD, "train.steps=2")).fit() == 0  # the sequence is padded to 28 tokens
+    assert (
+        CausalJob(_cfg(tmp, "causal-odd-cp", cp, *ODD, "train.steps=2")).fit() == 0
+    )  # the sequence is padded to 28 tokens
     assert DMDJob(_cfg(tmp, "dmd-cp", cp, f"train.steps={DMD_STEPS}")).fit() == 0
     assert DMDJob(_cfg(tmp, "dmd-cp-replicas", cp, "posttrain.fsdp=false", f"train.steps={DMD_STEPS}")).fit() == 0
-    assert DMDJob(_cfg(tmp, "dmd-cut", cp, f"train.steps={DMD_STEPS}", "train.preempt_at_step=2")).fit() == EXIT_PREEMPTED
+    assert (
+        DMDJob(_cfg(tmp, "dmd-cut", cp, f"train.steps={DMD_STEPS}", "train.preempt_at_step=2")).fit() == EXIT_PREEMPTED
+    )
     assert DMDJob(_cfg(tmp, "dmd-cut", cp, f"train.steps={DMD_STEPS}"), resume=True).fit() == 0
     odd = DMDJob(_cfg(tmp, "dmd-odd", cp, *ODD, "train.steps=1"))
     try:
@@ -84,13 +96,20 @@ def runs(tmp_path_factory):
 DMD_KEYS = ["fake_loss", "d_loss", "dmd_loss", "g_loss", "critic_grad_norm", "student_grad_norm"]
 
 
-@pytest.mark.parametrize("ref,run,keys", [("causal-1", "causal-cp", ["loss", "grad_norm"]),
-                                          ("causal-odd-1", "causal-odd-cp", ["loss", "grad_norm"]),
-                                          ("dmd-1", "dmd-cp", DMD_KEYS),
-                                          ("dmd-1", "dmd-cp-replicas", DMD_KEYS)])
+@pytest.mark.parametrize(
+    "ref,run,keys",
+    [
+        ("causal-1", "causal-cp", ["loss", "grad_norm"]),
+        ("causal-odd-1", "causal-odd-cp", ["loss", "grad_norm"]),
+        ("dmd-1", "dmd-cp", DMD_KEYS),
+        ("dmd-1", "dmd-cp-replicas", DMD_KEYS),
+    ],
+)
 def test_cp_matches_one_process(runs, ref, run, keys):
     tmp, ranks = runs
-    assert all(r["dp"] == (0, 1) and r["cp_size"] == 2 for r in ranks), "both ranks are one CP group of one data-parallel rank"
+    assert all(r["dp"] == (0, 1) and r["cp_size"] == 2 for r in ranks), (
+        "both ranks are one CP group of one data-parallel rank"
+    )
     want, got = records(tmp / ref), records(tmp / run)
     assert [r["step"] for r in got] == [r["step"] for r in want] and len(want) >= 2
     for a, b in zip(want, got):

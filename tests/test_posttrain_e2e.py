@@ -19,8 +19,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dist")]
 
 
 def _cfg(tmp: Path, data: Path, run: str, teacher: Path, *extra: str):
-    return load_config(None, [f"run.dir={tmp / run}", f"data.path=synthetic:{data}", "data.synth_episodes=6", "data.synth_seconds=2.0",
-                              "run.progress=false", "run.wandb=disabled", f"posttrain.teacher={teacher}", *extra])
+    return load_config(
+        None,
+        [
+            f"run.dir={tmp / run}",
+            f"data.path=synthetic:{data}",
+            "data.synth_episodes=6",
+            "data.synth_seconds=2.0",
+            "run.progress=false",
+            "run.wandb=disabled",
+            f"posttrain.teacher={teacher}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +52,14 @@ def _losses(run_dir: Path) -> list[dict]:
 
 def test_dmd_resume_reproduces_uninterrupted_losses(world):
     tmp, data, teacher = world
-    common = ["posttrain.rollout_chunks=2", "posttrain.grad_chunks=2", "posttrain.gan_weight=0.1",
-              "posttrain.fake_updates=2", "train.ckpt_every=0", "posttrain.ema_start_step=1"]  # the student's EMA averages across the resume
+    common = [
+        "posttrain.rollout_chunks=2",
+        "posttrain.grad_chunks=2",
+        "posttrain.gan_weight=0.1",
+        "posttrain.fake_updates=2",
+        "train.ckpt_every=0",
+        "posttrain.ema_start_step=1",
+    ]  # the student's EMA averages across the resume
     assert run_stage("dmd", _cfg(tmp, data, "full", teacher, "train.steps=4", *common)) == 0
     assert run_stage("dmd", _cfg(tmp, data, "cut", teacher, "train.steps=2", *common)) == 0
     assert run_stage("dmd", _cfg(tmp, data, "cut", teacher, "train.steps=4", *common), resume=True) == 0
@@ -80,9 +97,25 @@ def trained_teacher(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("posttrain_teacher")
     data = tmp / "data"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "launch.cli", "train", f"run.dir={tmp / 'run'}", "train.steps=40", f"data.path=synthetic:{data}",
-                    "data.synth_episodes=6", "data.synth_seconds=2.0", "train.ckpt_every=0", "run.progress=false",
-                    "run.wandb=disabled", "model.action.enabled=true"], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "train",
+            f"run.dir={tmp / 'run'}",
+            "train.steps=40",
+            f"data.path=synthetic:{data}",
+            "data.synth_episodes=6",
+            "data.synth_seconds=2.0",
+            "train.ckpt_every=0",
+            "run.progress=false",
+            "run.wandb=disabled",
+            "model.action.enabled=true",
+        ],
+        check=True,
+        env=env,
+    )
     return tmp / "run" / "model", data
 
 
@@ -106,21 +139,39 @@ def test_tiny_dmd_before_after_against_the_simulator(trained_teacher, tmp_path):
     torch.set_num_threads(1)
     teacher, data = trained_teacher
     assert run_stage("causal", _cfg(tmp_path, data, "causal", teacher, "train.steps=40", "train.ckpt_every=0")) == 0
-    dmd = ["train.steps=30", "train.ckpt_every=0", f"posttrain.student={tmp_path / 'causal' / 'model'}", "posttrain.rollout_chunks=2", "posttrain.grad_chunks=2",
-           "posttrain.student_lr=1e-4"]
+    dmd = [
+        "train.steps=30",
+        "train.ckpt_every=0",
+        f"posttrain.student={tmp_path / 'causal' / 'model'}",
+        "posttrain.rollout_chunks=2",
+        "posttrain.grad_chunks=2",
+        "posttrain.student_lr=1e-4",
+    ]
     assert run_stage("dmd", _cfg(tmp_path, data, "dmd", teacher, *dmd)) == 0
     cfg = _cfg(tmp_path, data, "eval", teacher)
     batches = held_out_batches(cfg, 4, 17, True)
     codec = codec_from_config(cfg.data.codec)
     t_metrics, t_clips = evaluate_teacher(load_net(teacher, "cpu").eval(), batches, codec, steps=20)
-    before = evaluate_student(load_net(tmp_path / "causal" / "model", "cpu").eval(), batches, cfg.posttrain, codec, reference=t_clips)
-    after = evaluate_student(load_net(tmp_path / "dmd" / "model", "cpu").eval(), batches, cfg.posttrain, codec, reference=t_clips)
+    before = evaluate_student(
+        load_net(tmp_path / "causal" / "model", "cpu").eval(), batches, cfg.posttrain, codec, reference=t_clips
+    )
+    after = evaluate_student(
+        load_net(tmp_path / "dmd" / "model", "cpu").eval(), batches, cfg.posttrain, codec, reference=t_clips
+    )
     fmt = lambda m: " ".join(f"{k}={v:.4g}" for k, v in m.items())  # noqa: E731
-    print(f"\nteacher, 20 bidirectional steps:  {fmt(t_metrics)}"
-          f"\n4-step causal student before DMD: {fmt(before)}\n4-step student after DMD:         {fmt(after)}")
+    print(
+        f"\nteacher, 20 bidirectional steps:  {fmt(t_metrics)}"
+        f"\n4-step causal student before DMD: {fmt(before)}\n4-step student after DMD:         {fmt(after)}"
+    )
     rec = _losses(tmp_path / "dmd")
     assert len(rec) == 30 and all(torch.isfinite(torch.tensor([r["dmd_loss"], r["fake_loss"]])).all() for r in rec)
-    assert t_metrics["gauss_gt"] < before["gauss_gt"], "the teacher should be the closer distribution (else DMD has nothing to pull toward)"
-    assert after["gauss_gt"] < before["gauss_gt"], "after DMD the student's samples should be distributed closer to the simulator's"
-    assert after["gauss_teacher"] < before["gauss_teacher"], "DMD should bring the student's distribution toward the teacher's"
+    assert t_metrics["gauss_gt"] < before["gauss_gt"], (
+        "the teacher should be the closer distribution (else DMD has nothing to pull toward)"
+    )
+    assert after["gauss_gt"] < before["gauss_gt"], (
+        "after DMD the student's samples should be distributed closer to the simulator's"
+    )
+    assert after["gauss_teacher"] < before["gauss_teacher"], (
+        "DMD should bring the student's distribution toward the teacher's"
+    )
     assert after["yaw_mae_deg"] < before["yaw_mae_deg"] * 1.1, "DMD should not break action following"

@@ -25,9 +25,20 @@ SMALL = ["posttrain.rollout_chunks=2", "posttrain.grad_chunks=2", "posttrain.fak
 
 
 def _cfg(tmp: Path, data: Path, run: str, teacher: Path, *extra: str):
-    return load_config(None, [f"run.dir={tmp / run}", f"data.path=synthetic:{data}", "data.synth_episodes=4",
-                              "data.synth_seconds=1.0", "run.progress=false", "run.wandb=disabled",
-                              f"posttrain.teacher={teacher}", *SMALL, *extra])
+    return load_config(
+        None,
+        [
+            f"run.dir={tmp / run}",
+            f"data.path=synthetic:{data}",
+            "data.synth_episodes=4",
+            "data.synth_seconds=1.0",
+            "run.progress=false",
+            "run.wandb=disabled",
+            f"posttrain.teacher={teacher}",
+            *SMALL,
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +76,15 @@ def test_real_score_unconditional_branch_is_the_encoded_negative_prompt(world):
     inp = tr.window(batch, batch.latents)
     noise = torch.randn(inp.latents.shape, generator=torch.Generator().manual_seed(0))
     neg = dmd_step_loss(inp.latents, inp, tr.teacher, tr.critic.fake, 0.5, noise, 2.0)
-    zero = dmd_step_loss(inp.latents, dataclasses.replace(inp, uncond_context=torch.zeros_like(inp.uncond_context)),
-                         tr.teacher, tr.critic.fake, 0.5, noise, 2.0)
+    zero = dmd_step_loss(
+        inp.latents,
+        dataclasses.replace(inp, uncond_context=torch.zeros_like(inp.uncond_context)),
+        tr.teacher,
+        tr.critic.fake,
+        0.5,
+        noise,
+        2.0,
+    )
     assert not torch.allclose(neg.loss, zero.loss, rtol=1e-4, atol=0), (neg.loss, zero.loss)
 
 
@@ -89,8 +107,17 @@ def test_exported_student_is_the_ema_of_its_updates(world):
     before `ema_start_step` (1), an average from it on."""
     tmp, data, teacher = world
     decay, steps = 0.5, 3
-    job = DMDJob(_cfg(tmp, data, "ema", teacher, f"train.steps={steps}", f"posttrain.ema_decay={decay}",
-                      "posttrain.ema_start_step=1"))
+    job = DMDJob(
+        _cfg(
+            tmp,
+            data,
+            "ema",
+            teacher,
+            f"train.steps={steps}",
+            f"posttrain.ema_decay={decay}",
+            "posttrain.ema_start_step=1",
+        )
+    )
     updates = []
     job.trainer.opt_student.register_step_post_hook(lambda opt, args, kwargs: updates.append(_params(job.student)))
     assert job.fit() == 0
@@ -107,8 +134,9 @@ def test_exported_student_is_the_ema_of_its_updates(world):
 
 def test_export_ema_false_exports_the_raw_student(world):
     tmp, data, teacher = world
-    job = DMDJob(_cfg(tmp, data, "raw", teacher, "train.steps=1", "posttrain.export_ema=false",
-                      "posttrain.ema_start_step=0"))
+    job = DMDJob(
+        _cfg(tmp, data, "raw", teacher, "train.steps=1", "posttrain.export_ema=false", "posttrain.ema_start_step=0")
+    )
     assert job.fit() == 0
     exported = load_net(tmp / "raw" / "model", "cpu").state_dict()
     for n, p in _params(job.student).items():
@@ -121,8 +149,17 @@ C, HW = 8, 8
 
 
 def _tiny() -> torch.nn.Module:
-    cfg = ModelConfig(dim=48, ffn_dim=96, num_heads=4, num_layers=4, in_dim=2 * C + 4, out_dim=C, text_dim=16,
-                      text_len=8, action=ActionConfig(enabled=True, spatial_stride=1))
+    cfg = ModelConfig(
+        dim=48,
+        ffn_dim=96,
+        num_heads=4,
+        num_layers=4,
+        in_dim=2 * C + 4,
+        out_dim=C,
+        text_dim=16,
+        text_len=8,
+        action=ActionConfig(enabled=True, spatial_stride=1),
+    )
     m = build_model(cfg)
     for p in m.parameters():  # Wan init zeroes the head: give every path a signal
         p.data.normal_(0, 0.05)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
 from posttrain_runs import COMMON, records, save_teacher, weights
 
@@ -33,8 +32,18 @@ def _cfg(tmp: Path, run: str, fsdp: bool, *extra: str, teacher: str = "teacher")
     from titan_world.config import load_config
 
     path = tmp / teacher
-    return load_config(None, [f"run.dir={tmp / run}", f"data.path=synthetic:{tmp / 'data'}", f"posttrain.teacher={path}",
-                              f"posttrain.student={path}", f"posttrain.fsdp={str(fsdp).lower()}", *COMMON, *extra])
+    return load_config(
+        None,
+        [
+            f"run.dir={tmp / run}",
+            f"data.path=synthetic:{tmp / 'data'}",
+            f"posttrain.teacher={path}",
+            f"posttrain.student={path}",
+            f"posttrain.fsdp={str(fsdp).lower()}",
+            *COMMON,
+            *extra,
+        ],
+    )
 
 
 def _local(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -110,14 +119,34 @@ def all_jobs(tmp: Path) -> dict:
         assert dmd.fit() == 0
         if fsdp:
             out["probe"] = _probe(dmd)
-    assert DMDJob(_cfg(tmp, "dmd-cut", True, f"train.steps={DMD_STEPS}", "train.preempt_at_step=2")).fit() == EXIT_PREEMPTED
+    assert (
+        DMDJob(_cfg(tmp, "dmd-cut", True, f"train.steps={DMD_STEPS}", "train.preempt_at_step=2")).fit()
+        == EXIT_PREEMPTED
+    )
     assert DMDJob(_cfg(tmp, "dmd-cut", True, f"train.steps={DMD_STEPS}"), resume=True).fit() == 0
     # student: the high expert; with seed 0, sigmas in [0.5, 0.98] route critic and student updates to both experts (boundary 0.9)
-    moe = DMDJob(_cfg(tmp, "dmd-moe", True, "train.steps=2", "posttrain.dmd_shift=1.0", "posttrain.dmd_sigma_min=0.5", teacher="moe"))
+    moe = DMDJob(
+        _cfg(
+            tmp,
+            "dmd-moe",
+            True,
+            "train.steps=2",
+            "posttrain.dmd_shift=1.0",
+            "posttrain.dmd_sigma_min=0.5",
+            teacher="moe",
+        )
+    )
     assert moe.fit() == 0
-    nets = {"student": moe.student, "fake.high": moe.trainer.critic.fake.high, "fake.low": moe.trainer.critic.fake.low,
-            "teacher.high": moe.trainer.teacher.high, "teacher.low": moe.trainer.teacher.low}
-    out["moe_shares"] = {k: sum(x.numel() for x in _local(m)) / sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
+    nets = {
+        "student": moe.student,
+        "fake.high": moe.trainer.critic.fake.high,
+        "fake.low": moe.trainer.critic.fake.low,
+        "teacher.high": moe.trainer.teacher.high,
+        "teacher.low": moe.trainer.teacher.low,
+    }
+    out["moe_shares"] = {
+        k: sum(x.numel() for x in _local(m)) / sum(p.numel() for p in m.parameters()) for k, m in nets.items()
+    }
     return out
 
 
@@ -133,8 +162,13 @@ def runs(tmp_path_factory):
     return tmp, ranks
 
 
-@pytest.mark.parametrize("stage,keys", [("causal", ["loss", "grad_norm"]),
-                                        ("dmd", ["fake_loss", "d_loss", "dmd_loss", "g_loss", "critic_grad_norm", "student_grad_norm"])])
+@pytest.mark.parametrize(
+    "stage,keys",
+    [
+        ("causal", ["loss", "grad_norm"]),
+        ("dmd", ["fake_loss", "d_loss", "dmd_loss", "g_loss", "critic_grad_norm", "student_grad_norm"]),
+    ],
+)
 def test_fsdp_matches_allreduce(runs, stage, keys):
     tmp, _ = runs
     ref, got = records(tmp / f"{stage}-allreduce"), records(tmp / f"{stage}-fsdp")
@@ -168,7 +202,9 @@ def test_updates_touch_only_their_own_network_under_fsdp(runs):
         p = res["probe"]
         assert p["student_update_moved_student"], rank
         assert p["student_update_critic_same"], f"rank {rank}: the G step changed the critic"
-        assert not p["student_update_critic_grads"], f"rank {rank}: the G step gave critic weights gradients: {p['student_update_critic_grads'][:5]}"
+        assert not p["student_update_critic_grads"], (
+            f"rank {rank}: the G step gave critic weights gradients: {p['student_update_critic_grads'][:5]}"
+        )
         assert p["critic_update_student_same"], f"rank {rank}: the critic step touched the student"
         assert p["critic_update_moved_critic"], rank
 
@@ -181,7 +217,9 @@ def test_moe_teacher_and_fake_shard_each_expert(runs):
         for net, share in res["moe_shares"].items():
             assert 0.4 < share < 0.6, (rank, net, share)
     rec = records(tmp / "dmd-moe")
-    assert len(rec) == 2 and all(torch.isfinite(torch.tensor([r["dmd_loss"], r["fake_loss"], r["g_loss"]])).all() for r in rec)
+    assert len(rec) == 2 and all(
+        torch.isfinite(torch.tensor([r["dmd_loss"], r["fake_loss"], r["g_loss"]])).all() for r in rec
+    )
     assert min(r["sigma"] for r in rec) < 0.9 < max(r["sigma"] for r in rec), "both experts must have been used"
     assert (tmp / "dmd-moe" / "model" / "config.json").is_file()
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_posttrain_units import HW, C, actions, tiny
 from torch.distributed.fsdp import FSDPModule
 
 from parallel.config import ParallelConfig
-from test_posttrain_units import C, HW, actions, tiny
 from titan_world.model import ModelConfig, build_model
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch, DMDTrainer
@@ -30,17 +30,34 @@ pytestmark = pytest.mark.xdist_group(name="posttrain_memory")
 STEPS = 2
 
 
-def _trainer(ac: str = "none", dtype: str = "auto", sharding=None, window: int = 4, **speed) -> tuple[DMDTrainer, Batch]:
+def _trainer(
+    ac: str = "none", dtype: str = "auto", sharding=None, window: int = 4, **speed
+) -> tuple[DMDTrainer, Batch]:
     """Same nets, batch and seeds for every call: only `ac` / `dtype` / `window` differ. With
     window 1 the ring of the rollout's cache wraps: each chunk's t = 0 pass overwrites the frame
     the previous recorded pass attended to, before the backward."""
     torch.manual_seed(0)
-    pcfg = PostTrainConfig(chunk_frames=1, rollout_chunks=3, grad_chunks=3, fake_updates=1, gan_weight=0.5, gan_blocks=[1, 3],
-                           window_frames=window, teacher_dtype=dtype)
+    pcfg = PostTrainConfig(
+        chunk_frames=1,
+        rollout_chunks=3,
+        grad_chunks=3,
+        fake_updates=1,
+        gan_weight=0.5,
+        gan_blocks=[1, 3],
+        window_frames=window,
+        teacher_dtype=dtype,
+    )
     student, teacher = tiny(), tiny()
     fake = copy.deepcopy(teacher)
-    tr = DMDTrainer(student, teacher, fake, pcfg, dp_rank=dist.get_rank() if dist.is_initialized() else 0, sharding=sharding,
-                    parallel=ParallelConfig(activation_checkpoint=ac, **speed))
+    tr = DMDTrainer(
+        student,
+        teacher,
+        fake,
+        pcfg,
+        dp_rank=dist.get_rank() if dist.is_initialized() else 0,
+        sharding=sharding,
+        parallel=ParallelConfig(activation_checkpoint=ac, **speed),
+    )
     batch = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4))
     return tr, batch
 
@@ -100,8 +117,19 @@ def test_trained_networks_are_checkpointed_and_the_teacher_never():
     assert all(_is_checkpointed(b) for b in tr.critic.fake.blocks) and tr.fake_checkpointed == [0, 1, 2, 3]
     assert all(_is_checkpointed(b) for b in tr.student.blocks) and tr.student_checkpointed == [0, 1, 2, 3]
     assert not any(_is_checkpointed(b) for b in tr.teacher.blocks)
-    moe = build_model(ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=3, in_dim=2 * C + 4, out_dim=C, text_dim=16, text_len=8,
-                                  num_experts=2))
+    moe = build_model(
+        ModelConfig(
+            dim=32,
+            ffn_dim=64,
+            num_heads=2,
+            num_layers=3,
+            in_dim=2 * C + 4,
+            out_dim=C,
+            text_dim=16,
+            text_len=8,
+            num_experts=2,
+        )
+    )
     assert prepare_network(moe, ParallelConfig(activation_checkpoint="selective", ac_every=2)) == [0, 2]
     assert [_is_checkpointed(b) for e in (moe.high, moe.low) for b in e.blocks] == [True, False, True] * 2
     assert prepare_network(tiny(), ParallelConfig()) == [] and prepare_network(tiny(), None) == []
@@ -234,8 +262,11 @@ def _sharded_runs(_tmp: Path) -> dict:
     seen: set[torch.dtype] = set()
     tr.teacher.blocks[0].self_attn.q.register_forward_pre_hook(lambda m, _: seen.add(m.weight.dtype))
     out["bf16"] = _run(tr, batch)
-    out["bf16_stored"] = {(p.to_local() if hasattr(p, "to_local") else p).dtype for n, p in tr.teacher.named_parameters()
-                          if not tr.teacher.keeps_fp32(n)}  # (the reference-fp32 modules stay fp32)
+    out["bf16_stored"] = {
+        (p.to_local() if hasattr(p, "to_local") else p).dtype
+        for n, p in tr.teacher.named_parameters()
+        if not tr.teacher.keeps_fp32(n)
+    }  # (the reference-fp32 modules stay fp32)
     out["bf16_computed"] = seen
     return out
 
@@ -259,4 +290,6 @@ def test_fsdp_fake_score_ac_and_bf16_teacher(tmp_path):
         ref_logs = res["none"][0]
         assert res["bf16_stored"] == res["bf16_computed"] == {torch.bfloat16}, rank
         for a, b in zip(ref_logs, res["bf16"][0]):
-            assert b["dmd_loss"] == pytest.approx(a["dmd_loss"], rel=0.1) and b["fake_loss"] == pytest.approx(a["fake_loss"], rel=1e-3), rank
+            assert b["dmd_loss"] == pytest.approx(a["dmd_loss"], rel=0.1) and b["fake_loss"] == pytest.approx(
+                a["fake_loss"], rel=1e-3
+            ), rank

@@ -20,7 +20,9 @@ def _a14b() -> tuple[ModelConfig, PostTrainConfig]:
 
 
 def _model(name: str) -> ModelConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(resolve_config_path(f"model/{name}"))))
+    return OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(resolve_config_path(f"model/{name}")))
+    )
 
 
 @pytest.mark.parametrize("blocks,queries", [(2, 4), (4, 3)])
@@ -53,7 +55,14 @@ def test_kv_cache_formula_is_what_a_rollout_allocates(monkeypatch):
     lay = ChunkLayout(1 + 3 * p.chunk_frames, 1, p.chunk_frames)
     inp = RolloutInputs(torch.randn(b, cfg.out_dim, 1, h, h), torch.randn(b, 4, cfg.text_dim), None, lay)
     with torch.no_grad():
-        self_rollout(model, inp, [1.0, 0.5], torch.Generator().manual_seed(0), sink_frames=p.sink_frames, window_frames=p.window_frames)
+        self_rollout(
+            model,
+            inp,
+            [1.0, 0.5],
+            torch.Generator().manual_seed(0),
+            sink_frames=p.sink_frames,
+            window_frames=p.window_frames,
+        )
     assert len(made) == 1
     assert made[0].nbytes() == kv_cache_bytes(cfg, p, tokens_per_frame=16, cp=1, batch=b, bytes_per=4)
 
@@ -70,10 +79,14 @@ def test_a14b_numbers_of_the_memory_plan():
     assert eight.phases_gb["kv_cache"] == pytest.approx(30.7, abs=0.1)
     assert eight.phases_gb["recorded_passes"] == pytest.approx(238, abs=1)  # no AC: 3 x (48.7 + 30.7)
     assert not eight.fits
-    no_ac = posttrain_plan(student, p, 480, 832, gpus=8, cp=8, teacher_experts=2, teacher_bytes=2, ac="none", gpu_mem_gb=141)
+    no_ac = posttrain_plan(
+        student, p, 480, 832, gpus=8, cp=8, teacher_experts=2, teacher_bytes=2, ac="none", gpu_mem_gb=141
+    )
     assert no_ac.phases_gb["kv_cache"] == pytest.approx(eight.phases_gb["kv_cache"] / 8)
     assert no_ac.phases_gb["recorded_passes"] == pytest.approx(eight.phases_gb["recorded_passes"] / 8)
-    full = posttrain_plan(student, p, 480, 832, gpus=8, cp=8, teacher_experts=2, teacher_bytes=2, ac="full", gpu_mem_gb=141)
+    full = posttrain_plan(
+        student, p, 480, 832, gpus=8, cp=8, teacher_experts=2, teacher_bytes=2, ac="full", gpu_mem_gb=141
+    )
     assert no_ac.phases_gb["fake_grad_pass"] > 10 * full.phases_gb["fake_grad_pass"]
     # full AC: per recorded pass the blocks' inputs (1.92 GB) + the cache snapshot (26.8 GB), + one block recomputed (1.22 GB), / 8
     assert full.phases_gb["recorded_passes"] == pytest.approx((3 * (1.92 + 26.8) + 1.22) / 8, rel=0.01)

@@ -11,7 +11,7 @@ import torch
 from titan_world.model import ActionConfig, ActionInputs, AttnMask, ModelConfig, build_model
 from titan_world.model.codec import TinyCodec
 from titan_world.posttrain import distill
-from titan_world.posttrain.causal import ChunkLayout, CausalMask, diffusion_forcing_loss, forcing_sigmas
+from titan_world.posttrain.causal import CausalMask, ChunkLayout, diffusion_forcing_loss, forcing_sigmas
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch, DMDTrainer
 from titan_world.posttrain.dmd import dmd_direction, dmd_loss
@@ -21,8 +21,17 @@ C, HW = 8, 8
 
 
 def tiny(actions: bool = True):
-    cfg = ModelConfig(dim=48, ffn_dim=96, num_heads=4, num_layers=4, in_dim=2 * C + 4, out_dim=C, text_dim=16, text_len=8,
-                      action=ActionConfig(enabled=actions, spatial_stride=1))
+    cfg = ModelConfig(
+        dim=48,
+        ffn_dim=96,
+        num_heads=4,
+        num_layers=4,
+        in_dim=2 * C + 4,
+        out_dim=C,
+        text_dim=16,
+        text_len=8,
+        action=ActionConfig(enabled=actions, spatial_stride=1),
+    )
     m = build_model(cfg)
     for p in m.parameters():  # Wan init zeroes the head: give every path a signal
         p.data.normal_(0, 0.05)
@@ -45,11 +54,24 @@ def test_cached_rollout_equals_uncached_block_causal(window):
     """Rolling KV cache (sink + window, RoPE offsets, per-chunk exits) == full masked forwards."""
     m, inp = tiny(), rollout_inputs()
     sig, exits = [1.0, 0.75, 0.5, 0.25], [3, 1, 0, 2]
-    a = self_rollout(m, inp, sig, torch.Generator().manual_seed(1), exit_steps=exits, sink_frames=1, window_frames=window).latents
-    b = self_rollout_uncached(m, inp, sig, torch.Generator().manual_seed(1), exit_steps=exits, sink_frames=1, window_frames=window)
+    a = self_rollout(
+        m, inp, sig, torch.Generator().manual_seed(1), exit_steps=exits, sink_frames=1, window_frames=window
+    ).latents
+    b = self_rollout_uncached(
+        m, inp, sig, torch.Generator().manual_seed(1), exit_steps=exits, sink_frames=1, window_frames=window
+    )
     assert torch.allclose(a, b, atol=2e-5, rtol=0), (a - b).abs().max()
     # a recorded (gradient) pass reads the cache without writing it and gives the same numbers
-    c = self_rollout(m, inp, sig, torch.Generator().manual_seed(1), exit_steps=exits, grad_chunks=4, sink_frames=1, window_frames=window).latents
+    c = self_rollout(
+        m,
+        inp,
+        sig,
+        torch.Generator().manual_seed(1),
+        exit_steps=exits,
+        grad_chunks=4,
+        sink_frames=1,
+        window_frames=window,
+    ).latents
     assert torch.allclose(a, c.detach(), atol=1e-6, rtol=0)
 
 
@@ -67,9 +89,13 @@ def test_diffusion_forcing_loss_ignores_clean_chunks():
     lat = torch.randn(2, C, 5, HW, HW)
     sig = forcing_sigmas(2, lay, [1000, 500], torch.Generator().manual_seed(0))
     assert set(sig[:, 1:].unique().tolist()) <= {0.0, 0.5, 1.0} and (sig[:, 0] == 0).all()
-    zero = diffusion_forcing_loss(m, lat, torch.randn(2, 8, 16), torch.zeros(2, 5), torch.randn_like(lat), lay, actions=actions(2, 5))
+    zero = diffusion_forcing_loss(
+        m, lat, torch.randn(2, 8, 16), torch.zeros(2, 5), torch.randn_like(lat), lay, actions=actions(2, 5)
+    )
     assert float(zero.loss.detach()) == 0.0  # t = 0 everywhere: x0 = x_t exactly, no loss
-    out = diffusion_forcing_loss(m, lat, torch.randn(2, 8, 16), torch.full((2, 5), 0.5), torch.randn_like(lat), lay, actions=actions(2, 5))
+    out = diffusion_forcing_loss(
+        m, lat, torch.randn(2, 8, 16), torch.full((2, 5), 0.5), torch.randn_like(lat), lay, actions=actions(2, 5)
+    )
     out.loss.backward()
     assert float(out.loss) > 0 and m.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
 
@@ -86,7 +112,11 @@ def test_causal_stage_activation_checkpointing_is_exact(mode):
     assert apply_activation_checkpointing(ac, ParallelConfig(activation_checkpoint=mode))
     lay = ChunkLayout(5, 1, 2)
     lat, ctx = torch.randn(2, C, 5, HW, HW), torch.randn(2, 8, 16)
-    sig, noise, acts = forcing_sigmas(2, lay, [1000, 500], torch.Generator().manual_seed(0)), torch.randn_like(lat), actions(2, 5)
+    sig, noise, acts = (
+        forcing_sigmas(2, lay, [1000, 500], torch.Generator().manual_seed(0)),
+        torch.randn_like(lat),
+        actions(2, 5),
+    )
     losses = []
     for net in (m, ac):
         out = diffusion_forcing_loss(net, lat, ctx, sig, noise, lay, actions=acts, sink_frames=1, window_frames=2)
@@ -113,8 +143,15 @@ def test_dmd_gradient_is_the_normalised_fake_minus_real_direction():
 
 
 def _trainer(gan_weight=0.5, fake_updates=3, grad_chunks=1):
-    pcfg = PostTrainConfig(chunk_frames=1, rollout_chunks=3, grad_chunks=grad_chunks, fake_updates=fake_updates,
-                           gan_weight=gan_weight, gan_blocks=[1, 3], window_frames=4)
+    pcfg = PostTrainConfig(
+        chunk_frames=1,
+        rollout_chunks=3,
+        grad_chunks=grad_chunks,
+        fake_updates=fake_updates,
+        gan_weight=gan_weight,
+        gan_blocks=[1, 3],
+        window_frames=4,
+    )
     student, teacher = tiny(), tiny()
     fake = copy.deepcopy(teacher)
     tr = DMDTrainer(student, teacher, fake, pcfg, codec=TinyCodec(2, C))  # the scores' given frame is re-encoded

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import json
 import re
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-
 from dist_utils import run_distributed
+
 from launch.cli import main
 from parallel.checkpoint import (
-    Checkpointer, CheckpointWarning, DiskFullError, file_checksum, list_checkpoints, validate_checkpoint,
+    Checkpointer,
+    DiskFullError,
+    file_checksum,
+    list_checkpoints,
+    validate_checkpoint,
 )
 from titan_world.model import save_pretrained
 from titan_world.model.io import CheckpointError
@@ -271,8 +274,18 @@ def _wan_folder(path: Path) -> Path:
     from titan_world.model import WanDiT
     from titan_world.model.config import ModelConfig
 
-    cfg = ModelConfig(name="t", model_type="t2v", dim=32, ffn_dim=64, num_heads=2, num_layers=1, in_dim=4, out_dim=4,
-                      text_dim=8, text_len=4)
+    cfg = ModelConfig(
+        name="t",
+        model_type="t2v",
+        dim=32,
+        ffn_dim=64,
+        num_heads=2,
+        num_layers=1,
+        in_dim=4,
+        out_dim=4,
+        text_dim=8,
+        text_len=4,
+    )
     save_pretrained(WanDiT(cfg), path)
     return path
 

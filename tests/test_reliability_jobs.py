@@ -23,9 +23,19 @@ from titan_world.config import ConfigError, load_config
 pytestmark = pytest.mark.xdist_group("data_streaming")
 
 BASE = [
-    "data.height=32", "data.width=32", "data.synth_episodes=4", "data.synth_seconds=1.0",
-    "run.wandb=disabled", "run.progress=false", "train.global_batch=2", "train.lr=1e-3", "train.warmup_steps=1",
-    "train.stages.0.steps=3", "train.stages.1.steps=0", "train.ckpt_every=2", "model.num_layers=2",
+    "data.height=32",
+    "data.width=32",
+    "data.synth_episodes=4",
+    "data.synth_seconds=1.0",
+    "run.wandb=disabled",
+    "run.progress=false",
+    "train.global_batch=2",
+    "train.lr=1e-3",
+    "train.warmup_steps=1",
+    "train.stages.0.steps=3",
+    "train.stages.1.steps=0",
+    "train.ckpt_every=2",
+    "model.num_layers=2",
 ]
 
 
@@ -213,8 +223,14 @@ def test_a_fresh_run_sets_earlier_records_aside_instead_of_truncating(data_dir, 
     run_dir.mkdir()
     earlier = '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n'
     (run_dir / "metrics.jsonl").write_text(earlier)  # a run killed before its first checkpoint
-    assert train(load_config(None, [*BASE, f"data.path={data_dir}", f"run.dir={run_dir}", "train.steps=1",
-                                    "train.export=false"])) == 0
+    assert (
+        train(
+            load_config(
+                None, [*BASE, f"data.path={data_dir}", f"run.dir={run_dir}", "train.steps=1", "train.export=false"]
+            )
+        )
+        == 0
+    )
     assert (run_dir / "metrics.prev-1.jsonl").read_text() == earlier
     assert [r["step"] for r in _metrics(run_dir)] == [0]
 
@@ -227,16 +243,28 @@ def test_resume_drops_only_records_past_the_checkpoint(data_dir, finished_run, t
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "step_00000003")  # resumes from step 2: step 2's record is redone
-    assert train(load_config(None, [*BASE, f"data.path={data_dir}", f"run.dir={run_dir}", "train.export=false"]),
-                 resume=True) == 0
+    assert (
+        train(
+            load_config(None, [*BASE, f"data.path={data_dir}", f"run.dir={run_dir}", "train.export=false"]), resume=True
+        )
+        == 0
+    )
     recs = _metrics(run_dir)
     assert [r["step"] for r in recs] == [0, 1, 2]
     assert recs[:2] == _metrics(finished_run)[:2]
 
 
 # -- W3: post-training stops on non-finite losses like pretraining ----------------------------------------
-POST = [*BASE, "posttrain.batch_size=1", "posttrain.clip_frames=9", "posttrain.denoise_steps=[1000,500]",
-        "posttrain.rollout_chunks=2", "posttrain.grad_chunks=2", "posttrain.fake_updates=1", "train.ckpt_every=1"]
+POST = [
+    *BASE,
+    "posttrain.batch_size=1",
+    "posttrain.clip_frames=9",
+    "posttrain.denoise_steps=[1000,500]",
+    "posttrain.rollout_chunks=2",
+    "posttrain.grad_chunks=2",
+    "posttrain.fake_updates=1",
+    "train.ckpt_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +290,9 @@ def test_posttrain_skips_non_finite_steps_and_stops_on_a_streak(stage, data_dir,
     from titan_world.train.loop import EXIT_DIVERGED
 
     def cfg(run: str, *extra: str):
-        return load_config(None, [*POST, f"data.path={data_dir}", f"run.dir={tmp_path / run}",
-                                  f"posttrain.teacher={teacher}", *extra])
+        return load_config(
+            None, [*POST, f"data.path={data_dir}", f"run.dir={tmp_path / run}", f"posttrain.teacher={teacher}", *extra]
+        )
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     assert run_stage(stage, cfg("one", "train.steps=3", "train.inject_nan_steps=[1]")) == 0
@@ -284,12 +313,19 @@ def test_posttrain_skips_non_finite_steps_and_stops_on_a_streak(stage, data_dir,
 # -- U4: Ctrl-C checkpoints ---------------------------------------------------------------------------------
 def test_ctrl_c_checkpoints_then_resume_continues(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    args = [*BASE, f"data.path={data_dir}", f"run.dir={run_dir}", "train.stages.0.steps=400", "train.ckpt_every=0",
-            "train.export=false"]
+    args = [
+        *BASE,
+        f"data.path={data_dir}",
+        f"run.dir={run_dir}",
+        "train.stages.0.steps=400",
+        "train.ckpt_every=0",
+        "train.export=false",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "launch.cli", "train"]
-    proc = subprocess.Popen([*cmd, *args, "train.steps=400"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [*cmd, *args, "train.steps=400"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
         metrics = run_dir / "metrics.jsonl"
         while proc.poll() is None and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
@@ -303,8 +339,9 @@ def test_ctrl_c_checkpoints_then_resume_continues(data_dir, tmp_path):
     (ckpt,) = (run_dir / "checkpoints").glob("step_*")
     stopped_at = int(ckpt.name.split("_")[1])
     assert [r["step"] for r in _metrics(run_dir)] == list(range(stopped_at))
-    done = subprocess.run([*cmd, "--resume", *args, f"train.steps={stopped_at + 2}"], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run(
+        [*cmd, "--resume", *args, f"train.steps={stopped_at + 2}"], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 0, done.stderr
     assert f"resumed from {ckpt}" in done.stderr
     assert [r["step"] for r in _metrics(run_dir)] == list(range(stopped_at + 2))
@@ -326,36 +363,48 @@ def test_a_second_ctrl_c_exits_at_once():
 
 
 # -- T4 / W8: bad values are config errors at load, naming key, value and expectation ------------------------
-@pytest.mark.parametrize("override, expected", [
-    ("train.lr=-1", r"train.lr=-1.*positive"),
-    ("train.betas=[0.9]", r"train.betas=\[0.9\].*two Adam betas in \[0, 1\)"),
-    ("train.betas=[0.9,1.5]", r"train.betas=\[0.9, 1.5\]"),
-    ("train.keep_last=0", r"train.keep_last=0.*>= 1"),
-    ("train.micro_batch=0", r"train.micro_batch=0.*>= 1"),
-    ("train.warmup_steps=-1", r"train.warmup_steps=-1"),
-    ("train.stages.0.shift=0", r"train.stages\[0\].shift=0"),
-    ("model.num_heads=0", r"model.num_heads=0.*>= 1"),
-    ("posttrain.chunk_frames=0", r"posttrain.chunk_frames=0.*>= 1"),
-    ("posttrain.batch_size=0", r"posttrain.batch_size=0"),
-    ("posttrain.clip_frames=8", r"posttrain.clip_frames=8.*1 \+ 4k"),
-    ("posttrain.denoise_steps=[]", r"posttrain.denoise_steps=\[\]"),
-    ("posttrain.dmd_sigma_min=0.99", r"dmd_sigma_min/dmd_sigma_max"),
-    ("data.codec.spatial_stride=0", r"data.codec.spatial_stride=0"),
-    ("data.synth_episodes=0", r"data.synth_episodes=0"),
-    ("run.log_every=0", r"run.log_every=0"),
-    ("decoder.clip_frames=4", r"decoder.clip_frames=4"),
-    ("posttrain.chunk_frames=3 posttrain.window_frames=2", r"posttrain.window_frames=2.*>= posttrain.chunk_frames=3"),
-    ("serving.chunk_frames=3 serving.window_frames=2", r"serving.window_frames=2 < serving.chunk_frames=3"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lr=-1", r"train.lr=-1.*positive"),
+        ("train.betas=[0.9]", r"train.betas=\[0.9\].*two Adam betas in \[0, 1\)"),
+        ("train.betas=[0.9,1.5]", r"train.betas=\[0.9, 1.5\]"),
+        ("train.keep_last=0", r"train.keep_last=0.*>= 1"),
+        ("train.micro_batch=0", r"train.micro_batch=0.*>= 1"),
+        ("train.warmup_steps=-1", r"train.warmup_steps=-1"),
+        ("train.stages.0.shift=0", r"train.stages\[0\].shift=0"),
+        ("model.num_heads=0", r"model.num_heads=0.*>= 1"),
+        ("posttrain.chunk_frames=0", r"posttrain.chunk_frames=0.*>= 1"),
+        ("posttrain.batch_size=0", r"posttrain.batch_size=0"),
+        ("posttrain.clip_frames=8", r"posttrain.clip_frames=8.*1 \+ 4k"),
+        ("posttrain.denoise_steps=[]", r"posttrain.denoise_steps=\[\]"),
+        ("posttrain.dmd_sigma_min=0.99", r"dmd_sigma_min/dmd_sigma_max"),
+        ("data.codec.spatial_stride=0", r"data.codec.spatial_stride=0"),
+        ("data.synth_episodes=0", r"data.synth_episodes=0"),
+        ("run.log_every=0", r"run.log_every=0"),
+        ("decoder.clip_frames=4", r"decoder.clip_frames=4"),
+        (
+            "posttrain.chunk_frames=3 posttrain.window_frames=2",
+            r"posttrain.window_frames=2.*>= posttrain.chunk_frames=3",
+        ),
+        ("serving.chunk_frames=3 serving.window_frames=2", r"serving.window_frames=2 < serving.chunk_frames=3"),
+    ],
+)
 def test_bad_values_are_config_errors_at_load(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(None, override.split())
 
 
-@pytest.mark.parametrize("args", [
-    ["train", "model.num_heads=0"], ["train", "--nproc", "0"], ["train", "--nproc", "-2"],
-    ["post-train", "causal", "--nproc", "0"], ["train", "train.micro_batch=0"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "model.num_heads=0"],
+        ["train", "--nproc", "0"],
+        ["train", "--nproc", "-2"],
+        ["post-train", "causal", "--nproc", "0"],
+        ["train", "train.micro_batch=0"],
+    ],
+)
 def test_the_cli_turns_bad_values_into_exit_2(args, tmp_path, capsys):
     rc = main([*args, f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err

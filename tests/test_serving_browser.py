@@ -27,7 +27,9 @@ from serving.server import ServerThread, StreamServer
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (scripts/install_system.sh installs it)"),
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="Debian chromium is not installed (scripts/install_system.sh installs it)"
+    ),
 ]
 PROMPT = "a sunny meadow with trees and a red house"  # ServingConfig's default prompt (the page shows the server's)
 
@@ -70,8 +72,14 @@ class CDP:
         raise AssertionError(f"timed out waiting for {expr}")
 
     async def key(self, code: str, key: str, vk: int, down: bool):
-        await self.call("Input.dispatchKeyEvent", type="keyDown" if down else "keyUp", code=code, key=key,
-                        windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk)
+        await self.call(
+            "Input.dispatchKeyEvent",
+            type="keyDown" if down else "keyUp",
+            code=code,
+            key=key,
+            windowsVirtualKeyCode=vk,
+            nativeVirtualKeyCode=vk,
+        )
 
 
 def in_chromium(server: StreamServer, drive) -> None:
@@ -79,10 +87,22 @@ def in_chromium(server: StreamServer, drive) -> None:
     port = _free_port()
     with ServerThread(server) as st, tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
-             f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-quic",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                f"--remote-debugging-port={port}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             asyncio.run(asyncio.wait_for(_connect(port, st.url, drive), 90))
@@ -120,11 +140,14 @@ def test_page_streams_draws_and_sends_keys():
         await cdp.wait_for("window.titan && window.titan.ws && window.titan.ws.readyState === 1")
         await cdp.js("document.getElementById('start').click()")
         await cdp.wait_for("window.titan.drawn >= 5")
-        stats = await cdp.wait_for("document.getElementById('stats').textContent.includes('fps') && document.getElementById('stats').textContent")
+        stats = await cdp.wait_for(
+            "document.getElementById('stats').textContent.includes('fps') && document.getElementById('stats').textContent"
+        )
         assert "latency" in stats
 
         # the canvas shows the stream: its pixels are the engine's prompt colour (+ white square)
-        pixels = json.loads(await cdp.js("""(() => {
+        pixels = json.loads(
+            await cdp.js("""(() => {
             const c = document.getElementById('view');
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
             let r = 0, g = 0, b = 0, white = 0, n = d.length / 4;
@@ -133,7 +156,8 @@ def test_page_streams_draws_and_sends_keys():
               if (d[i] > 230 && d[i + 1] > 230 && d[i + 2] > 230) white++;
             }
             return JSON.stringify({w: c.width, h: c.height, mean: [r / n, g / n, b / n], white});
-        })()"""))
+        })()""")
+        )
         assert (pixels["w"], pixels["h"]) == (64, 64)
         assert pixels["white"] > 0
         color = _prompt_color(PROMPT)
@@ -174,11 +198,13 @@ def test_page_shows_the_start_image_and_prompt_before_start():
     async def drive(cdp: CDP, url: str) -> None:
         await cdp.wait_for("window.titan && window.titan.startShown")
         assert await cdp.js("document.getElementById('prompt').value") == prompt
-        pixels = json.loads(await cdp.js("""(() => {
+        pixels = json.loads(
+            await cdp.js("""(() => {
             const c = document.getElementById('view');
             return JSON.stringify({w: c.width, h: c.height,
                                    data: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)});
-        })()"""))
+        })()""")
+        )
         assert (pixels["w"], pixels["h"]) == (40, 48)
         shown = np.array(pixels["data"], np.int16).reshape(48, 40, 4)[..., :3]
         assert np.abs(shown - image).max() <= 2

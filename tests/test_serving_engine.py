@@ -37,7 +37,9 @@ def make_engine(**serving) -> StreamingEngine:
         for block in model.blocks:
             torch.nn.init.normal_(block.action_proj.proj.weight, std=0.2)
     sc = ServingConfig(**{"height": 16, "width": 16, "fps": 16.0, "sink_frames": 1, "window_frames": 2, **serving})
-    return StreamingEngine(model, TinyCodec(4, cfg.data.codec.channels), TinyTextEncoder(cfg.model.text_dim, cfg.model.text_len), sc)
+    return StreamingEngine(
+        model, TinyCodec(4, cfg.data.codec.channels), TinyTextEncoder(cfg.model.text_dim, cfg.model.text_len), sc
+    )
 
 
 def keys(*names: str, n: int = 4) -> torch.Tensor:
@@ -99,7 +101,9 @@ def test_start_from_image_and_video():
         eng.start(np.zeros((16, 16), np.uint8), "p", 0)
 
 
-@pytest.mark.parametrize("opts", [{"chunk_frames": 2}, {"kv_refresh": "last_step"}, {"sampler": "euler", "denoise_steps": 2}])
+@pytest.mark.parametrize(
+    "opts", [{"chunk_frames": 2}, {"kv_refresh": "last_step"}, {"sampler": "euler", "denoise_steps": 2}]
+)
 def test_options(opts):
     eng = make_engine(**opts)
     frames = eng.start(None, "p", 0).step(keys("d"))

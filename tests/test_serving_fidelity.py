@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_serving_engine import TINY, keys, make_engine
 
 from serving.config import ServingConfig
 from serving.engine import EngineError
 from serving.loading import build_engine
 from serving.pose import PoseTracker
 from serving.streaming import StreamingEngine
-from test_serving_engine import TINY, keys, make_engine
 from titan_world.config import load_config
 from titan_world.model import build_model, save_pretrained
 from titan_world.model.action import ActionInputs
@@ -58,13 +58,16 @@ def test_student_is_served_with_its_training_geometry(tmp_path):
     assert (cache.chunk, cache.sink, cache.window) == (2, 2, 3)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("serving.window_frames=8", "serving.window_frames=8"),
-    ("serving.sink_frames=1", "serving.sink_frames=1"),
-    ("serving.chunk_frames=1", "serving.chunk_frames=1"),
-    ("serving.denoise_steps=4", "serving.sigmas"),
-    ("serving.kv_refresh=last_step", "serving.kv_refresh='last_step'"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("serving.window_frames=8", "serving.window_frames=8"),
+        ("serving.sink_frames=1", "serving.sink_frames=1"),
+        ("serving.chunk_frames=1", "serving.chunk_frames=1"),
+        ("serving.denoise_steps=4", "serving.sigmas"),
+        ("serving.kv_refresh=last_step", "serving.kv_refresh='last_step'"),
+    ],
+)
 def test_untrained_geometry_is_refused_unless_forced(tmp_path, caplog, override, key):
     student = tiny_student(tmp_path)
     with pytest.raises(EngineError, match="not trained for") as err:
@@ -115,12 +118,19 @@ def test_serving_stream_equals_posttraining_self_rollout(tmp_path):
     inp = RolloutInputs(given, context, acts, layout, eng.model.cfg.cond_channels > 0)
     sigmas = student_sigmas(TRAINED["denoise_steps"])
     with torch.no_grad():
-        rolled = self_rollout(eng.model, inp, sigmas, torch.Generator().manual_seed(seed),
-                              exit_steps=[len(sigmas) - 1] * chunks, sink_frames=TRAINED["sink_frames"],
-                              window_frames=TRAINED["window_frames"], horizon_frames=eng.cfg.horizon_frames).latents
+        rolled = self_rollout(
+            eng.model,
+            inp,
+            sigmas,
+            torch.Generator().manual_seed(seed),
+            exit_steps=[len(sigmas) - 1] * chunks,
+            sink_frames=TRAINED["sink_frames"],
+            window_frames=TRAINED["window_frames"],
+            horizon_frames=eng.cfg.horizon_frames,
+        ).latents
     assert rolled.shape[2] > TRAINED["sink_frames"] + TRAINED["window_frames"]  # the window really rolls
     assert rolled.shape[2] > eng.cfg.horizon_frames == 7  # and the last chunk is past the horizon (sink held)
-    assert torch.equal(served, rolled[:, :, given.shape[2]:]), (served - rolled[:, :, given.shape[2]:]).abs().max()
+    assert torch.equal(served, rolled[:, :, given.shape[2] :]), (served - rolled[:, :, given.shape[2] :]).abs().max()
 
 
 def jump(session, frames: int) -> None:
@@ -139,8 +149,9 @@ def jump(session, frames: int) -> None:
         cache.k[layer, :, ring] = apply_rope(cache.k[layer, :, ring], cos, sin)
     cache.committed_frames += frames
     session.frame += frames
-    session.pose._latent = type(session.pose._latent)(((f + frames, p) for f, p in session.pose._latent),
-                                                       maxlen=session.pose.history)
+    session.pose._latent = type(session.pose._latent)(
+        ((f + frames, p) for f, p in session.pose._latent), maxlen=session.pose.history
+    )
 
 
 def relative_translation(session) -> torch.Tensor:
@@ -181,8 +192,19 @@ def test_generate_reports_an_untrained_geometry_in_one_line(tmp_path, capsys):
     """`generate` streams a student through the same settings check; a refusal is exit 2, no traceback."""
     from launch.cli import main
 
-    rc = main(["generate", "--checkpoint", str(tiny_student(tmp_path)), "--frames", "5", "--out",
-               str(tmp_path / "x.mp4"), *TINY, "serving.window_frames=4"])
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(tiny_student(tmp_path)),
+            "--frames",
+            "5",
+            "--out",
+            str(tmp_path / "x.mp4"),
+            *TINY,
+            "serving.window_frames=4",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "serving.window_frames=4 vs the student's 3" in err and "Traceback" not in err, err
     assert not (tmp_path / "x.mp4").exists()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_serving_engine import _live_tensors, keys, make_engine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from serving.graphs import GraphedBackbone
-from test_serving_engine import _live_tensors, keys, make_engine
 
 # Ops whose result the host must wait for on a GPU (a value read back, a data-dependent shape,
 # linalg's error check): none may run while a chunk is being made.
@@ -41,7 +41,9 @@ def stream(session, chunks: int, *, prompt_at: int | None = None, reset_at: int 
     return out
 
 
-@pytest.mark.parametrize("opts", [{"kv_refresh": "clean"}, {"kv_refresh": "last_step"}, {"chunk_frames": 2, "window_frames": 3}])
+@pytest.mark.parametrize(
+    "opts", [{"kv_refresh": "clean"}, {"kv_refresh": "last_step"}, {"chunk_frames": 2, "window_frames": 3}]
+)
 def test_graphed_stream_equals_eager(opts):
     eager = make_engine(**opts).start(None, "a red house", seed=5)
     graphed_engine = make_engine(cuda_graphs=True, **opts)

@@ -46,7 +46,6 @@ def test_serve_refuses_a_bidirectional_checkpoint_unless_allowed(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
     import urllib.request
 
     import pytest
@@ -61,19 +60,30 @@ def test_serve_refuses_a_bidirectional_checkpoint_unless_allowed(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     serve = [sys.executable, "-m", "serving.cli", "--port", "0"]
 
-    refused = subprocess.run([*serve, "--checkpoint", str(tmp_path / "run"), *small], capture_output=True, text=True,
-                             timeout=120, env=env)
+    refused = subprocess.run(
+        [*serve, "--checkpoint", str(tmp_path / "run"), *small], capture_output=True, text=True, timeout=120, env=env
+    )
     assert refused.returncode == 2, refused.stderr
-    for expected in (str(tmp_path / "run" / "model"), "bidirectional", "causal_chunk_frames", "post-train",
-                     "runs/demo/dmd/model", "--allow-bidirectional"):
+    for expected in (
+        str(tmp_path / "run" / "model"),
+        "bidirectional",
+        "causal_chunk_frames",
+        "post-train",
+        "runs/demo/dmd/model",
+        "--allow-bidirectional",
+    ):
         assert expected in refused.stderr, (expected, refused.stderr)
 
     with pytest.raises(EngineError, match="bidirectional"):
         build_engine(load_config(None, [f"serving.checkpoint={tmp_path / 'run'}", *small]), require_causal=True)
     build_engine(load_config(None, [f"serving.checkpoint={tmp_path / 'dmd'}", *small]), require_causal=True)
 
-    proc = subprocess.Popen([*serve, "--allow-bidirectional", "--checkpoint", str(tmp_path / "run"), *small],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [*serve, "--allow-bidirectional", "--checkpoint", str(tmp_path / "run"), *small],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         url, lines = None, []
         while url is None:

@@ -21,7 +21,9 @@ def test_scaling_and_levers():
     one, four, eight = (chunk_seconds("14B", g, p) for p in (1, 4, 8))
     assert one > four > eight
     assert one / four < 4 and four / eight < 2  # the host cost and the all-to-alls do not shrink
-    assert chunk_seconds("14B", g, 4, graphs=True) < four and chunk_seconds("14B", g, 4, graphs=True, fp8=True) < chunk_seconds("14B", g, 4, graphs=True)
+    assert chunk_seconds("14B", g, 4, graphs=True) < four and chunk_seconds(
+        "14B", g, 4, graphs=True, fp8=True
+    ) < chunk_seconds("14B", g, 4, graphs=True)
     assert chunk_seconds("14B", Geometry(clean_refresh=True), 1) == pytest.approx(one * 5 / 4)
     with pytest.raises(ValueError, match="12 heads"):
         chunk_seconds("1.3B", g, 8)

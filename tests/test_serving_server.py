@@ -171,7 +171,10 @@ def test_bad_messages_never_close_the_connection():
         ('{"type": "start", "seed": -1}', '"seed"'),
         ('{"type": "start", "image": "%%%not base64"}', "not valid base64"),
         (json.dumps({"type": "start", "image": base64.b64encode(b"GIF89a garbage").decode()}), "could not be decoded"),
-        (json.dumps({"type": "start", "image": base64.b64encode(huge_dims.getvalue()).decode()}), "pixels are accepted"),
+        (
+            json.dumps({"type": "start", "image": base64.b64encode(huge_dims.getvalue()).decode()}),
+            "pixels are accepted",
+        ),
     ]
 
     async def main(st):
@@ -186,7 +189,11 @@ def test_bad_messages_never_close_the_connection():
             # after all that, the connection still works, and bad actions mid-session too
             await ws.send_json({"type": "start"})
             await next_json(ws, "started")
-            for bad in ({"type": "action", "keys": "w"}, {"type": "action", "mouse": [1]}, {"type": "action", "mouse": [float("nan"), 0]}):
+            for bad in (
+                {"type": "action", "keys": "w"},
+                {"type": "action", "mouse": [1]},
+                {"type": "action", "mouse": [float("nan"), 0]},
+            ):
                 await ws.send_str(json.dumps(bad))
                 await next_json(ws, "error")
             await frames(ws, 3)
@@ -325,7 +332,9 @@ def test_cli_graceful_shutdown(sig):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "--engine", "fake", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
     async def main():

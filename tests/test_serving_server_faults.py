@@ -7,7 +7,6 @@ Real server (ServerThread), real aiohttp client, the FakeEngine test double.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -18,10 +17,10 @@ import time
 import aiohttp
 import numpy as np
 import pytest
+from test_serving_server import FPS, connect, frames, next_json, png_b64, run, serve
 
 import serving.server as server_module
 from serving.fake_engine import FakeEngine
-from test_serving_server import FPS, connect, frames, next_json, png_b64, run, serve
 
 
 @pytest.fixture
@@ -175,8 +174,10 @@ def raw_client_streaming(port: int) -> socket.socket:
     as a killed browser does)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    sock.sendall(
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
     payload, mask = b'{"type": "start"}', os.urandom(4)
     sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
     got = b""

@@ -101,8 +101,16 @@ def test_an_explicit_default_prompt_is_kept(tmp_path):
 
 
 def test_start_episode_is_held_out_of_training():
-    cfg = load_config(None, ["data.height=32", "data.width=32", "data.synth_seconds=1.0", "data.synth_seed=5000",
-                             "data.synth_episodes=6000"])  # training used seeds 5000..10999, the default among them
+    cfg = load_config(
+        None,
+        [
+            "data.height=32",
+            "data.width=32",
+            "data.synth_seconds=1.0",
+            "data.synth_seed=5000",
+            "data.synth_episodes=6000",
+        ],
+    )  # training used seeds 5000..10999, the default among them
     image, caption = synthetic_start(cfg)
     ep = make_episode(11_000, 32, 32, seconds=1.0, fps=16)
     np.testing.assert_array_equal(image, ep.frames[0])

@@ -34,7 +34,9 @@ def _engine(cp=None) -> StreamingEngine:
     if cp is not None:
         model.set_context_parallel(cp)
     sc = ServingConfig(height=16, width=16, fps=16.0, sink_frames=1, window_frames=2, chunk_frames=2)
-    return StreamingEngine(model, TinyCodec(4, cfg.data.codec.channels), TinyTextEncoder(cfg.model.text_dim, cfg.model.text_len), sc, cp=cp)
+    return StreamingEngine(
+        model, TinyCodec(4, cfg.data.codec.channels), TinyTextEncoder(cfg.model.text_dim, cfg.model.text_len), sc, cp=cp
+    )
 
 
 def _actions(i: int) -> torch.Tensor:

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import (  # noqa: F401  (slurm_cluster: the module fixture)
-    attempt_events, job_state, metrics_records, preempt_and_release, slurm_cluster, wait_for, wait_job_done,
+    attempt_events,
+    job_state,
+    metrics_records,
+    preempt_and_release,
+    slurm_cluster,
+    wait_for,
+    wait_job_done,
 )
 
 from launch.cli import main as cli
@@ -32,20 +38,54 @@ def _submit(capsys, run_dir: Path, *args: str) -> str:
 # -- script content (no SLURM needed) -------------------------------------------------------------
 def test_dry_run_writes_readable_script(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    out = _submit(capsys, tmp_path / "run", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
-                  "--account", "proj", "--time", "02:00:00", "--dry-run", "train.lr=0.0001", "launch.signal_seconds=120")
+    out = _submit(
+        capsys,
+        tmp_path / "run",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj",
+        "--time",
+        "02:00:00",
+        "--dry-run",
+        "train.lr=0.0001",
+        "launch.signal_seconds=120",
+    )
     script = (tmp_path / "run/slurm/job.sbatch").read_text()
     assert out.startswith(script)
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=02:00:00",
-                 "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
-                 f"#SBATCH --output={tmp_path}/run/slurm/logs/%j.out", f"#SBATCH --chdir={REPO}"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={tmp_path}/run/slurm/logs/%j.out",
+        f"#SBATCH --chdir={REPO}",
+    ):
         assert line in script, line
-    for piece in ('scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1', "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-                  "-m launch.torchrun", '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"', "--rdzv-backend=c10d",
-                  "--nproc-per-node=8", "--max-restarts=3", "launch.slurm_task", "launch.cli train --config",
-                  f"{tmp_path}/run/config.yaml &\n", "trap on_preempt USR1", 'scontrol requeue "$SLURM_JOB_ID"',
-                  'scancel --signal=USR1 "$SLURM_JOB_ID"'):
+    for piece in (
+        'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1',
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        "-m launch.torchrun",
+        '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"',
+        "--rdzv-backend=c10d",
+        "--nproc-per-node=8",
+        "--max-restarts=3",
+        "launch.slurm_task",
+        "launch.cli train --config",
+        f"{tmp_path}/run/config.yaml &\n",
+        "trap on_preempt USR1",
+        'scontrol requeue "$SLURM_JOB_ID"',
+        'scancel --signal=USR1 "$SLURM_JOB_ID"',
+    ):
         assert piece in script, piece
     assert subprocess.run(["bash", "-n", str(tmp_path / "run/slurm/job.sbatch")]).returncode == 0
     cfg_text = (tmp_path / "run/config.yaml").read_text()  # every node reads this one file
@@ -64,8 +104,20 @@ def test_dry_run_cpu_one_task_per_rank(tmp_path, capsys):
 def test_dry_run_chain_stages_with_own_resources(tmp_path, capsys):
     cfg = tmp_path / "chain.yaml"  # a user config on top of tiny.yaml: stage 2s wants 3 nodes
     cfg.write_text("defaults:\n  - tiny\nlaunch:\n  stage_resources:\n    2s: {nodes: 3, time: '12:00:00'}\n")
-    rc = cli(["slurm", "submit", "--config", str(cfg), "--stages", "chain", "--gpus-per-node", "8", "--dry-run",
-              f"run.dir={tmp_path}/c"])
+    rc = cli(
+        [
+            "slurm",
+            "submit",
+            "--config",
+            str(cfg),
+            "--stages",
+            "chain",
+            "--gpus-per-node",
+            "8",
+            "--dry-run",
+            f"run.dir={tmp_path}/c",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     s0 = (tmp_path / "c/slurm/stage0-1s.sbatch").read_text()
@@ -81,19 +133,44 @@ def test_dry_run_chain_stages_with_own_resources(tmp_path, capsys):
 def test_dry_run_post_training_job(tmp_path, capsys):
     """Post-training runs under the same script with another entry: one job, resumable (exit 75
     on SIGUSR1 -> requeue -> resume), its config in the run dir; a chain is refused."""
-    _submit(capsys, tmp_path / "p", "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "launch.entry=launch.cli post-train dmd")
+    _submit(
+        capsys,
+        tmp_path / "p",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--dry-run",
+        "launch.entry=launch.cli post-train dmd",
+    )
     script = (tmp_path / "p/slurm/job.sbatch").read_text()
     assert f"launch.cli post-train dmd --config {tmp_path}/p/config.yaml &\n" in script
     assert "#SBATCH --nodes=2" in script and "trap on_preempt USR1" in script
-    assert cli(["slurm", "submit", "--config", "tiny", "--stages", "chain", "--dry-run", "launch.entry=launch.cli post-train dmd",
-                f"run.dir={tmp_path}/q"]) == 2
+    assert (
+        cli(
+            [
+                "slurm",
+                "submit",
+                "--config",
+                "tiny",
+                "--stages",
+                "chain",
+                "--dry-run",
+                "launch.entry=launch.cli post-train dmd",
+                f"run.dir={tmp_path}/q",
+            ]
+        )
+        == 2
+    )
     assert "launch.stages=single" in capsys.readouterr().err
 
 
 def test_bad_values_and_missing_sbatch(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("defaults:\n  - tiny\nlaunch:\n  stage_resources:\n    nope: {nodes: 2}\n")
-    assert cli(["slurm", "submit", "--config", str(cfg), "--stages", "chain", f"run.dir={tmp_path}/x", "--dry-run"]) == 2
+    assert (
+        cli(["slurm", "submit", "--config", str(cfg), "--stages", "chain", f"run.dir={tmp_path}/x", "--dry-run"]) == 2
+    )
     assert "unknown stage" in capsys.readouterr().err
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     assert cli(["slurm", "submit", f"run.dir={tmp_path}/y"]) == 1
@@ -136,7 +213,9 @@ def test_one_task_per_rank_job_then_cancel(slurm_cluster, tmp_path, capsys, monk
 
     monkeypatch.chdir(REPO)
     run = tmp_path / "run"  # srun starts the 2 ranks itself (no torchrun): RANK/WORLD_SIZE from SLURM_*
-    _submit(capsys, run, "--gpus-per-node", "0", "--tasks-per-node", "2", "--one-task-per-gpu", PAYLOAD, "train.steps=3")
+    _submit(
+        capsys, run, "--gpus-per-node", "0", "--tasks-per-node", "2", "--one-task-per-gpu", PAYLOAD, "train.steps=3"
+    )
     job_id = json.loads((run / "slurm/jobs.jsonl").read_text())["job_id"]
     wait_job_done(job_id, run)
     assert [m["loss"] for m in metrics_records(run)] == reference_losses(3, 2)
@@ -161,7 +240,17 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm_clus
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("TW_PAYLOAD_STEP_SLEEP", "0.25")  # sbatch exports the submitter's environment
     run, total = tmp_path / "run", 16
-    _submit(capsys, run, "--gpus-per-node", "0", "--tasks-per-node", "2", PAYLOAD, f"train.steps={total}", "train.ckpt_every=1000")
+    _submit(
+        capsys,
+        run,
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        PAYLOAD,
+        f"train.steps={total}",
+        "train.ckpt_every=1000",
+    )
     job_id = json.loads((run / "slurm/jobs.jsonl").read_text().splitlines()[0])["job_id"]
     stopped_at = preempt_and_release(run, job_id, min_lines=3)  # steps logged by the first attempt
     assert 3 <= stopped_at < total, "the first attempt must stop mid-run"
@@ -180,10 +269,26 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm_clus
 def test_chained_stages_run_in_order(slurm_cluster, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     run, cfg = tmp_path / "run", tmp_path / "two_stages.yaml"
-    cfg.write_text("defaults:\n  - tiny\ntrain:\n  stages:\n    - {name: a, frames: 17, steps: 2}\n"
-                   "    - {name: b, frames: 33, steps: 3}\n")
-    rc = cli(["slurm", "submit", "--config", str(cfg), "--stages", "chain", "--gpus-per-node", "0", "--tasks-per-node", "1",
-              PAYLOAD, f"run.dir={run}"])
+    cfg.write_text(
+        "defaults:\n  - tiny\ntrain:\n  stages:\n    - {name: a, frames: 17, steps: 2}\n"
+        "    - {name: b, frames: 33, steps: 3}\n"
+    )
+    rc = cli(
+        [
+            "slurm",
+            "submit",
+            "--config",
+            str(cfg),
+            "--stages",
+            "chain",
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "1",
+            PAYLOAD,
+            f"run.dir={run}",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     jobs = [json.loads(x) for x in (run / "slurm/jobs.jsonl").read_text().splitlines()]
@@ -208,8 +313,16 @@ def test_real_trainer_job_and_preemption(slurm_cluster, tmp_path, capsys, monkey
     """The real tiny trainer as a 2-rank job; then the same run preempted mid-way ends with the same loss."""
     monkeypatch.chdir(REPO)
     steps = 6
-    common = ["--gpus-per-node", "0", "--tasks-per-node", "2", f"train.steps={steps}", "train.ckpt_every=0",
-              "run.wandb=disabled", "run.progress=false"]
+    common = [
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        f"train.steps={steps}",
+        "train.ckpt_every=0",
+        "run.wandb=disabled",
+        "run.progress=false",
+    ]
     ref, pre = tmp_path / "uninterrupted", tmp_path / "preempted"
     _submit(capsys, ref, *common)
     _submit(capsys, pre, *common)  # queued behind the first (2 CPUs); runs when it ends

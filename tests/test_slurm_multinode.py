@@ -30,9 +30,18 @@ pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16
 TRAIN = [  # the tiny model at 16x16, one stage, no export: what makes a 4-rank step cheap on 2 cores
-    "data.height=16", "data.width=16", "model.num_layers=2", "train.global_batch=4", "train.lr=1e-3",
-    "train.warmup_steps=2", f"train.steps={STEPS}", f"train.stages.0.steps={STEPS}", "train.stages.1.steps=0",
-    "train.export=false", "run.wandb=disabled", "run.progress=false",
+    "data.height=16",
+    "data.width=16",
+    "model.num_layers=2",
+    "train.global_batch=4",
+    "train.lr=1e-3",
+    "train.warmup_steps=2",
+    f"train.steps={STEPS}",
+    f"train.stages.0.steps={STEPS}",
+    "train.stages.1.steps=0",
+    "train.export=false",
+    "run.wandb=disabled",
+    "run.progress=false",
 ]
 TWO_BY_TWO = ["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "2"]
 RANK_HOSTS = {0: "node1", 1: "node1", 2: "node2", 3: "node2"}  # torchrun's node-major rank order
@@ -42,8 +51,25 @@ RANK_HOSTS = {0: "node1", 1: "node1", 2: "node2", 3: "node2"}  # torchrun's node
 def dataset(slurm_two_nodes: TwoNodeCluster) -> Path:
     """One small synthetic dataset on the shared filesystem, read by every job."""
     out = slurm_two_nodes.shared / "data"
-    assert cli(["data", "synth", "--out", str(out), "--episodes", "4", "--seconds", "1.0",
-                "--height", "16", "--width", "16"]) == 0
+    assert (
+        cli(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(out),
+                "--episodes",
+                "4",
+                "--seconds",
+                "1.0",
+                "--height",
+                "16",
+                "--width",
+                "16",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -52,10 +78,19 @@ def one_process(dataset: Path, slurm_two_nodes: TwoNodeCluster) -> dict[int, flo
     """Loss per step of the same training in one process, without any launcher."""
     run = slurm_two_nodes.shared / "one-process"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    argv = [sys.executable, "-m", "launch.cli", "train", *TRAIN, f"data.path={dataset}", f"run.dir={run}",
-            "train.ckpt_every=0"]
-    proc = subprocess.run(argv, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    argv = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "train",
+        *TRAIN,
+        f"data.path={dataset}",
+        f"run.dir={run}",
+        "train.ckpt_every=0",
+    ]
+    proc = subprocess.run(
+        argv, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses = _losses_by_step(run)
     assert sorted(losses) == list(range(STEPS))
@@ -75,8 +110,22 @@ def _assert_same_losses(run: Path, reference: dict[int, float]) -> None:
 
 
 def _submit(run: Path, dataset: Path, *extra: str) -> str:
-    assert cli(["slurm", "submit", "--config", "tiny", *TWO_BY_TWO, *TRAIN, *extra, f"data.path={dataset}",
-                f"run.dir={run}"]) == 0
+    assert (
+        cli(
+            [
+                "slurm",
+                "submit",
+                "--config",
+                "tiny",
+                *TWO_BY_TWO,
+                *TRAIN,
+                *extra,
+                f"data.path={dataset}",
+                f"run.dir={run}",
+            ]
+        )
+        == 0
+    )
     return json.loads((run / "slurm/jobs.jsonl").read_text().splitlines()[-1])["job_id"]
 
 
@@ -104,14 +153,15 @@ def test_two_nodes_two_ranks_each_match_one_process(slurm_two_nodes, dataset, on
     _assert_same_losses(run, one_process)
 
 
-def test_preempted_two_node_job_checkpoints_everywhere_requeues_and_matches(slurm_two_nodes, dataset, one_process,
-                                                                           monkeypatch):
+def test_preempted_two_node_job_checkpoints_everywhere_requeues_and_matches(
+    slurm_two_nodes, dataset, one_process, monkeypatch
+):
     monkeypatch.chdir(REPO)
     run = slurm_two_nodes.shared / "preempted"
     job_id = _submit(run, dataset, "train.ckpt_every=0")
     logged = preempt_and_release(run, job_id, min_lines=2)
     assert logged < STEPS, f"the preemption landed after the last step ({logged} of {STEPS} logged)"
-    (stop_step, ckpt), = list_checkpoints(run / "checkpoints")  # the preemption's, before the attempt 1 resumes
+    ((stop_step, ckpt),) = list_checkpoints(run / "checkpoints")  # the preemption's, before the attempt 1 resumes
     wait_job_done(job_id, run, timeout=240)
     assert attempt_events(run) == [(0, "start"), (0, "signal"), (0, "requeue"), (1, "start"), (1, "done")]
     batch_log = (run / f"slurm/logs/{job_id}.out").read_text()
@@ -129,6 +179,7 @@ def test_preempted_two_node_job_checkpoints_everywhere_requeues_and_matches(slur
 
 def _ranks_of(cluster: TwoNodeCluster, node: str) -> list[int]:
     """The training ranks in a node's namespace: children of its torchrun agent."""
+
     def argv(pid: int) -> str:
         try:
             return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -145,14 +196,19 @@ def _ranks_of(cluster: TwoNodeCluster, node: str) -> list[int]:
     return [p for p in pids if "launch.slurm_task" in argv(p) and "-m launch.torchrun" in argv(parent(p))]
 
 
-def test_one_nodes_ranks_killed_restart_both_nodes_from_the_checkpoint(slurm_two_nodes, dataset, one_process,
-                                                                       monkeypatch):
+def test_one_nodes_ranks_killed_restart_both_nodes_from_the_checkpoint(
+    slurm_two_nodes, dataset, one_process, monkeypatch
+):
     monkeypatch.chdir(REPO)
     run = slurm_two_nodes.shared / "node-ranks-killed"
     job_id = _submit(run, dataset, "train.ckpt_every=4")
     wait_for(lambda: (run / "checkpoints/step_00000004/COMPLETE").is_file(), 180, "the step-4 checkpoint", run)
-    ranks = wait_for(lambda: (lambda r: r if len(r) == 2 else None)(_ranks_of(slurm_two_nodes, "node2")), 30,
-                     "node2's two ranks", run)
+    ranks = wait_for(
+        lambda: (lambda r: r if len(r) == 2 else None)(_ranks_of(slurm_two_nodes, "node2")),
+        30,
+        "node2's two ranks",
+        run,
+    )
     for pid in ranks:
         os.kill(pid, signal.SIGKILL)
     killed_after = len(metrics_records(run))

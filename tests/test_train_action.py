@@ -11,9 +11,17 @@ from titan_world.config import load_config
 from titan_world.train.loop import train
 
 BASE = [
-    "data.height=32", "data.width=32", "data.synth_episodes=4", "data.synth_seconds=1.0",
-    "run.wandb=disabled", "run.progress=false", "train.global_batch=2", "train.lr=1e-2", "train.warmup_steps=1",
-    "train.ckpt_every=0", "model.num_layers=2",
+    "data.height=32",
+    "data.width=32",
+    "data.synth_episodes=4",
+    "data.synth_seconds=1.0",
+    "run.wandb=disabled",
+    "run.progress=false",
+    "train.global_batch=2",
+    "train.lr=1e-2",
+    "train.warmup_steps=1",
+    "train.ckpt_every=0",
+    "model.num_layers=2",
 ]
 
 
@@ -22,7 +30,16 @@ def base_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("action")
     data = str(root / "data")
     # an action-free base (a Wan checkpoint's situation; the tiny default pretrains with actions on)
-    cfg = load_config(None, [*BASE, f"data.path=synthetic:{data}", f"run.dir={root / 'base'}", "train.steps=3", "model.action.enabled=false"])
+    cfg = load_config(
+        None,
+        [
+            *BASE,
+            f"data.path=synthetic:{data}",
+            f"run.dir={root / 'base'}",
+            "train.steps=3",
+            "model.action.enabled=false",
+        ],
+    )
     assert train(cfg) == 0
     return root, data
 
@@ -33,9 +50,18 @@ def test_action_finetune_trains_only_the_adapter(base_run):
 
     root, data = base_run
     run_dir = root / "act"
-    cfg = load_config("train/tiny_action.yaml", [*BASE, f"data.path=synthetic:{data}", f"run.dir={run_dir}", f"train.base_checkpoint={root / 'base'}",
-                                                 "train.stages.0.steps=3", "train.action_check_episodes=0",
-                                                 "train.train_modulation=false"])
+    cfg = load_config(
+        "train/tiny_action.yaml",
+        [
+            *BASE,
+            f"data.path=synthetic:{data}",
+            f"run.dir={run_dir}",
+            f"train.base_checkpoint={root / 'base'}",
+            "train.stages.0.steps=3",
+            "train.action_check_episodes=0",
+            "train.train_modulation=false",
+        ],
+    )
     assert train(cfg) == 0
     base = load_pretrained(root / "base" / "model").state_dict()
     merged_model = load_pretrained(run_dir / "model")
@@ -45,7 +71,9 @@ def test_action_finetune_trains_only_the_adapter(base_run):
     assert adapter_keys and set(merged) - adapter_keys == set(base)
     for k, v in base.items():  # frozen backbone: bit-identical
         assert torch.equal(merged[k], v), k
-    assert any(merged[k].abs().sum() > 0 for k in adapter_keys if ".action_proj.proj.weight" in k)  # zero-init adapter moved
+    assert any(
+        merged[k].abs().sum() > 0 for k in adapter_keys if ".action_proj.proj.weight" in k
+    )  # zero-init adapter moved
 
     from safetensors import safe_open
 
@@ -64,8 +92,18 @@ def test_train_modulation_also_trains_modulation(base_run):
 
     root, data = base_run
     run_dir = root / "act_mod"
-    cfg = load_config("train/tiny_action.yaml", [*BASE, f"data.path=synthetic:{data}", f"run.dir={run_dir}", f"train.base_checkpoint={root / 'base'}",
-                                                 "train.stages.0.steps=2", "train.train_modulation=true", "train.action_check_episodes=0"])
+    cfg = load_config(
+        "train/tiny_action.yaml",
+        [
+            *BASE,
+            f"data.path=synthetic:{data}",
+            f"run.dir={run_dir}",
+            f"train.base_checkpoint={root / 'base'}",
+            "train.stages.0.steps=2",
+            "train.train_modulation=true",
+            "train.action_check_episodes=0",
+        ],
+    )
     assert train(cfg) == 0
     base = load_pretrained(root / "base" / "model").state_dict()
     merged = load_pretrained(run_dir / "model").state_dict()
@@ -75,7 +113,6 @@ def test_train_modulation_also_trains_modulation(base_run):
 
 def test_action_check_reports_true_and_shuffled(base_run):
     from titan_world.train.action_check import action_following_check, format_check
-
     from titan_world.train.adapter import build_action_model
 
     root, _ = base_run

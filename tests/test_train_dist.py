@@ -17,9 +17,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dist")]
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
-    "data.height=32", "data.width=32", "data.synth_episodes=6", "data.synth_seconds=2.0",
-    "run.wandb=disabled", "run.progress=false", "train.global_batch=4", "train.lr=1e-3", "train.warmup_steps=2",
-    "train.stages.0.steps=3", "train.stages.1.steps=3", "train.ckpt_every=0", "model.num_layers=2", "train.export=false",
+    "data.height=32",
+    "data.width=32",
+    "data.synth_episodes=6",
+    "data.synth_seconds=2.0",
+    "run.wandb=disabled",
+    "run.progress=false",
+    "train.global_batch=4",
+    "train.lr=1e-3",
+    "train.warmup_steps=2",
+    "train.stages.0.steps=3",
+    "train.stages.1.steps=3",
+    "train.ckpt_every=0",
+    "model.num_layers=2",
+    "train.export=false",
 ]
 
 
@@ -27,8 +38,15 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "train", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 def _run(*args: str, timeout: float = 240) -> tuple[int, str]:
@@ -58,7 +76,14 @@ def test_sigusr1_checkpoints_exits_75_and_resumes(tmp_path):
     from launch.torchrun import EXIT_PREEMPTED
 
     data, run_dir = str(tmp_path / "data"), tmp_path / "run"
-    args = [*BASE, f"data.path=synthetic:{data}", f"run.dir={run_dir}", "train.stages.0.steps=400", "train.stages.1.steps=0", "train.steps=400"]
+    args = [
+        *BASE,
+        f"data.path=synthetic:{data}",
+        f"run.dir={run_dir}",
+        "train.stages.0.steps=400",
+        "train.stages.1.steps=0",
+        "train.steps=400",
+    ]
     p = _cli(*args)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 180

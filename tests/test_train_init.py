@@ -12,17 +12,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import run_distributed
 from safetensors.torch import load_file, save_file
 
-from dist_utils import run_distributed
 from titan_world.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(name="train_init")]
 
 BASE = [
-    "data.height=32", "data.width=32", "data.synth_episodes=4", "data.synth_seconds=1.0",
-    "run.wandb=disabled", "run.progress=false", "train.global_batch=2", "train.lr=1e-3", "train.warmup_steps=1",
-    "train.ckpt_every=0", "model.num_layers=2", "train.steps=3", "train.stages.0.frames=9", "train.action_check_episodes=0",
+    "data.height=32",
+    "data.width=32",
+    "data.synth_episodes=4",
+    "data.synth_seconds=1.0",
+    "run.wandb=disabled",
+    "run.progress=false",
+    "train.global_batch=2",
+    "train.lr=1e-3",
+    "train.warmup_steps=1",
+    "train.ckpt_every=0",
+    "model.num_layers=2",
+    "train.steps=3",
+    "train.stages.0.frames=9",
+    "train.action_check_episodes=0",
 ]
 
 
@@ -78,9 +89,9 @@ def _exported(folder: Path) -> dict[str, torch.Tensor]:
 def _watch_reads(log: list) -> None:
     """Record every tensor read from a checkpoint (name, full rows, rows read) and make reading a
     whole checkpoint (load_pretrained) or materialising an unsharded model fail."""
-    import parallel.meta_init as meta_init
     from torch.distributed.tensor import DTensor
 
+    import parallel.meta_init as meta_init
     import titan_world.model.io as io
 
     read = io.WeightFolder.read
@@ -131,7 +142,9 @@ def _two_rank_jobs(root: Path) -> dict:
     reads.clear()
     out["random_init"] = initial_state("two_random", "train.seed=7")
     out["random_reads"] = list(reads)
-    out["action_init"] = initial_state("two_action", "train.task=action_finetune", f"train.base_checkpoint={root / 'base'}")
+    out["action_init"] = initial_state(
+        "two_action", "train.task=action_finetune", f"train.base_checkpoint={root / 'base'}"
+    )
     return out
 
 
@@ -170,15 +183,23 @@ def _first_step_matches_checkpoint(root: Path, run: str, reference, *extra: str)
 def test_pretrain_starts_from_a_wan_folder(root):
     from titan_world.model import load_pretrained
 
-    _first_step_matches_checkpoint(root, "one_step", load_pretrained(root / "base"), f"train.base_checkpoint={root / 'base'}")
+    _first_step_matches_checkpoint(
+        root, "one_step", load_pretrained(root / "base"), f"train.base_checkpoint={root / 'base'}"
+    )
 
 
 def test_pretrain_expert_high_reads_high_noise_model(root):
     from titan_world.model import load_pretrained
 
     moe = load_pretrained(root / "moe")
-    _first_step_matches_checkpoint(root, "one_step_high", moe.high, f"train.base_checkpoint={root / 'moe'}",
-                                   "model.num_experts=2", "train.expert=high")
+    _first_step_matches_checkpoint(
+        root,
+        "one_step_high",
+        moe.high,
+        f"train.base_checkpoint={root / 'moe'}",
+        "model.num_experts=2",
+        "train.expert=high",
+    )
 
 
 def _assert_same_training(got: torch.Tensor, want: torch.Tensor, lr: float, steps: int, what: str) -> None:
@@ -197,8 +218,10 @@ def test_one_rank_matches_two_ranks_from_a_base_checkpoint(root, two_ranks):
     exported model (see `_assert_same_training`)."""
     from titan_world.train.loop import train
 
-    for run, extra in (("base", [f"train.base_checkpoint={root / 'base'}"]),
-                       ("high", [f"train.base_checkpoint={root / 'moe'}", "model.num_experts=2", "train.expert=high"])):
+    for run, extra in (
+        ("base", [f"train.base_checkpoint={root / 'base'}"]),
+        ("high", [f"train.base_checkpoint={root / 'moe'}", "model.num_experts=2", "train.expert=high"]),
+    ):
         assert train(_cfg(root, f"one_{run}", *extra)) == 0
         one, two = _metrics(root / f"one_{run}"), _metrics(root / f"two_{run}")
         assert len(one) == len(two) == 3
@@ -318,7 +341,16 @@ def test_bad_base_checkpoints_name_the_key_and_file(root, tmp_path, capsys):
     from launch.cli import main
 
     def cli(base: Path, *extra: str) -> str:
-        rc = main(["train", *BASE, f"data.path=synthetic:{root / 'data'}", f"run.dir={tmp_path / 'run'}", f"train.base_checkpoint={base}", *extra])
+        rc = main(
+            [
+                "train",
+                *BASE,
+                f"data.path=synthetic:{root / 'data'}",
+                f"run.dir={tmp_path / 'run'}",
+                f"train.base_checkpoint={base}",
+                *extra,
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2, err
         return err
@@ -332,7 +364,10 @@ def test_bad_base_checkpoints_name_the_key_and_file(root, tmp_path, capsys):
 
     wrong = _edit(root / "base", tmp_path / "wrong", reshape)
     err = cli(wrong)
-    assert "blocks.0.self_attn.q.weight: checkpoint (128, 64) in diffusion_pytorch_model.safetensors vs model (128, 128)" in err
+    assert (
+        "blocks.0.self_attn.q.weight: checkpoint (128, 64) in diffusion_pytorch_model.safetensors vs model (128, 128)"
+        in err
+    )
 
     err = cli(root / "base", "model.ffn_dim=256")  # config.json disagrees with model.*: before any tensor is read
     assert "train.base_checkpoint=" in err and "config.json: ffn_dim=384 but model.ffn_dim=256" in err

@@ -4,7 +4,6 @@ checkpoints, MoE expert sync, config errors, FLOPs. Tiny: 32x32 frames, 2-sample
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -12,13 +11,23 @@ import pytest
 import torch
 
 from launch.torchrun import EXIT_PREEMPTED
-from titan_world.config import ConfigError, load_config
+from titan_world.config import load_config
 from titan_world.train.loop import EXIT_DIVERGED, plan_stages, train
 
 BASE = [
-    "data.height=32", "data.width=32", "data.synth_episodes=6", "data.synth_seconds=2.0",
-    "run.wandb=disabled", "run.progress=false", "train.global_batch=2", "train.lr=1e-3", "train.warmup_steps=2",
-    "train.stages.0.steps=6", "train.stages.1.steps=6", "train.ckpt_every=4", "model.num_layers=2",
+    "data.height=32",
+    "data.width=32",
+    "data.synth_episodes=6",
+    "data.synth_seconds=2.0",
+    "run.wandb=disabled",
+    "run.progress=false",
+    "train.global_batch=2",
+    "train.lr=1e-3",
+    "train.warmup_steps=2",
+    "train.stages.0.steps=6",
+    "train.stages.1.steps=6",
+    "train.ckpt_every=4",
+    "model.num_layers=2",
 ]
 
 
@@ -63,8 +72,17 @@ def test_reference_run_outputs(reference):
 
 def test_loss_goes_down(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = cfg_for(data_dir, run_dir, "train.stages.0.steps=60", "train.stages.1.steps=0", "train.steps=60", "train.ckpt_every=0",
-                  "train.export=false", "train.global_batch=4", "train.lr=2e-3")
+    cfg = cfg_for(
+        data_dir,
+        run_dir,
+        "train.stages.0.steps=60",
+        "train.stages.1.steps=0",
+        "train.steps=60",
+        "train.ckpt_every=0",
+        "train.export=false",
+        "train.global_batch=4",
+        "train.lr=2e-3",
+    )
     assert train(cfg) == 0
     losses = [r["loss"] for r in metrics(run_dir)]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
@@ -77,8 +95,17 @@ def test_float8_run_trains_and_exports_plain_weights(data_dir, tmp_path, capsys)
     from titan_world.model import load_pretrained
 
     run_dir = tmp_path / "run"
-    cfg = cfg_for(data_dir, run_dir, "parallel.float8=rowwise", "train.stages.0.steps=60", "train.stages.1.steps=0", "train.steps=60",
-                  "train.ckpt_every=0", "train.global_batch=4", "train.lr=2e-3")
+    cfg = cfg_for(
+        data_dir,
+        run_dir,
+        "parallel.float8=rowwise",
+        "train.stages.0.steps=60",
+        "train.stages.1.steps=0",
+        "train.steps=60",
+        "train.ckpt_every=0",
+        "train.global_batch=4",
+        "train.lr=2e-3",
+    )
     assert train(cfg) == 0
     assert "FP8 GEMMs (rowwise) in 20 linear layers" in capsys.readouterr().err  # 2 blocks x (4 + 4 + 2)
     losses = [r["loss"] for r in metrics(run_dir)]
@@ -174,7 +201,9 @@ def test_config_errors_before_work(data_dir, tmp_path, capsys):
     run_dir = tmp_path / "never"
     rc = main(["train", f"data.path=synthetic:{data_dir}", f"run.dir={run_dir}", "train.task=action_finetune"])
     assert rc == 2 and "train.base_checkpoint" in capsys.readouterr().err
-    rc = main(["train", "--nproc", "2", f"data.path=synthetic:{data_dir}", f"run.dir={run_dir}", "train.global_batch=3"])
+    rc = main(
+        ["train", "--nproc", "2", f"data.path=synthetic:{data_dir}", f"run.dir={run_dir}", "train.global_batch=3"]
+    )
     assert rc == 2 and "train.global_batch=3" in capsys.readouterr().err
     rc = main(["train", f"run.dir={run_dir}", "train.stages.0.frames=18"])
     assert rc == 2 and "frames=18" in capsys.readouterr().err
@@ -196,7 +225,9 @@ def test_flops_formula_matches_design_reference():
     from titan_world.model.config import ModelConfig
     from titan_world.train.flops import sample_flops
 
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load("configs/model/wan2.1-1.3b.yaml")))
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load("configs/model/wan2.1-1.3b.yaml"))
+    )
     f = sample_flops(cfg, 21, 60, 104)
     assert f.tokens == 32760
     assert abs(f.train_step / 2.754 / 1e12 - 308) < 2  # DESIGN.md §8: diffusers' step = 308 model-TFLOP/s
@@ -204,7 +235,9 @@ def test_flops_formula_matches_design_reference():
 
 def test_ema_profiler_and_grad_accumulation(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = cfg_for(data_dir, run_dir, "train.steps=4", "train.ema_decay=0.5", "train.micro_batch=1", "train.ckpt_every=2")
+    cfg = cfg_for(
+        data_dir, run_dir, "train.steps=4", "train.ema_decay=0.5", "train.micro_batch=1", "train.ckpt_every=2"
+    )
     cfg.train.profile_steps = [1, 2]
     assert train(cfg) == 0
     assert (run_dir / "profile" / "trace_rank0.json").is_file()

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 import vbench_official as vo
+
 from titan_world.eval import dimensions as D
 from titan_world.eval import official_models
 from titan_world.eval.config import EvalConfig
@@ -71,8 +71,9 @@ def test_decoders_match_opencv_and_decord(official, videos):
         np.testing.assert_array_equal(ours601, np.stack(cv_frames), err_msg=name)
         assert fps == cap.get(cv2.CAP_PROP_FPS)
         vr = decord.VideoReader(str(path), num_threads=1)
-        np.testing.assert_array_equal(read_video(path, "tagged")[0], vr.get_batch(range(len(vr))).asnumpy(),
-                                      err_msg=name)
+        np.testing.assert_array_equal(
+            read_video(path, "tagged")[0], vr.get_batch(range(len(vr))).asnumpy(), err_msg=name
+        )
     bt709_601, bt709_tag = read_video(videos["bt709-0.mp4"], "bt601")[0], read_video(videos["bt709-0.mp4"])[0]
     assert np.abs(bt709_601.astype(int) - bt709_tag).max() > 5  # the two conversions really differ there
 
@@ -129,8 +130,12 @@ def test_motion_smoothness(official, videos, tmp_path):
         ms.motion_score(str(paths.pop("two-0.mp4")))
     want = _by_name(official.ms.motion_smoothness(ms, [str(p) for p in paths.values()])[1])
     got = _ours(paths.values(), ["motion_smoothness"], amt_path=str(amt), amt_factory=FACTORIES + "amt")
-    assert "motion_smoothness" not in _ours([videos["two-0.mp4"]], ["motion_smoothness"], amt_path=str(amt),
-                                            amt_factory=FACTORIES + "amt")["two-0.mp4"]
+    assert (
+        "motion_smoothness"
+        not in _ours([videos["two-0.mp4"]], ["motion_smoothness"], amt_path=str(amt), amt_factory=FACTORIES + "amt")[
+            "two-0.mp4"
+        ]
+    )
     for name in paths:
         assert 0.3 < want[name] < 1.0, (name, want[name])  # a real interpolation, not NaN frames
         assert got[name]["motion_smoothness"] == pytest.approx(want[name], abs=1e-6), name
@@ -145,8 +150,13 @@ def test_overall_consistency(official, videos, tmp_path):
     want = _by_name(official.oc.overall_consistency(model, info, vo.viclip_tokenizer(), "cpu")[1])
     table = tmp_path / "prompts.json"
     table.write_text(__import__("json").dumps(prompts))
-    got = _ours(videos.values(), ["overall_consistency"], viclip_path=str(ckpt), prompts=str(table),
-                viclip_factory="vbench_official:viclip_factory")
+    got = _ours(
+        videos.values(),
+        ["overall_consistency"],
+        viclip_path=str(ckpt),
+        prompts=str(table),
+        viclip_factory="vbench_official:viclip_factory",
+    )
     for name in videos:  # exact here; the 1e-4 would let a float (not uint8) resize pass (~7e-5 off)
         assert got[name]["overall_consistency"] == pytest.approx(want[name], abs=1e-6), name
     # deterministic: the official path with test=False drops 90 % of tokens at random
@@ -202,8 +212,13 @@ def test_aesthetic_quality_fp16(official, videos, tmp_path):
     assert model.dtype == torch.float16
     name, path = "untagged-0.mp4", videos["untagged-0.mp4"]
     _, res = official.aq.laion_aesthetic(official.aq.get_aesthetic_model(str(head.parent)), model, [str(path)], "cpu")
-    half = _ours([path], ["aesthetic_quality"], clip_path=str(clip_file), aesthetic_head_path=str(head),
-                 aesthetic_dtype="float16")[name]["aesthetic_quality"]
+    half = _ours(
+        [path],
+        ["aesthetic_quality"],
+        clip_path=str(clip_file),
+        aesthetic_head_path=str(head),
+        aesthetic_dtype="float16",
+    )[name]["aesthetic_quality"]
     full = _ours([path], ["aesthetic_quality"], clip_path=str(clip_file), aesthetic_head_path=str(head))[name]
     assert half == pytest.approx(res[0]["video_results"], abs=2e-3)
     assert half != full["aesthetic_quality"]  # really ran in fp16

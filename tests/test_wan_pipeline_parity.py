@@ -11,8 +11,6 @@ that each choice is made as the reference makes it. fp32 on CPU.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -41,33 +39,73 @@ def _tokenizer():
 
 
 def _pipeline(kind: str):
-    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
-                           WanTransformer3DModel)
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(0)
-    text = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                       num_heads=4, relative_attention_num_buckets=8)).eval()
+    text = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(WORDS) + 3,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        )
+    ).eval()
     ti2v = kind == "ti2v"
     z = 8 if ti2v else 4
     stats = dict(latents_mean=np.linspace(-0.5, 0.5, z).tolist(), latents_std=np.linspace(0.5, 2.0, z).tolist())
     if ti2v:  # Wan2.2's VAE layout: 2x2 pixel patches, residual blocks, stride 16
-        vae = AutoencoderKLWan(base_dim=3, z_dim=z, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
-                               dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-                               scale_factor_spatial=16, **stats)
+        vae = AutoencoderKLWan(
+            base_dim=3,
+            z_dim=z,
+            in_channels=12,
+            out_channels=12,
+            is_residual=True,
+            patch_size=2,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            scale_factor_spatial=16,
+            **stats,
+        )
     else:
-        vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True], **stats)
+        vae = AutoencoderKLWan(
+            base_dim=3,
+            z_dim=z,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            **stats,
+        )
     with torch.no_grad():  # a decoder whose frames span the whole 0..255 range (a random one stays near grey)
         vae.decoder.conv_out.weight.mul_(DECODER_GAIN)
         vae.decoder.conv_out.bias.mul_(DECODER_GAIN)
     in_ch = 2 * z + 4 if kind == "i2v" else z
 
     def dit():
-        net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                    in_channels=in_ch, out_channels=z,
-                                    text_dim=32, freq_dim=256, ffn_dim=48, num_layers=2, cross_attn_norm=True,
-                                    qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+        net = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=in_ch,
+            out_channels=z,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=48,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ).eval()
         with torch.no_grad():  # a strong text pathway: prompt, negative prompt and guidance all matter
             for name, p in net.named_parameters():
                 if "text_embedder" in name or ".attn2.to_v" in name or ".attn2.to_out" in name:
@@ -100,9 +138,17 @@ def _image(size: int):
 def _reference(pipe, kind: str, noise: torch.Tensor, negative=NEGATIVE, guidance=GUIDANCE) -> np.ndarray:
     """diffusers' frames, [F, H, W, 3] in 0..255 (float)."""
     size = SIZE[kind]
-    kw = dict(prompt=PROMPT, negative_prompt=negative, height=size, width=size, num_frames=FRAMES,
-              num_inference_steps=STEPS,
-              guidance_scale=guidance[0], latents=noise.clone(), output_type="np")
+    kw = dict(
+        prompt=PROMPT,
+        negative_prompt=negative,
+        height=size,
+        width=size,
+        num_frames=FRAMES,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance[0],
+        latents=noise.clone(),
+        output_type="np",
+    )
     if kind == "ti2v":
         kw.pop("guidance_scale")
         kw["guidance_scale"] = guidance[0]
@@ -118,10 +164,32 @@ def _ours(tmp_path, folder, kind: str, noise: torch.Tensor, *extra: str) -> np.n
     size = SIZE[kind]
     save_file({"latents": noise[0].contiguous()}, str(tmp_path / f"{kind}_noise.safetensors"))
     out = tmp_path / f"{kind}.npy"
-    args = ["generate", "--checkpoint", str(folder), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
-            "--frames", str(FRAMES),
-            "--height", str(size), "--width", str(size), "--steps", str(STEPS), "--guidance", str(GUIDANCE[0]),
-            "--noise", str(tmp_path / f"{kind}_noise.safetensors"), "--out", str(out), "--device", "cpu", *extra]
+    args = [
+        "generate",
+        "--checkpoint",
+        str(folder),
+        "--prompt",
+        PROMPT,
+        "--negative-prompt",
+        NEGATIVE,
+        "--frames",
+        str(FRAMES),
+        "--height",
+        str(size),
+        "--width",
+        str(size),
+        "--steps",
+        str(STEPS),
+        "--guidance",
+        str(GUIDANCE[0]),
+        "--noise",
+        str(tmp_path / f"{kind}_noise.safetensors"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     if kind != "t2v":
         _image(size).save(tmp_path / "image.png")
         args += ["--image", str(tmp_path / "image.png")]
@@ -167,8 +235,12 @@ def test_generate_matches_diffusers_pipeline(kind, tmp_path):
     nudged = _reference(pipe, kind, noise * (1 + 1e-4))
     assert _diff(nudged, ref)[0] < 0.3
     assert _diff(_reference(pipe, kind, noise, negative="a dog runs in snow"), ref)[0] > 100
-    assert _diff(_reference(pipe, kind, noise, guidance=(GUIDANCE[1], GUIDANCE[0]) if kind != "ti2v" else (1.5, 1.5)),
-                 ref)[0] > 100
+    assert (
+        _diff(
+            _reference(pipe, kind, noise, guidance=(GUIDANCE[1], GUIDANCE[0]) if kind != "ti2v" else (1.5, 1.5)), ref
+        )[0]
+        > 100
+    )
     unipc = pipe.scheduler
     pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
     assert _diff(_reference(pipe, kind, noise), ref)[0] > 100
@@ -240,21 +312,37 @@ def test_official_folder_generates_as_the_official_scheduler(tmp_path, monkeypat
     diffusers samples on the official grid (linspace(0.999, 0) before the shift)."""
     from titan_world.model.diffusers_names import diffusers_to_native
     from titan_world.model.io import save_state_dict
-    from titan_world.model.official import (T5_FILE, T5_TOKENIZER_DIR, WAN21_VAE_FILE, save_official_t5,
-                                            save_official_vae)
+    from titan_world.model.official import (
+        T5_FILE,
+        T5_TOKENIZER_DIR,
+        WAN21_VAE_FILE,
+        save_official_t5,
+        save_official_vae,
+    )
 
     kind = "i2v"
     pipe = _pipeline(kind)
     z = pipe.vae.config.z_dim
-    pipe.vae.register_to_config(latents_mean=[0.0] * z,
-                                latents_std=[1.0] * z)  # a .pth carries no statistics for a 4-channel VAE
+    pipe.vae.register_to_config(
+        latents_mean=[0.0] * z, latents_std=[1.0] * z
+    )  # a .pth carries no statistics for a 4-channel VAE
     root = tmp_path / "Wan2.2-I2V-A14B"
     for sub, net in (("high_noise_model", pipe.transformer), ("low_noise_model", pipe.transformer_2)):
         c = net.config
-        config = {"_class_name": "WanModel", "model_type": "i2v", "dim": c.num_attention_heads * c.attention_head_dim,
-                  "ffn_dim": c.ffn_dim, "num_heads": c.num_attention_heads, "num_layers": c.num_layers,
-                  "in_dim": c.in_channels, "out_dim": c.out_channels,
-                  "text_len": 512, "freq_dim": c.freq_dim, "eps": c.eps, "text_dim": c.text_dim}
+        config = {
+            "_class_name": "WanModel",
+            "model_type": "i2v",
+            "dim": c.num_attention_heads * c.attention_head_dim,
+            "ffn_dim": c.ffn_dim,
+            "num_heads": c.num_attention_heads,
+            "num_layers": c.num_layers,
+            "in_dim": c.in_channels,
+            "out_dim": c.out_channels,
+            "text_len": 512,
+            "freq_dim": c.freq_dim,
+            "eps": c.eps,
+            "text_dim": c.text_dim,
+        }
         save_state_dict(diffusers_to_native(net.state_dict()), root / sub, config)
     save_official_vae(pipe.vae, root / WAN21_VAE_FILE)
     save_official_t5(pipe.text_encoder, root / T5_FILE)
@@ -262,8 +350,9 @@ def test_official_folder_generates_as_the_official_scheduler(tmp_path, monkeypat
 
     set_timesteps = pipe.scheduler.set_timesteps
     official = np.linspace(float(np.float32(0.999)), 0.0, STEPS + 1)[:-1]
-    monkeypatch.setattr(pipe.scheduler, "set_timesteps", lambda n, device=None: set_timesteps(device=device,
-                                                                                              sigmas=official.copy()))
+    monkeypatch.setattr(
+        pipe.scheduler, "set_timesteps", lambda n, device=None: set_timesteps(device=device, sigmas=official.copy())
+    )
     noise = _noise(pipe, kind)
     ref = _reference(pipe, kind, noise)
     ours = _ours(tmp_path, root, kind, noise, "--shift", "5")
@@ -276,11 +365,37 @@ def test_official_folder_generates_as_the_official_scheduler(tmp_path, monkeypat
     for sub in ("high_noise_model", "low_noise_model"):
         shutil.copytree(root / sub, dits / sub)
     vae_path = f"data.codec.path={root / WAN21_VAE_FILE}"
-    assert main(["generate", "--checkpoint", str(dits), "--out", str(tmp_path / "no_text.npy"), "--image",
-                 str(tmp_path / "image.png"), "data.codec.kind=wan_vae", vae_path, "data.text_encoder.kind=umt5",
-                 "--frames", "5", "--steps", "1"]) == 2  # umT5 asked for, without its files: an error, not a run
-    again = _ours(tmp_path, dits, kind, noise, "data.codec.kind=wan_vae", f"data.codec.path={root / WAN21_VAE_FILE}",
-                  "data.text_encoder.kind=umt5", f"data.text_encoder.path={root / T5_FILE}")
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(dits),
+                "--out",
+                str(tmp_path / "no_text.npy"),
+                "--image",
+                str(tmp_path / "image.png"),
+                "data.codec.kind=wan_vae",
+                vae_path,
+                "data.text_encoder.kind=umt5",
+                "--frames",
+                "5",
+                "--steps",
+                "1",
+            ]
+        )
+        == 2
+    )  # umT5 asked for, without its files: an error, not a run
+    again = _ours(
+        tmp_path,
+        dits,
+        kind,
+        noise,
+        "data.codec.kind=wan_vae",
+        f"data.codec.path={root / WAN21_VAE_FILE}",
+        "data.text_encoder.kind=umt5",
+        f"data.text_encoder.path={root / T5_FILE}",
+    )
     assert _diff(again, ours)[0] == 0
 
     monkeypatch.setattr(pipe.scheduler, "set_timesteps", set_timesteps)
@@ -294,8 +409,12 @@ def test_presets_agree_with_the_model_configs():
     from titan_world.config import CONFIG_ROOT
     from titan_world.model.presets import PRESETS
 
-    for preset, config in [("wan2.2-i2v-a14b", "wan2.2-i2v-a14b"), ("wan2.2-t2v-a14b", "wan2.2-t2v-a14b"),
-                           ("wan2.2-ti2v-5b", "wan2.2-ti2v-5b"), ("wan2.1-t2v", "wan2.1-1.3b")]:
+    for preset, config in [
+        ("wan2.2-i2v-a14b", "wan2.2-i2v-a14b"),
+        ("wan2.2-t2v-a14b", "wan2.2-t2v-a14b"),
+        ("wan2.2-ti2v-5b", "wan2.2-ti2v-5b"),
+        ("wan2.1-t2v", "wan2.1-1.3b"),
+    ]:
         p, raw = PRESETS[preset], yaml.safe_load((CONFIG_ROOT / "model" / f"{config}.yaml").read_text())
         assert p.model_type == raw["model_type"] and p.experts == raw.get("num_experts", 1), preset
         if p.experts == 2:
@@ -322,12 +441,19 @@ def test_reference_training_inputs_are_the_pipelines_inputs(tmp_path):
     latents = codec.encode(video)
     sigma, noise = torch.tensor([0.7]), torch.randn(latents.shape, generator=g)
     cfg = bundle.model.cfg
-    nb = training_inputs(cfg, latents, torch.ones(1, latents.shape[2], dtype=torch.bool), sigma, noise,
-                         first_frames=video[:, :, 0], codec=codec)
+    nb = training_inputs(
+        cfg,
+        latents,
+        torch.ones(1, latents.shape[2], dtype=torch.bool),
+        sigma,
+        noise,
+        first_frames=video[:, :, 0],
+        codec=codec,
+    )
     with torch.no_grad():
-        _, condition = pipe.prepare_latents(video[:, :, 0], 1, latents.shape[1], 32, 32, FRAMES, torch.float32, "cpu",
-                                            None,
-                                            latents=noise)
+        _, condition = pipe.prepare_latents(
+            video[:, :, 0], 1, latents.shape[1], 32, 32, FRAMES, torch.float32, "cpu", None, latents=noise
+        )
         torch.testing.assert_close(nb.cond, condition, rtol=1e-5, atol=1e-5)
         x_t = 0.3 * latents + 0.7 * noise
         torch.testing.assert_close(nb.x_t, x_t, rtol=1e-6, atol=1e-6)
@@ -340,12 +466,22 @@ def test_reference_training_inputs_are_the_pipelines_inputs(tmp_path):
     with pytest.raises(ValueError, match="first frame"):
         training_inputs(cfg, latents, nb.loss_mask.bool(), sigma, noise)
 
-    ti2v = training_inputs(dataclasses.replace(cfg, model_type="ti2v", in_dim=cfg.out_dim), latents,
-                           torch.zeros(1, latents.shape[2], dtype=torch.bool), sigma, noise)
+    ti2v = training_inputs(
+        dataclasses.replace(cfg, model_type="ti2v", in_dim=cfg.out_dim),
+        latents,
+        torch.zeros(1, latents.shape[2], dtype=torch.bool),
+        sigma,
+        noise,
+    )
     assert ti2v.cond is None and ti2v.t[0].tolist() == [0.0, 700.0] and ti2v.loss_mask[0].tolist() == [0.0, 1.0]
     torch.testing.assert_close(ti2v.x_t[:, :, 0], latents[:, :, 0])
-    t2v = training_inputs(dataclasses.replace(cfg, model_type="t2v", in_dim=cfg.out_dim), latents,
-                          torch.ones(1, latents.shape[2], dtype=torch.bool), sigma, noise)
+    t2v = training_inputs(
+        dataclasses.replace(cfg, model_type="t2v", in_dim=cfg.out_dim),
+        latents,
+        torch.ones(1, latents.shape[2], dtype=torch.bool),
+        sigma,
+        noise,
+    )
     assert t2v.cond is None and t2v.t[0].tolist() == [700.0, 700.0] and t2v.loss_mask[0].tolist() == [1.0, 1.0]
 
 
@@ -367,25 +503,67 @@ def test_first_training_step_from_official_weights_uses_the_reference_inputs(tmp
     pipe = _pipeline("i2v")
     pipe.vae.save_pretrained(tmp_path / "vae")
     torch.manual_seed(5)
-    net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12,
-                                out_channels=4, text_dim=64, freq_dim=256, ffn_dim=48, num_layers=2,
-                                cross_attn_norm=True,
-                                qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    net = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=12,
+        out_channels=4,
+        text_dim=64,
+        freq_dim=256,
+        ffn_dim=48,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.1)
-    official = {"_class_name": "WanModel", "model_type": "i2v", "dim": 24, "ffn_dim": 48, "num_heads": 2,
-                "num_layers": 2,
-                "in_dim": 12, "out_dim": 4, "text_len": 32, "freq_dim": 256, "eps": 1e-6, "text_dim": 64}
+    official = {
+        "_class_name": "WanModel",
+        "model_type": "i2v",
+        "dim": 24,
+        "ffn_dim": 48,
+        "num_heads": 2,
+        "num_layers": 2,
+        "in_dim": 12,
+        "out_dim": 4,
+        "text_len": 32,
+        "freq_dim": 256,
+        "eps": 1e-6,
+        "text_dim": 64,
+    }
     save_state_dict(diffusers_to_native(net.state_dict()), tmp_path / "wan", official)
-    cfg = load_config(None, [
-        "data.height=32", "data.width=32", "data.codec.kind=wan_vae", f"data.codec.path={tmp_path / 'vae'}",
-        f"data.path={tmp_path / 'data'}", "run.wandb=disabled", "run.progress=false", f"run.dir={tmp_path / 'run'}",
-        "train.global_batch=2", "train.warmup_steps=1", "train.ckpt_every=0", "train.steps=1",
-        "train.stages.0.frames=5",
-        "train.action_check_episodes=0", "model.dim=24", "model.ffn_dim=48", "model.num_heads=2", "model.num_layers=2",
-        "model.in_dim=12", "model.out_dim=4", "model.text_dim=64", "model.action.enabled=false",
-        "model.conditioning=reference", f"train.base_checkpoint={tmp_path / 'wan'}"])
+    cfg = load_config(
+        None,
+        [
+            "data.height=32",
+            "data.width=32",
+            "data.codec.kind=wan_vae",
+            f"data.codec.path={tmp_path / 'vae'}",
+            f"data.path={tmp_path / 'data'}",
+            "run.wandb=disabled",
+            "run.progress=false",
+            f"run.dir={tmp_path / 'run'}",
+            "train.global_batch=2",
+            "train.warmup_steps=1",
+            "train.ckpt_every=0",
+            "train.steps=1",
+            "train.stages.0.frames=5",
+            "train.action_check_episodes=0",
+            "model.dim=24",
+            "model.ffn_dim=48",
+            "model.num_heads=2",
+            "model.num_layers=2",
+            "model.in_dim=12",
+            "model.out_dim=4",
+            "model.text_dim=64",
+            "model.action.enabled=false",
+            "model.conditioning=reference",
+            f"train.base_checkpoint={tmp_path / 'wan'}",
+        ],
+    )
     synthesize(cfg, tmp_path / "data", 2, 1.0, keep_raw=True, progress=False)
     trainer = Trainer(cfg)
     try:
@@ -396,8 +574,9 @@ def test_first_training_step_from_official_weights_uses_the_reference_inputs(tmp
         destroy()
 
     vae = AutoencoderKLWan.from_pretrained(tmp_path / "vae").eval()
-    reference = WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
-                                        scheduler=pipe.scheduler, vae=vae, transformer=net)
+    reference = WanImageToVideoPipeline(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, scheduler=pipe.scheduler, vae=vae, transformer=net
+    )
     losses = []
     with torch.no_grad():
         for batch in batches:

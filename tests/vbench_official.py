@@ -48,6 +48,7 @@ SHELLS = ("pyiqa", "pyiqa.archs", "pyiqa.utils", "pyiqa.data", "vbench2_beta_lon
 
 # ------------------------------------------------------------------ torchvision.transforms stand-in
 
+
 class InterpolationMode:
     BILINEAR = "bilinear"
     BICUBIC = "bicubic"
@@ -108,7 +109,7 @@ class CenterCrop:
             x = F.pad(x, [pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2])
             h, w = x.shape[-2:]
         top, left = int(round((h - n) / 2.0)), int(round((w - n) / 2.0))
-        return x[..., top:top + n, left:left + n]
+        return x[..., top : top + n, left : left + n]
 
 
 class Normalize:
@@ -181,22 +182,34 @@ def _package_shell(name: str) -> types.ModuleType:
 def _stubs() -> dict[str, types.ModuleType]:
     import packaging.version
 
-    tr = _module("torchvision.transforms", Compose=Compose, Resize=Resize, CenterCrop=CenterCrop,
-                 Lambda=Lambda, Normalize=Normalize, ToTensor=ToTensor, ToPILImage=ToPILImage,
-                 InterpolationMode=InterpolationMode)
+    tr = _module(
+        "torchvision.transforms",
+        Compose=Compose,
+        Resize=Resize,
+        CenterCrop=CenterCrop,
+        Lambda=Lambda,
+        Normalize=Normalize,
+        ToTensor=ToTensor,
+        ToPILImage=ToPILImage,
+        InterpolationMode=InterpolationMode,
+    )
     stubs = {
-        "torchvision": _module("torchvision", transforms=tr), "torchvision.transforms": tr,
+        "torchvision": _module("torchvision", transforms=tr),
+        "torchvision.transforms": tr,
         "torchvision.io": _module("torchvision.io", write_video=write_video),
         "scenedetect": _module("scenedetect", open_video=None, SceneManager=None, split_video_ffmpeg=None),
         "scenedetect.video_splitter": _module("scenedetect.video_splitter", split_video_ffmpeg=None),
         "scenedetect.detectors": _module("scenedetect.detectors", ContentDetector=None),
-        "moviepy": _module("moviepy"), "moviepy.editor": _module("moviepy.editor", VideoFileClip=None),
+        "moviepy": _module("moviepy"),
+        "moviepy.editor": _module("moviepy.editor", VideoFileClip=None),
         "scipy.stats": _module("scipy.stats", rankdata=None),
-        "scipy": _module("scipy"), "scipy.interpolate": _module("scipy.interpolate"),
+        "scipy": _module("scipy"),
+        "scipy.interpolate": _module("scipy.interpolate"),
         "scipy.special": _module("scipy.special", factorial=None),
         "imageio": _module("imageio", imread=None, imwrite=None),
         "pkg_resources": _module("pkg_resources", packaging=packaging),
-        "timm": _module("timm"), "timm.models": _module("timm.models"),
+        "timm": _module("timm"),
+        "timm.models": _module("timm.models"),
         "timm.models.layers": _module("timm.models.layers", DropPath=DropPath),
         "timm.models.registry": _module("timm.models.registry", register_model=lambda f: f),
     }
@@ -209,10 +222,17 @@ class Official:
     """Handles on the official modules (attribute access = the imported module)."""
 
     MODULES = {
-        "tf": "vbench.temporal_flickering", "dd": "vbench.dynamic_degree", "ms": "vbench.motion_smoothness",
-        "iq": "vbench.imaging_quality", "aq": "vbench.aesthetic_quality", "oc": "vbench.overall_consistency",
-        "utils": "vbench.utils", "raft": "vbench.third_party.RAFT.core.raft", "clip_model": "clip.model",
-        "viclip": "vbench.third_party.ViCLIP.viclip", "musiq": "pyiqa.archs.musiq_arch",
+        "tf": "vbench.temporal_flickering",
+        "dd": "vbench.dynamic_degree",
+        "ms": "vbench.motion_smoothness",
+        "iq": "vbench.imaging_quality",
+        "aq": "vbench.aesthetic_quality",
+        "oc": "vbench.overall_consistency",
+        "utils": "vbench.utils",
+        "raft": "vbench.third_party.RAFT.core.raft",
+        "clip_model": "clip.model",
+        "viclip": "vbench.third_party.ViCLIP.viclip",
+        "musiq": "pyiqa.archs.musiq_arch",
         "long_utils": "vbench2_beta_long.utils",
     }
 
@@ -245,11 +265,13 @@ class Official:
 
 # ------------------------------------------------------------------------------------ test videos
 
+
 def make_video(path: Path, frames: np.ndarray, fps: float, kind: str = "yuv420p") -> Path:
     """Write `frames` (uint8 [T,H,W,3]) as H.264: 'yuv420p' (untagged), 'bt709' (yuv420p tagged
     BT.709 matrix/primaries/transfer, limited range) or 'rgb' (lossless libx264rgb)."""
-    import av
     from fractions import Fraction
+
+    import av
 
     t, h, w, _ = frames.shape
     with av.open(str(path), "w") as c:
@@ -274,7 +296,7 @@ def moving_frames(t: int, h: int, w: int, shift: int = 2, seed: int = 0) -> np.n
     base = rng.integers(0, 256, (h // 4 + 1, (w + shift * t) // 4 + 2, 3)).astype(np.float32)
     big = torch.from_numpy(base).permute(2, 0, 1)[None]
     big = F.interpolate(big, scale_factor=4, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
-    return np.stack([big[:h, i * shift:i * shift + w] for i in range(t)]).clip(0, 255).astype(np.uint8)
+    return np.stack([big[:h, i * shift : i * shift + w] for i in range(t)]).clip(0, 255).astype(np.uint8)
 
 
 _OFFICIAL: Official | None = None
@@ -332,14 +354,22 @@ def tiny_viclip_class():
     class TinyOfficialViCLIP(o.viclip.ViCLIP):
         def build_vision_encoder(self):
             return vision_mod.VisionTransformer(
-                input_resolution=self.inputs_image_res, patch_size=14, width=t["width"], layers=t["layers"],
-                heads=t["heads"], output_dim=t["embed"], kernel_size=self.vision_encoder_kernel_size,
-                num_frames=self.video_input_num_frames, drop_path=self.vision_encoder_drop_path_rate,
-                checkpoint_num=self.vision_encoder_checkpoint_num).eval()
+                input_resolution=self.inputs_image_res,
+                patch_size=14,
+                width=t["width"],
+                layers=t["layers"],
+                heads=t["heads"],
+                output_dim=t["embed"],
+                kernel_size=self.vision_encoder_kernel_size,
+                num_frames=self.video_input_num_frames,
+                drop_path=self.vision_encoder_drop_path_rate,
+                checkpoint_num=self.vision_encoder_checkpoint_num,
+            ).eval()
 
         def build_text_encoder(self):
-            return text_mod.CLIP_TEXT(t["embed"], self.max_txt_l, self.text_encoder_vocab_size, t["width"],
-                                      t["heads"], t["layers"], 0).eval()
+            return text_mod.CLIP_TEXT(
+                t["embed"], self.max_txt_l, self.text_encoder_vocab_size, t["width"], t["heads"], t["layers"], 0
+            ).eval()
 
     return TinyOfficialViCLIP
 
@@ -347,7 +377,8 @@ def tiny_viclip_class():
 def viclip_tokenizer():
     o = official()
     return sys.modules["vbench.third_party.ViCLIP.simple_tokenizer"].SimpleTokenizer(
-        str(o.cache_dir / "ViCLIP" / "bpe_simple_vocab_16e6.txt.gz"))
+        str(o.cache_dir / "ViCLIP" / "bpe_simple_vocab_16e6.txt.gz")
+    )
 
 
 def write_viclip(path: Path, seed: int = 0) -> Path:
@@ -384,9 +415,18 @@ def write_musiq(path: Path, seed: int = 0) -> Path:
 
 # OpenAI CLIP (the `clip` package VBench imports) at a tiny width; 224 px, patch 14 and a 768-d
 # projection as ViT-L/14, so LAION's Linear(768, 1) head fits.
-TINY_CLIP = {"embed_dim": 768, "image_resolution": 224, "vision_layers": 2, "vision_width": 64,
-             "vision_patch_size": 14, "context_length": 77, "vocab_size": 49408, "transformer_width": 64,
-             "transformer_heads": 1, "transformer_layers": 1}
+TINY_CLIP = {
+    "embed_dim": 768,
+    "image_resolution": 224,
+    "vision_layers": 2,
+    "vision_width": 64,
+    "vision_patch_size": 14,
+    "context_length": 77,
+    "vocab_size": 49408,
+    "transformer_width": 64,
+    "transformer_heads": 1,
+    "transformer_layers": 1,
+}
 
 
 def write_openai_clip(path: Path, seed: int = 0) -> Path:
@@ -423,6 +463,7 @@ def info_json(path: Path, videos, dimension: str) -> str:
     """VBench's full-info JSON for custom videos (prompt from the file name)."""
     import json
 
-    path.write_text(json.dumps([{"prompt_en": Path(v).stem, "dimension": [dimension], "video_list": [str(v)]}
-                                for v in videos]))
+    path.write_text(
+        json.dumps([{"prompt_en": Path(v).stem, "dimension": [dimension], "video_list": [str(v)]} for v in videos])
+    )
     return str(path)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from titan_world.diffusion.flow import add_noise, timesteps, velocity_target
-from titan_world.model.codec import TEMPORAL_STRIDE, codec_from_config, frames_to_video
 from titan_world.model.action import ActionInputs
+from titan_world.model.codec import TEMPORAL_STRIDE, codec_from_config, frames_to_video
 from titan_world.model.moe import WanMoE, expert_for
 
 MASK_CHANNELS = 4  # Wan folds the 4 video frames of a latent frame into 4 mask channels
@@ -55,7 +55,9 @@ class NoisedBatch:
     sigma: torch.Tensor  # [B, F]
 
 
-def noise_batch(latents: torch.Tensor, cond_mask: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, with_i2v_channels: bool) -> NoisedBatch:
+def noise_batch(
+    latents: torch.Tensor, cond_mask: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, with_i2v_channels: bool
+) -> NoisedBatch:
     """sigma: [B] (one level per sample, diffusion training) or [B, F] (diffusion forcing)."""
     b, _, f = latents.shape[:3]
     sigma_f = (sigma[:, None].expand(b, f) if sigma.ndim == 1 else sigma).clone()
@@ -72,7 +74,15 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor
     return (err * loss_mask).sum() / loss_mask.sum().clamp_min(1.0)
 
 
-def conditioned_denoiser(model, context, latents: torch.Tensor, cond_mask: torch.Tensor, actions: ActionInputs | None, with_i2v_channels: bool, **model_kwargs):
+def conditioned_denoiser(
+    model,
+    context,
+    latents: torch.Tensor,
+    cond_mask: torch.Tensor,
+    actions: ActionInputs | None,
+    with_i2v_channels: bool,
+    **model_kwargs,
+):
     """denoise_fn(x, t) for `titan_world.diffusion.samplers.sample` that keeps the given frames clean.
 
     Given frames are overwritten with their latents, get timestep 0 and a zero velocity, so both
@@ -123,8 +133,15 @@ def reference_first_latent(codec, image: torch.Tensor) -> torch.Tensor:
     return codec.encode(image[:, :, None]).float()
 
 
-def reference_denoiser(model, context: torch.Tensor, negative: torch.Tensor, guidance: tuple[float, float], *,
-                       cond: torch.Tensor | None = None, first_latent: torch.Tensor | None = None):
+def reference_denoiser(
+    model,
+    context: torch.Tensor,
+    negative: torch.Tensor,
+    guidance: tuple[float, float],
+    *,
+    cond: torch.Tensor | None = None,
+    first_latent: torch.Tensor | None = None,
+):
     """denoise_fn(x, t) -> guided velocity as the reference pipelines compute it.
 
     t: the sampler's integer timestep per sample; a two-expert model routes by it (t >= boundary *
@@ -159,8 +176,16 @@ def with_first_latent(x: torch.Tensor, first_latent: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def training_inputs(model_cfg, latents: torch.Tensor, cond_mask: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, *,
-                    first_frames: torch.Tensor | None = None, codec=None) -> NoisedBatch:
+def training_inputs(
+    model_cfg,
+    latents: torch.Tensor,
+    cond_mask: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    first_frames: torch.Tensor | None = None,
+    codec=None,
+) -> NoisedBatch:
     """One training step's inputs in the model's formulation (`model.conditioning`).
 
     clean_first_frame: `noise_batch` with the batch's cond_mask. reference, by model_type: I2V noises
@@ -177,8 +202,10 @@ def training_inputs(model_cfg, latents: torch.Tensor, cond_mask: torch.Tensor, s
     if model_cfg.model_type != "i2v":
         return noise_batch(latents, given, sigma, noise, with_i2v_channels=False)
     if first_frames is None or codec is None:
-        raise ValueError("reference I2V training needs each clip's first frame (a dataset with raw frames) and the "
-                         "VAE (data.codec) to build y = [mask, VAE(first frame + zero frames)]")
+        raise ValueError(
+            "reference I2V training needs each clip's first frame (a dataset with raw frames) and the "
+            "VAE (data.codec) to build y = [mask, VAE(first frame + zero frames)]"
+        )
     cond = reference_i2v_condition(codec, first_frames, 1 + TEMPORAL_STRIDE * (f - 1)).to(latents.dtype)
     nb = noise_batch(latents, given, sigma, noise, with_i2v_channels=False)
     return NoisedBatch(nb.x_t, nb.t, nb.target, nb.loss_mask, cond, nb.sigma)
@@ -187,15 +214,24 @@ def training_inputs(model_cfg, latents: torch.Tensor, cond_mask: torch.Tensor, s
 _CODECS: dict[tuple, object] = {}
 
 
-def training_batch_inputs(model_cfg, batch: dict, latents: torch.Tensor, cond_mask: torch.Tensor, sigma: torch.Tensor,
-                          noise: torch.Tensor, codec_cfg) -> NoisedBatch:
+def training_batch_inputs(
+    model_cfg,
+    batch: dict,
+    latents: torch.Tensor,
+    cond_mask: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    codec_cfg,
+) -> NoisedBatch:
     """`training_inputs` for a loader batch: with the reference I2V formulation, the clips' first
     frames (batch["frames"], a dataset with raw frames) and the VAE of `data.codec`, built once."""
     if model_cfg.conditioning != "reference" or model_cfg.model_type != "i2v":
         return training_inputs(model_cfg, latents, cond_mask, sigma, noise)
     if "frames" not in batch:
-        raise ValueError("model.conditioning=reference for an I2V model needs a dataset with raw frames "
-                         "(y = VAE(first frame + zero frames) is encoded per clip)")
+        raise ValueError(
+            "model.conditioning=reference for an I2V model needs a dataset with raw frames "
+            "(y = VAE(first frame + zero frames) is encoded per clip)"
+        )
     key = (codec_cfg.kind, codec_cfg.spatial_stride, codec_cfg.path, codec_cfg.channels, str(latents.device))
     if key not in _CODECS:
         _CODECS[key] = codec_from_config(codec_cfg, device=latents.device)

@@ -142,8 +142,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ConfigError:
         raise
     except (ArithmeticError, TypeError, ValueError) as e:  # a check that tripped over a value it did not expect
-        raise ConfigError(f"{cfg_path}: invalid value ({type(e).__name__}: {e}); see configs/ for valid values") \
-            from None
+        raise ConfigError(
+            f"{cfg_path}: invalid value ({type(e).__name__}: {e}); see configs/ for valid values"
+        ) from None
     return cfg
 
 
@@ -171,9 +172,13 @@ def validate(cfg: TitanConfig) -> None:
     if p.dp_shard == 0 or p.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard={p.dp_shard}: expected -1 (rest of the world) or >= 1")
     if p.activation_checkpoint not in ("none", "full", "selective", "attention"):
-        raise ConfigError(f"parallel.activation_checkpoint={p.activation_checkpoint!r}: expected none, full, selective or attention")
+        raise ConfigError(
+            f"parallel.activation_checkpoint={p.activation_checkpoint!r}: expected none, full, selective or attention"
+        )
     if not 0 <= p.ac_skip_last <= cfg.model.num_layers:
-        raise ConfigError(f"parallel.ac_skip_last={p.ac_skip_last}: expected 0 .. model.num_layers={cfg.model.num_layers} (blocks left un-checkpointed)")
+        raise ConfigError(
+            f"parallel.ac_skip_last={p.ac_skip_last}: expected 0 .. model.num_layers={cfg.model.num_layers} (blocks left un-checkpointed)"
+        )
     for key, recipe in (("parallel.float8", p.float8), ("serving.float8", cfg.serving.float8)):
         if recipe not in FLOAT8_RECIPES:
             raise ConfigError(f"{key}={recipe!r}: expected one of {', '.join(FLOAT8_RECIPES)}")
@@ -193,7 +198,9 @@ def validate(cfg: TitanConfig) -> None:
             raise ConfigError(f"train.stages[{i}].steps={stage.steps}: expected >= 0")
     if cfg.train.action_check_frames:
         try:
-            check_frame_count(cfg.train.action_check_frames, f"train.action_check_frames={cfg.train.action_check_frames}:")
+            check_frame_count(
+                cfg.train.action_check_frames, f"train.action_check_frames={cfg.train.action_check_frames}:"
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if cfg.model.num_heads % p.cp:
@@ -206,7 +213,9 @@ def validate(cfg: TitanConfig) -> None:
         raise ConfigError(f"train.schedule={cfg.train.schedule!r}: expected cosine or constant")
     pt = cfg.posttrain
     if not 1 <= pt.grad_chunks <= pt.rollout_chunks:
-        raise ConfigError(f"posttrain.grad_chunks={pt.grad_chunks}: expected 1 .. posttrain.rollout_chunks={pt.rollout_chunks}")
+        raise ConfigError(
+            f"posttrain.grad_chunks={pt.grad_chunks}: expected 1 .. posttrain.rollout_chunks={pt.rollout_chunks}"
+        )
     if pt.teacher_dtype not in ("auto", "bfloat16", "float32"):
         raise ConfigError(f"posttrain.teacher_dtype={pt.teacher_dtype!r}: expected auto, bfloat16 or float32")
     if cfg.run.wandb not in ("offline", "online", "disabled"):

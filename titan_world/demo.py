@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     marker = root / DEMO_MARKER
     ours = marker.is_file() or (root / "commands.txt").is_file()  # (earlier demos wrote only commands.txt)
     if root.exists() and any(root.iterdir()) and not ours:
-        raise SystemExit(f"demo: --root {root} is a non-empty folder the demo did not create (no {DEMO_MARKER}); "
-                         "it writes only into a new folder or its own: pick another --root")
+        raise SystemExit(
+            f"demo: --root {root} is a non-empty folder the demo did not create (no {DEMO_MARKER}); "
+            "it writes only into a new folder or its own: pick another --root"
+        )
     if args.fresh and root.exists():
         shutil.rmtree(root)  # the demo's own folder (it holds the marker)
     root.mkdir(parents=True, exist_ok=True)
@@ -65,26 +67,90 @@ def main(argv: list[str] | None = None) -> int:
     data = root / "data"  # every stage reads the dataset this one writes (data.path=DIR: an existing dataset only)
     stage("data", data / "index.json", ["data", "synth", "--out", str(data)])
     stage("train", root / "train" / "model" / "config.json", ["train", f"run.dir={root}/train", f"data.path={data}"])
-    stage("action finetune", root / "action" / "model" / "config.json",
-          ["train", "--config", "train/tiny_action.yaml", f"run.dir={root}/action", f"train.base_checkpoint={root}/train",
-           f"data.path={data}"])
-    stage("post-train causal", root / "causal" / "model" / "config.json",
-          ["post-train", "causal", f"run.dir={root}/causal", f"posttrain.teacher={root}/action", f"data.path={data}"])
-    stage("post-train dmd", root / "dmd" / "model" / "config.json",
-          ["post-train", "dmd", f"run.dir={root}/dmd", f"posttrain.teacher={root}/action", f"posttrain.student={root}/causal",
-           f"data.path={data}"])
+    stage(
+        "action finetune",
+        root / "action" / "model" / "config.json",
+        [
+            "train",
+            "--config",
+            "train/tiny_action.yaml",
+            f"run.dir={root}/action",
+            f"train.base_checkpoint={root}/train",
+            f"data.path={data}",
+        ],
+    )
+    stage(
+        "post-train causal",
+        root / "causal" / "model" / "config.json",
+        ["post-train", "causal", f"run.dir={root}/causal", f"posttrain.teacher={root}/action", f"data.path={data}"],
+    )
+    stage(
+        "post-train dmd",
+        root / "dmd" / "model" / "config.json",
+        [
+            "post-train",
+            "dmd",
+            f"run.dir={root}/dmd",
+            f"posttrain.teacher={root}/action",
+            f"posttrain.student={root}/causal",
+            f"data.path={data}",
+        ],
+    )
     videos = root / "videos"
     videos.mkdir(exist_ok=True)
-    stage("generate", videos / "student.mp4", ["generate", "--checkpoint", str(root / "dmd"), "--frames", "33",
-                                               "--out", str(videos / "student.mp4"), "--with-reference"])
-    stage("generate (bidirectional)", videos / "teacher.mp4", ["generate", "--checkpoint", str(root / "action"), "--frames", "33",
-                                                               "--steps", "20", "--out", str(videos / "teacher.mp4")])
-    stage("eval vbench", root / "eval" / "vbench" / "results.json",
-          ["eval", "vbench", "--videos", str(videos), "--out", str(root / "eval" / "vbench")])
+    stage(
+        "generate",
+        videos / "student.mp4",
+        [
+            "generate",
+            "--checkpoint",
+            str(root / "dmd"),
+            "--frames",
+            "33",
+            "--out",
+            str(videos / "student.mp4"),
+            "--with-reference",
+        ],
+    )
+    stage(
+        "generate (bidirectional)",
+        videos / "teacher.mp4",
+        [
+            "generate",
+            "--checkpoint",
+            str(root / "action"),
+            "--frames",
+            "33",
+            "--steps",
+            "20",
+            "--out",
+            str(videos / "teacher.mp4"),
+        ],
+    )
+    stage(
+        "eval vbench",
+        root / "eval" / "vbench" / "results.json",
+        ["eval", "vbench", "--videos", str(videos), "--out", str(root / "eval" / "vbench")],
+    )
     action_dir = root / "eval" / "action_following"
-    stage("eval action following", action_dir / "action_following.json",
-          ["eval", "action", "--checkpoint", str(root / "dmd"), "--episodes", "1", "--seed", "123456", "--seconds", "2",
-           "--out", str(action_dir)])
+    stage(
+        "eval action following",
+        action_dir / "action_following.json",
+        [
+            "eval",
+            "action",
+            "--checkpoint",
+            str(root / "dmd"),
+            "--episodes",
+            "1",
+            "--seed",
+            "123456",
+            "--seconds",
+            "2",
+            "--out",
+            str(action_dir),
+        ],
+    )
     report = json.loads((action_dir / "action_following.json").read_text())
 
     print("\n" + "=" * 72)
@@ -98,14 +164,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:<12} {v.get('psnr', float('nan')):6.2f} dB")
     print("outputs:")
     for label, path in [
-        ("dataset (MDS)", data), ("teacher run", root / "train"), ("action-finetuned", root / "action"),
-        ("causal student", root / "causal"), ("DMD student", root / "dmd"), ("videos", videos),
-        ("VBench report", root / "eval" / "vbench"), ("action report", root / "eval" / "action_following"),
+        ("dataset (MDS)", data),
+        ("teacher run", root / "train"),
+        ("action-finetuned", root / "action"),
+        ("causal student", root / "causal"),
+        ("DMD student", root / "dmd"),
+        ("videos", videos),
+        ("VBench report", root / "eval" / "vbench"),
+        ("action report", root / "eval" / "action_following"),
         ("commands", log),
     ]:
         print(f"  {label:<18} {path}")
     print("next: `titan-world serve --checkpoint runs/demo/dmd/model` and open http://127.0.0.1:8765/")
-    (root / "summary.json").write_text(json.dumps({"seconds": times, "action_following": report}, indent=2, default=str))
+    (root / "summary.json").write_text(
+        json.dumps({"seconds": times, "action_following": report}, indent=2, default=str)
+    )
     return 0
 
 

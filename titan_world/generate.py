@@ -28,13 +28,25 @@ import numpy as np
 import torch
 
 from launch.cli_common import add_config_arguments, config_from_args
+from titan_world.conditioning import (
+    conditioned_denoiser,
+    fill_given,
+    reference_denoiser,
+    reference_first_latent,
+    reference_i2v_condition,
+    with_first_latent,
+)
 from titan_world.config import TitanConfig
-from titan_world.conditioning import (conditioned_denoiser, fill_given, reference_denoiser, reference_first_latent,
-                                      reference_i2v_condition, with_first_latent)
 from titan_world.diffusion.samplers import SAMPLERS, sample, with_guidance
 from titan_world.diffusion.unipc import flow_schedule
 from titan_world.model.action import ActionInputs
-from titan_world.model.codec import TEMPORAL_STRIDE, check_frame_count, codec_from_config, frames_to_video, video_to_frames
+from titan_world.model.codec import (
+    TEMPORAL_STRIDE,
+    check_frame_count,
+    codec_from_config,
+    frames_to_video,
+    video_to_frames,
+)
 from titan_world.model.io import build_model, load_pretrained
 from titan_world.model.text_encoder import build_text_encoder
 
@@ -72,7 +84,9 @@ def load_actions(path: str | Path) -> np.ndarray:
                 row = np.zeros(ACTION_DIM, np.float32)
                 for k in item.get("keys", []):
                     if k not in ACTION_NAMES[:6]:
-                        raise ValueError(f"--actions {path}: item {i}: unknown key {k!r}; expected one of {ACTION_NAMES[:6]}")
+                        raise ValueError(
+                            f"--actions {path}: item {i}: unknown key {k!r}; expected one of {ACTION_NAMES[:6]}"
+                        )
                     row[ACTION_NAMES.index(k)] = 1.0
                 row[6:8] = item.get("mouse", [0.0, 0.0])
                 rows.append(row)
@@ -84,12 +98,16 @@ def load_actions(path: str | Path) -> np.ndarray:
     arr = arr.astype(np.float32)
     bad = np.argwhere(~np.isfinite(arr))
     if len(bad):
-        raise ValueError(f"--actions {path}: {len(bad)} values are NaN or infinite (first at frame {bad[0][0]}, "
-                         f"{ACTION_NAMES[bad[0][1]]}); expected finite numbers")
+        raise ValueError(
+            f"--actions {path}: {len(bad)} values are NaN or infinite (first at frame {bad[0][0]}, "
+            f"{ACTION_NAMES[bad[0][1]]}); expected finite numbers"
+        )
     return arr
 
 
-def build_inputs(cfg: TitanConfig, *, image: str | None, prompt: str | None, actions: str | None, frames: int, episode_seed: int) -> GenerationInputs:
+def build_inputs(
+    cfg: TitanConfig, *, image: str | None, prompt: str | None, actions: str | None, frames: int, episode_seed: int
+) -> GenerationInputs:
     from titan_world.data.actions import integrate_actions
     from titan_world.data.geometry import default_intrinsics
     from titan_world.data.synth import make_episode
@@ -104,7 +122,11 @@ def build_inputs(cfg: TitanConfig, *, image: str | None, prompt: str | None, act
         raise ValueError(f"--actions has {len(acts)} frames; --frames asks for {frames}")
     acts = acts[:frames]
     if image is None:
-        first, c2w0, reference = episode.frames[0], episode.c2w[0], (episode.frames[:frames] if actions is None else None)
+        first, c2w0, reference = (
+            episode.frames[0],
+            episode.c2w[0],
+            (episode.frames[:frames] if actions is None else None),
+        )
     else:
         from PIL import Image
 
@@ -112,7 +134,9 @@ def build_inputs(cfg: TitanConfig, *, image: str | None, prompt: str | None, act
         c2w0, reference = np.eye(4, dtype=np.float32), None
     c2w = integrate_actions(acts, c2w0, cfg.data.fps).astype(np.float32)
     k = np.repeat(default_intrinsics(h, w)[None].astype(np.float32), frames, 0)
-    return GenerationInputs(first, prompt if prompt is not None else episode.captions["narrative"], acts, c2w, k, reference)
+    return GenerationInputs(
+        first, prompt if prompt is not None else episode.captions["narrative"], acts, c2w, k, reference
+    )
 
 
 def load_generation_model(cfg: TitanConfig, checkpoint: str | None, device, dtype):
@@ -125,9 +149,21 @@ def load_generation_model(cfg: TitanConfig, checkpoint: str | None, device, dtyp
 
 
 @torch.no_grad()
-def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs, *, steps: int, shift: float, sampler: str = "dpmpp2m",
-                           guidance: float = 1.0, seed: int = 0, device="cpu", progress=None,
-                           negative_prompt: str = "") -> np.ndarray:
+def generate_bidirectional(
+    model,
+    codec,
+    text_encoder,
+    inputs: GenerationInputs,
+    *,
+    steps: int,
+    shift: float,
+    sampler: str = "dpmpp2m",
+    guidance: float = 1.0,
+    seed: int = 0,
+    device="cpu",
+    progress=None,
+    negative_prompt: str = "",
+) -> np.ndarray:
     """Sample the clip conditioned on its first frame; returns uint8 [T, H, W, 3]."""
     t = len(inputs.actions)
 
@@ -148,13 +184,22 @@ def generate_bidirectional(model, codec, text_encoder, inputs: GenerationInputs,
     i2v = model.cfg.cond_channels > 0
     denoise = conditioned_denoiser(model, context, latents, cond_mask, actions, i2v)
     if guidance != 1.0:
-        negative = text_encoder.encode([negative_prompt]).to(device,
-                                                             dtype)  # the unconditional branch: never a zero tensor
-        denoise = with_guidance(denoise, conditioned_denoiser(model, negative, latents, cond_mask, actions, i2v),
-                                guidance)
+        negative = text_encoder.encode([negative_prompt]).to(
+            device, dtype
+        )  # the unconditional branch: never a zero tensor
+        denoise = with_guidance(
+            denoise, conditioned_denoiser(model, negative, latents, cond_mask, actions, i2v), guidance
+        )
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g, device=device)
-    out = sample(lambda x, tt: denoise(x.to(dtype), tt).float(), fill_given(noise, latents, cond_mask), steps, shift, sampler, progress=progress)
+    out = sample(
+        lambda x, tt: denoise(x.to(dtype), tt).float(),
+        fill_given(noise, latents, cond_mask),
+        steps,
+        shift,
+        sampler,
+        progress=progress,
+    )
     return video_to_frames(codec.decode(out))[0, :t]
 
 
@@ -221,16 +266,27 @@ def load_noise(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
         noise = noise[None]
     if tuple(noise.shape) != tuple(shape) or not noise.is_floating_point():
         got = tuple(noise.shape[1:]) if noise.ndim == len(shape) else tuple(noise.shape)
-        raise ValueError(f"--noise {p}: latents {noise.dtype} {got}; "
-                         f"expected float [C, F', H/s, W/s] = {tuple(shape[1:])} for these frames and size")
+        raise ValueError(
+            f"--noise {p}: latents {noise.dtype} {got}; "
+            f"expected float [C, F', H/s, W/s] = {tuple(shape[1:])} for these frames and size"
+        )
     if not torch.isfinite(noise).all():
         raise ValueError(f"--noise {p}: latents hold NaN or infinite values")
     return noise.float()
 
 
 @torch.no_grad()
-def generate_reference(model, codec, text_encoder, settings: ReferenceSettings, *, image: np.ndarray | None = None,
-                       noise: torch.Tensor | str | Path | None = None, device="cpu", progress=None) -> np.ndarray:
+def generate_reference(
+    model,
+    codec,
+    text_encoder,
+    settings: ReferenceSettings,
+    *,
+    image: np.ndarray | None = None,
+    noise: torch.Tensor | str | Path | None = None,
+    device="cpu",
+    progress=None,
+) -> np.ndarray:
     """A downloaded Wan model's clip as the reference pipelines make it (module docstring); uint8 [F, H, W, 3].
 
     image: uint8 [H, W, 3] at the settings' size (I2V: required; TI2V: optional; T2V: unused).
@@ -265,7 +321,9 @@ def generate_reference(model, codec, text_encoder, settings: ReferenceSettings, 
     return video_to_frames(codec.decode(latents))[0]
 
 
-def generate_causal(cfg: TitanConfig, model, codec, text_encoder, inputs: GenerationInputs, *, seed: int = 0, source: str = "") -> np.ndarray:
+def generate_causal(
+    cfg: TitanConfig, model, codec, text_encoder, inputs: GenerationInputs, *, seed: int = 0, source: str = ""
+) -> np.ndarray:
     """Stream a block-causal student through the serving engine (KV cache, few steps per chunk),
     with the chunk size and timesteps it was trained with."""
     from serving.loading import resolved_serving, student_settings
@@ -299,25 +357,57 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def generate(cfg: TitanConfig, checkpoint: str | None, inputs: GenerationInputs, *, steps: int | None = None, shift: float = 5.0,
-             sampler: str = "dpmpp2m", guidance: float = 1.0, seed: int = 0, device: str = "auto", progress=None,
-             negative_prompt: str = "") -> tuple[np.ndarray, str]:
+def generate(
+    cfg: TitanConfig,
+    checkpoint: str | None,
+    inputs: GenerationInputs,
+    *,
+    steps: int | None = None,
+    shift: float = 5.0,
+    sampler: str = "dpmpp2m",
+    guidance: float = 1.0,
+    seed: int = 0,
+    device: str = "auto",
+    progress=None,
+    negative_prompt: str = "",
+) -> tuple[np.ndarray, str]:
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, source = load_generation_model(cfg, checkpoint, dev, dtype)
     mc = model.cfg
     codec = codec_from_config(cfg.data.codec, device=dev)
-    text = build_text_encoder(cfg.data.text_encoder.kind, mc.text_dim, mc.text_len, cfg.data.text_encoder.path, device=dev)
+    text = build_text_encoder(
+        cfg.data.text_encoder.kind, mc.text_dim, mc.text_len, cfg.data.text_encoder.path, device=dev
+    )
     if getattr(mc, "causal_chunk_frames", 0):
         return generate_causal(cfg, model, codec, text, inputs, seed=seed, source=source), source
-    video = generate_bidirectional(model, codec, text, inputs, steps=steps or 20, shift=shift, sampler=sampler,
-                                   guidance=guidance, seed=seed, device=dev, progress=progress,
-                                   negative_prompt=negative_prompt)
+    video = generate_bidirectional(
+        model,
+        codec,
+        text,
+        inputs,
+        steps=steps or 20,
+        shift=shift,
+        sampler=sampler,
+        guidance=guidance,
+        seed=seed,
+        device=dev,
+        progress=progress,
+        negative_prompt=negative_prompt,
+    )
     return video, source
 
 
-def generate_to_dir(checkpoint: str | None, prompts: dict[str, str] | list[str] | str | None, out_dir: str | Path, *, count: int = 4, frames: int = 33,
-                    cfg: TitanConfig | None = None, seed: int = 0) -> list[Path]:
+def generate_to_dir(
+    checkpoint: str | None,
+    prompts: dict[str, str] | list[str] | str | None,
+    out_dir: str | Path,
+    *,
+    count: int = 4,
+    frames: int = 33,
+    cfg: TitanConfig | None = None,
+    seed: int = 0,
+) -> list[Path]:
     """One mp4 per prompt (synthetic first frame i, its actions) — used by `titan-world eval --generate`.
 
     prompts: a list, a file (JSON {file name: prompt}, the table `eval vbench --prompts` reads, or
@@ -360,45 +450,65 @@ def read_prompt_file(path: str | Path) -> dict[str, str] | list[str]:
     try:
         table = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"prompts file {p}: not valid JSON ({e}); expected {{\"name.mp4\": \"prompt\"}} or one prompt per line") from None
+        raise ValueError(
+            f'prompts file {p}: not valid JSON ({e}); expected {{"name.mp4": "prompt"}} or one prompt per line'
+        ) from None
     bad = [k for k, v in table.items() if not (isinstance(v, str) and k.endswith(".mp4"))]
     if bad:
-        raise ValueError(f"prompts file {p}: entries {bad[:3]} are not \"name.mp4\": \"prompt\" pairs")
+        raise ValueError(f'prompts file {p}: entries {bad[:3]} are not "name.mp4": "prompt" pairs')
     return table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--checkpoint", help="a diffusers Wan pipeline folder (model_index.json), an official Wan "
-                        "folder, a Wan model folder or a run dir (uses RUN_DIR/model); default: the demo's model, "
-                        "else random weights")
-    parser.add_argument("--image",
-                        help="first frame (png/jpg); default: a synthetic-world frame (tiny models); "
-                             "none for text-to-video")
+    parser.add_argument(
+        "--checkpoint",
+        help="a diffusers Wan pipeline folder (model_index.json), an official Wan "
+        "folder, a Wan model folder or a run dir (uses RUN_DIR/model); default: the demo's model, "
+        "else random weights",
+    )
+    parser.add_argument(
+        "--image", help="first frame (png/jpg); default: a synthetic-world frame (tiny models); none for text-to-video"
+    )
     parser.add_argument("--prompt", help="text prompt; default: the synthetic episode's caption")
-    parser.add_argument("--negative-prompt", help="the unconditional branch's prompt (default: the official Wan "
-                        "negative prompt for Wan models, empty for tiny ones)")
+    parser.add_argument(
+        "--negative-prompt",
+        help="the unconditional branch's prompt (default: the official Wan "
+        "negative prompt for Wan models, empty for tiny ones)",
+    )
     parser.add_argument("--actions", help="actions per video frame: .npy [T,8] or JSON list of {keys, mouse}")
     parser.add_argument("--frames", type=int, help="video frames, 1 + 4k (default: the model's, 33 for tiny models)")
     parser.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, help="video width in pixels (default: the model's)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's, 20 for tiny models)")
-    parser.add_argument("--shift", type=float,
-                        help="flow shift of the sampling schedule (default: the model's scheduler, 5.0)")
-    parser.add_argument("--sampler", choices=list(SAMPLERS),
-                        help="default: unipc for Wan models, dpmpp2m for tiny ones")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale: the high-noise expert's, or "
-                        "both (default: the model's; 1 = off)")
-    parser.add_argument("--guidance-low", type=float,
-                        help="guidance of the low-noise expert (default: the model's, else --guidance)")
-    parser.add_argument("--noise",
-                        help="initial noise: safetensors with key 'latents' [C, F', H/s, W/s] (as diffusers' latents=)")
+    parser.add_argument(
+        "--shift", type=float, help="flow shift of the sampling schedule (default: the model's scheduler, 5.0)"
+    )
+    parser.add_argument(
+        "--sampler", choices=list(SAMPLERS), help="default: unipc for Wan models, dpmpp2m for tiny ones"
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale: the high-noise expert's, or both (default: the model's; 1 = off)",
+    )
+    parser.add_argument(
+        "--guidance-low", type=float, help="guidance of the low-noise expert (default: the model's, else --guidance)"
+    )
+    parser.add_argument(
+        "--noise", help="initial noise: safetensors with key 'latents' [C, F', H/s, W/s] (as diffusers' latents=)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--episode-seed", type=int, default=123456, help="synthetic episode for the default image/actions")
+    parser.add_argument(
+        "--episode-seed", type=int, default=123456, help="synthetic episode for the default image/actions"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--with-reference", action="store_true", help="also write the simulator's frames (OUT.reference.mp4) when known")
-    parser.add_argument("--out", default="generated.mp4",
-                        help="output: .mp4, or .npy (uint8 frames [F, H, W, 3], lossless)")
+    parser.add_argument(
+        "--with-reference", action="store_true", help="also write the simulator's frames (OUT.reference.mp4) when known"
+    )
+    parser.add_argument(
+        "--out", default="generated.mp4", help="output: .mp4, or .npy (uint8 frames [F, H, W, 3], lossless)"
+    )
 
 
 def check_arguments(args: argparse.Namespace) -> torch.device:
@@ -435,16 +545,24 @@ def reference_settings(args: argparse.Namespace, bundle, image_hw: tuple[int, in
     else:
         height, width = args.height or p.height, args.width or p.width
     if height % multiple or width % multiple:
-        raise ValueError(f"--height {height} --width {width}: each must be a multiple of {multiple} "
-                         "(VAE stride x patch)")
+        raise ValueError(
+            f"--height {height} --width {width}: each must be a multiple of {multiple} (VAE stride x patch)"
+        )
     high = args.guidance if args.guidance is not None else p.guidance_high
     low = args.guidance_low if args.guidance_low is not None else high if args.guidance is not None else p.guidance_low
     return ReferenceSettings(
         prompt=args.prompt or "",
         negative_prompt=args.negative_prompt if args.negative_prompt is not None else OFFICIAL_NEGATIVE_PROMPT,
-        frames=args.frames or p.frames, height=height, width=width, steps=args.steps or p.steps,
-        shift=args.shift if args.shift is not None else bundle.flow_shift, sampler=args.sampler or p.sampler,
-        guidance=(high, low), schedule_start=bundle.schedule_start, seed=args.seed)
+        frames=args.frames or p.frames,
+        height=height,
+        width=width,
+        steps=args.steps or p.steps,
+        shift=args.shift if args.shift is not None else bundle.flow_shift,
+        sampler=args.sampler or p.sampler,
+        guidance=(high, low),
+        schedule_start=bundle.schedule_start,
+        seed=args.seed,
+    )
 
 
 def write_output(path: str | Path, video: np.ndarray, fps: float) -> Path:
@@ -478,13 +596,16 @@ def reference_checkpoint(cfg: TitanConfig, checkpoint: str, dev: torch.device):
         raise CheckpointError(f"{checkpoint}: {e}") from None
     codec = codec_from_config(cfg.data.codec, device=dev)
     if codec.latent_channels != mc.out_dim:
-        raise CheckpointError(f"{checkpoint}: the model reads {mc.out_dim}-channel latents but data.codec "
-                              f"({cfg.data.codec.kind}) gives {codec.latent_channels}; set data.codec.kind=wan_vae "
-                              "and data.codec.path to its VAE")
+        raise CheckpointError(
+            f"{checkpoint}: the model reads {mc.out_dim}-channel latents but data.codec "
+            f"({cfg.data.codec.kind}) gives {codec.latent_channels}; set data.codec.kind=wan_vae "
+            "and data.codec.path to its VAE"
+        )
     te = cfg.data.text_encoder
     text = build_text_encoder(te.kind, mc.text_dim, mc.text_len, te.path, device=dev, dtype=dtype)
-    return WanBundle(model, text, codec, preset, model.boundary if experts == 2 else None, preset.shift, "official",
-                     checkpoint)
+    return WanBundle(
+        model, text, codec, preset, model.boundary if experts == 2 else None, preset.shift, "official", checkpoint
+    )
 
 
 def run_reference(args: argparse.Namespace, bundle, progress) -> int:
@@ -502,13 +623,23 @@ def run_reference(args: argparse.Namespace, bundle, progress) -> int:
             image_hw = (im.height, im.width)
     settings = reference_settings(args, bundle, image_hw)
     image = load_image(args.image, settings.height, settings.width) if args.image else None
-    video = generate_reference(bundle.model, bundle.codec, bundle.text_encoder, settings, image=image, noise=args.noise,
-                               device=next(bundle.model.parameters()).device, progress=progress)
+    video = generate_reference(
+        bundle.model,
+        bundle.codec,
+        bundle.text_encoder,
+        settings,
+        image=image,
+        noise=args.noise,
+        device=next(bundle.model.parameters()).device,
+        progress=progress,
+    )
     out = write_output(args.out, video, bundle.preset.fps)
     g = settings.guidance
-    print(f"wrote {out} ({len(video)} frames, {video.shape[2]}x{video.shape[1]}, model: {bundle.source} "
-          f"[{bundle.preset.name}], {settings.sampler} {settings.steps} steps, shift {settings.shift:g}, "
-          f"guidance {g[0]:g}/{g[1]:g})")
+    print(
+        f"wrote {out} ({len(video)} frames, {video.shape[2]}x{video.shape[1]}, model: {bundle.source} "
+        f"[{bundle.preset.name}], {settings.sampler} {settings.steps} steps, shift {settings.shift:g}, "
+        f"guidance {g[0]:g}/{g[1]:g})"
+    )
     return 0
 
 
@@ -524,8 +655,9 @@ def run(args: argparse.Namespace) -> int:
         dev = check_arguments(args)
         bundle = None
         if args.checkpoint:
-            bundle = load_wan_bundle(args.checkpoint, device=dev,
-                                     dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+            bundle = load_wan_bundle(
+                args.checkpoint, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32
+            )
         if bundle is not None:
             return run_reference(args, bundle, bar)
     except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
@@ -538,21 +670,38 @@ def run(args: argparse.Namespace) -> int:
         bundle = reference_checkpoint(cfg, args.checkpoint, dev) if args.checkpoint else None
         if bundle is not None:
             return run_reference(args, bundle, bar)
-        inputs = build_inputs(cfg, image=args.image, prompt=args.prompt, actions=args.actions, frames=args.frames or 33,
-                              episode_seed=args.episode_seed)
+        inputs = build_inputs(
+            cfg,
+            image=args.image,
+            prompt=args.prompt,
+            actions=args.actions,
+            frames=args.frames or 33,
+            episode_seed=args.episode_seed,
+        )
         if args.guidance_low is not None and args.guidance_low != (args.guidance if args.guidance is not None else 1.0):
             raise ValueError("--guidance-low: a single-network model has one guidance scale (--guidance)")
         for name, value, key in (("height", args.height, "data.height"), ("width", args.width, "data.width")):
             if value is not None and value != getattr(cfg.data, name):
-                raise ValueError(f"--{name} {value}: a titan-world model generates at its config's size; "
-                                 f"set {key}={value}")
+                raise ValueError(
+                    f"--{name} {value}: a titan-world model generates at its config's size; set {key}={value}"
+                )
         if args.noise is not None:
-            raise ValueError(f"--noise {args.noise}: initial noise is taken by Wan models (pipeline or official "
-                             "folders) only")
-        video, source = generate(cfg, args.checkpoint, inputs, steps=args.steps,
-                                 shift=args.shift if args.shift is not None else 5.0, sampler=args.sampler or "dpmpp2m",
-                                 guidance=args.guidance if args.guidance is not None else 1.0, seed=args.seed,
-                                 device=args.device, progress=bar, negative_prompt=args.negative_prompt or "")
+            raise ValueError(
+                f"--noise {args.noise}: initial noise is taken by Wan models (pipeline or official folders) only"
+            )
+        video, source = generate(
+            cfg,
+            args.checkpoint,
+            inputs,
+            steps=args.steps,
+            shift=args.shift if args.shift is not None else 5.0,
+            sampler=args.sampler or "dpmpp2m",
+            guidance=args.guidance if args.guidance is not None else 1.0,
+            seed=args.seed,
+            device=args.device,
+            progress=bar,
+            negative_prompt=args.negative_prompt or "",
+        )
     except (ValueError, FileNotFoundError, OSError, CheckpointError, EngineError) as e:
         print(f"titan-world generate: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from titan_world.data.actions import (
-    ACTION_DIM, A, D, S, MAX_PITCH_DEG_PER_S, MAX_YAW_DEG_PER_S, MOUSE_DX, MOUSE_DY, SHIFT, SPACE, W,
-    CameraState, step,
+    ACTION_DIM,
+    MAX_PITCH_DEG_PER_S,
+    MAX_YAW_DEG_PER_S,
+    MOUSE_DX,
+    MOUSE_DY,
+    SHIFT,
+    SPACE,
+    A,
+    CameraState,
+    D,
+    S,
+    W,
+    step,
 )
 from titan_world.data.world import World
 

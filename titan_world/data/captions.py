@@ -66,11 +66,11 @@ def visibility_events(ids: np.ndarray) -> list[tuple[int, str]]:
 def build_captions(world: World, events: list[Event], ids: np.ndarray, fps: float) -> dict:
     """{'narrative', 'scene', 'events': [{'start_s', 'end_s', 'start_frame', 'end_frame', 'text'}]}."""
     dense = [
-        {"start_frame": e.start, "end_frame": e.end, "text": f"The camera {_event_text(e, world)}."}
-        for e in events
+        {"start_frame": e.start, "end_frame": e.end, "text": f"The camera {_event_text(e, world)}."} for e in events
     ]
     dense += [
-        {"start_frame": f, "end_frame": f + 1, "text": f"The {name} comes into view."} for f, name in visibility_events(ids)
+        {"start_frame": f, "end_frame": f + 1, "text": f"The {name} comes into view."}
+        for f, name in visibility_events(ids)
     ]
     dense.sort(key=lambda d: (d["start_frame"], d["end_frame"]))
     for d in dense:

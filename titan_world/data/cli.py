@@ -20,7 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s = sub.add_parser("synth", help="render episodes of the procedural world into an MDS dataset")
     s.add_argument("--out", required=True, help="output folder (MDS shards); must not exist or be empty")
     s.add_argument("--episodes", type=int, default=None, help="episodes (default data.synth_episodes)")
-    s.add_argument("--seconds", type=float, default=None, help="seconds per episode (default data.synth_seconds; rounded to 1+4k frames)")
+    s.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="seconds per episode (default data.synth_seconds; rounded to 1+4k frames)",
+    )
     s.add_argument("--keep-raw", action="store_true", help="also store the raw uint8 frames (column `frames`)")
     s.add_argument("--height", type=int, default=None)
     s.add_argument("--width", type=int, default=None)
@@ -36,8 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_nproc(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="local writer processes (torchrun, gloo): item i is encoded by rank i %% nproc, rank 0 merges")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="local writer processes (torchrun, gloo): item i is encoded by rank i %% nproc, rank 0 merges",
+    )
 
 
 def _child_argv(args: argparse.Namespace, cfg) -> list[str]:
@@ -48,8 +57,18 @@ def _child_argv(args: argparse.Namespace, cfg) -> list[str]:
     """
     argv = ["launch.cli", "data", args.data_command, "--out", os.path.abspath(args.out)]
     if args.data_command == "synth":
-        argv += ["--episodes", str(_episodes(args, cfg)), "--seconds", repr(_seconds(args, cfg)), "--seed", str(args.seed),
-                 "--height", str(cfg.data.height), "--width", str(cfg.data.width)]
+        argv += [
+            "--episodes",
+            str(_episodes(args, cfg)),
+            "--seconds",
+            repr(_seconds(args, cfg)),
+            "--seed",
+            str(args.seed),
+            "--height",
+            str(cfg.data.height),
+            "--width",
+            str(cfg.data.width),
+        ]
     else:
         argv += ["--src", os.path.abspath(args.src)]
     argv += ["--keep-raw"] if args.keep_raw else []
@@ -71,8 +90,7 @@ def _error(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch.torchrun import launch_local
-    from launch.torchrun import is_distributed_child
+    from launch.torchrun import is_distributed_child, launch_local
     from titan_world.data.parallel_write import WriteError, check_out_free
 
     cfg = config_from_args(args)
@@ -108,7 +126,10 @@ def _synth(cfg, args: argparse.Namespace) -> int:
 
     n, secs = _episodes(args, cfg), _seconds(args, cfg)
     if n < 1 or secs <= 0:
-        print(f"titan-world data synth: --episodes {n} / --seconds {secs}: expected at least 1 episode of > 0 s", file=sys.stderr)
+        print(
+            f"titan-world data synth: --episodes {n} / --seconds {secs}: expected at least 1 episode of > 0 s",
+            file=sys.stderr,
+        )
         return 2
     group = RankGroup()
     try:
@@ -117,16 +138,19 @@ def _synth(cfg, args: argparse.Namespace) -> int:
         def write_part(folder) -> dict:
             if not mine:  # more ranks than episodes: this rank writes no folder
                 return {"episodes": 0, "frames": 0, "render_s": 0.0, "total_s": 0.0}
-            return synthesize(cfg, folder, n, secs, keep_raw=args.keep_raw, seed=args.seed,
-                              progress=group.rank == 0, indices=mine)
+            return synthesize(
+                cfg, folder, n, secs, keep_raw=args.keep_raw, seed=args.seed, progress=group.rank == 0, indices=mine
+            )
 
         t0 = time.perf_counter()
         stats, episodes = write_parallel(args.out, group, write_part)
         if group.rank == 0:
             frames, render_s = sum(st["frames"] for st in stats), sum(st["render_s"] for st in stats)
-            print(f"wrote {episodes} episodes ({frames} frames at {cfg.data.height}x{cfg.data.width}, {cfg.data.fps} fps) "
-                  f"to {args.out} in {time.perf_counter() - t0:.1f} s on {group.world} rank(s); "
-                  f"rendering {frames / max(render_s, 1e-9):.0f} frames/s per rank")
+            print(
+                f"wrote {episodes} episodes ({frames} frames at {cfg.data.height}x{cfg.data.width}, {cfg.data.fps} fps) "
+                f"to {args.out} in {time.perf_counter() - t0:.1f} s on {group.world} rank(s); "
+                f"rendering {frames / max(render_s, 1e-9):.0f} frames/s per rank"
+            )
         return 0
     finally:
         group.close()

@@ -47,6 +47,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Ranges of this section alone (the size vs codec stride rule: titan_world/config.py)."""
+
         def bad(key: str, value, expected: str) -> ValueError:
             return ValueError(f"data.{key}={value!r}: expected {expected}")
 

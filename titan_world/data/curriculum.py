@@ -115,7 +115,10 @@ def collate(samples: list[dict]) -> dict:
     """Batch dict: latents [B,C,F,h,w], cond_mask [B,F] bool, text [B,Lt,Dt], actions [B,T,8],
     latent_actions [B,F,8], c2w [B,T,4,4], intrinsics [B,T,4], captions / episode_ids / tasks
     (lists), start_frames [B] long, and frames [B,T,H,W,3] uint8 when the dataset has raw frames."""
-    out = {k: torch.stack([s[k] for s in samples]) for k in ("latents", "cond_mask", "text", "actions", "c2w", "intrinsics")}
+    out = {
+        k: torch.stack([s[k] for s in samples])
+        for k in ("latents", "cond_mask", "text", "actions", "c2w", "intrinsics")
+    }
     out["latents"] = out["latents"].float()
     out["latent_actions"] = latent_actions(out["actions"])
     out["captions"] = [s["caption"] for s in samples]

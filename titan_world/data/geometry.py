@@ -25,7 +25,9 @@ def pixel_directions(intrinsics, height: int, width: int, *, like: torch.Tensor 
     if like is not None:
         k = k.to(like.device)
     dev, dt = k.device, k.dtype
-    v, u = torch.meshgrid(torch.arange(height, device=dev, dtype=dt) + 0.5, torch.arange(width, device=dev, dtype=dt) + 0.5, indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(height, device=dev, dtype=dt) + 0.5, torch.arange(width, device=dev, dtype=dt) + 0.5, indexing="ij"
+    )
     fx, fy, cx, cy = (k[..., i, None, None] for i in range(4))
     x = (u - cx) / fx
     y = (v - cy) / fy
@@ -43,7 +45,9 @@ def plucker_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, height: int, width
         c2w = c2w.double()
     intrinsics = torch.as_tensor(intrinsics).to(c2w)
     if c2w.shape[-2:] != (4, 4) or intrinsics.shape[-1] != 4 or c2w.shape[:-2] != intrinsics.shape[:-1]:
-        raise ValueError(f"plucker_rays: c2w {tuple(c2w.shape)} and intrinsics {tuple(intrinsics.shape)}; expected [...,4,4] and [...,4]")
+        raise ValueError(
+            f"plucker_rays: c2w {tuple(c2w.shape)} and intrinsics {tuple(intrinsics.shape)}; expected [...,4,4] and [...,4]"
+        )
     d_cam = pixel_directions(intrinsics, height, width, like=c2w)  # [..., H, W, 3]
     rot = c2w[..., :3, :3]
     d = torch.einsum("...ij,...hwj->...hwi", rot, d_cam)

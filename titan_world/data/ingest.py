@@ -145,7 +145,9 @@ def _crop_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, i
 
 def _crop_resize_frame(img: np.ndarray, box: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
     x0, y0, cw, ch = box
-    return np.asarray(Image.fromarray(np.ascontiguousarray(img[y0 : y0 + ch, x0 : x0 + cw])).resize((width, height), Image.BILINEAR))
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(img[y0 : y0 + ch, x0 : x0 + cw])).resize((width, height), Image.BILINEAR)
+    )
 
 
 def _crop_resize_intrinsics(k: np.ndarray, box: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
@@ -202,12 +204,16 @@ class _Source:
                 self.stored_hw, self.turns = hw, turns
                 t0 = frame.pts * frame.time_base if frame.pts is not None and frame.time_base is not None else None
             elif (hw, turns) != (self.stored_hw, self.turns):
-                raise BadItem(f"frame {j} is {hw[1]}x{hw[0]} turned {turns * 90} degrees, frame 0 "
-                              f"{self.stored_hw[1]}x{self.stored_hw[0]} turned {self.turns * 90}; expected one size and rotation")
+                raise BadItem(
+                    f"frame {j} is {hw[1]}x{hw[0]} turned {turns * 90} degrees, frame 0 "
+                    f"{self.stored_hw[1]}x{self.stored_hw[0]} turned {self.turns * 90}; expected one size and rotation"
+                )
             t = _frame_time(frame.pts, frame.time_base, j, t0, self.rate)
             if t < prev_t:
-                raise BadItem(f"frame {j} is shown at {float(t):.3f} s, before frame {j - 1} ({float(prev_t):.3f} s); "
-                              "expected presentation times that never go back")
+                raise BadItem(
+                    f"frame {j} is shown at {float(t):.3f} s, before frame {j - 1} ({float(prev_t):.3f} s); "
+                    "expected presentation times that never go back"
+                )
             prev_t = t
             self.n = j + 1
             yield t, frame
@@ -361,9 +367,15 @@ def load_item(video: Path, height: int, width: int, fps: int, min_size: int = 16
         captions=captions,
         fps=fps,
         source=f"ingest:{video.name}",
-        meta={"src_fps": clip.src_fps, "src_size": [int(up_h), int(up_w)], "src_frames": int(n),
-              "src_rotation": 90 * clip.turns, "poses_known": poses is not None,
-              "intrinsics_known": intr is not None, "actions_known": actions is not None},
+        meta={
+            "src_fps": clip.src_fps,
+            "src_size": [int(up_h), int(up_w)],
+            "src_frames": int(n),
+            "src_rotation": 90 * clip.turns,
+            "poses_known": poses is not None,
+            "intrinsics_known": intr is not None,
+            "actions_known": actions is not None,
+        },
     )
 
 
@@ -399,15 +411,26 @@ def ingest_videos(cfg, videos: list[Path], out: str | Path, *, keep_raw: bool = 
             except BadItem as e:
                 reports.append(ItemReport(v.name, "skipped", reason=str(e)))
                 continue
-            reports.append(ItemReport(v.name, "ok", ep.num_frames, ep.meta["src_fps"], "x".join(map(str, ep.meta["src_size"][::-1]))))
+            reports.append(
+                ItemReport(
+                    v.name, "ok", ep.num_frames, ep.meta["src_fps"], "x".join(map(str, ep.meta["src_size"][::-1]))
+                )
+            )
             yield ep
 
     codec, text, meta = build_encoders(cfg)
     episodes = good()
     first = next(episodes, None)  # write_episodes creates `out`: only once a video is good
     if first is not None:
-        write_episodes(itertools.chain([first], episodes), out, codec, text, {**meta, "source": "ingest"},
-                       keep_raw=keep_raw, batch_size=1)
+        write_episodes(
+            itertools.chain([first], episodes),
+            out,
+            codec,
+            text,
+            {**meta, "source": "ingest"},
+            keep_raw=keep_raw,
+            batch_size=1,
+        )
     return reports
 
 
@@ -433,7 +456,10 @@ def ingest(cfg, src: str | Path, out: str | Path, *, keep_raw: bool = False, pro
 
 def format_summary(reports: list[ItemReport]) -> str:
     rows = [("video", "status", "frames", "src fps", "src size", "reason")]
-    rows += [(r.name, r.status, str(r.frames or ""), f"{r.src_fps:g}" if r.src_fps else "", r.src_size, r.reason) for r in reports]
+    rows += [
+        (r.name, r.status, str(r.frames or ""), f"{r.src_fps:g}" if r.src_fps else "", r.src_size, r.reason)
+        for r in reports
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else "") for r in rows]
     ok = sum(r.status == "ok" for r in reports)

@@ -23,12 +23,19 @@ import shutil
 import sys
 import tempfile
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from titan_world.config import ConfigError
-from titan_world.data._streaming import StreamingDataLoader, StreamingDataset, clean_stale_shared_memory, prefix_lock, release_prefix
+from titan_world.data._streaming import (
+    StreamingDataLoader,
+    StreamingDataset,
+    clean_stale_shared_memory,
+    prefix_lock,
+    release_prefix,
+)
 from titan_world.data.curriculum import Curriculum, collate, cut_sample
 from titan_world.model.codec import codec_from_config
 
@@ -70,7 +77,9 @@ class TrainLoader:
 
     def __init__(self, dataset: EpisodeDataset, batch_size: int, num_workers: int = 0):
         self.dataset, self.batch_size = dataset, batch_size
-        self.dl = StreamingDataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, drop_last=True)
+        self.dl = StreamingDataLoader(
+            dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, drop_last=True
+        )
         self._finalizer = weakref.finalize(self, release_prefix, dataset._shm_prefix_int)
 
     def __iter__(self):
@@ -87,8 +96,10 @@ class TrainLoader:
             for batch in self.dl:
                 empty = 0
                 yield batch
-        raise RuntimeError(f"an epoch of this rank's {len(self.dataset)} samples holds no batch of {self.batch_size} "
-                           "(build_train_loader refuses such datasets up front)")
+        raise RuntimeError(
+            f"an epoch of this rank's {len(self.dataset)} samples holds no batch of {self.batch_size} "
+            "(build_train_loader refuses such datasets up front)"
+        )
 
     @property
     def dropped(self) -> int:
@@ -105,7 +116,9 @@ class TrainLoader:
         clip, seed = state.pop("clip_frames", None), state.pop("seed", None)
         cur = self.dataset.curriculum
         if clip is not None and clip != cur.clip_frames:
-            raise ValueError(f"loader state is for clips of {clip} frames; this loader cuts {cur.clip_frames} (wrong stage?)")
+            raise ValueError(
+                f"loader state is for clips of {clip} frames; this loader cuts {cur.clip_frames} (wrong stage?)"
+            )
         if seed is not None and seed != cur.seed:
             raise ValueError(f"loader state was saved with seed {seed}; this loader uses seed {cur.seed}")
         self.dl.load_state_dict(state)
@@ -123,7 +136,9 @@ def _streaming_world(rank: int, world_size: int) -> Iterator[int]:
     Yields the global world size."""
     env_world = int(os.environ.get("WORLD_SIZE", world_size))
     if env_world % world_size:
-        raise ValueError(f"data world_size={world_size} must divide WORLD_SIZE={env_world} (ranks of one CP group share samples)")
+        raise ValueError(
+            f"data world_size={world_size} must divide WORLD_SIZE={env_world} (ranks of one CP group share samples)"
+        )
     keys = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world_size}
     added = [] if "WORLD_SIZE" in os.environ else [k for k in keys if k not in os.environ]
     os.environ.update({k: str(keys[k]) for k in added})
@@ -143,14 +158,20 @@ def check_dataset_meta(meta: dict, cfg, path: str) -> None:
     """Fail early, naming the key, when the dataset was encoded differently from the config."""
     c = meta.get("codec", {})
     if c.get("kind") != cfg.data.codec.kind or c.get("spatial_stride") != cfg.data.codec.spatial_stride:
-        raise ConfigError(f"{path}: meta.codec={c} but data.codec is kind={cfg.data.codec.kind} spatial_stride={cfg.data.codec.spatial_stride}; re-encode the dataset")
+        raise ConfigError(
+            f"{path}: meta.codec={c} but data.codec is kind={cfg.data.codec.kind} spatial_stride={cfg.data.codec.spatial_stride}; re-encode the dataset"
+        )
     t = meta.get("text_encoder", {})
     if t.get("text_dim") != cfg.model.text_dim or t.get("text_len") != cfg.model.text_len:
-        raise ConfigError(f"{path}: meta.text_encoder={t} but model.text_dim={cfg.model.text_dim} text_len={cfg.model.text_len}; re-encode the dataset")
+        raise ConfigError(
+            f"{path}: meta.text_encoder={t} but model.text_dim={cfg.model.text_dim} text_len={cfg.model.text_len}; re-encode the dataset"
+        )
     size = (meta.get("height"), meta.get("width"))
     if None not in size and size != (cfg.data.height, cfg.data.width):
-        raise ConfigError(f"data.height/width={cfg.data.height}x{cfg.data.width}: the dataset at {path} holds {size[0]}x{size[1]} "
-                          f"video; set data.height={size[0]} data.width={size[1]} (or re-encode the dataset at that size)")
+        raise ConfigError(
+            f"data.height/width={cfg.data.height}x{cfg.data.width}: the dataset at {path} holds {size[0]}x{size[1]} "
+            f"video; set data.height={size[0]} data.width={size[1]} (or re-encode the dataset at that size)"
+        )
 
 
 def _open_with_retry(open_dataset, attempts: int = 8):
@@ -177,14 +198,18 @@ def _open_with_retry(open_dataset, attempts: int = 8):
             time.sleep(random.uniform(0.05, 0.5))
 
 
-def build_dataset(cfg, clip_frames: int, seed: int, batch_size: int, replication: int | None = None, path: str | None = None) -> EpisodeDataset:
+def build_dataset(
+    cfg, clip_frames: int, seed: int, batch_size: int, replication: int | None = None, path: str | None = None
+) -> EpisodeDataset:
     path = str(path or dataset_path(cfg))
     kwargs: dict[str, Any] = dict(shuffle=True, shuffle_seed=seed, batch_size=batch_size, replication=replication)
     if is_remote(path):
         kwargs.update(remote=path, local=_cache_dir(cfg.data, path))
     else:
         if not (Path(path) / "index.json").is_file():
-            raise ConfigError(f"data.path={cfg.data.path}: no MDS dataset at {path} (index.json missing); {_ASK_FOR_SYNTHETIC}")
+            raise ConfigError(
+                f"data.path={cfg.data.path}: no MDS dataset at {path} (index.json missing); {_ASK_FOR_SYNTHETIC}"
+            )
         kwargs.update(local=path)
     cur = Curriculum(clip_frames, cfg.data.i2v_ratio, cfg.data.v2v_max_cond_frames, seed)
     codec = codec_from_config(cfg.data.codec)
@@ -198,8 +223,15 @@ def build_dataset(cfg, clip_frames: int, seed: int, batch_size: int, replication
     return ds
 
 
-def build_train_loader(cfg, stage, rank: int = 0, world_size: int = 1, seed: int | None = None, batch_size: int | None = None,
-                       global_batch: tuple[str, int] | None = None) -> TrainLoader:
+def build_train_loader(
+    cfg,
+    stage,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    global_batch: tuple[str, int] | None = None,
+) -> TrainLoader:
     """The loader a trainer calls per curriculum stage.
 
     `stage`: a `StageConfig` (its `frames`) or an int clip length in video frames (1 + 4k).
@@ -217,11 +249,15 @@ def build_train_loader(cfg, stage, rank: int = 0, world_size: int = 1, seed: int
     key, needed = global_batch or (f"batch {batch_size} x {world_size} data-parallel ranks", batch_size * world_size)
     seed = cfg.train.seed if seed is None else seed
     with _streaming_world(rank, world_size) as env_world:
-        ds = build_dataset(cfg, frames, seed, batch_size, replication=env_world // world_size if env_world > world_size else None)
+        ds = build_dataset(
+            cfg, frames, seed, batch_size, replication=env_world // world_size if env_world > world_size else None
+        )
     if ds.num_samples < needed:
         release_prefix(ds._shm_prefix_int)
-        raise ConfigError(f"data.path={cfg.data.path}: the dataset has {ds.num_samples} samples, fewer than one step takes "
-                          f"({key}: {needed}); add episodes (data.synth_episodes for synthetic data) or lower the batch")
+        raise ConfigError(
+            f"data.path={cfg.data.path}: the dataset has {ds.num_samples} samples, fewer than one step takes "
+            f"({key}: {needed}); add episodes (data.synth_episodes for synthetic data) or lower the batch"
+        )
     return TrainLoader(ds, batch_size, cfg.data.num_workers)
 
 
@@ -234,8 +270,10 @@ SYNTHETIC = "synthetic"  # data.path: the embedded synthetic world, cached under
 SYNTHETIC_CACHE = Path("data_cache")
 SYNTHETIC_MARKER = "titan_synthetic.json"  # written into every folder the platform generated
 SYNTH_FORMAT = 1  # part of the cache key: bump when the generator's output for the same parameters changes
-_ASK_FOR_SYNTHETIC = ("for the embedded synthetic world set data.path=synthetic (cached under data_cache/) "
-                      "or data.path=synthetic:DIR (generated into DIR, a new or empty folder)")
+_ASK_FOR_SYNTHETIC = (
+    "for the embedded synthetic world set data.path=synthetic (cached under data_cache/) "
+    "or data.path=synthetic:DIR (generated into DIR, a new or empty folder)"
+)
 
 
 @dataclass(frozen=True)
@@ -250,10 +288,22 @@ class DataSource:
 def synth_params(cfg) -> dict:
     """Everything that determines the synthetic dataset's bytes (the cache key of data.path=synthetic)."""
     d, m = cfg.data, cfg.model
-    return {"format": SYNTH_FORMAT, "episodes": d.synth_episodes, "seconds": float(d.synth_seconds), "seed": d.synth_seed,
-            "height": d.height, "width": d.width, "fps": d.fps,
-            "codec": {"kind": d.codec.kind, "spatial_stride": d.codec.spatial_stride, "path": d.codec.path},
-            "text_encoder": {"kind": d.text_encoder.kind, "path": d.text_encoder.path, "text_dim": m.text_dim, "text_len": m.text_len}}
+    return {
+        "format": SYNTH_FORMAT,
+        "episodes": d.synth_episodes,
+        "seconds": float(d.synth_seconds),
+        "seed": d.synth_seed,
+        "height": d.height,
+        "width": d.width,
+        "fps": d.fps,
+        "codec": {"kind": d.codec.kind, "spatial_stride": d.codec.spatial_stride, "path": d.codec.path},
+        "text_encoder": {
+            "kind": d.text_encoder.kind,
+            "path": d.text_encoder.path,
+            "text_dim": m.text_dim,
+            "text_len": m.text_len,
+        },
+    }
 
 
 def data_source(cfg) -> DataSource:
@@ -263,12 +313,14 @@ def data_source(cfg) -> DataSource:
         key = hashlib.sha1(json.dumps(synth_params(cfg), sort_keys=True).encode()).hexdigest()[:12]
         return DataSource(str(SYNTHETIC_CACHE / f"synthetic-{key}"), synthetic=True)
     if path.startswith(SYNTHETIC + ":"):
-        target = path[len(SYNTHETIC) + 1:]
+        target = path[len(SYNTHETIC) + 1 :]
         if not target:
             raise ConfigError(f"data.path={path!r}: expected synthetic:DIR with a folder after the colon")
         return DataSource(target, synthetic=True)
     if not path:
-        raise ConfigError(f"data.path is empty: expected a dataset folder (with index.json) or URL; {_ASK_FOR_SYNTHETIC}")
+        raise ConfigError(
+            f"data.path is empty: expected a dataset folder (with index.json) or URL; {_ASK_FOR_SYNTHETIC}"
+        )
     return DataSource(path, synthetic=False)
 
 
@@ -287,14 +339,18 @@ def check_data_path(cfg) -> DataSource:
     p = Path(src.path)
     if not src.synthetic:
         what = "no such folder" if not p.exists() else "no dataset there (index.json missing)"
-        raise ConfigError(f"{shown}: {what}; expected an MDS dataset folder (titan-world data synth|ingest --out DIR) "
-                          f"or a remote URL; {_ASK_FOR_SYNTHETIC}")
+        raise ConfigError(
+            f"{shown}: {what}; expected an MDS dataset folder (titan-world data synth|ingest --out DIR) "
+            f"or a remote URL; {_ASK_FOR_SYNTHETIC}"
+        )
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{shown}: {p} is a file; synthetic data is generated only into a new or empty folder")
     if p.is_dir() and any(p.iterdir()):
-        raise ConfigError(f"{shown}: {p} is a non-empty folder that is not a dataset (no index.json); "
-                          "titan-world generates synthetic data only into a new or empty folder and never touches "
-                          "other files: pick another folder, or remove its contents yourself")
+        raise ConfigError(
+            f"{shown}: {p} is a non-empty folder that is not a dataset (no index.json); "
+            "titan-world generates synthetic data only into a new or empty folder and never touches "
+            "other files: pick another folder, or remove its contents yourself"
+        )
     return src
 
 
@@ -321,13 +377,19 @@ def prepare_dataset(cfg, progress: bool = True) -> str:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
         try:
-            synthesize(cfg, tmp, cfg.data.synth_episodes, cfg.data.synth_seconds, seed=cfg.data.synth_seed, progress=progress)
-            (tmp / SYNTHETIC_MARKER).write_text(json.dumps({"created_by": "titan-world", **synth_params(cfg)}, indent=1))
+            synthesize(
+                cfg, tmp, cfg.data.synth_episodes, cfg.data.synth_seconds, seed=cfg.data.synth_seed, progress=progress
+            )
+            (tmp / SYNTHETIC_MARKER).write_text(
+                json.dumps({"created_by": "titan-world", **synth_params(cfg)}, indent=1)
+            )
             try:
                 os.rename(tmp, dest)  # onto a missing or empty folder only; a non-empty one fails, untouched
             except OSError as e:
-                raise ConfigError(f"data.path={cfg.data.path}: {dest} changed while the synthetic data was generated "
-                                  f"({e.strerror}); nothing was written there") from None
+                raise ConfigError(
+                    f"data.path={cfg.data.path}: {dest} changed while the synthetic data was generated "
+                    f"({e.strerror}); nothing was written there"
+                ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # ours: made by mkdtemp above
     return src.path

@@ -94,14 +94,18 @@ def write_episodes(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # encoding is copy-bound; extra threads only contend on busy machines
     try:
-        n = _write(episodes, out, codec, text_encoder, meta, columns, keep_raw, batch_size, compression, size_limit, on_written)
+        n = _write(
+            episodes, out, codec, text_encoder, meta, columns, keep_raw, batch_size, compression, size_limit, on_written
+        )
     finally:
         torch.set_num_threads(threads)
     (Path(out) / "titan_dataset.json").write_text(json.dumps({**meta, "episodes": n, "keep_raw": keep_raw}, indent=1))
     return n
 
 
-def _write(episodes, out, codec, text_encoder, meta, columns, keep_raw, batch_size, compression, size_limit, on_written) -> int:
+def _write(
+    episodes, out, codec, text_encoder, meta, columns, keep_raw, batch_size, compression, size_limit, on_written
+) -> int:
     n = 0
     with MDSWriter(out=str(out), columns=columns, compression=compression, size_limit=size_limit) as writer:
         for batch in _batches(episodes, batch_size):
@@ -123,8 +127,16 @@ def _write(episodes, out, codec, text_encoder, meta, columns, keep_raw, batch_si
                     "c2w": ep.c2w.astype(np.float32),
                     "intrinsics": ep.intrinsics.astype(np.float32),
                     "captions": ep.captions,
-                    "meta": {**meta, **ep.meta, "height": int(h), "width": int(w), "fps": int(ep.fps),
-                             "num_frames": int(ep.num_frames), "source": ep.source, "episode_id": ep.episode_id},
+                    "meta": {
+                        **meta,
+                        **ep.meta,
+                        "height": int(h),
+                        "width": int(w),
+                        "fps": int(ep.fps),
+                        "num_frames": int(ep.num_frames),
+                        "source": ep.source,
+                        "episode_id": ep.episode_id,
+                    },
                 }
                 if keep_raw:
                     sample[RAW_COLUMN] = np.ascontiguousarray(ep.frames, dtype=np.uint8)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from titan_world.data.world import TEX, SKY_H, SKY_W, WALL_HEIGHT, World, floor_texture, sky_texture, wall_atlas
+from titan_world.data.world import SKY_H, SKY_W, TEX, WALL_HEIGHT, World, floor_texture, sky_texture, wall_atlas
 
 FOG_COLOUR = {
     "clear blue sky": (0.70, 0.85, 1.00),

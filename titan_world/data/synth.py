@@ -37,7 +37,9 @@ def episode_frames(seconds: float, fps: int) -> int:
     return 1 + 4 * k
 
 
-def make_episode(seed: int, height: int = 64, width: int = 64, seconds: float = 4.0, fps: int = 16, hfov_deg: float = 90.0) -> Episode:
+def make_episode(
+    seed: int, height: int = 64, width: int = 64, seconds: float = 4.0, fps: int = 16, hfov_deg: float = 90.0
+) -> Episode:
     """Deterministic given (seed, size, seconds, fps)."""
     rng = np.random.default_rng([seed, 0x7177])
     world = generate_world(rng)

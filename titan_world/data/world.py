@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -136,7 +136,7 @@ def _sky_texture(kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(sky, 0, 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def wall_atlas() -> np.ndarray:
     """[NUM_CELL_TYPES, TEX, TEX, 3] float32 texture of every cell type (index 0 unused)."""
     atlas = np.zeros((NUM_CELL_TYPES, TEX, TEX, 3), np.float32)
@@ -147,12 +147,12 @@ def wall_atlas() -> np.ndarray:
     return atlas
 
 
-@lru_cache(maxsize=None)
+@cache
 def floor_texture(kind: str) -> np.ndarray:
     return _floor_texture(kind, np.random.default_rng(300 + FLOORS.index(kind))).astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def sky_texture(kind: str) -> np.ndarray:
     return _sky_texture(kind, np.random.default_rng(400 + SKIES.index(kind))).astype(np.float32)
 
@@ -229,7 +229,11 @@ def generate_world(rng: np.random.Generator, rooms: int = 6) -> World:
     seen = {(1, 1)}
     while stack:
         r, c = stack[-1]
-        nbrs = [(r + dr, c + dc) for dr, dc in ((2, 0), (-2, 0), (0, 2), (0, -2)) if 0 < r + dr < n - 1 and 0 < c + dc < n - 1 and (r + dr, c + dc) not in seen]
+        nbrs = [
+            (r + dr, c + dc)
+            for dr, dc in ((2, 0), (-2, 0), (0, 2), (0, -2))
+            if 0 < r + dr < n - 1 and 0 < c + dc < n - 1 and (r + dr, c + dc) not in seen
+        ]
         if not nbrs:
             stack.pop()
             continue
@@ -251,7 +255,13 @@ def generate_world(rng: np.random.Generator, rooms: int = 6) -> World:
     blocks = np.argwhere((cells > 0) & inner)
     for r, c in blocks[rng.random(len(blocks)) < 0.25]:
         cells[r, c] = second
-    world = World(cells=cells, material=MATERIALS[material_i], floor=FLOORS[int(rng.integers(len(FLOORS)))], sky=SKIES[int(rng.integers(len(SKIES)))], layout=layout)
+    world = World(
+        cells=cells,
+        material=MATERIALS[material_i],
+        floor=FLOORS[int(rng.integers(len(FLOORS)))],
+        sky=SKIES[int(rng.integers(len(SKIES)))],
+        layout=layout,
+    )
     # landmarks: wall blocks that touch a free cell
     candidates = [
         ((int(r), int(c)), (int(r + dr), int(c + dc)))

@@ -15,13 +15,24 @@ from titan_world.model.text_encoder import build_text_encoder
 def build_encoders(cfg):
     """Storage encoders: the TinyCodec is stored exact (the loader compresses to data.codec.channels)."""
     codec = build_codec(cfg.data.codec.kind, cfg.data.codec.spatial_stride, cfg.data.codec.path)
-    text = build_text_encoder(cfg.data.text_encoder.kind, cfg.model.text_dim, cfg.model.text_len, cfg.data.text_encoder.path)
+    text = build_text_encoder(
+        cfg.data.text_encoder.kind, cfg.model.text_dim, cfg.model.text_len, cfg.data.text_encoder.path
+    )
     meta = encoder_meta(cfg.data.codec, cfg.data.text_encoder, cfg.model.text_dim, cfg.model.text_len)
     return codec, text, meta
 
 
-def synthesize(cfg, out: str | os.PathLike, episodes: int, seconds: float, *, keep_raw: bool = False, seed: int = 0,
-               progress: bool = True, indices: Sequence[int] | None = None) -> dict:
+def synthesize(
+    cfg,
+    out: str | os.PathLike,
+    episodes: int,
+    seconds: float,
+    *,
+    keep_raw: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    indices: Sequence[int] | None = None,
+) -> dict:
     """Write `episodes` episodes (seeds seed .. seed+episodes-1); returns counts and timings.
 
     `indices`: only these episodes of the `episodes` (a rank's share in a data-parallel write);
@@ -46,7 +57,15 @@ def synthesize(cfg, out: str | os.PathLike, episodes: int, seconds: float, *, ke
 
         bar = tqdm(total=len(todo), desc="synth", unit="ep")
     t0 = time.perf_counter()
-    stats["episodes"] = write_episodes(gen(), out, codec, text, {**meta, "source": "synthetic"}, keep_raw=keep_raw, on_written=(lambda ep: bar.update(1)) if bar else None)
+    stats["episodes"] = write_episodes(
+        gen(),
+        out,
+        codec,
+        text,
+        {**meta, "source": "synthetic"},
+        keep_raw=keep_raw,
+        on_written=(lambda ep: bar.update(1)) if bar else None,
+    )
     stats["total_s"] = time.perf_counter() - t0
     if bar:
         bar.close()

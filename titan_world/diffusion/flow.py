@@ -22,7 +22,9 @@ def unshift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor:
     return sigma / (shift - (shift - 1) * sigma)
 
 
-def sample_sigma(shape, shift: float, lo: float = 0.0, hi: float = 1.0, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample_sigma(
+    shape, shift: float, lo: float = 0.0, hi: float = 1.0, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
     """Training sigmas: uniform u, shifted, restricted to [lo, hi) in shifted space by sampling u
     in the matching pre-image (no rejection loop, so every rank draws the same count)."""
     u_lo, u_hi = float(unshift_sigma(lo, shift)), float(unshift_sigma(hi, shift))

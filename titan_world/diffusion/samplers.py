@@ -10,7 +10,7 @@ sampler uses its sigmas and passes its integer timesteps, as the references do.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -40,9 +40,16 @@ def with_guidance(cond_fn: DenoiseFn, uncond_fn: DenoiseFn, scale: float) -> Den
 
 
 @torch.no_grad()
-def sample(denoise_fn: DenoiseFn, noise: torch.Tensor, steps: int, shift: float, sampler: str = "euler",
-           sigmas: torch.Tensor | None = None, progress: Callable | None = None,
-           schedule: FlowSchedule | None = None) -> torch.Tensor:
+def sample(
+    denoise_fn: DenoiseFn,
+    noise: torch.Tensor,
+    steps: int,
+    shift: float,
+    sampler: str = "euler",
+    sigmas: torch.Tensor | None = None,
+    progress: Callable | None = None,
+    schedule: FlowSchedule | None = None,
+) -> torch.Tensor:
     """Integrate from pure noise (sigma = 1) to data (sigma = 0); returns x0. `schedule` (a reference
     grid with integer timesteps) replaces steps/shift/sigmas; UniPC without one uses diffusers' grid."""
     if sampler not in SAMPLERS:

@@ -22,8 +22,8 @@ linspace(0.999, 0, steps + 1)[:-1]. Both then shift, give the model int(sigma * 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -84,8 +84,13 @@ def _rho_corrector(r: float | None, h: float) -> tuple[float, ...]:
 
 
 @torch.no_grad()
-def unipc_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-                 schedule: FlowSchedule, order: int = 2, progress: Callable | None = None) -> torch.Tensor:
+def unipc_sample(
+    denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    schedule: FlowSchedule,
+    order: int = 2,
+    progress: Callable | None = None,
+) -> torch.Tensor:
     """Integrate `denoise_fn(x, t) -> velocity` (t: the schedule's int64 timestep, one per sample)
     from `noise` at sigmas[0] to x0 with Flow-UniPC of `order` (1 or 2); returns x0."""
     if order not in (1, 2):

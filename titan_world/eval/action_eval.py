@@ -13,19 +13,30 @@ every figure.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from titan_world.config import TitanConfig, load_config
 from titan_world.data.synth import Episode, episode_frames, make_episode
-from titan_world.eval.action_following import (_psnr, action_following_report, drift_windows, find_revisits,
-                                               revisit_errors)
+from titan_world.eval.action_following import (
+    _psnr,
+    action_following_report,
+    drift_windows,
+    find_revisits,
+    revisit_errors,
+)
 from titan_world.eval.report import write_action_report
-from titan_world.generate import (GenerationInputs, generate_bidirectional, generate_causal, load_generation_model,
-                                  resolve_device)
+from titan_world.generate import (
+    GenerationInputs,
+    generate_bidirectional,
+    generate_causal,
+    load_generation_model,
+    resolve_device,
+)
 from titan_world.model.codec import codec_from_config
 from titan_world.model.text_encoder import build_text_encoder
 
@@ -72,10 +83,19 @@ class Rollout:
         out, start, t = [inputs.first_frame[None]], 0, len(inputs.actions)
         while start < t - 1:
             sl = slice(start, min(start + clip_frames, t))
-            clip = GenerationInputs(out[-1][-1], inputs.prompt, inputs.actions[sl], inputs.c2w[sl],
-                                    inputs.intrinsics[sl])
-            video = generate_bidirectional(self.model, self.codec, self.text, clip, steps=self.steps, shift=self.shift,
-                                           seed=seed + start, device=self.dev)
+            clip = GenerationInputs(
+                out[-1][-1], inputs.prompt, inputs.actions[sl], inputs.c2w[sl], inputs.intrinsics[sl]
+            )
+            video = generate_bidirectional(
+                self.model,
+                self.codec,
+                self.text,
+                clip,
+                steps=self.steps,
+                shift=self.shift,
+                seed=seed + start,
+                device=self.dev,
+            )
             out.append(video[1:])
             start = sl.stop - 1
         return np.concatenate(out)
@@ -83,8 +103,9 @@ class Rollout:
 
 def episode_inputs(ep: Episode, frames: int, actions: np.ndarray | None = None) -> GenerationInputs:
     acts = ep.actions[:frames] if actions is None else actions
-    return GenerationInputs(ep.frames[0], ep.captions["narrative"], acts, ep.c2w[:frames], ep.intrinsics[:frames],
-                            ep.frames[:frames])
+    return GenerationInputs(
+        ep.frames[0], ep.captions["narrative"], acts, ep.c2w[:frames], ep.intrinsics[:frames], ep.frames[:frames]
+    )
 
 
 def shuffled_actions(actions: np.ndarray, seed: int = SHUFFLE_SEED) -> np.ndarray:
@@ -96,19 +117,32 @@ def shuffled_actions(actions: np.ndarray, seed: int = SHUFFLE_SEED) -> np.ndarra
 def _mean_errors(reports: list[dict], key: str) -> dict[str, Any]:
     per_frame = np.mean([r["frame_error"][key]["mse_per_frame"] for r in reports], axis=0)
     mse = float(per_frame.mean())
-    return {"mse": mse, "mae": float(np.mean([r["frame_error"][key]["mae"] for r in reports])), "psnr": _psnr(mse),
-            "psnr_per_frame": [_psnr(float(m)) for m in per_frame], "mse_per_frame": per_frame.tolist()}
+    return {
+        "mse": mse,
+        "mae": float(np.mean([r["frame_error"][key]["mae"] for r in reports])),
+        "psnr": _psnr(mse),
+        "psnr_per_frame": [_psnr(float(m)) for m in per_frame],
+        "mse_per_frame": per_frame.tolist(),
+    }
 
 
 def _mean_windows(drifts: list[dict]) -> dict[str, Any]:
     n = min(len(d["windows"]) for d in drifts)
     keys = ("detail_ratio", "colour_hist_distance", "psnr")
-    windows = [{**drifts[0]["windows"][i], **{k: float(np.mean([d["windows"][i][k] for d in drifts])) for k in keys}}
-               for i in range(n)]
-    ratio = {k: (windows[-1][k] / windows[0][k] if n >= 2 and windows[0][k] > 1e-12 else None)
-             for k in ("detail_ratio", "colour_hist_distance")}
-    return {"window_seconds": drifts[0]["window_seconds"], "windows": windows, "last_over_first": ratio,
-            "per_episode": drifts}
+    windows = [
+        {**drifts[0]["windows"][i], **{k: float(np.mean([d["windows"][i][k] for d in drifts])) for k in keys}}
+        for i in range(n)
+    ]
+    ratio = {
+        k: (windows[-1][k] / windows[0][k] if n >= 2 and windows[0][k] > 1e-12 else None)
+        for k in ("detail_ratio", "colour_hist_distance")
+    }
+    return {
+        "window_seconds": drifts[0]["window_seconds"],
+        "windows": windows,
+        "last_over_first": ratio,
+        "per_episode": drifts,
+    }
 
 
 def _mean_revisits(per_episode: list[dict]) -> dict[str, Any]:
@@ -127,11 +161,22 @@ def _mean_revisits(per_episode: list[dict]) -> dict[str, Any]:
     return out
 
 
-def evaluate_action_following(checkpoint: str | Path, out_dir: str | Path, *, episodes: int = 4, seed: int = 10_000,
-                              seconds: float = 2.0, clip_seconds: float = 2.0, window_seconds: float = 10.0,
-                              steps: int = 20, device: str = "cpu", revisit_radius: float = 0.5,
-                              revisit_yaw_deg: float = 30.0, revisit_gap_seconds: float = 3.0,
-                              progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+def evaluate_action_following(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    episodes: int = 4,
+    seed: int = 10_000,
+    seconds: float = 2.0,
+    clip_seconds: float = 2.0,
+    window_seconds: float = 10.0,
+    steps: int = 20,
+    device: str = "cpu",
+    revisit_radius: float = 0.5,
+    revisit_yaw_deg: float = 30.0,
+    revisit_gap_seconds: float = 3.0,
+    progress: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
     """Render, roll out, score, write OUT/action_following.json + index.html; returns the report."""
     if episodes < 1:
         raise ValueError(f"--episodes {episodes}: expected at least 1")
@@ -144,8 +189,12 @@ def evaluate_action_following(checkpoint: str | Path, out_dir: str | Path, *, ep
     cfg, cfg_source = run_config(checkpoint)
     d = cfg.data
     if d.synth_seed <= seed < d.synth_seed + d.synth_episodes:
-        log.warning("--seed %d: seeds %d..%d were used to make the training data; these episodes are not held out",
-                    seed, d.synth_seed, d.synth_seed + d.synth_episodes - 1)
+        log.warning(
+            "--seed %d: seeds %d..%d were used to make the training data; these episodes are not held out",
+            seed,
+            d.synth_seed,
+            d.synth_seed + d.synth_episodes - 1,
+        )
     roll = Rollout(cfg, str(checkpoint), device, steps)
     chunk = episode_frames(clip_seconds, d.fps)  # a bidirectional model's clip; the scored clip (<= it)
     clip = chunk
@@ -160,32 +209,62 @@ def evaluate_action_following(checkpoint: str | Path, out_dir: str | Path, *, ep
         shuffled = roll(episode_inputs(ep, chunk, shuffled_actions(ep.actions[:chunk])), chunk, seed=i)
         clip = min(chunk, len(shuffled), t)  # a stream ends at its last whole chunk: score what both have
         if clip < 2:
-            raise ValueError(f"the rollout gave {clip} frame(s): nothing to score after the first frame "
-                             f"(one chunk of the student is longer than the {clip_seconds:g} s clip)")
-        rep = action_following_report(stream[:clip], sim[:clip], shuffled=shuffled[:clip], context_frames=1,
-                                      poses=ep.c2w[:clip], intrinsics=ep.intrinsics[0])
+            raise ValueError(
+                f"the rollout gave {clip} frame(s): nothing to score after the first frame "
+                f"(one chunk of the student is longer than the {clip_seconds:g} s clip)"
+            )
+        rep = action_following_report(
+            stream[:clip],
+            sim[:clip],
+            shuffled=shuffled[:clip],
+            context_frames=1,
+            poses=ep.c2w[:clip],
+            intrinsics=ep.intrinsics[0],
+        )
         reports.append({"seed": seed + i, **rep})
         drifts.append(drift_windows(stream, sim, d.fps, window_seconds))
         rv = find_revisits(ep.c2w[:t], d.fps, revisit_radius, revisit_yaw_deg, revisit_gap_seconds)
         errs = revisit_errors({"model": stream, "copy_last": np.repeat(sim[:1], t, axis=0)}, sim, rv)
         revisits.append({"seed": seed + i, **errs, "pairs": list(zip(rv["revisit"], rv["earlier"]))})
         if i == 0:
-            strips = {"clip": {"simulator": sim[:clip], "model": stream[:clip], "shuffled": shuffled[:clip]},
-                      "stream": {"simulator": sim, "model": stream}}
+            strips = {
+                "clip": {"simulator": sim[:clip], "model": stream[:clip], "shuffled": shuffled[:clip]},
+                "stream": {"simulator": sim, "model": stream},
+            }
     fe = {k: _mean_errors(reports, k) for k in ("model", "shuffled", "copy_last")}
     report: dict[str, Any] = {
-        "kind": "titan-world-eval/action-following", "version": 2,
-        "settings": {"checkpoint": str(checkpoint), "model": roll.source, "config": cfg_source, "rollout": roll.kind,
-                     "episodes": episodes, "seeds": [seed + i for i in range(episodes)], "seconds": seconds,
-                     "fps": d.fps, "height": d.height, "width": d.width, "context_frames": 1, "num_frames": clip,
-                     "scored_frames": clip - 1, "stream_frames": len(strips["stream"]["model"]),
-                     "sample_steps": None if roll.causal else steps, "window_seconds": window_seconds,
-                     "training_seeds": [d.synth_seed, d.synth_seed + d.synth_episodes - 1], "frame_range": "0..1"},
+        "kind": "titan-world-eval/action-following",
+        "version": 2,
+        "settings": {
+            "checkpoint": str(checkpoint),
+            "model": roll.source,
+            "config": cfg_source,
+            "rollout": roll.kind,
+            "episodes": episodes,
+            "seeds": [seed + i for i in range(episodes)],
+            "seconds": seconds,
+            "fps": d.fps,
+            "height": d.height,
+            "width": d.width,
+            "context_frames": 1,
+            "num_frames": clip,
+            "scored_frames": clip - 1,
+            "stream_frames": len(strips["stream"]["model"]),
+            "sample_steps": None if roll.causal else steps,
+            "window_seconds": window_seconds,
+            "training_seeds": [d.synth_seed, d.synth_seed + d.synth_episodes - 1],
+            "frame_range": "0..1",
+        },
         "frame_error": fe,
         "beats": {f"psnr_vs_{k}": fe["model"]["psnr"] - fe[k]["psnr"] for k in ("shuffled", "copy_last")},
         "drift": _mean_windows(drifts),
-        "revisits": {"radius_m": revisit_radius, "max_yaw_deg": revisit_yaw_deg,
-                     "min_gap_seconds": revisit_gap_seconds, **_mean_revisits(revisits), "per_episode": revisits},
+        "revisits": {
+            "radius_m": revisit_radius,
+            "max_yaw_deg": revisit_yaw_deg,
+            "min_gap_seconds": revisit_gap_seconds,
+            **_mean_revisits(revisits),
+            "per_episode": revisits,
+        },
         "episodes": reports,
     }
     write_action_report(report, out_dir, frames=strips["clip"], stream_frames=strips["stream"], fps=d.fps)

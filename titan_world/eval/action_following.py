@@ -43,7 +43,7 @@ def as_float_frames(frames: Any, name: str = "frames") -> np.ndarray:
 def frame_errors(pred: np.ndarray, target: np.ndarray) -> dict[str, Any]:
     """MSE / MAE / PSNR (on 0..1 frames) overall and per frame."""
     err = pred - target
-    mse_t = (err ** 2).mean(axis=(1, 2, 3))
+    mse_t = (err**2).mean(axis=(1, 2, 3))
     mae_t = np.abs(err).mean(axis=(1, 2, 3))
     mse = float(mse_t.mean())
     return {
@@ -60,6 +60,7 @@ def _psnr(mse: float) -> float:
 
 
 # ------------------------------------------------------------------------ camera estimation
+
 
 def _gray(frames: np.ndarray) -> np.ndarray:
     return frames @ np.array([0.299, 0.587, 0.114])
@@ -86,8 +87,9 @@ def phase_shift(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(dx), float(dy)
 
 
-def estimate_camera_motion(frames: Any, fx: float | None = None, grid: int = 3,
-                           fov_deg: float = 90.0) -> dict[str, list[float]]:
+def estimate_camera_motion(
+    frames: Any, fx: float | None = None, grid: int = 3, fov_deg: float = 90.0
+) -> dict[str, list[float]]:
     """Per adjacent pair: yaw (degrees, + = turn right), pitch-like pan ty (px) and zoom rate k.
 
     fx defaults to the focal length of a pinhole with horizontal field of view `fov_deg`.
@@ -148,16 +150,24 @@ def camera_errors(est: dict[str, list[float]], gt: dict[str, list[float]], start
     }
     moving = np.abs(kg) > 1e-9
     out["forward_sign_agreement"] = float((np.sign(ke[moving]) == np.sign(kg[moving])).mean()) if moving.any() else None
-    out["forward_corr"] = (float(np.corrcoef(ke, kg)[0, 1])
-                           if len(ke) > 2 and ke.std() > 1e-12 and kg.std() > 1e-12 else None)
+    out["forward_corr"] = (
+        float(np.corrcoef(ke, kg)[0, 1]) if len(ke) > 2 and ke.std() > 1e-12 and kg.std() > 1e-12 else None
+    )
     return out
 
 
 # --------------------------------------------------------------------------------- report
 
-def action_following_report(generated: Any, simulator: Any, shuffled: Any | None = None,
-                            context_frames: int = 1, poses: Any | None = None,
-                            intrinsics: Any | None = None, fov_deg: float = 90.0) -> dict[str, Any]:
+
+def action_following_report(
+    generated: Any,
+    simulator: Any,
+    shuffled: Any | None = None,
+    context_frames: int = 1,
+    poses: Any | None = None,
+    intrinsics: Any | None = None,
+    fov_deg: float = 90.0,
+) -> dict[str, Any]:
     """Everything the trainer/demo logs about action following (JSON-ready).
 
     generated / simulator / shuffled: videos of the same length and size, uint8 0..255 or
@@ -172,7 +182,7 @@ def action_following_report(generated: Any, simulator: Any, shuffled: Any | None
     if not 1 <= context_frames < t:
         raise ValueError(f"context_frames={context_frames}: expected 1 <= context_frames < {t}")
     c = context_frames
-    videos = {"model": gen, "copy_last": np.repeat(sim[c - 1:c], t, axis=0)}
+    videos = {"model": gen, "copy_last": np.repeat(sim[c - 1 : c], t, axis=0)}
     if shuffled is not None:
         shf = as_float_frames(shuffled, "shuffled")
         if shf.shape != sim.shape:
@@ -180,10 +190,18 @@ def action_following_report(generated: Any, simulator: Any, shuffled: Any | None
         videos["shuffled"] = shf
     fe = {k: frame_errors(v[c:], sim[c:]) for k, v in videos.items()}
     report: dict[str, Any] = {
-        "kind": "titan-world-eval/action-following", "version": 1,
-        "settings": {"context_frames": c, "num_frames": t, "scored_frames": t - c,
-                     "height": sim.shape[1], "width": sim.shape[2], "fov_deg": fov_deg,
-                     "frame_range": "0..1", "psnr_cap_db": PSNR_CAP_DB},
+        "kind": "titan-world-eval/action-following",
+        "version": 1,
+        "settings": {
+            "context_frames": c,
+            "num_frames": t,
+            "scored_frames": t - c,
+            "height": sim.shape[1],
+            "width": sim.shape[2],
+            "fov_deg": fov_deg,
+            "frame_range": "0..1",
+            "psnr_cap_db": PSNR_CAP_DB,
+        },
         "frame_error": fe,
         "beats": {f"psnr_vs_{k}": fe["model"]["psnr"] - fe[k]["psnr"] for k in fe if k != "model"},
     }
@@ -198,36 +216,43 @@ def action_following_report(generated: Any, simulator: Any, shuffled: Any | None
         gt = pose_motion(poses)
         if len(gt["yaw_deg"]) != t - 1:
             raise ValueError(f"poses: {len(gt['yaw_deg']) + 1} poses for {t} frames")
-        report["camera"] = {"reference": "ground-truth poses", "gt": gt,
-                            **{k: camera_errors(e, gt, start) for k, e in est.items()}}
+        report["camera"] = {
+            "reference": "ground-truth poses",
+            "gt": gt,
+            **{k: camera_errors(e, gt, start) for k, e in est.items()},
+        }
     else:  # compare with the motion estimated from the simulator frames instead
         ref = {"yaw_deg": est["simulator"]["yaw_deg"], "forward": est["simulator"]["zoom_rate"]}
-        report["camera"] = {"reference": "motion estimated from simulator frames",
-                            **{k: camera_errors(e, ref, start) for k, e in est.items() if k != "simulator"}}
+        report["camera"] = {
+            "reference": "motion estimated from simulator frames",
+            **{k: camera_errors(e, ref, start) for k, e in est.items() if k != "simulator"},
+        }
     report["camera"]["estimates"] = est
     return report
 
 
 # ------------------------------------------------------------------ long streams: drift, revisits
 
+
 def detail_energy(frames: Any) -> np.ndarray:
     """High-frequency energy per frame: mean squared 4-neighbour Laplacian of the grey image.
     A rollout that blurs (or dissolves into noise) has less (or more) of it than the simulator."""
     g = _gray(as_float_frames(frames))
     lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
-    return (lap ** 2).mean(axis=(1, 2))
+    return (lap**2).mean(axis=(1, 2))
 
 
 def colour_histogram(frames: np.ndarray, bins: int = 8) -> np.ndarray:
     """Joint RGB histogram (bins^3, sums to 1) of float frames in 0..1."""
     q = np.clip((frames * bins).astype(np.int64), 0, bins - 1)
     idx = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
-    h = np.bincount(idx.ravel(), minlength=bins ** 3).astype(np.float64)
+    h = np.bincount(idx.ravel(), minlength=bins**3).astype(np.float64)
     return h / max(h.sum(), 1.0)
 
 
-def drift_windows(generated: Any, simulator: Any, fps: float, window_seconds: float = 10.0,
-                  context_frames: int = 1) -> dict[str, Any]:
+def drift_windows(
+    generated: Any, simulator: Any, fps: float, window_seconds: float = 10.0, context_frames: int = 1
+) -> dict[str, Any]:
     """Per window of `window_seconds` over a long rollout: detail (the model's high-frequency
     energy / the simulator's over the same frames) and colour-histogram distance (total variation,
     0 = same colours, 1 = disjoint), and the ratio last window / first window of each. A stream
@@ -243,10 +268,16 @@ def drift_windows(generated: Any, simulator: Any, fps: float, window_seconds: fl
         if sl.stop - sl.start < size // 2 and windows:  # a short tail would be a noisy last window
             break
         tv = 0.5 * float(np.abs(colour_histogram(gen[sl]) - colour_histogram(sim[sl])).sum())
-        windows.append({"start_s": start / fps, "end_s": sl.stop / fps, "frames": sl.stop - sl.start,
-                        "detail_ratio": float(e_gen[sl].mean() / max(e_sim[sl].mean(), 1e-12)),
-                        "colour_hist_distance": tv,
-                        "psnr": _psnr(float(((gen[sl] - sim[sl]) ** 2).mean()))})
+        windows.append(
+            {
+                "start_s": start / fps,
+                "end_s": sl.stop / fps,
+                "frames": sl.stop - sl.start,
+                "detail_ratio": float(e_gen[sl].mean() / max(e_sim[sl].mean(), 1e-12)),
+                "colour_hist_distance": tv,
+                "psnr": _psnr(float(((gen[sl] - sim[sl]) ** 2).mean())),
+            }
+        )
 
     def ratio(key: str) -> float | None:
         if len(windows) < 2:
@@ -254,12 +285,16 @@ def drift_windows(generated: Any, simulator: Any, fps: float, window_seconds: fl
         first, last = windows[0][key], windows[-1][key]
         return float(last / first) if first > 1e-12 else None
 
-    return {"window_seconds": window_seconds, "windows": windows,
-            "last_over_first": {k: ratio(k) for k in ("detail_ratio", "colour_hist_distance")}}
+    return {
+        "window_seconds": window_seconds,
+        "windows": windows,
+        "last_over_first": {k: ratio(k) for k in ("detail_ratio", "colour_hist_distance")},
+    }
 
 
-def find_revisits(c2w: Any, fps: float, radius: float = 0.5, max_yaw_deg: float = 30.0,
-                  min_gap_seconds: float = 3.0) -> dict[str, Any]:
+def find_revisits(
+    c2w: Any, fps: float, radius: float = 0.5, max_yaw_deg: float = 30.0, min_gap_seconds: float = 3.0
+) -> dict[str, Any]:
     """Frames where the agent is back at a place it saw earlier: an earlier frame at least
     `min_gap_seconds` before within `radius` metres (floor plane) looking within `max_yaw_deg`.
 
@@ -277,13 +312,19 @@ def find_revisits(c2w: Any, fps: float, radius: float = 0.5, max_yaw_deg: float 
     t = np.arange(len(p))
     match = (dist <= radius) & (dyaw <= math.radians(max_yaw_deg)) & (t[None] <= t[:, None] - gap)
     revisit = np.flatnonzero(match.any(axis=1))
-    return {"radius_m": radius, "max_yaw_deg": max_yaw_deg, "min_gap_seconds": min_gap_seconds,
-            "revisit": revisit.tolist(), "earlier": [int(np.argmax(match[i])) for i in revisit],
-            "first_visit": np.flatnonzero(~match.any(axis=1)).tolist()}
+    return {
+        "radius_m": radius,
+        "max_yaw_deg": max_yaw_deg,
+        "min_gap_seconds": min_gap_seconds,
+        "revisit": revisit.tolist(),
+        "earlier": [int(np.argmax(match[i])) for i in revisit],
+        "first_visit": np.flatnonzero(~match.any(axis=1)).tolist(),
+    }
 
 
-def revisit_errors(videos: dict[str, Any], simulator: Any, revisits: dict[str, Any],
-                   context_frames: int = 1) -> dict[str, Any]:
+def revisit_errors(
+    videos: dict[str, Any], simulator: Any, revisits: dict[str, Any], context_frames: int = 1
+) -> dict[str, Any]:
     """Frame error (MSE, PSNR of the mean MSE) at revisits vs at first visits, per rollout in
     `videos` (e.g. model, copy_last); context frames are not scored."""
     sim = as_float_frames(simulator, "simulator")

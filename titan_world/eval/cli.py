@@ -9,42 +9,75 @@ from pathlib import Path
 
 from titan_world.eval.config import ALL_DIMENSIONS, EvalConfig
 
-MODEL_FLAGS = ("raft_path", "raft_factory", "amt_path", "amt_factory", "musiq_path", "musiq_factory",
-               "clip_path", "aesthetic_head_path", "viclip_path", "viclip_factory")
+MODEL_FLAGS = (
+    "raft_path",
+    "raft_factory",
+    "amt_path",
+    "amt_factory",
+    "musiq_path",
+    "musiq_factory",
+    "clip_path",
+    "aesthetic_head_path",
+    "viclip_path",
+    "viclip_factory",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="{vbench,action,compare,report}", required=True)
     vb = sub.add_parser("vbench", help="score a folder of mp4 files on VBench dimensions")
     vb.add_argument("--videos", required=True, help="folder of videos (or the output folder with --generate)")
-    vb.add_argument("--dimensions", nargs="+", default=None, metavar="DIM",
-                    help=f"subset of: {' '.join(ALL_DIMENSIONS)} (comma- or space-separated)")
+    vb.add_argument(
+        "--dimensions",
+        nargs="+",
+        default=None,
+        metavar="DIM",
+        help=f"subset of: {' '.join(ALL_DIMENSIONS)} (comma- or space-separated)",
+    )
     vb.add_argument("--out", default=None, help="write results.json + report here (default: <videos>/eval)")
     vb.add_argument("--window-seconds", type=float, default=None, help="per-window metrics over time (0: off)")
     vb.add_argument("--protocol", choices=["vbench", "vbench-long"], default=None)
     vb.add_argument("--config", default=None, help="YAML with EvalConfig fields (top level or under `eval:`)")
-    vb.add_argument("--prompts", default=None, help="JSON {file name: prompt} for overall_consistency (with --generate: "
-                                                    "also one prompt per line)")
+    vb.add_argument(
+        "--prompts",
+        default=None,
+        help="JSON {file name: prompt} for overall_consistency (with --generate: also one prompt per line)",
+    )
     vb.add_argument("--device", default=None)
     vb.add_argument("--batch-size", type=int, default=None)
     for f in MODEL_FLAGS:
         vb.add_argument("--" + f.replace("_", "-"), default=None, dest=f)
-    vb.add_argument("--generate", default=None, metavar="CHECKPOINT",
-                    help="first generate videos into --videos from this checkpoint: one per prompt of --prompts "
-                         "(JSON {file: prompt} or one prompt per line), else 4 synthetic-world clips; "
-                         "their prompts go to VIDEOS/prompts.json, which scoring then reads")
+    vb.add_argument(
+        "--generate",
+        default=None,
+        metavar="CHECKPOINT",
+        help="first generate videos into --videos from this checkpoint: one per prompt of --prompts "
+        "(JSON {file: prompt} or one prompt per line), else 4 synthetic-world clips; "
+        "their prompts go to VIDEOS/prompts.json, which scoring then reads",
+    )
     vb.add_argument("--no-report", action="store_true", help="JSON only (no markdown/HTML/PNGs)")
     ac = sub.add_parser("action", help="action following on held-out synthetic-world episodes (JSON + HTML report)")
-    ac.add_argument("--checkpoint", required=True,
-                    help="a run dir (its model/ and config.yaml) or an exported model folder; bidirectional models "
-                         "are rolled out in clips, block-causal students streamed as `serve` streams them")
+    ac.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run dir (its model/ and config.yaml) or an exported model folder; bidirectional models "
+        "are rolled out in clips, block-causal students streamed as `serve` streams them",
+    )
     ac.add_argument("--episodes", type=int, default=4, help="held-out episodes (default 4)")
-    ac.add_argument("--seed", type=int, default=10_000,
-                    help="agent seed of the first episode (episode i: SEED + i); choose seeds that differ from "
-                         "training's (data.synth_seed .. + data.synth_episodes - 1, 0..47 by default) (default 10000)")
-    ac.add_argument("--seconds", type=float, default=2.0,
-                    help="length of each rollout; the first 2 s are scored against the baselines, the whole stream "
-                         "in windows (drift) and at revisits (e.g. 60; default 2)")
+    ac.add_argument(
+        "--seed",
+        type=int,
+        default=10_000,
+        help="agent seed of the first episode (episode i: SEED + i); choose seeds that differ from "
+        "training's (data.synth_seed .. + data.synth_episodes - 1, 0..47 by default) (default 10000)",
+    )
+    ac.add_argument(
+        "--seconds",
+        type=float,
+        default=2.0,
+        help="length of each rollout; the first 2 s are scored against the baselines, the whole stream "
+        "in windows (drift) and at revisits (e.g. 60; default 2)",
+    )
     ac.add_argument("--window-seconds", type=float, default=10.0, help="drift window length (default 10)")
     ac.add_argument("--steps", type=int, default=20, help="sampling steps of a bidirectional model (default 20)")
     ac.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
@@ -151,8 +184,11 @@ def run(args: argparse.Namespace) -> int:
     for name, f in failed.items():
         print(f"titan-world eval: {name} not scored: {f['reason']}", file=sys.stderr)
     if failed:  # the others are scored and written; a partial evaluation must not look complete to a script
-        print(f"titan-world eval: {len(failed)} of {len(videos)} videos could not be read (listed under "
-              f"failed_videos in {files['json']}); exit 1", file=sys.stderr)
+        print(
+            f"titan-world eval: {len(failed)} of {len(videos)} videos could not be read (listed under "
+            f"failed_videos in {files['json']}); exit 1",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -163,9 +199,17 @@ def run_action(args: argparse.Namespace) -> int:
     from titan_world.model.io import CheckpointError
 
     try:
-        rep = evaluate_action_following(args.checkpoint, args.out, episodes=args.episodes, seed=args.seed,
-                                        seconds=args.seconds, window_seconds=args.window_seconds, steps=args.steps,
-                                        device=args.device, progress=lambda m: print(f"[eval action] {m}", flush=True))
+        rep = evaluate_action_following(
+            args.checkpoint,
+            args.out,
+            episodes=args.episodes,
+            seed=args.seed,
+            seconds=args.seconds,
+            window_seconds=args.window_seconds,
+            steps=args.steps,
+            device=args.device,
+            progress=lambda m: print(f"[eval action] {m}", flush=True),
+        )
     except (CheckpointError, ConfigError, OSError, ValueError) as e:
         print(f"titan-world eval action: {e}", file=sys.stderr)
         return 2
@@ -173,9 +217,13 @@ def run_action(args: argparse.Namespace) -> int:
     for k, v in rep["frame_error"].items():
         print(f"  {k:<12} {v['psnr']:6.2f} dB")
     num = lambda x, unit="": "—" if x is None else f"{x:.2f}{unit}"  # noqa: E731
-    print("drift, last window / first: " + ", ".join(f"{k} {num(v)}" for k, v in rep["drift"]["last_over_first"].items()))
+    print(
+        "drift, last window / first: " + ", ".join(f"{k} {num(v)}" for k, v in rep["drift"]["last_over_first"].items())
+    )
     rv = rep["revisits"]["model"]
-    print(f"revisits: {rep['revisits']['frames']['revisit']} frames, PSNR {num(rv['revisit']['psnr'], ' dB')} "
-          f"vs first visits {num(rv['first_visit']['psnr'], ' dB')}")
+    print(
+        f"revisits: {rep['revisits']['frames']['revisit']} frames, PSNR {num(rv['revisit']['psnr'], ' dB')} "
+        f"vs first visits {num(rv['first_visit']['psnr'], ' dB')}"
+    )
     print(f"wrote {Path(args.out) / 'action_following.json'}, {Path(args.out) / 'index.html'}")
     return 0

@@ -25,8 +25,10 @@ def read_openai_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
     except RuntimeError:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(sd, dict) or "visual.conv1.weight" not in sd:
-        raise ValueError(f"{path}: not an OpenAI CLIP checkpoint (no 'visual.conv1.weight'); a ViT CLIP "
-                         "(ViT-L-14.pt) or a transformers CLIPModel folder is expected")
+        raise ValueError(
+            f"{path}: not an OpenAI CLIP checkpoint (no 'visual.conv1.weight'); a ViT CLIP "
+            "(ViT-L-14.pt) or a transformers CLIPModel folder is expected"
+        )
     return {k: v.float() for k, v in sd.items()}
 
 
@@ -39,9 +41,17 @@ def openai_clip_vision(path: str | Path):
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     mlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
-                           num_attention_heads=width // 64, image_size=patch * grid, patch_size=patch,
-                           projection_dim=sd["visual.proj"].shape[1], hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    cfg = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 64,
+        image_size=patch * grid,
+        patch_size=patch,
+        projection_dim=sd["visual.proj"].shape[1],
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
     model = CLIPVisionModelWithProjection(cfg)
     missing, unexpected = model.load_state_dict(convert_openai_vision(sd), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
@@ -50,16 +60,23 @@ def openai_clip_vision(path: str | Path):
     return model.eval()
 
 
-_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-          "attn.out_proj": "self_attn.out_proj"}
+_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
 
 
 def convert_openai_vision(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenAI `visual.*` keys -> transformers CLIPVisionModelWithProjection keys."""
-    out = {"vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
-           "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
-           "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
-           "visual_projection.weight": sd["visual.proj"].t().contiguous()}
+    out = {
+        "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
+        "visual_projection.weight": sd["visual.proj"].t().contiguous(),
+    }
     for ours, theirs in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
         for p in ("weight", "bias"):
             out[f"vision_model.{ours}.{p}"] = sd[f"visual.{theirs}.{p}"]

@@ -9,8 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ALL_DIMENSIONS = (
-    "temporal_flickering", "dynamic_degree", "motion_smoothness",
-    "imaging_quality", "aesthetic_quality", "overall_consistency",
+    "temporal_flickering",
+    "dynamic_degree",
+    "motion_smoothness",
+    "imaging_quality",
+    "aesthetic_quality",
+    "overall_consistency",
 )
 
 

@@ -6,7 +6,8 @@ metric model as a callable (see models.py for the interfaces). Every function re
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ def temporal_flickering(frames: np.ndarray, chunk: int = 64) -> float:
     _need_frames(frames, 2, "temporal_flickering")
     total, pairs = 0, len(frames) - 1
     for s in range(0, pairs, chunk):  # chunked integer sums: exact, and memory stays flat
-        a = frames[s:s + chunk + 1].astype(np.int16)
+        a = frames[s : s + chunk + 1].astype(np.int16)
         total += int(np.abs(a[1:] - a[:-1]).sum(dtype=np.int64))
     return (255.0 - total / (pairs * frames[0].size)) / 255.0
 
@@ -55,8 +56,9 @@ def top5_flow_magnitude(flow: torch.Tensor) -> torch.Tensor:
     return rad.topk(k, dim=1).values.mean(dim=1)
 
 
-def dynamic_degree_magnitudes(frames: np.ndarray, fps: float, flow_model: Callable[..., Any],
-                              batch_size: int = 4, device: str = "cpu") -> list[float]:
+def dynamic_degree_magnitudes(
+    frames: np.ndarray, fps: float, flow_model: Callable[..., Any], batch_size: int = 4, device: str = "cpu"
+) -> list[float]:
     """Per sampled pair, the mean of the top-5 % RAFT flow magnitudes (VBench's `get_score`).
 
     Frames are subsampled to ~8 fps (every round(fps/8)-th frame); RAFT runs on consecutive
@@ -70,7 +72,7 @@ def dynamic_degree_magnitudes(frames: np.ndarray, fps: float, flow_model: Callab
     mags: list[float] = []
     with torch.no_grad():
         for s in range(0, len(sampled) - 1, batch_size):
-            chunk = padder.pad(to_float_tensor(sampled[s:s + batch_size + 1])).to(device)
+            chunk = padder.pad(to_float_tensor(sampled[s : s + batch_size + 1])).to(device)
             flow = first_tensor(flow_model(chunk[:-1], chunk[1:]))
             if flow.ndim != 4 or flow.shape[1] != 2:
                 raise DimensionError(f"dynamic_degree: flow model must return [B, 2, H, W], got {tuple(flow.shape)}")
@@ -78,8 +80,9 @@ def dynamic_degree_magnitudes(frames: np.ndarray, fps: float, flow_model: Callab
     return mags
 
 
-def dynamic_degree(frames: np.ndarray, fps: float, flow_model: Callable[..., Any],
-                   batch_size: int = 4, device: str = "cpu") -> float:
+def dynamic_degree(
+    frames: np.ndarray, fps: float, flow_model: Callable[..., Any], batch_size: int = 4, device: str = "cpu"
+) -> float:
     """1.0 if the video moves by VBench's rule, else 0.0 (the dataset mean is the score).
 
     Moving if at least round(4 n / 16) of the n sampled frames' pairs exceed 6 * min(H, W) / 256
@@ -97,8 +100,9 @@ def dynamic_degree(frames: np.ndarray, fps: float, flow_model: Callable[..., Any
     return 0.0
 
 
-def motion_smoothness(frames: np.ndarray, interp_model: Callable[..., Any],
-                      batch_size: int = 4, device: str = "cpu") -> float:
+def motion_smoothness(
+    frames: np.ndarray, interp_model: Callable[..., Any], batch_size: int = 4, device: str = "cpu"
+) -> float:
     """(255 - mean |odd frame - interpolation of its even neighbours|) / 255.
 
     VBench: keep frames 0, 2, 4, ...; interpolate the midpoint (embt = 0.5) of each
@@ -112,20 +116,23 @@ def motion_smoothness(frames: np.ndarray, interp_model: Callable[..., Any],
     errs: list[float] = []
     with torch.no_grad():
         for s in range(0, len(evens) - 1, batch_size):
-            x = padder.pad(to_float_tensor(evens[s:s + batch_size + 1]) / 255.0).to(device)
+            x = padder.pad(to_float_tensor(evens[s : s + batch_size + 1]) / 255.0).to(device)
             embt = torch.full((len(x) - 1, 1, 1, 1), 0.5, device=device)
             pred = padder.unpad(first_tensor(interp_model(x[:-1], x[1:], embt), "imgt_pred")).float()
             if pred.shape[0] != len(x) - 1 or tuple(pred.shape[1:]) != (3, *frames.shape[1:3]):
-                raise DimensionError(f"motion_smoothness: interpolation model returned {tuple(pred.shape)}, "
-                                     f"expected [{len(x) - 1}, 3, H+pad, W+pad]")
+                raise DimensionError(
+                    f"motion_smoothness: interpolation model returned {tuple(pred.shape)}, "
+                    f"expected [{len(x) - 1}, 3, H+pad, W+pad]"
+                )
             img = (pred * 255.0).permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
-            ref = odds[s:s + len(img)]
+            ref = odds[s : s + len(img)]
             errs += np.abs(img.astype(np.int16) - ref.astype(np.int16)).mean(axis=(1, 2, 3)).tolist()
     return (255.0 - float(np.mean(errs))) / 255.0
 
 
-def imaging_quality(frames: np.ndarray, iqa_model: Callable[..., Any], batch_size: int = 1,
-                    device: str = "cpu", mode: str = "longer") -> float:
+def imaging_quality(
+    frames: np.ndarray, iqa_model: Callable[..., Any], batch_size: int = 1, device: str = "cpu", mode: str = "longer"
+) -> float:
     """Mean MUSIQ score over all frames / 100 (VBench divides the 0..100 MUSIQ score by 100).
 
     VBench's default 'longer' preprocessing: if the longer side exceeds 512, resize (bilinear,
@@ -143,7 +150,7 @@ def imaging_quality(frames: np.ndarray, iqa_model: Callable[..., Any], batch_siz
     scores: list[float] = []
     with torch.no_grad():
         for s in range(0, len(frames), batch_size):
-            x = resize(to_float_tensor(frames[s:s + batch_size]), size) / 255.0
+            x = resize(to_float_tensor(frames[s : s + batch_size]), size) / 255.0
             out = first_tensor(iqa_model(x.to(device))).float().reshape(-1)
             if out.numel() != len(x):
                 raise DimensionError(f"imaging_quality: IQA model returned {out.numel()} scores for {len(x)} frames")
@@ -151,19 +158,24 @@ def imaging_quality(frames: np.ndarray, iqa_model: Callable[..., Any], batch_siz
     return float(np.mean(scores)) / 100.0
 
 
-def aesthetic_quality(frames: np.ndarray, aesthetic_model: Callable[[torch.Tensor], torch.Tensor],
-                      image_size: int = 224, batch_size: int = 32) -> float:
+def aesthetic_quality(
+    frames: np.ndarray,
+    aesthetic_model: Callable[[torch.Tensor], torch.Tensor],
+    image_size: int = 224,
+    batch_size: int = 32,
+) -> float:
     """Mean LAION aesthetic score / 10 over all frames (VBench), CLIP preprocessing per frame."""
     _need_frames(frames, 1, "aesthetic_quality")
     scores: list[float] = []
     for s in range(0, len(frames), batch_size):
-        x = clip_transform(to_float_tensor(frames[s:s + batch_size]), image_size)
+        x = clip_transform(to_float_tensor(frames[s : s + batch_size]), image_size)
         scores += (aesthetic_model(x).float().reshape(-1) / 10.0).cpu().tolist()
     return float(np.mean(scores))
 
 
-def overall_consistency(frames: np.ndarray, prompt: str, viclip: Any, device: str = "cpu",
-                        num_frames: int = 8, image_size: int = 224) -> float:
+def overall_consistency(
+    frames: np.ndarray, prompt: str, viclip: Any, device: str = "cpu", num_frames: int = 8, image_size: int = 224
+) -> float:
     """ViCLIP cosine similarity between the video (8 frames, 'middle' sampling) and its prompt.
 
     As VBench: the CLIP transform on uint8 frames (resize rounded to integers) and
@@ -177,8 +189,10 @@ def overall_consistency(frames: np.ndarray, prompt: str, viclip: Any, device: st
         try:
             v = first_tensor(viclip.encode_vision(x, test=True)).float().reshape(1, -1)
         except TypeError as e:  # a model without the keyword would be scored with random token dropping
-            raise DimensionError(f"overall_consistency: the model's encode_vision(x, test=True) failed ({e}); "
-                                 "it must take test=True (ViCLIP's deterministic path)") from e
+            raise DimensionError(
+                f"overall_consistency: the model's encode_vision(x, test=True) failed ({e}); "
+                "it must take test=True (ViCLIP's deterministic path)"
+            ) from e
         t = first_tensor(viclip.encode_text(prompt)).float().reshape(1, -1)
     v = v / v.norm(dim=-1, keepdim=True)
     t = t / t.norm(dim=-1, keepdim=True)

@@ -48,19 +48,24 @@ def write_clip(path: Path, frames: np.ndarray, fps: int) -> Path:
     return path
 
 
-def split_long_video(path: str | Path, out_dir: str | Path,
-                     seconds: int = CLIP_SECONDS) -> tuple[list[Path], np.ndarray, float]:
+def split_long_video(
+    path: str | Path, out_dir: str | Path, seconds: int = CLIP_SECONDS
+) -> tuple[list[Path], np.ndarray, float]:
     """Write VBench-Long's clips of `path` into `out_dir` (`<stem>_000.mp4`, ...).
 
     Returns (clip paths, the decoded long video, its fps)."""
     frames, fps = read_video(path, "tagged")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
-        raise ValueError(f"{path}: VBench-Long re-encodes clips as yuv420p, which needs even H and W "
-                         f"(got {frames.shape[1]}x{frames.shape[2]})")
+        raise ValueError(
+            f"{path}: VBench-Long re-encodes clips as yuv420p, which needs even H and W "
+            f"(got {frames.shape[1]}x{frames.shape[2]})"
+        )
     fps_int = int(fps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(path).stem
-    clips = [write_clip(out / f"{stem}_{i:03d}.mp4", frames[s:e], fps_int)
-             for i, (s, e) in enumerate(clip_ranges(len(frames), fps_int * int(seconds)))]
+    clips = [
+        write_clip(out / f"{stem}_{i:03d}.mp4", frames[s:e], fps_int)
+        for i, (s, e) in enumerate(clip_ranges(len(frames), fps_int * int(seconds)))
+    ]
     return clips, frames, fps

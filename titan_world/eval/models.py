@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -59,11 +60,13 @@ def load_callable(path: str | Path, factory: str | None = None, device: str = "c
             except Exception as e:
                 raise ModelLoadError(
                     f"{p}: not a TorchScript archive nor a pickled nn.Module ({e}); for a raw "
-                    "state dict give a factory 'pkg.mod:fn' that builds the network") from e
+                    "state dict give a factory 'pkg.mod:fn' that builds the network"
+                ) from e
             if isinstance(model, dict):
                 raise ModelLoadError(
                     f"{p}: is a state dict; give a factory 'pkg.mod:fn' (path -> module) that "
-                    "builds the architecture and loads it")
+                    "builds the architecture and loads it"
+                )
     if isinstance(model, torch.nn.Module):
         model = model.to(device).eval()
     return model
@@ -83,6 +86,7 @@ def first_tensor(out: Any, key: str | None = None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- CLIP + LAION aesthetic head
+
 
 class ClipAesthetic:
     """CLIP ViT-L/14 image embedding -> L2 norm -> LAION linear head (VBench's aesthetic quality).
@@ -112,11 +116,13 @@ class ClipAesthetic:
                 cfg = AutoConfig.from_pretrained(str(clip_path), local_files_only=True)
                 vision_cfg = getattr(cfg, "vision_config", cfg)
                 vision_cfg.projection_dim = cfg.projection_dim
-                self.clip = CLIPVisionModelWithProjection.from_pretrained(str(clip_path), config=vision_cfg,
-                                                                          local_files_only=True)
+                self.clip = CLIPVisionModelWithProjection.from_pretrained(
+                    str(clip_path), config=vision_cfg, local_files_only=True
+                )
         except Exception as e:
-            raise ModelLoadError(f"{clip_path}: neither an OpenAI CLIP file (ViT-L-14.pt) nor a transformers "
-                                 f"CLIP folder: {e}") from e
+            raise ModelLoadError(
+                f"{clip_path}: neither an OpenAI CLIP file (ViT-L-14.pt) nor a transformers CLIP folder: {e}"
+            ) from e
         self.clip = self.clip.to(device).eval()
         if dtype == "float16":
             _half_keep_layernorm_fp32(self.clip)
@@ -125,12 +131,13 @@ class ClipAesthetic:
         except Exception as e:
             raise ModelLoadError(f"{head_path}: cannot read the aesthetic head state dict: {e}") from e
         if not isinstance(sd, dict) or "weight" not in sd or "bias" not in sd:
-            raise ModelLoadError(f"{head_path}: expected a state dict of nn.Linear(D, 1) "
-                                 "(keys 'weight', 'bias')")
+            raise ModelLoadError(f"{head_path}: expected a state dict of nn.Linear(D, 1) (keys 'weight', 'bias')")
         dim = sd["weight"].shape[1]
         if dim != self.clip.config.projection_dim:
-            raise ModelLoadError(f"{head_path}: head expects {dim}-d features but {clip_path} "
-                                 f"projects to {self.clip.config.projection_dim}")
+            raise ModelLoadError(
+                f"{head_path}: head expects {dim}-d features but {clip_path} "
+                f"projects to {self.clip.config.projection_dim}"
+            )
         self.head = torch.nn.Linear(dim, 1)
         self.head.load_state_dict(sd)
         self.head.to(device).eval()

@@ -76,8 +76,9 @@ def musiq(path: str) -> nn.Module:
     hidden = sd["embedding.weight"].shape[0]
     layers = len({k.split(".")[2] for k in sd if k.startswith("transformer_encoder.transformer.encoderblock_")})
     mlp = sd["transformer_encoder.transformer.encoderblock_0.mlp.fc1.weight"].shape[0]
-    net = MUSIQ(pretrained_model_path=path, hidden_size=hidden, mlp_dim=mlp, num_heads=max(1, hidden // 64),
-                num_layers=layers)
+    net = MUSIQ(
+        pretrained_model_path=path, hidden_size=hidden, mlp_dim=mlp, num_heads=max(1, hidden // 64), num_layers=layers
+    )
     return net.eval()
 
 

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 def _font() -> ImageFont.ImageFont:
@@ -27,9 +37,14 @@ def _nice_range(lo: float, hi: float) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], path: str | Path,
-              title: str = "", xlabel: str = "", ylabel: str = "",
-              size: tuple[int, int] = (640, 360)) -> Path:
+def line_plot(
+    series: dict[str, tuple[Sequence[float], Sequence[float | None]]],
+    path: str | Path,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    size: tuple[int, int] = (640, 360),
+) -> Path:
     """Plot name -> (xs, ys) lines (None values leave gaps) with axes, ticks and a legend."""
     w, h = size
     ml, mr, mt, mb = 64, 16, 28, 44
@@ -46,8 +61,7 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float | None]]],
         xlo, xhi = xlo - 0.5, xhi + 0.5
 
     def px(x: float, y: float) -> tuple[float, float]:
-        return (ml + (x - xlo) / (xhi - xlo) * (w - ml - mr),
-                h - mb - (y - ylo) / (yhi - ylo) * (h - mt - mb))
+        return (ml + (x - xlo) / (xhi - xlo) * (w - ml - mr), h - mb - (y - ylo) / (yhi - ylo) * (h - mt - mb))
 
     d.rectangle([ml, mt, w - mr, h - mb], outline="black")
     decimals = max(0, min(8, 2 - math.floor(math.log10(max(yhi - ylo, 1e-12)))))
@@ -85,8 +99,13 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float | None]]],
     return path
 
 
-def bar_chart(groups: list[str], series: dict[str, list[float | None]], path: str | Path,
-              title: str = "", size: tuple[int, int] = (720, 360)) -> Path:
+def bar_chart(
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    path: str | Path,
+    title: str = "",
+    size: tuple[int, int] = (720, 360),
+) -> Path:
     """Grouped bars: one group per label (e.g. dimension), one bar per series (e.g. run)."""
     w, h = size
     ml, mr, mt, mb = 40, 170, 28, 40
@@ -111,8 +130,7 @@ def bar_chart(groups: list[str], series: dict[str, list[float | None]], path: st
             if v is None or not math.isfinite(v):
                 continue
             x0 = ml + gi * gw + gw * 0.1 + si * bw
-            d.rectangle([x0, h - mb - v / top * (h - mt - mb), x0 + bw - 1, h - mb],
-                        fill=PALETTE[si % len(PALETTE)])
+            d.rectangle([x0, h - mb - v / top * (h - mt - mb), x0 + bw - 1, h - mb], fill=PALETTE[si % len(PALETTE)])
     for si, name in enumerate(series):
         ly = mt + 12 * si
         d.rectangle([w - mr + 8, ly + 2, w - mr + 18, ly + 10], fill=PALETTE[si % len(PALETTE)])
@@ -123,8 +141,9 @@ def bar_chart(groups: list[str], series: dict[str, list[float | None]], path: st
     return path
 
 
-def filmstrip(rows: dict[str, np.ndarray], path: str | Path, num: int = 8, height: int = 96,
-              fps: float | None = None) -> Path:
+def filmstrip(
+    rows: dict[str, np.ndarray], path: str | Path, num: int = 8, height: int = 96, fps: float | None = None
+) -> Path:
     """Sample `num` evenly spaced frames per video (uint8 [T, H, W, 3]) into one labelled strip
     per row (all rows use the same frame indices of the shortest video)."""
     t = min(len(v) for v in rows.values())

@@ -44,7 +44,7 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
         x = F.pad(x, [pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2])
         h, w = x.shape[-2:]
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return x[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size]
 
 
 def clip_transform(x: torch.Tensor, n_px: int = 224, uint8: bool = False) -> torch.Tensor:
@@ -78,7 +78,7 @@ class Padder:
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         l, r, t, b = self.pad_
         h, w = x.shape[-2:]
-        return x[..., t:h - b, l:w - r]
+        return x[..., t : h - b, l : w - r]
 
 
 def middle_indices(num_frames: int, vlen: int) -> list[int]:

@@ -15,21 +15,48 @@ import numpy as np
 from titan_world.eval import plots
 from titan_world.eval.config import ALL_DIMENSIONS
 
-SHORT = {"imaging_quality": "IQ", "aesthetic_quality": "AQ", "dynamic_degree": "DD",
-         "motion_smoothness": "MS", "temporal_flickering": "TF", "overall_consistency": "OC"}
-TABLE_ORDER = ["imaging_quality", "aesthetic_quality", "dynamic_degree", "motion_smoothness",
-               "temporal_flickering", "overall_consistency"]
+SHORT = {
+    "imaging_quality": "IQ",
+    "aesthetic_quality": "AQ",
+    "dynamic_degree": "DD",
+    "motion_smoothness": "MS",
+    "temporal_flickering": "TF",
+    "overall_consistency": "OC",
+}
+TABLE_ORDER = [
+    "imaging_quality",
+    "aesthetic_quality",
+    "dynamic_degree",
+    "motion_smoothness",
+    "temporal_flickering",
+    "overall_consistency",
+]
 # LingBot-World technical report, Table 2 (VBench, 100 generated videos longer than 30 s).
 PUBLISHED: dict[str, dict[str, float]] = {
-    "LingBot-World (published)": {"imaging_quality": 0.6683, "aesthetic_quality": 0.5660,
-                                  "dynamic_degree": 0.8857, "motion_smoothness": 0.9895,
-                                  "temporal_flickering": 0.9648, "overall_consistency": 0.2178},
-    "HY-World 1.5 (published)": {"imaging_quality": 0.6512, "aesthetic_quality": 0.5487,
-                                 "dynamic_degree": 0.7217, "motion_smoothness": 0.9897,
-                                 "temporal_flickering": 0.9773, "overall_consistency": 0.2016},
-    "Yume-1.5 (published)": {"imaging_quality": 0.5838, "aesthetic_quality": 0.5185,
-                             "dynamic_degree": 0.7612, "motion_smoothness": 0.9709,
-                             "temporal_flickering": 0.9545, "overall_consistency": 0.1994},
+    "LingBot-World (published)": {
+        "imaging_quality": 0.6683,
+        "aesthetic_quality": 0.5660,
+        "dynamic_degree": 0.8857,
+        "motion_smoothness": 0.9895,
+        "temporal_flickering": 0.9648,
+        "overall_consistency": 0.2178,
+    },
+    "HY-World 1.5 (published)": {
+        "imaging_quality": 0.6512,
+        "aesthetic_quality": 0.5487,
+        "dynamic_degree": 0.7217,
+        "motion_smoothness": 0.9897,
+        "temporal_flickering": 0.9773,
+        "overall_consistency": 0.2016,
+    },
+    "Yume-1.5 (published)": {
+        "imaging_quality": 0.5838,
+        "aesthetic_quality": 0.5185,
+        "dynamic_degree": 0.7612,
+        "motion_smoothness": 0.9709,
+        "temporal_flickering": 0.9545,
+        "overall_consistency": 0.1994,
+    },
 }
 REFERENCE = "LingBot-World (published)"
 # How the published numbers were computed: per-video scores averaged over clips (their dynamic
@@ -85,8 +112,7 @@ def _fmt(v: Any) -> str:
 
 def _html(md_title: str, sections: list[tuple[str, str]], images: list[Path]) -> str:
     """A self-contained HTML page: text sections (pre-formatted markdown) + embedded PNGs."""
-    parts = [f"<html><head><meta charset='utf-8'><title>{md_title}</title></head><body>",
-             f"<h1>{md_title}</h1>"]
+    parts = [f"<html><head><meta charset='utf-8'><title>{md_title}</title></head><body>", f"<h1>{md_title}</h1>"]
     for head, body in sections:
         parts.append(f"<h2>{head}</h2><pre>{body}</pre>")
     for img in images:
@@ -101,23 +127,34 @@ def _slug(s: str) -> str:
 
 # ------------------------------------------------------------------------------------ vbench
 
-def write_vbench_report(results: dict[str, Any], out_dir: str | Path,
-                        filmstrip_videos: int = 4) -> dict[str, Path]:
+
+def write_vbench_report(results: dict[str, Any], out_dir: str | Path, filmstrip_videos: int = 4) -> dict[str, Path]:
     """results.json, report.md, report.html, plots/*.png (windows over time, filmstrips)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": write_json(results, out / "results.json")}
     dims, vids = results["dimensions"], results["videos"]
-    lines = [f"# VBench evaluation ({results['settings'].get('protocol', 'vbench')} protocol)", "",
-             f"{len(vids)} videos; created {results.get('created', '')}.", "",
-             "| dimension | mean | videos | status |", "|---|---|---|---|"]
+    lines = [
+        f"# VBench evaluation ({results['settings'].get('protocol', 'vbench')} protocol)",
+        "",
+        f"{len(vids)} videos; created {results.get('created', '')}.",
+        "",
+        "| dimension | mean | videos | status |",
+        "|---|---|---|---|",
+    ]
     for d, info in dims.items():
         status = "ok" if info["status"] == "ok" else f"skipped: {info['reason']}"
         lines.append(f"| {d} | {_fmt(info.get('mean'))} | {info.get('num_videos', 0)} | {status} |")
     ref = PUBLISHED[REFERENCE]
-    lines += ["", f"Reference ({REFERENCE}): " + ", ".join(f"{SHORT[k]} {v:.4f}" for k, v in ref.items()), "",
-              "## Per video", "", "| video | " + " | ".join(SHORT.get(d, d) for d in dims) + " | frames | fps |",
-              "|---" * (len(dims) + 3) + "|"]
+    lines += [
+        "",
+        f"Reference ({REFERENCE}): " + ", ".join(f"{SHORT[k]} {v:.4f}" for k, v in ref.items()),
+        "",
+        "## Per video",
+        "",
+        "| video | " + " | ".join(SHORT.get(d, d) for d in dims) + " | frames | fps |",
+        "|---" * (len(dims) + 3) + "|",
+    ]
     for name, r in vids.items():
         cells = [_fmt(r["scores"].get(d)) if d in r["scores"] else ("err" if d in r["errors"] else "—") for d in dims]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['frames']} | {_fmt(r['fps'])} |")
@@ -137,9 +174,15 @@ def write_vbench_report(results: dict[str, Any], out_dir: str | Path,
         for name, r in list(vids.items())[:8]:
             if d in r["windows"]:
                 series[name] = (r["windows"][d]["start_s"], r["windows"][d]["values"])
-        images.append(plots.line_plot(series, out / "plots" / f"windows_{d}.png",
-                                      title=f"{d} per {results['settings']['window_seconds']} s window",
-                                      xlabel="window start (s)", ylabel=SHORT.get(d, d)))
+        images.append(
+            plots.line_plot(
+                series,
+                out / "plots" / f"windows_{d}.png",
+                title=f"{d} per {results['settings']['window_seconds']} s window",
+                xlabel="window start (s)",
+                ylabel=SHORT.get(d, d),
+            )
+        )
     strips = _vbench_filmstrips(vids, out / "plots", filmstrip_videos)
     images += strips
     if images:
@@ -170,10 +213,14 @@ def _vbench_filmstrips(vids: dict[str, Any], plot_dir: Path, n: int) -> list[Pat
 
 # -------------------------------------------------------------------------- action following
 
-def write_action_report(report: dict[str, Any], out_dir: str | Path,
-                        frames: dict[str, np.ndarray] | None = None,
-                        stream_frames: dict[str, np.ndarray] | None = None,
-                        fps: float | None = None) -> dict[str, Path]:
+
+def write_action_report(
+    report: dict[str, Any],
+    out_dir: str | Path,
+    frames: dict[str, np.ndarray] | None = None,
+    stream_frames: dict[str, np.ndarray] | None = None,
+    fps: float | None = None,
+) -> dict[str, Path]:
     """action_following.json/.md + index.html (PSNR-over-time and yaw-drift plots, drift windows
     and revisits when the report has them, a filmstrip of `frames`, e.g. {'simulator': ...,
     'model': ...} uint8 [T, H, W, 3], and one of the long `stream_frames`)."""
@@ -182,53 +229,97 @@ def write_action_report(report: dict[str, Any], out_dir: str | Path,
     files = {"json": write_json(report, out / "action_following.json")}
     fe, s = report["frame_error"], report["settings"]
     c = s["context_frames"]
-    lines = ["# Action following (synthetic world)", "",
-             f"{s['num_frames']} frames, {c} context frame(s), {s['scored_frames']} scored; frames in 0..1.", "",
-             "| rollout | PSNR (dB) | MSE | MAE |", "|---|---|---|---|"]
+    lines = [
+        "# Action following (synthetic world)",
+        "",
+        f"{s['num_frames']} frames, {c} context frame(s), {s['scored_frames']} scored; frames in 0..1.",
+        "",
+        "| rollout | PSNR (dB) | MSE | MAE |",
+        "|---|---|---|---|",
+    ]
     for k, v in fe.items():
         lines.append(f"| {k} | {v['psnr']:.2f} | {v['mse']:.5f} | {v['mae']:.5f} |")
     lines += ["", "PSNR margin of the model: " + ", ".join(f"{k} {v:+.2f} dB" for k, v in report["beats"].items())]
     cam = report.get("camera")
     images = []
     if cam:
-        lines += ["", f"## Camera (reference: {cam['reference']})", "",
-                  "| rollout | yaw MAE (deg/frame) | yaw drift (deg) | forward sign agreement | forward corr |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Camera (reference: {cam['reference']})",
+            "",
+            "| rollout | yaw MAE (deg/frame) | yaw drift (deg) | forward sign agreement | forward corr |",
+            "|---|---|---|---|---|",
+        ]
         for k, v in cam.items():
             if isinstance(v, dict) and "yaw_mae_deg" in v:
-                lines.append(f"| {k} | {_fmt(v['yaw_mae_deg'])} | {_fmt(v['yaw_drift_deg'])} | "
-                             f"{_fmt(v['forward_sign_agreement'])} | {_fmt(v['forward_corr'])} |")
-        series = {k: (list(range(c, c + len(v["yaw_cum_err_per_pair_deg"]))), v["yaw_cum_err_per_pair_deg"])
-                  for k, v in cam.items() if isinstance(v, dict) and "yaw_cum_err_per_pair_deg" in v}
-        images.append(plots.line_plot(series, out / "plots" / "yaw_drift.png", title="cumulative yaw error",
-                                      xlabel="frame", ylabel="deg"))
+                lines.append(
+                    f"| {k} | {_fmt(v['yaw_mae_deg'])} | {_fmt(v['yaw_drift_deg'])} | "
+                    f"{_fmt(v['forward_sign_agreement'])} | {_fmt(v['forward_corr'])} |"
+                )
+        series = {
+            k: (list(range(c, c + len(v["yaw_cum_err_per_pair_deg"]))), v["yaw_cum_err_per_pair_deg"])
+            for k, v in cam.items()
+            if isinstance(v, dict) and "yaw_cum_err_per_pair_deg" in v
+        }
+        images.append(
+            plots.line_plot(
+                series, out / "plots" / "yaw_drift.png", title="cumulative yaw error", xlabel="frame", ylabel="deg"
+            )
+        )
     drift = report.get("drift")
     if drift and drift["windows"]:
         ratio = drift["last_over_first"]
-        lines += ["", f"## Drift over the stream ({drift['window_seconds']:g} s windows)", "",
-                  "detail = the model's high-frequency energy / the simulator's; colour = histogram distance "
-                  "(0 same, 1 disjoint).", "", "| window | detail | colour | PSNR (dB) |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Drift over the stream ({drift['window_seconds']:g} s windows)",
+            "",
+            "detail = the model's high-frequency energy / the simulator's; colour = histogram distance "
+            "(0 same, 1 disjoint).",
+            "",
+            "| window | detail | colour | PSNR (dB) |",
+            "|---|---|---|---|",
+        ]
         for w in drift["windows"]:
-            lines.append(f"| {w['start_s']:.1f}-{w['end_s']:.1f} s | {w['detail_ratio']:.3f} | "
-                         f"{w['colour_hist_distance']:.3f} | {w['psnr']:.2f} |")
+            lines.append(
+                f"| {w['start_s']:.1f}-{w['end_s']:.1f} s | {w['detail_ratio']:.3f} | "
+                f"{w['colour_hist_distance']:.3f} | {w['psnr']:.2f} |"
+            )
         lines += ["", "last window / first window: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ratio.items())]
         starts = [w["start_s"] for w in drift["windows"]]
-        images.append(plots.line_plot({k: (starts, [w[k] for w in drift["windows"]])
-                                       for k in ("detail_ratio", "colour_hist_distance")},
-                                      out / "plots" / "drift_windows.png", title="drift per window",
-                                      xlabel="window start (s)", ylabel="ratio / distance"))
+        images.append(
+            plots.line_plot(
+                {k: (starts, [w[k] for w in drift["windows"]]) for k in ("detail_ratio", "colour_hist_distance")},
+                out / "plots" / "drift_windows.png",
+                title="drift per window",
+                xlabel="window start (s)",
+                ylabel="ratio / distance",
+            )
+        )
     rv = report.get("revisits")
     if rv:
-        lines += ["", f"## Revisits (within {rv['radius_m']:g} m and {rv['max_yaw_deg']:g} deg of a frame at least "
-                      f"{rv['min_gap_seconds']:g} s earlier)", "",
-                  f"{rv['frames']['revisit']} revisit frames, {rv['frames']['first_visit']} first-visit frames.", "",
-                  "| rollout | PSNR at revisits (dB) | PSNR at first visits (dB) |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Revisits (within {rv['radius_m']:g} m and {rv['max_yaw_deg']:g} deg of a frame at least "
+            f"{rv['min_gap_seconds']:g} s earlier)",
+            "",
+            f"{rv['frames']['revisit']} revisit frames, {rv['frames']['first_visit']} first-visit frames.",
+            "",
+            "| rollout | PSNR at revisits (dB) | PSNR at first visits (dB) |",
+            "|---|---|---|",
+        ]
         for k in ("model", "copy_last"):
             lines.append(f"| {k} | {_fmt(rv[k]['revisit']['psnr'])} | {_fmt(rv[k]['first_visit']['psnr'])} |")
     xs = list(range(c, s["num_frames"]))
-    images.insert(0, plots.line_plot({k: (xs, v["psnr_per_frame"]) for k, v in fe.items()},
-                                     out / "plots" / "psnr_over_time.png", title="PSNR vs simulator",
-                                     xlabel="frame", ylabel="dB"))
+    images.insert(
+        0,
+        plots.line_plot(
+            {k: (xs, v["psnr_per_frame"]) for k, v in fe.items()},
+            out / "plots" / "psnr_over_time.png",
+            title="PSNR vs simulator",
+            xlabel="frame",
+            ylabel="dB",
+        ),
+    )
     if frames:
         images.append(plots.filmstrip(frames, out / "plots" / "action_filmstrip.png", fps=fps))
     if stream_frames:
@@ -244,8 +335,8 @@ def write_action_report(report: dict[str, Any], out_dir: str | Path,
 
 # ---------------------------------------------------------------------------------- compare
 
-def compare_runs(runs: list[str | Path], out_dir: str | Path,
-                 names: list[str] | None = None) -> dict[str, Path]:
+
+def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] | None = None) -> dict[str, Path]:
     """Side-by-side table (compare.md/.json/.html + bar chart) of VBench runs and Table 2."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,36 +352,68 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path,
         name = names[i] if names and i < len(names) else auto
         while name in rows:
             name += "'"
-        rows[name] = {d: (info.get("mean") if info.get("status") == "ok" else None)
-                      for d, info in res["dimensions"].items()}
+        rows[name] = {
+            d: (info.get("mean") if info.get("status") == "ok" else None) for d, info in res["dimensions"].items()
+        }
         sources[name] = str(r)
         protocols[name] = res.get("settings", {}).get("protocol", "vbench")
     table = {**rows, **PUBLISHED}
     protocols.update({name: PUBLISHED_PROTOCOL for name in PUBLISHED})
-    lines = ["# VBench comparison", "", "| run | " + " | ".join(SHORT[d] for d in TABLE_ORDER) + " | protocol |",
-             "|---" * (len(TABLE_ORDER) + 2) + "|"]
+    lines = [
+        "# VBench comparison",
+        "",
+        "| run | " + " | ".join(SHORT[d] for d in TABLE_ORDER) + " | protocol |",
+        "|---" * (len(TABLE_ORDER) + 2) + "|",
+    ]
     for name, vals in table.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(d)) for d in TABLE_ORDER) + f" | {protocols[name]} |")
     ref = PUBLISHED[REFERENCE]
-    lines += ["", f"Difference to {REFERENCE} (run − reference):", "",
-              "| run | " + " | ".join(SHORT[d] for d in TABLE_ORDER) + " |", "|---" * (len(TABLE_ORDER) + 1) + "|"]
+    lines += [
+        "",
+        f"Difference to {REFERENCE} (run − reference):",
+        "",
+        "| run | " + " | ".join(SHORT[d] for d in TABLE_ORDER) + " |",
+        "|---" * (len(TABLE_ORDER) + 1) + "|",
+    ]
     for name, vals in rows.items():
-        lines.append(f"| {name} | " + " | ".join(
-            "—" if vals.get(d) is None else f"{vals[d] - ref[d]:+.4f}" for d in TABLE_ORDER) + " |")
-    lines += ["", "Published rows: LingBot-World technical report, Table 2 (VBench on 100 generated "
-              f"videos longer than 30 s), protocol {PUBLISHED_PROTOCOL}; '—' = dimension skipped or not run."]
+        lines.append(
+            f"| {name} | "
+            + " | ".join("—" if vals.get(d) is None else f"{vals[d] - ref[d]:+.4f}" for d in TABLE_ORDER)
+            + " |"
+        )
+    lines += [
+        "",
+        "Published rows: LingBot-World technical report, Table 2 (VBench on 100 generated "
+        f"videos longer than 30 s), protocol {PUBLISHED_PROTOCOL}; '—' = dimension skipped or not run.",
+    ]
     if any(p != "vbench-long" for n, p in protocols.items() if n in rows):
-        lines += ["", "Note: runs scored with the whole-video `vbench` protocol are not directly comparable with "
-                  "the clip-averaged published rows (dynamic degree most of all)."]
+        lines += [
+            "",
+            "Note: runs scored with the whole-video `vbench` protocol are not directly comparable with "
+            "the clip-averaged published rows (dynamic degree most of all).",
+        ]
     lines += [""]
-    chart = plots.bar_chart([SHORT[d] for d in TABLE_ORDER],
-                            {n: [v.get(d) for d in TABLE_ORDER] for n, v in {**rows, REFERENCE: ref}.items()},
-                            out / "plots" / "compare.png", title="VBench dimensions")
+    chart = plots.bar_chart(
+        [SHORT[d] for d in TABLE_ORDER],
+        {n: [v.get(d) for d in TABLE_ORDER] for n, v in {**rows, REFERENCE: ref}.items()},
+        out / "plots" / "compare.png",
+        title="VBench dimensions",
+    )
     lines += [f"![compare](plots/{chart.name})"]
     md = "\n".join(lines) + "\n"
-    files = {"json": write_json({"kind": "titan-world-eval/compare", "runs": rows, "sources": sources,
-                                 "protocols": protocols, "published": PUBLISHED, "reference": REFERENCE},
-                                out / "compare.json")}
+    files = {
+        "json": write_json(
+            {
+                "kind": "titan-world-eval/compare",
+                "runs": rows,
+                "sources": sources,
+                "protocols": protocols,
+                "published": PUBLISHED,
+                "reference": REFERENCE,
+            },
+            out / "compare.json",
+        )
+    }
     files["md"] = out / "compare.md"
     files["md"].write_text(md)
     files["html"] = out / "compare.html"
@@ -309,5 +432,13 @@ def write_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> d
     raise ValueError(f"unknown results kind {kind!r}: expected a VBench or action-following results JSON")
 
 
-__all__ = ["ALL_DIMENSIONS", "PUBLISHED", "compare_runs", "load_results", "write_action_report",
-           "write_json", "write_report", "write_vbench_report"]
+__all__ = [
+    "ALL_DIMENSIONS",
+    "PUBLISHED",
+    "compare_runs",
+    "load_results",
+    "write_action_report",
+    "write_json",
+    "write_report",
+    "write_vbench_report",
+]

@@ -79,19 +79,36 @@ def write_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     paths = {}
-    for key, mod in (("raft_path", TinyFlow()), ("amt_path", TinyInterp()), ("musiq_path", TinyIQA()),
-                     ("viclip_path", TinyViCLIP())):
+    for key, mod in (
+        ("raft_path", TinyFlow()),
+        ("amt_path", TinyInterp()),
+        ("musiq_path", TinyIQA()),
+        ("viclip_path", TinyViCLIP()),
+    ):
         p = out / f"tiny_{key[:-5]}.ts"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.jit.save(torch.jit.script(mod.eval()), str(p))
         paths[key] = str(p)
     cfg = CLIPConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": 99, "max_position_embeddings": 16},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=8)
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 99,
+            "max_position_embeddings": 16,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=8,
+    )
     CLIPModel(cfg).eval().save_pretrained(str(out / "tiny_clip"))
     head = nn.Linear(8, 1)
     torch.save(head.state_dict(), str(out / "tiny_aesthetic_head.pth"))

@@ -12,26 +12,32 @@ import json
 import math
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from titan_world.eval import dimensions as D
 from titan_world.eval.config import ALL_DIMENSIONS, EvalConfig
-from titan_world.eval.models import ClipAesthetic, ModelLoadError, load_callable
 from titan_world.eval.long_video import split_long_video
+from titan_world.eval.models import ClipAesthetic, ModelLoadError, load_callable
 from titan_world.eval.video_io import read_video
 
 # dimension -> config keys of the model files it needs (with what each file is)
 NEEDS: dict[str, dict[str, str]] = {
     "temporal_flickering": {},
     "dynamic_degree": {"raft_path": "RAFT optical flow (raft-things), TorchScript / pickled module / + raft_factory"},
-    "motion_smoothness": {"amt_path": "AMT-S frame interpolation (amt-s.pth), TorchScript / pickled module / + amt_factory"},
-    "imaging_quality": {"musiq_path": "MUSIQ SPAQ (pyiqa musiq_spaq_ckpt-358bb6af.pth), TorchScript / pickled module "
-                                      "/ + musiq_factory"},
-    "aesthetic_quality": {"clip_path": "OpenAI CLIP ViT-L-14.pt (as VBench loads it) or a transformers CLIP folder",
-                          "aesthetic_head_path": "LAION sa_0_4_vit_l_14_linear.pth (nn.Linear(768,1) state dict)"},
+    "motion_smoothness": {
+        "amt_path": "AMT-S frame interpolation (amt-s.pth), TorchScript / pickled module / + amt_factory"
+    },
+    "imaging_quality": {
+        "musiq_path": "MUSIQ SPAQ (pyiqa musiq_spaq_ckpt-358bb6af.pth), TorchScript / pickled module / + musiq_factory"
+    },
+    "aesthetic_quality": {
+        "clip_path": "OpenAI CLIP ViT-L-14.pt (as VBench loads it) or a transformers CLIP folder",
+        "aesthetic_head_path": "LAION sa_0_4_vit_l_14_linear.pth (nn.Linear(768,1) state dict)",
+    },
     "overall_consistency": {"viclip_path": "ViCLIP-L/14 (InternVid), pickled module / + viclip_factory"},
 }
 
@@ -46,8 +52,14 @@ def colour_for(dimension: str) -> str:
 
 
 # minimum frames per dimension (below this a clip/window is not scored)
-MIN_FRAMES = {"temporal_flickering": 2, "dynamic_degree": 2, "motion_smoothness": 3,
-              "imaging_quality": 1, "aesthetic_quality": 1, "overall_consistency": 1}
+MIN_FRAMES = {
+    "temporal_flickering": 2,
+    "dynamic_degree": 2,
+    "motion_smoothness": 3,
+    "imaging_quality": 1,
+    "aesthetic_quality": 1,
+    "overall_consistency": 1,
+}
 
 
 def skip_reason(name: str, cfg: EvalConfig) -> dict[str, Any] | None:
@@ -81,8 +93,7 @@ def load_model(name: str, cfg: EvalConfig) -> Any:
     raise KeyError(name)
 
 
-def score_frames(name: str, frames: np.ndarray, fps: float, model: Any, cfg: EvalConfig,
-                 prompt: str | None) -> float:
+def score_frames(name: str, frames: np.ndarray, fps: float, model: Any, cfg: EvalConfig, prompt: str | None) -> float:
     """One VBench value of `frames` on dimension `name`."""
     bs, dev = cfg.batch_size, cfg.device
     if name == "temporal_flickering":
@@ -130,7 +141,7 @@ def read_prompts(videos: list[Path], cfg: EvalConfig) -> dict[str, tuple[str, st
         try:
             table = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise PromptsError(f"prompts file {p}: not JSON ({e}); expected {{\"name.mp4\": \"prompt\"}}") from None
+            raise PromptsError(f'prompts file {p}: not JSON ({e}); expected {{"name.mp4": "prompt"}}') from None
     out = {}
     for v in videos:
         side, folder_json = v.with_suffix(".txt"), v.parent / "prompts.json"
@@ -145,8 +156,9 @@ def read_prompts(videos: list[Path], cfg: EvalConfig) -> dict[str, tuple[str, st
     return out
 
 
-def _window_scores(name: str, frames: np.ndarray, fps: float, model: Any, cfg: EvalConfig,
-                   prompt: str | None) -> tuple[list[float], list[float | None]]:
+def _window_scores(
+    name: str, frames: np.ndarray, fps: float, model: Any, cfg: EvalConfig, prompt: str | None
+) -> tuple[list[float], list[float | None]]:
     """Per-window values (start seconds, value or None) for a video longer than one window."""
     if cfg.window_seconds <= 0 or fps <= 0:
         return [], []
@@ -163,8 +175,12 @@ def _window_scores(name: str, frames: np.ndarray, fps: float, model: Any, cfg: E
     return starts, vals
 
 
-def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None = None,
-               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_vbench(
+    videos: list[Path],
+    cfg: EvalConfig,
+    dimensions: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Score every video on every dimension; returns the results dict written as JSON."""
     dims = list(dimensions or cfg.dimensions)
     for d in dims:
@@ -186,8 +202,11 @@ def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None
         try:
             models[d] = load_model(d, cfg)
         except ModelLoadError as e:
-            dim_info[d] = {"status": "skipped", "reason": f"model failed to load: {e}",
-                           "needs": {k: {"path": getattr(cfg, k), "what": w} for k, w in NEEDS[d].items()}}
+            dim_info[d] = {
+                "status": "skipped",
+                "reason": f"model failed to load: {e}",
+                "needs": {k: {"path": getattr(cfg, k), "what": w} for k, w in NEEDS[d].items()},
+            }
             say(f"{d}: skipped ({e})")
             continue
         dim_info[d] = {"status": "ok", "models": {k: getattr(cfg, k) for k in NEEDS[d]}}
@@ -199,8 +218,14 @@ def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None
         by_colour.setdefault(colour_for(d), []).append(d)
     for v in videos:
         prompt, source = prompts[v.name]
-        rec: dict[str, Any] = {"path": str(v), "prompt": prompt, "prompt_source": source,
-                               "scores": {}, "errors": {}, "windows": {}}
+        rec: dict[str, Any] = {
+            "path": str(v),
+            "prompt": prompt,
+            "prompt_source": source,
+            "scores": {},
+            "errors": {},
+            "windows": {},
+        }
         try:
             if cfg.protocol == "vbench-long":
                 _score_long_video(v, models, by_colour, cfg, prompt, rec)
@@ -223,10 +248,15 @@ def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None
         dim_info[d]["num_videos"] = len(vals)
         dim_info[d]["window_mean"] = window_means(per_video, d)
     return {
-        "kind": "titan-world-eval/vbench", "version": 1,
+        "kind": "titan-world-eval/vbench",
+        "version": 1,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "settings": {**dataclasses.asdict(cfg), "dimensions": dims, "num_videos": len(videos),
-                     "decoding": {d: colour_for(d) for d in dims}},
+        "settings": {
+            **dataclasses.asdict(cfg),
+            "dimensions": dims,
+            "num_videos": len(videos),
+            "decoding": {d: colour_for(d) for d in dims},
+        },
         "dimensions": dim_info,
         "videos": per_video,
         "failed_videos": failed,
@@ -234,12 +264,25 @@ def run_vbench(videos: list[Path], cfg: EvalConfig, dimensions: list[str] | None
 
 
 def _set_video_info(rec: dict[str, Any], frames: np.ndarray, fps: float) -> None:
-    rec.update({"frames": int(len(frames)), "fps": fps, "duration_s": len(frames) / fps if fps else None,
-                "height": int(frames.shape[1]), "width": int(frames.shape[2])})
+    rec.update(
+        {
+            "frames": int(len(frames)),
+            "fps": fps,
+            "duration_s": len(frames) / fps if fps else None,
+            "height": int(frames.shape[1]),
+            "width": int(frames.shape[2]),
+        }
+    )
 
 
-def _score_long_video(path: Path, models: dict[str, Any], by_colour: dict[str, list[str]], cfg: EvalConfig,
-                      prompt: str | None, rec: dict[str, Any]) -> None:
+def _score_long_video(
+    path: Path,
+    models: dict[str, Any],
+    by_colour: dict[str, list[str]],
+    cfg: EvalConfig,
+    prompt: str | None,
+    rec: dict[str, Any],
+) -> None:
     """VBench-Long custom mode (long_video.py): the mean over re-encoded 2 s clips, each read and
     scored as VBench reads a video for that dimension. No windows (the clips are the windows)."""
     with tempfile.TemporaryDirectory(prefix="titan_vbench_long_") as tmp:
@@ -261,8 +304,9 @@ def _score_long_video(path: Path, models: dict[str, Any], by_colour: dict[str, l
             rec["scores"][d] = float(np.mean(vals))
 
 
-def _score_video(d: str, frames: np.ndarray, fps: float, model: Any, cfg: EvalConfig, prompt: str | None,
-                 rec: dict[str, Any]) -> None:
+def _score_video(
+    d: str, frames: np.ndarray, fps: float, model: Any, cfg: EvalConfig, prompt: str | None, rec: dict[str, Any]
+) -> None:
     """Score one dimension of one decoded video into `rec` (value, error, windows)."""
     try:
         rec["scores"][d] = score_frames(d, frames, fps, model, cfg, prompt)

@@ -28,8 +28,9 @@ COLOUR_MODES = ("tagged", "bt601")
 
 def _to_rgb(frame: av.VideoFrame, colour: str) -> np.ndarray:
     if colour == "tagged":
-        return frame.reformat(format="rgb24", src_colorspace=frame.colorspace,
-                              src_color_range=frame.color_range).to_ndarray()
+        return frame.reformat(
+            format="rgb24", src_colorspace=frame.colorspace, src_color_range=frame.color_range
+        ).to_ndarray()
     return frame.reformat(format="rgb24", src_colorspace="ITU601").to_ndarray()
 
 
@@ -53,8 +54,7 @@ def read_video(path: str | Path, colour: str = "tagged") -> tuple[np.ndarray, fl
     return np.stack(frames), fps
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float, *, lossless: bool = True,
-                crf: int = 18) -> Path:
+def write_video(path: str | Path, frames: np.ndarray, fps: float, *, lossless: bool = True, crf: int = 18) -> Path:
     """Encode uint8 [T, H, W, 3] RGB frames to H.264 mp4.
 
     lossless=True: libx264rgb rgb24 + qp=0 (exact round trip; FFmpeg/PyAV/OpenCV decode it,

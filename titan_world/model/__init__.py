@@ -9,6 +9,16 @@ from titan_world.model.kv_cache import KVCache
 from titan_world.model.moe import WanMoE, expert_for
 
 __all__ = [
-    "ActionConfig", "ActionInputs", "AttnMask", "CheckpointError", "KVCache", "ModelConfig",
-    "WanDiT", "WanMoE", "build_model", "expert_for", "load_pretrained", "save_pretrained",
+    "ActionConfig",
+    "ActionInputs",
+    "AttnMask",
+    "CheckpointError",
+    "KVCache",
+    "ModelConfig",
+    "WanDiT",
+    "WanMoE",
+    "build_model",
+    "expert_for",
+    "load_pretrained",
+    "save_pretrained",
 ]

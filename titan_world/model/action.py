@@ -42,13 +42,13 @@ class ActionInputs:
     intrinsics: torch.Tensor  # [B, F, 4]
 
     @staticmethod
-    def from_video_frames(keys: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor) -> "ActionInputs":
+    def from_video_frames(keys: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor) -> ActionInputs:
         """Per-video-frame actions (T = 1 + 4k) -> per latent frame: latent 0 <- frame 0; latent i
         <- frames 4i-3..4i (keys averaged = fraction of time pressed, pose/intrinsics of frame 4i)."""
         idx = torch.arange(0, keys.shape[1], TEMPORAL_STRIDE, device=keys.device)
         return ActionInputs(keys_per_latent_frame(keys), c2w[:, idx], intrinsics[:, idx])
 
-    def slice(self, start: int, end: int) -> "ActionInputs":
+    def slice(self, start: int, end: int) -> ActionInputs:
         return ActionInputs(self.keys[:, start:end], self.c2w[:, start:end], self.intrinsics[:, start:end])
 
     def relative(self, reference: torch.Tensor | None = None, translation_scale: float = 1.0) -> torch.Tensor:
@@ -65,7 +65,15 @@ class ActionInputs:
 class ActionEmbedding(nn.Module):
     """Plücker rays unshuffled to the latent grid and patchified, plus keys per token -> [B, L, dim]."""
 
-    def __init__(self, dim: int, num_keys: int, spatial_stride: int, patch_hw: tuple[int, int], hidden: int = 0, use_camera: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_keys: int,
+        spatial_stride: int,
+        patch_hw: tuple[int, int],
+        hidden: int = 0,
+        use_camera: bool = True,
+    ):
         super().__init__()
         self.stride, self.patch_hw, self.use_camera = spatial_stride, patch_hw, use_camera
         cam_features = 6 * spatial_stride**2 * patch_hw[0] * patch_hw[1] if use_camera else 0
@@ -73,14 +81,22 @@ class ActionEmbedding(nn.Module):
         # Wan-style Sequential naming: action_embedding.0 / .2
         self.net = nn.Sequential(nn.Linear(cam_features + num_keys, hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, actions: ActionInputs, grid: tuple[int, int, int], reference: torch.Tensor | None = None, translation_scale: float = 1.0) -> torch.Tensor:
+    def forward(
+        self,
+        actions: ActionInputs,
+        grid: tuple[int, int, int],
+        reference: torch.Tensor | None = None,
+        translation_scale: float = 1.0,
+    ) -> torch.Tensor:
         f, h, w = grid  # token grid (after patching)
         b = actions.keys.shape[0]
         ph, pw = self.patch_hw
         feats = []
         if self.use_camera:
             hl, wl = h * ph, w * pw  # latent grid
-            rays = plucker_rays(actions.relative(reference, translation_scale), actions.intrinsics, hl * self.stride, wl * self.stride)
+            rays = plucker_rays(
+                actions.relative(reference, translation_scale), actions.intrinsics, hl * self.stride, wl * self.stride
+            )
             rays = F.pixel_unshuffle(rays.flatten(0, 1), self.stride)  # [B*F, 6 s s, hl, wl]
             rays = rays.reshape(b, f, -1, h, ph, w, pw).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, f * h * w, -1)
             feats.append(rays)

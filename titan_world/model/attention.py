@@ -39,7 +39,7 @@ class AttnMask:
     padded_len: int | None = None
 
     @staticmethod
-    def block_causal(num_frames, tokens_per_frame, chunk_frames, sink_frames=0, window_frames=None) -> "AttnMask":
+    def block_causal(num_frames, tokens_per_frame, chunk_frames, sink_frames=0, window_frames=None) -> AttnMask:
         return AttnMask(num_frames, tokens_per_frame, chunk_frames, sink_frames, window_frames)
 
     @property
@@ -50,8 +50,10 @@ class AttnMask:
     def total_len(self) -> int:
         return self.padded_len or self.valid_len
 
-    def with_padding(self, padded_len: int) -> "AttnMask":
-        return AttnMask(self.num_frames, self.tokens_per_frame, self.chunk_frames, self.sink_frames, self.window_frames, padded_len)
+    def with_padding(self, padded_len: int) -> AttnMask:
+        return AttnMask(
+            self.num_frames, self.tokens_per_frame, self.chunk_frames, self.sink_frames, self.window_frames, padded_len
+        )
 
     @property
     def is_trivial(self) -> bool:
@@ -153,7 +155,12 @@ def prefer_cudnn_sdpa() -> None:
 
     if not hasattr(torch._C, "_set_sdp_priority_order"):
         return
-    order = [int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.EFFICIENT_ATTENTION), int(SDPBackend.MATH)]
+    order = [
+        int(SDPBackend.CUDNN_ATTENTION),
+        int(SDPBackend.FLASH_ATTENTION),
+        int(SDPBackend.EFFICIENT_ATTENTION),
+        int(SDPBackend.MATH),
+    ]
     order += [b for b in torch._C._get_sdp_priority_order() if b not in order]
     torch._C._set_sdp_priority_order(order)
 
@@ -178,5 +185,7 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
     return name
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | None = None, backend: str = "sdpa") -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | None = None, backend: str = "sdpa"
+) -> torch.Tensor:
     return BACKENDS[backend](q, k, v, mask)

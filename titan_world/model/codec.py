@@ -117,7 +117,7 @@ class TinyCodec:
             raise ValueError(f"latents have {latents.shape[1]} channels; {self} expects {self.latent_channels}")
         return self._depth_to_space(self.expand(latents))
 
-    def stream_decoder(self) -> "ContextStreamDecoder":
+    def stream_decoder(self) -> ContextStreamDecoder:
         """Latent frames decode independently here, so streaming is exact with one frame of context."""
         return ContextStreamDecoder(self)
 
@@ -158,11 +158,18 @@ class WanVAECodec:
         if p.suffix == ".pth" or p.is_file():
             self.vae = load_official_vae(p, dtype=dtype, device=device)
         elif (p / "config.json").is_file():
-            self.vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                        low_cpu_mem_usage=False).to(device).eval()
+            self.vae = (
+                AutoencoderKLWan.from_pretrained(
+                    path, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False
+                )
+                .to(device)
+                .eval()
+            )
         else:
-            raise FileNotFoundError(f"data.codec.path={path}: expected a diffusers VAE folder (config.json + weights) "
-                                    f"or the official {WAN21_VAE_FILE} / {WAN22_VAE_FILE}")
+            raise FileNotFoundError(
+                f"data.codec.path={path}: expected a diffusers VAE folder (config.json + weights) "
+                f"or the official {WAN21_VAE_FILE} / {WAN22_VAE_FILE}"
+            )
         cfg = self.vae.config
         self.latent_channels = cfg.z_dim
         spatial = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)  # Wan2.2: 2x2 pixel patches, stride 16
@@ -182,12 +189,14 @@ class WanVAECodec:
     def _unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents / self._inv_std.to(latents) + self._mean.to(latents)).to(self.vae.dtype)
 
-    def stream_decoder(self) -> "WanStreamDecoder | ContextStreamDecoder":
+    def stream_decoder(self) -> WanStreamDecoder | ContextStreamDecoder:
         """The causal decoder carried across calls (`WanStreamDecoder`); a diffusers whose decoder
         has no causal cache argument gets the one-frame-of-context fallback."""
         if "feat_cache" in inspect.signature(self.vae.decoder.forward).parameters:
             return WanStreamDecoder(self)
-        log.warning("this diffusers' Wan decoder takes no causal cache: streaming decode re-decodes one latent of context per call")
+        log.warning(
+            "this diffusers' Wan decoder takes no causal cache: streaming decode re-decodes one latent of context per call"
+        )
         return ContextStreamDecoder(self)
 
 
@@ -226,7 +235,7 @@ class WanStreamDecoder:
     convolution the cache holds its last two input frames.
     """
 
-    def __init__(self, codec: "WanVAECodec") -> None:
+    def __init__(self, codec: WanVAECodec) -> None:
         self.codec = codec
         convs = sum(type(m).__name__ == "WanCausalConv3d" for m in codec.vae.decoder.modules())
         self.cache: list = [None] * convs
@@ -264,17 +273,32 @@ def codec_from_config(codec_cfg, device="cpu", dtype: torch.dtype = torch.float3
     Datasets are written with the exact codec (`channels=0`) and compressed by the loader, so
     training, sampling and serving all build their codec here. `dtype`: the Wan VAE's weights
     (serving on GPU decodes in bf16; TinyCodec has none)."""
-    return build_codec(codec_cfg.kind, codec_cfg.spatial_stride, codec_cfg.path, device=device, channels=codec_cfg.channels, dtype=dtype)
+    return build_codec(
+        codec_cfg.kind,
+        codec_cfg.spatial_stride,
+        codec_cfg.path,
+        device=device,
+        channels=codec_cfg.channels,
+        dtype=dtype,
+    )
 
 
-def build_codec(kind: str = "tiny", spatial_stride: int = 4, path: str | None = None, device="cpu", channels: int = 0,
-                dtype: torch.dtype = torch.float32):
+def build_codec(
+    kind: str = "tiny",
+    spatial_stride: int = 4,
+    path: str | None = None,
+    device="cpu",
+    channels: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
     if kind == "tiny":
         return TinyCodec(spatial_stride, channels)
     if kind == "wan_vae":
         if not path:
-            raise ValueError("codec.kind=wan_vae needs codec.path: a diffusers VAE folder or the official "
-                             "Wan2.1_VAE.pth / Wan2.2_VAE.pth")
+            raise ValueError(
+                "codec.kind=wan_vae needs codec.path: a diffusers VAE folder or the official "
+                "Wan2.1_VAE.pth / Wan2.2_VAE.pth"
+            )
         return WanVAECodec(path, device=device, dtype=dtype)
     raise ValueError(f"codec.kind={kind!r}; expected 'tiny' or 'wan_vae'")
 

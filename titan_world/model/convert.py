@@ -24,11 +24,19 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from titan_world.model.diffusers_names import native_config_to_diffusers, native_to_diffusers
-from titan_world.model.io import CheckpointError, LazyState, WeightFolder, config_json, read_config, resolve_checkpoint_dir, save_state_dict
+from titan_world.model.io import (
+    CheckpointError,
+    LazyState,
+    WeightFolder,
+    config_json,
+    read_config,
+    resolve_checkpoint_dir,
+    save_state_dict,
+)
 from titan_world.model.moe import EXPERT_DIRS
 
 OUTPUT_MARKER = ".titan-world-convert.json"
@@ -55,7 +63,11 @@ def wan_to_diffusers(src: Path, dst: Path) -> None:
         if is_diffusers:
             raise CheckpointError(f"{s}: already in diffusers format")
         source = WeightFolder(s)
-        save_state_dict(LazyState(source, native_to_diffusers({name: name for name in source.sources})), d, native_config_to_diffusers(cfg))
+        save_state_dict(
+            LazyState(source, native_to_diffusers({name: name for name in source.sources})),
+            d,
+            native_config_to_diffusers(cfg),
+        )
 
 
 def newest_dcp_checkpoint(src: Path) -> Path:
@@ -86,7 +98,8 @@ def dcp_to_safetensors(src: Path, dst: Path, config_path: str | None = None) -> 
     cfg_file = Path(config_path) if config_path else run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise CheckpointError(
-            f"{step_dir}: no config to describe the model (looked for {cfg_file}; pass --model-config)")
+            f"{step_dir}: no config to describe the model (looked for {cfg_file}; pass --model-config)"
+        )
     model_cfg = load_config(cfg_file).model
     export_safetensors(step_dir, dst, config=config_json(model_cfg))
     return step_dir
@@ -173,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             wan_to_diffusers(src, out)
         else:
             exported.append(dcp_to_safetensors(src, out, args.model_config))
+
     try:
         note = check_destination(dst, src, args.overwrite)
         if note:

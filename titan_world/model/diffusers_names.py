@@ -48,7 +48,7 @@ def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
         m = pattern.match(key)
         if m:
             prefix = target.replace("{i}", m.groupdict().get("i") or "")
-            return prefix + key[m.end():]
+            return prefix + key[m.end() :]
     return None
 
 
@@ -67,7 +67,9 @@ def diffusers_to_native(state: dict) -> dict:
     for key, value in state.items():
         new = _rename(key, _TO_NATIVE)
         if new is None:
-            raise KeyError(f"diffusers key {key!r} is not part of a Wan2.x transformer (image embedder / added kv are unsupported)")
+            raise KeyError(
+                f"diffusers key {key!r} is not part of a Wan2.x transformer (image embedder / added kv are unsupported)"
+            )
         out[new] = value
     return out
 
@@ -78,17 +80,36 @@ def diffusers_config_to_native(dc: dict) -> dict:
     in_dim, out_dim = dc["in_channels"], dc["out_channels"]
     model_type = "i2v" if in_dim == 2 * out_dim + 4 else ("ti2v" if out_dim == 48 else "t2v")
     return dict(
-        dim=dim, ffn_dim=dc["ffn_dim"], num_heads=dc["num_attention_heads"], num_layers=dc["num_layers"],
-        in_dim=in_dim, out_dim=out_dim, text_dim=dc.get("text_dim", 4096), freq_dim=dc.get("freq_dim", 256),
-        patch_size=list(dc.get("patch_size", [1, 2, 2])), eps=dc.get("eps", 1e-6), model_type=model_type,
+        dim=dim,
+        ffn_dim=dc["ffn_dim"],
+        num_heads=dc["num_attention_heads"],
+        num_layers=dc["num_layers"],
+        in_dim=in_dim,
+        out_dim=out_dim,
+        text_dim=dc.get("text_dim", 4096),
+        freq_dim=dc.get("freq_dim", 256),
+        patch_size=list(dc.get("patch_size", [1, 2, 2])),
+        eps=dc.get("eps", 1e-6),
+        model_type=model_type,
     )
 
 
 def native_config_to_diffusers(cfg) -> dict:
     return {
         "_class_name": "WanTransformer3DModel",
-        "patch_size": list(cfg.patch_size), "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim,
-        "in_channels": cfg.in_dim, "out_channels": cfg.out_dim, "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim,
-        "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
-        "eps": cfg.eps, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+        "patch_size": list(cfg.patch_size),
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.head_dim,
+        "in_channels": cfg.in_dim,
+        "out_channels": cfg.out_dim,
+        "text_dim": cfg.text_dim,
+        "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_layers": cfg.num_layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": cfg.eps,
+        "image_dim": None,
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": 1024,
     }

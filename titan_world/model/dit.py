@@ -93,7 +93,7 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, rope, mask, backend, cp: ContextParallel | None, kv: "KVStep | None"):
+    def forward(self, x, rope, mask, backend, cp: ContextParallel | None, kv: KVStep | None):
         b, l, d = x.shape
         q = apply_rope(self.norm_q(self.q(x)).view(b, l, self.num_heads, self.head_dim), *rope)
         k = apply_rope(self.norm_k(self.k(x)).view(b, l, self.num_heads, self.head_dim), *rope)
@@ -165,7 +165,20 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.action_proj = ActionModulation(dim) if cfg.action.enabled else None
 
-    def forward(self, x, e, context, rope, mask=None, action=None, cp=None, kv_cache=None, cache_write=False, backend="sdpa", context_kv=None):
+    def forward(
+        self,
+        x,
+        e,
+        context,
+        rope,
+        mask=None,
+        action=None,
+        cp=None,
+        kv_cache=None,
+        cache_write=False,
+        backend="sdpa",
+        context_kv=None,
+    ):
         """x: the fp32 residual stream [B, L, D]; attention and FFN read their weights' dtype."""
         e0, e1, e2, e3, e4, e5 = (self.modulation[:, None].float() + e).unbind(2)  # each [B, S, D]
         kv = KVStep(kv_cache, self.layer_idx, cache_write) if kv_cache is not None else None
@@ -234,8 +247,12 @@ class WanDiT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         dim = cfg.dim
-        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=tuple(cfg.patch_size), stride=tuple(cfg.patch_size))
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_dim, dim, kernel_size=tuple(cfg.patch_size), stride=tuple(cfg.patch_size)
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(cfg, i) for i in range(cfg.num_layers))
@@ -243,7 +260,9 @@ class WanDiT(nn.Module):
         self.action_embedding = None
         if cfg.action.enabled:
             a = cfg.action
-            self.action_embedding = ActionEmbedding(dim, a.num_keys, a.spatial_stride, tuple(cfg.patch_size[1:]), a.hidden_dim, a.use_camera)
+            self.action_embedding = ActionEmbedding(
+                dim, a.num_keys, a.spatial_stride, tuple(cfg.patch_size[1:]), a.hidden_dim, a.use_camera
+            )
         self.cp: ContextParallel | None = None
         self.attn_backend = cfg.attn_backend
         self.init_weights()
@@ -281,7 +300,7 @@ class WanDiT(nn.Module):
                 if leaf == "weight":
                     nn.init.xavier_uniform_(tensor.view(tensor.shape[0], fan_in), generator=generator)
                 else:
-                    nn.init.uniform_(tensor, -fan_in**-0.5, fan_in**-0.5, generator=generator)
+                    nn.init.uniform_(tensor, -(fan_in**-0.5), fan_in**-0.5, generator=generator)
             elif isinstance(module, nn.Linear):
                 if leaf == "bias" or module is self.head.head or ".action_proj." in name:
                     nn.init.zeros_(tensor)
@@ -299,8 +318,9 @@ class WanDiT(nn.Module):
     def _apply(self, fn, recurse=True):
         """`.to(dtype)`, `.bfloat16()`, ... leave the `keeps_fp32` parameters fp32 (moved to the new
         device): the one place the precision rule lives for every loader and caster."""
-        kept = {name: p.detach() for name, p in self.named_parameters()
-                if keeps_fp32(name) and p.dtype == torch.float32}
+        kept = {
+            name: p.detach() for name, p in self.named_parameters() if keeps_fp32(name) and p.dtype == torch.float32
+        }
         out = super()._apply(fn, recurse)
         for name, old in kept.items():
             new = self.get_parameter(name)
@@ -373,8 +393,16 @@ class WanDiT(nn.Module):
         t: [B] (one timestep per sample) or [B, F] (per latent frame: diffusion forcing).
         cond: [B, in_dim - out_dim, F, H, W] concatenated after x (i2v mask + conditioning latent).
         """
-        tokens = self.embed(x, t, context, cond=cond, actions=actions, action_reference=action_reference,
-                            frame_offset=frame_offset, attn_mask=attn_mask)
+        tokens = self.embed(
+            x,
+            t,
+            context,
+            cond=cond,
+            actions=actions,
+            action_reference=action_reference,
+            frame_offset=frame_offset,
+            attn_mask=attn_mask,
+        )
         out = self.backbone(tokens, kv_cache, cache_write)
         if kv_cache is not None and cache_write:
             kv_cache.advance(tokens.grid[0])
@@ -403,14 +431,21 @@ class WanDiT(nn.Module):
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2).float()  # the residual stream is fp32
         seq_len, tpf = x.shape[1], grid[1] * grid[2]
-        cos, sin = rope_angles(grid, self.cfg.head_dim, frame_offset=frame_offset, theta=self.cfg.rope_theta, device=x.device)
+        cos, sin = rope_angles(
+            grid, self.cfg.head_dim, frame_offset=frame_offset, theta=self.cfg.rope_theta, device=x.device
+        )
         e0, e = self.time_embeddings(t, b)
         if e.shape[1] not in (1, grid[0], seq_len):
-            raise ValueError(f"timesteps give {e.shape[1]} values per sample; expected 1, {grid[0]} (frames) or {seq_len} (tokens)")
+            raise ValueError(
+                f"timesteps give {e.shape[1]} values per sample; expected 1, {grid[0]} (frames) or {seq_len} (tokens)"
+            )
         if isinstance(context, PreparedContext):
             context_kv, ctx = context.kv, None
         else:
-            context_kv, ctx = [None] * len(self.blocks), self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+            context_kv, ctx = (
+                [None] * len(self.blocks),
+                self.text_embedding(context.to(self.text_embedding[0].weight.dtype)),
+            )
         action = None
         if self.action_embedding is not None and actions is not None:
             action = self.action_embedding(actions, grid, action_reference, self.cfg.action.translation_scale)
@@ -439,10 +474,24 @@ class WanDiT(nn.Module):
         the cache's fixed buffers, so a streaming pass can be replayed as a CUDA graph."""
         cp = self.cp
         if cp is not None and kv_cache is not None and tokens.seq_len % cp.size:
-            raise ValueError(f"context parallel streaming needs chunk tokens ({tokens.seq_len}) divisible by cp={cp.size}")
+            raise ValueError(
+                f"context parallel streaming needs chunk tokens ({tokens.seq_len}) divisible by cp={cp.size}"
+            )
         x = tokens.x
         for block, ckv in zip(self.blocks, tokens.context_kv):
-            x = block(x, tokens.e, tokens.context, tokens.rope, tokens.mask, tokens.action, cp, kv_cache, cache_write, self.attn_backend, ckv)
+            x = block(
+                x,
+                tokens.e,
+                tokens.context,
+                tokens.rope,
+                tokens.mask,
+                tokens.action,
+                cp,
+                kv_cache,
+                cache_write,
+                self.attn_backend,
+                ckv,
+            )
         x = self.head(x, tokens.e0)
         if cp is not None:
             x = cp.gather(x, 1)[:, : tokens.seq_len]

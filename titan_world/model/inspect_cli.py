@@ -66,10 +66,16 @@ def describe(cfg: ModelConfig, frames: int, height: int, width: int, vae_stride:
     total = sum(per_module.values())
     n_lat = 1 + check_frame_count(frames, "--frames")
     if height % (vae_stride * 2) or width % (vae_stride * 2):
-        raise ValueError(f"--height/--width {height}x{width}: expected multiples of {vae_stride * 2} (VAE stride {vae_stride} x patch 2)")
+        raise ValueError(
+            f"--height/--width {height}x{width}: expected multiples of {vae_stride * 2} (VAE stride {vae_stride} x patch 2)"
+        )
     lh, lw = height // vae_stride, width // vae_stride
     fl = sample_flops(cfg, n_lat, lh, lw)
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("blocks.") or k.startswith("blocks.0.")}
+    shapes = {
+        k: list(v.shape)
+        for k, v in model.state_dict().items()
+        if not k.startswith("blocks.") or k.startswith("blocks.0.")
+    }
     return {
         "name": cfg.name,
         "experts": cfg.num_experts,
@@ -78,9 +84,22 @@ def describe(cfg: ModelConfig, frames: int, height: int, width: int, vae_stride:
         "params_per_module": dict(per_module),
         "params_per_block": block,
         "num_layers": cfg.num_layers,
-        "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
-        "clip": {"frames": frames, "height": height, "width": width, "latent": [cfg.out_dim, n_lat, lh, lw], "tokens": fl.tokens},
-        "flops": {"forward_per_sample": fl.forward, "train_step_per_sample": fl.train_step, "forward_per_token": fl.per_token_forward},
+        "dim": cfg.dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_heads": cfg.num_heads,
+        "head_dim": cfg.head_dim,
+        "clip": {
+            "frames": frames,
+            "height": height,
+            "width": width,
+            "latent": [cfg.out_dim, n_lat, lh, lw],
+            "tokens": fl.tokens,
+        },
+        "flops": {
+            "forward_per_sample": fl.forward,
+            "train_step_per_sample": fl.train_step,
+            "forward_per_token": fl.per_token_forward,
+        },
         "shapes": shapes,
     }
 
@@ -117,21 +136,35 @@ def memory_plan(cfg: ModelConfig, args: argparse.Namespace, stride: int) -> tupl
     if args.cp:
         if args.gpus % args.cp:
             raise ValueError(f"--gpus {args.gpus} must be divisible by --cp {args.cp}")
-        mesh = dict(dp_replicate=1, dp_shard=args.gpus // args.cp, cp=args.cp, ac=args.ac, gpu_mem_gb=args.gpu_mem, vae_stride=vae)
+        mesh = dict(
+            dp_replicate=1,
+            dp_shard=args.gpus // args.cp,
+            cp=args.cp,
+            ac=args.ac,
+            gpu_mem_gb=args.gpu_mem,
+            vae_stride=vae,
+        )
         p = plan(cfg, args.frames, args.height, args.width, **mesh)
         text, info = format_plan(p), dataclasses.asdict(p)
         skip = max_ac_skip(cfg, args.frames, args.height, args.width, **mesh) if args.ac != "none" else None
         if skip:
-            text += (f"\nspare memory: parallel.ac_skip_last={skip} leaves the last {skip} of {cfg.num_layers} blocks "
-                     f"un-checkpointed and still fits (less recompute)")
+            text += (
+                f"\nspare memory: parallel.ac_skip_last={skip} leaves the last {skip} of {cfg.num_layers} blocks "
+                f"un-checkpointed and still fits (less recompute)"
+            )
             info["max_ac_skip_last"] = skip
         return text, info
     recs = recommend(cfg, CURRICULUM, args.height, args.width, args.ac, args.gpu_mem, vae_stride=vae)
-    text = f"memory plan per curriculum stage (AC {args.ac}, {args.gpu_mem:.0f} GB GPUs, 8 per node):\n" + format_recommendations(recs)
+    text = (
+        f"memory plan per curriculum stage (AC {args.ac}, {args.gpu_mem:.0f} GB GPUs, 8 per node):\n"
+        + format_recommendations(recs)
+    )
     return text, {name: (dataclasses.asdict(p) if p else None) for name, p in recs}
 
 
-def posttrain_memory_plan(target: str, source: str, cfg: ModelConfig, args: argparse.Namespace, stride: int) -> tuple[str, dict]:
+def posttrain_memory_plan(
+    target: str, source: str, cfg: ModelConfig, args: argparse.Namespace, stride: int
+) -> tuple[str, dict]:
     """--posttrain: stage 2 (DMD) per GPU for the config's `posttrain` section (defaults for a model
     file or checkpoint): the student is one expert of `cfg`, the teacher and fake score all of it."""
     import copy
@@ -145,8 +178,13 @@ def posttrain_memory_plan(target: str, source: str, cfg: ModelConfig, args: argp
     ac = full.parallel.activation_checkpoint if full is not None else "full"
     student = copy.deepcopy(cfg)
     student.num_experts = 1
-    kw = dict(teacher_experts=cfg.num_experts, teacher_bytes=4 if pcfg.teacher_dtype == "float32" else 2, ac=ac,
-              gpu_mem_gb=args.gpu_mem, vae_stride=stride)
+    kw = dict(
+        teacher_experts=cfg.num_experts,
+        teacher_bytes=4 if pcfg.teacher_dtype == "float32" else 2,
+        ac=ac,
+        gpu_mem_gb=args.gpu_mem,
+        vae_stride=stride,
+    )
     if args.cp:
         plan = posttrain_plan(student, pcfg, args.height, args.width, gpus=args.gpus, cp=args.cp, **kw)
         head = ""
@@ -155,25 +193,54 @@ def posttrain_memory_plan(target: str, source: str, cfg: ModelConfig, args: argp
         if plan is None:
             return f"post-training stage 2: no mesh of up to 1024 {args.gpu_mem:.0f} GB GPUs fits", {"fits": False}
         head = f"smallest mesh that fits {args.gpu_mem:.0f} GB GPUs (fewest GPUs, then smallest cp; set --gpus/--cp to see another):\n"
-    info = dataclasses.asdict(plan) | {"student_step_gb": plan.student_step_gb, "critic_step_gb": plan.critic_step_gb, "fits": plan.fits}
+    info = dataclasses.asdict(plan) | {
+        "student_step_gb": plan.student_step_gb,
+        "critic_step_gb": plan.critic_step_gb,
+        "fits": plan.fits,
+    }
     return head + format_posttrain_plan(plan), info
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", nargs="?", default="tiny.yaml", help="checkpoint folder / run dir, model config (e.g. wan2.2-i2v-a14b) or full config")
+    parser.add_argument(
+        "target",
+        nargs="?",
+        default="tiny.yaml",
+        help="checkpoint folder / run dir, model config (e.g. wan2.2-i2v-a14b) or full config",
+    )
     parser.add_argument("--frames", type=int, default=81, help="video frames (1 + 4k); default 81 (5 s at 16 fps)")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--vae-stride", type=int, default=None, help="codec spatial stride (default: 8 for 16-ch, 16 for 48-ch, 4 for tiny)")
+    parser.add_argument(
+        "--vae-stride",
+        type=int,
+        default=None,
+        help="codec spatial stride (default: 8 for 16-ch, 16 for 48-ch, 4 for tiny)",
+    )
     parser.add_argument("--shapes", action="store_true", help="print parameter shapes (block 0 stands for all blocks)")
-    parser.add_argument("--plan", action="store_true", help="per-GPU memory plan (params, grads, optimizer, activations) for a mesh")
+    parser.add_argument(
+        "--plan", action="store_true", help="per-GPU memory plan (params, grads, optimizer, activations) for a mesh"
+    )
     parser.add_argument("--gpus", type=int, default=8, help="--plan/--posttrain: GPUs in all")
-    parser.add_argument("--cp", type=int, default=None, help="--plan/--posttrain: context-parallel degree (default: the smallest mesh that fits)")
-    parser.add_argument("--ac", default="full", choices=["none", "full", "selective", "attention"], help="--plan: activation checkpointing")
+    parser.add_argument(
+        "--cp",
+        type=int,
+        default=None,
+        help="--plan/--posttrain: context-parallel degree (default: the smallest mesh that fits)",
+    )
+    parser.add_argument(
+        "--ac",
+        default="full",
+        choices=["none", "full", "selective", "attention"],
+        help="--plan: activation checkpointing",
+    )
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="--plan/--posttrain: GPU memory in GB")
-    parser.add_argument("--posttrain", action="store_true",
-                        help="per-GPU memory of post-training stage 2 (DMD) for the config's posttrain section; "
-                             "with --gpus/--cp for that mesh, else the smallest mesh that fits")
+    parser.add_argument(
+        "--posttrain",
+        action="store_true",
+        help="per-GPU memory of post-training stage 2 (DMD) for the config's posttrain section; "
+        "with --gpus/--cp for that mesh, else the smallest mesh that fits",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 

@@ -16,9 +16,8 @@ import json
 import os
 import tempfile
 import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -32,7 +31,18 @@ from titan_world.model.moe import EXPERT_DIRS, WanMoE
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder (titan_world.model.pipeline)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
-_NATIVE_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_len", "freq_dim", "eps", "model_type")
+_NATIVE_FIELDS = (
+    "dim",
+    "ffn_dim",
+    "num_heads",
+    "num_layers",
+    "in_dim",
+    "out_dim",
+    "text_len",
+    "freq_dim",
+    "eps",
+    "model_type",
+)
 
 
 class CheckpointError(ValueError):
@@ -49,6 +59,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> WanDiT | WanMoE:
     """A freshly initialised dense DiT, or the two-expert MoE when cfg.num_experts == 2."""
+
     def build():
         if cfg.num_experts == 2:
             return WanMoE(WanDiT(cfg), WanDiT(cfg), cfg.boundary)
@@ -103,14 +114,19 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def check_shapes(expected: dict[str, tuple], found: dict[str, tuple], where: str, files: dict[str, str] | None = None) -> None:
+def check_shapes(
+    expected: dict[str, tuple], found: dict[str, tuple], where: str, files: dict[str, str] | None = None
+) -> None:
     """Raise CheckpointError listing missing, unexpected and mis-shaped keys (with the file holding
     each mis-shaped one when `files` is given)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     in_file = (lambda k: f" in {files[k]}") if files else (lambda k: "")
-    misshaped = [f"{k}: checkpoint {tuple(found[k])}{in_file(k)} vs model {tuple(expected[k])}"
-                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    misshaped = [
+        f"{k}: checkpoint {tuple(found[k])}{in_file(k)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
         if items:
@@ -204,8 +220,14 @@ def _tensor_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}/{name}".encode())
 
 
-def weight_reader(net: WanDiT, source: WeightFolder | None, *, seed: int, prefix: str = "",
-                  fresh: Callable[[str], bool] = lambda name: False) -> Callable[[str, torch.Size, tuple[slice, ...]], torch.Tensor]:
+def weight_reader(
+    net: WanDiT,
+    source: WeightFolder | None,
+    *,
+    seed: int,
+    prefix: str = "",
+    fresh: Callable[[str], bool] = lambda name: False,
+) -> Callable[[str, torch.Size, tuple[slice, ...]], torch.Tensor]:
     """The `read(name, shape, region)` with which `parallel.materialize` fills `net` (meta-built,
     sharded or not): tensors from `source`, and Wan's initialisation (`WanDiT.init_parameter`)
     for the names `fresh` selects (all of them without a source; such names in the checkpoint are
@@ -251,8 +273,10 @@ def check_not_one_expert(folder: Path) -> None:
     if folder.name not in ("transformer", "transformer_2") or not index.is_file():
         return
     if (json.loads(index.read_text()).get("transformer_2") or [None])[0] is not None:
-        raise CheckpointError(f"{folder} is one expert of the two-expert pipeline {folder.parent} (transformer/ = high-noise, "
-                              f"transformer_2/ = low-noise): pass the pipeline folder {folder.parent}")
+        raise CheckpointError(
+            f"{folder} is one expert of the two-expert pipeline {folder.parent} (transformer/ = high-noise, "
+            f"transformer_2/ = low-noise): pass the pipeline folder {folder.parent}"
+        )
 
 
 def checkpoint_networks(path: str | os.PathLike) -> tuple[list[Path], float | None]:
@@ -277,7 +301,9 @@ def _assemble(nets: list[WanDiT], boundary: float | None) -> WanDiT | WanMoE:
     return WanMoE(*nets, boundary if boundary is not None else nets[0].cfg.boundary)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu", config: ModelConfig | None = None):
+def load_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu", config: ModelConfig | None = None
+):
     """Load a Wan checkpoint folder: a MoE root (high_noise_model/ + low_noise_model/) -> WanMoE,
     else one network -> WanDiT. `config` overrides the folder's config.json (e.g. to add actions)."""
     folders, boundary = checkpoint_networks(path)
@@ -311,14 +337,25 @@ def _atomic_dir_write(folder: Path, write) -> None:
 
 
 def config_json(cfg: ModelConfig) -> dict:
-    raw = {"_class_name": "WanModel", **{k: getattr(cfg, k) for k in _NATIVE_FIELDS}, "patch_size": list(cfg.patch_size)}
-    raw["titan_world"] = {"name": cfg.name, "text_dim": cfg.text_dim, "action": dataclasses.asdict(cfg.action), "boundary": cfg.boundary,
-        "causal_chunk_frames": cfg.causal_chunk_frames, "conditioning": cfg.conditioning,
+    raw = {
+        "_class_name": "WanModel",
+        **{k: getattr(cfg, k) for k in _NATIVE_FIELDS},
+        "patch_size": list(cfg.patch_size),
+    }
+    raw["titan_world"] = {
+        "name": cfg.name,
+        "text_dim": cfg.text_dim,
+        "action": dataclasses.asdict(cfg.action),
+        "boundary": cfg.boundary,
+        "causal_chunk_frames": cfg.causal_chunk_frames,
+        "conditioning": cfg.conditioning,
     }
     return raw
 
 
-def save_state_dict(state: Mapping[str, torch.Tensor], folder: Path, config: dict, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_state_dict(
+    state: Mapping[str, torch.Tensor], folder: Path, config: dict, max_shard_bytes: int = 5 * 2**30
+) -> None:
     """config.json + safetensors, sharded with an index past max_shard_bytes (Wan/diffusers layout).
 
     Each shard is written as soon as it is full, under a temporary name (the final names carry
@@ -352,7 +389,9 @@ def save_state_dict(state: Mapping[str, torch.Tensor], folder: Path, config: dic
             name = f"diffusion_pytorch_model-{i:05d}-of-{len(parts):05d}.safetensors"
             part.rename(tmp / name)
             weight_map.update({k: name for k in keys})
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
 
     _atomic_dir_write(folder, write)
 

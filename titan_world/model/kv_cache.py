@@ -54,10 +54,14 @@ class KVCache:
         if window_frames < 1:
             raise ValueError(f"window_frames={window_frames}: expected >= 1")
         if window_frames < chunk_frames:  # two frames of one chunk would share a ring slot (racy index_copy_)
-            raise ValueError(f"KV cache window_frames={window_frames} < chunk_frames={chunk_frames}: the local "
-                             "window must hold at least one chunk (serving./posttrain.window_frames >= chunk_frames)")
+            raise ValueError(
+                f"KV cache window_frames={window_frames} < chunk_frames={chunk_frames}: the local "
+                "window must hold at least one chunk (serving./posttrain.window_frames >= chunk_frames)"
+            )
         self.tpf, self.sink, self.window, self.chunk = tokens_per_frame, sink_frames, window_frames, chunk_frames
-        shape = self.buffer_shape(num_layers, batch, heads, head_dim, tokens_per_frame, sink_frames, window_frames, chunk_frames)
+        shape = self.buffer_shape(
+            num_layers, batch, heads, head_dim, tokens_per_frame, sink_frames, window_frames, chunk_frames
+        )
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.committed_frames = 0  # frames ever written (the window keeps the last W of them)
@@ -71,15 +75,24 @@ class KVCache:
         self.horizon, self.rope_theta = horizon_frames, rope_theta
         self._sink_base = None
         if horizon_frames is not None and sink_frames > 0:
-            self._sink_base = torch.zeros(num_layers, batch, sink_frames * tokens_per_frame, heads, head_dim,
-                                          dtype=dtype, device=device)
+            self._sink_base = torch.zeros(
+                num_layers, batch, sink_frames * tokens_per_frame, heads, head_dim, dtype=dtype, device=device
+            )
             self._shift_cos = torch.ones(1, head_dim // 2, device=device)
             self._shift_sin = torch.zeros(1, head_dim // 2, device=device)
         self._shift_for = 0
 
     @staticmethod
-    def buffer_shape(num_layers: int, batch: int, heads: int, head_dim: int, tokens_per_frame: int, sink_frames: int,
-                     window_frames: int, chunk_frames: int) -> tuple[int, int, int, int, int]:
+    def buffer_shape(
+        num_layers: int,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        sink_frames: int,
+        window_frames: int,
+        chunk_frames: int,
+    ) -> tuple[int, int, int, int, int]:
         """Shape of each of the K and V buffers: every layer, `[chunk | sink | window ring]` frames
         of tokens (memory planners size the cache with this, without allocating it)."""
         return (num_layers, batch, (chunk_frames + sink_frames + window_frames) * tokens_per_frame, heads, head_dim)
@@ -104,7 +117,9 @@ class KVCache:
         """Put the current chunk's k/v [B, n*tpf, H, D] into the chunk slot; return the visible keys."""
         n_tok = k.shape[1]
         if n_tok % self.tpf or n_tok > self.chunk * self.tpf:
-            raise ValueError(f"chunk of {n_tok} tokens: expected a multiple of {self.tpf} and at most {self.chunk} frames")
+            raise ValueError(
+                f"chunk of {n_tok} tokens: expected a multiple of {self.tpf} and at most {self.chunk} frames"
+            )
         c_tok = self.chunk * self.tpf
         start = c_tok - n_tok
         if self._sink_base is not None and self.committed_frames >= self.sink:
@@ -133,8 +148,9 @@ class KVCache:
             return
         shift = horizon_shift(self.committed_frames + frames, self.horizon)
         if shift != self._shift_for:
-            cos, sin = rope_angles((1, 1, 1), self.k.shape[-1], frame_offset=shift, theta=self.rope_theta,
-                                   device=self._shift_cos.device)
+            cos, sin = rope_angles(
+                (1, 1, 1), self.k.shape[-1], frame_offset=shift, theta=self.rope_theta, device=self._shift_cos.device
+            )
             self._shift_cos.copy_(cos)
             self._shift_sin.copy_(sin)
             self._shift_for = shift

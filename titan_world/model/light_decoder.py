@@ -153,14 +153,18 @@ def save_light_decoder(decoder: LightDecoder, folder: str | Path, *, teacher: st
     _atomic_dir_write(Path(folder), write)
 
 
-def load_light_decoder(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LightDecoder:
+def load_light_decoder(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> LightDecoder:
     """A decoder written by `save_light_decoder` (or a run dir holding one in `decoder/`)."""
     folder = Path(path)
     if (folder / "decoder" / "config.json").is_file():
         folder = folder / "decoder"
     config = folder / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"light decoder {folder}: no config.json (expected the output of `titan-world distill-decoder`)")
+        raise FileNotFoundError(
+            f"light decoder {folder}: no config.json (expected the output of `titan-world distill-decoder`)"
+        )
     raw = json.loads(config.read_text())
     if raw.pop("_class_name", None) != CLASS_NAME:
         raise ValueError(f"{config}: not a light decoder (expected _class_name {CLASS_NAME!r})")

@@ -30,20 +30,142 @@ T5_TOKENIZER_DIR = "google/umt5-xxl"
 
 # Per-channel latent statistics the official VAE wrappers normalise with (wan/modules/vae2_1.py,
 # vae2_2.py); diffusers stores the same numbers as `latents_mean` / `latents_std`.
-WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
-WAN21_LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+WAN21_LATENTS_MEAN = [
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+]
+WAN21_LATENTS_STD = [
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+]
 WAN22_LATENTS_MEAN = [
-    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
-    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
-    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
-    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667]
+    -0.2289,
+    -0.0052,
+    -0.1323,
+    -0.2339,
+    -0.2799,
+    0.0174,
+    0.1838,
+    0.1557,
+    -0.1382,
+    0.0542,
+    0.2813,
+    0.0891,
+    0.1570,
+    -0.0098,
+    0.0375,
+    -0.1825,
+    -0.2246,
+    -0.1207,
+    -0.0698,
+    0.5109,
+    0.2665,
+    -0.2108,
+    -0.2158,
+    0.2502,
+    -0.2055,
+    -0.0322,
+    0.1109,
+    0.1567,
+    -0.0729,
+    0.0899,
+    -0.2799,
+    -0.1230,
+    -0.0313,
+    -0.1649,
+    0.0117,
+    0.0723,
+    -0.2839,
+    -0.2083,
+    -0.0520,
+    0.3748,
+    0.0152,
+    0.1957,
+    0.1433,
+    -0.2944,
+    0.3573,
+    -0.0548,
+    -0.1681,
+    -0.0667,
+]
 WAN22_LATENTS_STD = [
-    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
-    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
-    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
-    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
+    0.4765,
+    1.0364,
+    0.4514,
+    1.1677,
+    0.5313,
+    0.4990,
+    0.4818,
+    0.5013,
+    0.8158,
+    1.0344,
+    0.5894,
+    1.0901,
+    0.6885,
+    0.6165,
+    0.8454,
+    0.4978,
+    0.5759,
+    0.3523,
+    0.7135,
+    0.6804,
+    0.5833,
+    1.4146,
+    0.8986,
+    0.5659,
+    0.7069,
+    0.5338,
+    0.4889,
+    0.4917,
+    0.4069,
+    0.4999,
+    0.6866,
+    0.4093,
+    0.5709,
+    0.6065,
+    0.6415,
+    0.4944,
+    0.5726,
+    1.2042,
+    0.5458,
+    1.6887,
+    0.3971,
+    1.0600,
+    0.3943,
+    0.5537,
+    0.5444,
+    0.4089,
+    0.7468,
+    0.7744,
+]
 
 
 # -- reading / writing .pth files -----------------------------------------------------------------
@@ -72,8 +194,9 @@ def _rename(state: dict[str, torch.Tensor], mapping: dict[str, str], where: str)
     return {mapping[k]: v for k, v in state.items()}
 
 
-def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, dtype: torch.dtype,
-            device) -> torch.nn.Module:
+def _assign(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, dtype: torch.dtype, device
+) -> torch.nn.Module:
     """Load `state` into a meta-built `model` one tensor at a time (converted to dtype/device)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, where)
@@ -102,22 +225,39 @@ class VAELayout:
     def diffusers_config(self) -> dict:
         channels = 12 if self.is_residual else 3
         mean, std = {16: (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), 48: (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)}.get(
-            self.z_dim, ([0.0] * self.z_dim, [1.0] * self.z_dim))
-        return dict(base_dim=self.base_dim, decoder_base_dim=self.decoder_base_dim, z_dim=self.z_dim,
-                    dim_mult=list(self.dim_mult), num_res_blocks=self.num_res_blocks, attn_scales=[],
-                    temperal_downsample=list(self.temperal_downsample), is_residual=self.is_residual,
-                    in_channels=channels, out_channels=channels, patch_size=self.patch_size,
-                    scale_factor_temporal=4,
-                    scale_factor_spatial=2 ** (len(self.dim_mult) - 1) * (self.patch_size or 1),
-                    latents_mean=list(mean), latents_std=list(std))
+            self.z_dim, ([0.0] * self.z_dim, [1.0] * self.z_dim)
+        )
+        return dict(
+            base_dim=self.base_dim,
+            decoder_base_dim=self.decoder_base_dim,
+            z_dim=self.z_dim,
+            dim_mult=list(self.dim_mult),
+            num_res_blocks=self.num_res_blocks,
+            attn_scales=[],
+            temperal_downsample=list(self.temperal_downsample),
+            is_residual=self.is_residual,
+            in_channels=channels,
+            out_channels=channels,
+            patch_size=self.patch_size,
+            scale_factor_temporal=4,
+            scale_factor_spatial=2 ** (len(self.dim_mult) - 1) * (self.patch_size or 1),
+            latents_mean=list(mean),
+            latents_std=list(std),
+        )
 
     @classmethod
-    def from_diffusers_config(cls, cfg) -> "VAELayout":
+    def from_diffusers_config(cls, cfg) -> VAELayout:
         if list(cfg.get("attn_scales") or []):
             raise ValueError(f"VAE attn_scales={cfg['attn_scales']}: the Wan VAEs have none (no mapping for them)")
-        return cls(cfg["base_dim"], cfg.get("decoder_base_dim") or cfg["base_dim"], cfg["z_dim"],
-                   tuple(cfg["dim_mult"]), cfg["num_res_blocks"], tuple(cfg["temperal_downsample"]),
-                   bool(cfg.get("is_residual", False)))
+        return cls(
+            cfg["base_dim"],
+            cfg.get("decoder_base_dim") or cfg["base_dim"],
+            cfg["z_dim"],
+            tuple(cfg["dim_mult"]),
+            cfg["num_res_blocks"],
+            tuple(cfg["temperal_downsample"]),
+            bool(cfg.get("is_residual", False)),
+        )
 
 
 _CONV = ("weight", "bias")
@@ -147,8 +287,11 @@ def _middle(o: str, d: str, dim: int) -> list[tuple[str, str]]:
     a, b = f"{o}.middle.1", f"{d}.mid_block.attentions.0"
     attn = _pairs(f"{a}.norm", f"{b}.norm", ("gamma",)) + _pairs(f"{a}.to_qkv", f"{b}.to_qkv")
     attn += _pairs(f"{a}.proj", f"{b}.proj")
-    return (_resblock(f"{o}.middle.0", f"{d}.mid_block.resnets.0", dim, dim) + attn
-            + _resblock(f"{o}.middle.2", f"{d}.mid_block.resnets.1", dim, dim))
+    return (
+        _resblock(f"{o}.middle.0", f"{d}.mid_block.resnets.0", dim, dim)
+        + attn
+        + _resblock(f"{o}.middle.2", f"{d}.mid_block.resnets.1", dim, dim)
+    )
 
 
 def _head(o: str, d: str) -> list[tuple[str, str]]:
@@ -168,16 +311,18 @@ def vae_key_map(layout: VAELayout) -> dict[str, str]:
         temporal = i < last and layout.temperal_downsample[i]
         for j in range(n):
             if layout.is_residual:
-                pairs += _resblock(f"encoder.downsamples.{i}.downsamples.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
-                                   in_dim, out_dim)
+                pairs += _resblock(
+                    f"encoder.downsamples.{i}.downsamples.{j}", f"encoder.down_blocks.{i}.resnets.{j}", in_dim, out_dim
+                )
             else:
                 pairs += _resblock(f"encoder.downsamples.{k}", f"encoder.down_blocks.{k}", in_dim, out_dim)
                 k += 1
             in_dim = out_dim
         if i < last:
             if layout.is_residual:
-                pairs += _resample(f"encoder.downsamples.{i}.downsamples.{n}", f"encoder.down_blocks.{i}.downsampler",
-                                   temporal)
+                pairs += _resample(
+                    f"encoder.downsamples.{i}.downsamples.{n}", f"encoder.down_blocks.{i}.downsampler", temporal
+                )
             else:
                 pairs += _resample(f"encoder.downsamples.{k}", f"encoder.down_blocks.{k}", temporal)
                 k += 1
@@ -193,16 +338,18 @@ def vae_key_map(layout: VAELayout) -> dict[str, str]:
         temporal = i < last and upsample[i]
         for j in range(n + 1):
             if layout.is_residual:
-                pairs += _resblock(f"decoder.upsamples.{i}.upsamples.{j}", f"decoder.up_blocks.{i}.resnets.{j}",
-                                   in_dim, out_dim)
+                pairs += _resblock(
+                    f"decoder.upsamples.{i}.upsamples.{j}", f"decoder.up_blocks.{i}.resnets.{j}", in_dim, out_dim
+                )
             else:
                 pairs += _resblock(f"decoder.upsamples.{k}", f"decoder.up_blocks.{i}.resnets.{j}", in_dim, out_dim)
                 k += 1
             in_dim = out_dim
         if i < last:
             if layout.is_residual:
-                pairs += _resample(f"decoder.upsamples.{i}.upsamples.{n + 1}", f"decoder.up_blocks.{i}.upsampler",
-                                   temporal)
+                pairs += _resample(
+                    f"decoder.upsamples.{i}.upsamples.{n + 1}", f"decoder.up_blocks.{i}.upsampler", temporal
+                )
             else:
                 pairs += _resample(f"decoder.upsamples.{k}", f"decoder.up_blocks.{i}.upsamplers.0", temporal)
                 k += 1
@@ -213,8 +360,9 @@ def vae_key_map(layout: VAELayout) -> dict[str, str]:
 def vae_layout_from_official(shapes: dict[str, tuple], where: str = "VAE file") -> VAELayout:
     """Read the structure off an official VAE state dict's key names and shapes."""
     if "encoder.conv1.weight" not in shapes or "conv2.weight" not in shapes or "decoder.conv1.weight" not in shapes:
-        raise CheckpointError(f"{where}: not a Wan VAE state dict "
-                              "(no encoder.conv1.weight / conv2.weight / decoder.conv1.weight)")
+        raise CheckpointError(
+            f"{where}: not a Wan VAE state dict (no encoder.conv1.weight / conv2.weight / decoder.conv1.weight)"
+        )
     base_dim, image_channels = shapes["encoder.conv1.weight"][:2]
     residual = image_channels == 12
     mults, res_blocks, temporal = [], set(), []
@@ -246,15 +394,19 @@ def vae_layout_from_official(shapes: dict[str, tuple], where: str = "VAE file") 
                 break
             k += 1
     if not mults or len(res_blocks) != 1 or len(temporal) != len(mults) - 1:
-        raise CheckpointError(f"{where}: the encoder's blocks do not form a Wan VAE "
-                              f"(stages {mults}, residual blocks per stage {sorted(res_blocks)})")
+        raise CheckpointError(
+            f"{where}: the encoder's blocks do not form a Wan VAE "
+            f"(stages {mults}, residual blocks per stage {sorted(res_blocks)})"
+        )
     decoder_base = shapes["decoder.conv1.weight"][0] // mults[-1]
-    return VAELayout(base_dim, decoder_base, shapes["conv2.weight"][0], tuple(mults), res_blocks.pop(), tuple(temporal),
-                     residual)
+    return VAELayout(
+        base_dim, decoder_base, shapes["conv2.weight"][0], tuple(mults), res_blocks.pop(), tuple(temporal), residual
+    )
 
 
-def official_vae_to_diffusers(state: dict[str, torch.Tensor],
-                              where: str = "VAE state dict") -> tuple[dict, dict[str, torch.Tensor]]:
+def official_vae_to_diffusers(
+    state: dict[str, torch.Tensor], where: str = "VAE state dict"
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """(diffusers config, diffusers state dict) from an official Wan VAE state dict."""
     layout = vae_layout_from_official({k: tuple(v.shape) for k, v in state.items()}, where)
     return layout.diffusers_config(), _rename(state, vae_key_map(layout), where)
@@ -311,15 +463,26 @@ def t5_config_from_official(shapes: dict[str, tuple], where: str = "T5 file"):
     from transformers import UMT5Config  # optional dependency (the `wan` extra)
 
     if "token_embedding.weight" not in shapes or "blocks.0.pos_embedding.embedding.weight" not in shapes:
-        raise CheckpointError(f"{where}: not an official umT5 encoder state dict (no token_embedding.weight / "
-                              "blocks.0.pos_embedding.embedding.weight)")
+        raise CheckpointError(
+            f"{where}: not an official umT5 encoder state dict (no token_embedding.weight / "
+            "blocks.0.pos_embedding.embedding.weight)"
+        )
     vocab, dim = shapes["token_embedding.weight"]
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
     buckets, heads = shapes["blocks.0.pos_embedding.embedding.weight"]
-    return UMT5Config(vocab_size=vocab, d_model=dim, d_kv=shapes["blocks.0.attn.q.weight"][0] // heads,
-                      d_ff=shapes["blocks.0.ffn.fc1.weight"][0], num_layers=layers, num_heads=heads,
-                      relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
-                      feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.1)
+    return UMT5Config(
+        vocab_size=vocab,
+        d_model=dim,
+        d_kv=shapes["blocks.0.attn.q.weight"][0] // heads,
+        d_ff=shapes["blocks.0.ffn.fc1.weight"][0],
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        dropout_rate=0.1,
+    )
 
 
 def official_t5_to_transformers(state: dict[str, torch.Tensor], where: str = "T5 state dict"):
@@ -355,8 +518,13 @@ def save_official_t5(model, path: str | Path) -> None:
     torch.save(transformers_t5_to_official(model), str(path))
 
 
-def load_official_t5(path: str | Path, tokenizer_dir: str | Path | None = None, text_len: int = 512,
-                     dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+def load_official_t5(
+    path: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    text_len: int = 512,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+):
     """The official umT5 file + tokenizer folder as our text encoder (`UMT5Encoder`): prompts ->
     [B, text_len, 4096], zero past each prompt. `tokenizer_dir` defaults to `google/umt5-xxl/`
     beside the file, as the official download lays it out."""
@@ -367,8 +535,10 @@ def load_official_t5(path: str | Path, tokenizer_dir: str | Path | None = None, 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (the official umT5 encoder weights, {T5_FILE})")
     if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"{tokenizer_dir}: no such folder (the umT5 tokenizer, {T5_TOKENIZER_DIR}/ of the "
-                                f"official download), needed with {path}")
+        raise FileNotFoundError(
+            f"{tokenizer_dir}: no such folder (the umT5 tokenizer, {T5_TOKENIZER_DIR}/ of the "
+            f"official download), needed with {path}"
+        )
     model = load_official_t5_model(path, dtype, device)
     return UMT5Encoder.from_model(model, tokenizer_dir, text_len=text_len, device=device)
 
@@ -385,4 +555,3 @@ def official_folder_files(folder: str | Path) -> dict[str, Path]:
     if not (folder / T5_TOKENIZER_DIR).is_dir():
         raise FileNotFoundError(f"{folder / T5_TOKENIZER_DIR}: no such folder (the umT5 tokenizer)")
     return {"t5": folder / T5_FILE, "tokenizer": folder / T5_TOKENIZER_DIR, "vae": vae}
-

@@ -19,8 +19,15 @@ from pathlib import Path
 
 import torch
 
-from titan_world.model.io import (PIPELINE_INDEX, CheckpointError, _assemble, _load_dense, check_not_one_expert,
-                                  checkpoint_networks, read_config)
+from titan_world.model.io import (
+    PIPELINE_INDEX,
+    CheckpointError,
+    _assemble,
+    _load_dense,
+    check_not_one_expert,
+    checkpoint_networks,
+    read_config,
+)
 from titan_world.model.presets import WanPreset, preset_for
 
 log = logging.getLogger("titan_world.pipeline")
@@ -65,15 +72,29 @@ def _scheduler_shift(root: Path) -> float:
     path = _require(root / "scheduler" / "scheduler_config.json", "the scheduler config")
     raw = json.loads(path.read_text())
     if raw.get("_class_name") != "UniPCMultistepScheduler":
-        raise CheckpointError(f"{path}: _class_name={raw.get('_class_name')!r}; titan-world samples Wan pipelines with "
-                              "UniPCMultistepScheduler (use_flow_sigmas) as the references do")
-    expected = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "solver_order": 2, "solver_type": "bh2",
-                "predict_x0": True, "lower_order_final": True, "final_sigmas_type": "zero", "disable_corrector": [],
-                "use_dynamic_shifting": False, "use_karras_sigmas": False, "thresholding": False}
+        raise CheckpointError(
+            f"{path}: _class_name={raw.get('_class_name')!r}; titan-world samples Wan pipelines with "
+            "UniPCMultistepScheduler (use_flow_sigmas) as the references do"
+        )
+    expected = {
+        "use_flow_sigmas": True,
+        "prediction_type": "flow_prediction",
+        "solver_order": 2,
+        "solver_type": "bh2",
+        "predict_x0": True,
+        "lower_order_final": True,
+        "final_sigmas_type": "zero",
+        "disable_corrector": [],
+        "use_dynamic_shifting": False,
+        "use_karras_sigmas": False,
+        "thresholding": False,
+    }
     wrong = {k: raw[k] for k, v in expected.items() if k in raw and raw[k] != v}
     if wrong or raw.get("shift_terminal") or "flow_shift" not in raw:
-        raise CheckpointError(f"{path}: {wrong or 'no flow_shift / shift_terminal set'}; expected the Wan pipelines' "
-                              f"Flow-UniPC settings {expected} and a flow_shift")
+        raise CheckpointError(
+            f"{path}: {wrong or 'no flow_shift / shift_terminal set'}; expected the Wan pipelines' "
+            f"Flow-UniPC settings {expected} and a flow_shift"
+        )
     return float(raw["flow_shift"])
 
 
@@ -89,8 +110,14 @@ def _load_diffusers_text_encoder(root: Path, device, dtype):
 
 
 def _reference_config(cfg, model_type: str, boundary: float | None, experts: int):
-    return dataclasses.replace(cfg, model_type=model_type, conditioning="reference", text_len=PIPELINE_TEXT_LEN,
-                               num_experts=experts, boundary=boundary if boundary is not None else cfg.boundary)
+    return dataclasses.replace(
+        cfg,
+        model_type=model_type,
+        conditioning="reference",
+        text_len=PIPELINE_TEXT_LEN,
+        num_experts=experts,
+        boundary=boundary if boundary is not None else cfg.boundary,
+    )
 
 
 def load_diffusers_pipeline(root: Path, device="cpu", dtype: torch.dtype = torch.float32) -> WanBundle:
@@ -112,16 +139,29 @@ def load_diffusers_pipeline(root: Path, device="cpu", dtype: torch.dtype = torch
         raise CheckpointError(f"{root}: {e}") from None
     boundary = index.get("boundary_ratio")
     if two and boundary is None:
-        log.warning("%s: two experts but no boundary_ratio in %s; using %s's %.3f", root, PIPELINE_INDEX, preset.name,
-                    preset.boundary)
+        log.warning(
+            "%s: two experts but no boundary_ratio in %s; using %s's %.3f",
+            root,
+            PIPELINE_INDEX,
+            preset.name,
+            preset.boundary,
+        )
         boundary = preset.boundary
     cfg = _reference_config(cfg, model_type, boundary, len(folders))
     nets = [_load_dense(f, dtype, device, cfg) for f in folders]
     model = _assemble(nets, boundary).eval()
     vae = _require(root / "vae", "the VAE")
     codec = WanVAECodec(str(vae), device=device, dtype=torch.float32)  # fp32, as the references run it
-    return WanBundle(model, _load_diffusers_text_encoder(root, device, dtype), codec, preset, boundary if two else None,
-                     _scheduler_shift(root), "diffusers", str(root))
+    return WanBundle(
+        model,
+        _load_diffusers_text_encoder(root, device, dtype),
+        codec,
+        preset,
+        boundary if two else None,
+        _scheduler_shift(root),
+        "diffusers",
+        str(root),
+    )
 
 
 def load_official_folder(root: Path, device="cpu", dtype: torch.dtype = torch.float32) -> WanBundle:
@@ -145,8 +185,9 @@ def load_official_folder(root: Path, device="cpu", dtype: torch.dtype = torch.fl
     model = _assemble([_load_dense(f, dtype, device, cfg) for f in folders], boundary).eval()
     text = load_official_t5(files["t5"], files["tokenizer"], text_len=PIPELINE_TEXT_LEN, dtype=dtype, device=device)
     codec = WanVAECodec(str(files["vae"]), device=device, dtype=torch.float32)  # the official VAE runs in fp32
-    return WanBundle(model, text, codec, preset, boundary if len(folders) == 2 else None, preset.shift, "official",
-                     str(root))
+    return WanBundle(
+        model, text, codec, preset, boundary if len(folders) == 2 else None, preset.shift, "official", str(root)
+    )
 
 
 def load_wan_bundle(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> WanBundle | None:

@@ -40,14 +40,70 @@ class WanPreset:
 PRESETS = {
     p.name: p
     for p in (
-        WanPreset("wan2.2-i2v-a14b", "i2v", 2, "unipc", 40, 5.0, 3.5, 3.5, 0.900, 81, 720, 1280, 16,
-                  "Wan2.2 wan/configs/wan_i2v_A14B.py"),
-        WanPreset("wan2.2-t2v-a14b", "t2v", 2, "unipc", 40, 12.0, 4.0, 3.0, 0.875, 81, 720, 1280, 16,
-                  "Wan2.2 wan/configs/wan_t2v_A14B.py"),
-        WanPreset("wan2.2-ti2v-5b", "ti2v", 1, "unipc", 50, 5.0, 5.0, 5.0, None, 121, 704, 1280, 24,
-                  "Wan2.2 wan/configs/wan_ti2v_5B.py"),
-        WanPreset("wan2.1-t2v", "t2v", 1, "unipc", 50, 5.0, 5.0, 5.0, None, 81, 480, 832, 16,
-                  "Wan2.1 generate.py, wan/text2video.py"),
+        WanPreset(
+            "wan2.2-i2v-a14b",
+            "i2v",
+            2,
+            "unipc",
+            40,
+            5.0,
+            3.5,
+            3.5,
+            0.900,
+            81,
+            720,
+            1280,
+            16,
+            "Wan2.2 wan/configs/wan_i2v_A14B.py",
+        ),
+        WanPreset(
+            "wan2.2-t2v-a14b",
+            "t2v",
+            2,
+            "unipc",
+            40,
+            12.0,
+            4.0,
+            3.0,
+            0.875,
+            81,
+            720,
+            1280,
+            16,
+            "Wan2.2 wan/configs/wan_t2v_A14B.py",
+        ),
+        WanPreset(
+            "wan2.2-ti2v-5b",
+            "ti2v",
+            1,
+            "unipc",
+            50,
+            5.0,
+            5.0,
+            5.0,
+            None,
+            121,
+            704,
+            1280,
+            24,
+            "Wan2.2 wan/configs/wan_ti2v_5B.py",
+        ),
+        WanPreset(
+            "wan2.1-t2v",
+            "t2v",
+            1,
+            "unipc",
+            50,
+            5.0,
+            5.0,
+            5.0,
+            None,
+            81,
+            480,
+            832,
+            16,
+            "Wan2.1 generate.py, wan/text2video.py",
+        ),
     )
 }
 
@@ -61,5 +117,7 @@ def preset_for(model_type: str, experts: int, expand_timesteps: bool = False) ->
         return PRESETS["wan2.2-i2v-a14b" if model_type == "i2v" else "wan2.2-t2v-a14b"]
     if model_type == "t2v":
         return PRESETS["wan2.1-t2v"]
-    raise ValueError("a single-expert I2V Wan model (Wan2.1 I2V) conditions on CLIP image features, "
-                     "which titan-world does not implement; use Wan2.2 I2V-A14B or TI2V-5B")
+    raise ValueError(
+        "a single-expert I2V Wan model (Wan2.1 I2V) conditions on CLIP image features, "
+        "which titan-world does not implement; use Wan2.2 I2V-A14B or TI2V-5B"
+    )

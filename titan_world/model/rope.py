@@ -26,7 +26,9 @@ def rope_angles(
     """cos, sin of shape [F*H*W, head_dim/2] (float32) for tokens in (f, h, w) raster order."""
     f, h, w = grid
     dt, dh, dw = rope_axis_dims(head_dim)
-    ang_t = torch.outer(torch.arange(frame_offset, frame_offset + f, device=device, dtype=torch.float64), _inv_freq(dt, theta, device))
+    ang_t = torch.outer(
+        torch.arange(frame_offset, frame_offset + f, device=device, dtype=torch.float64), _inv_freq(dt, theta, device)
+    )
     ang_h = torch.outer(torch.arange(h, device=device, dtype=torch.float64), _inv_freq(dh, theta, device))
     ang_w = torch.outer(torch.arange(w, device=device, dtype=torch.float64), _inv_freq(dw, theta, device))
     angles = torch.cat(

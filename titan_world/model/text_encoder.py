@@ -54,7 +54,7 @@ class UMT5Encoder:
         self._setup(model, path, text_len, device)
 
     @classmethod
-    def from_model(cls, model, tokenizer_dir: str | Path, text_len: int = 512, device="cpu") -> "UMT5Encoder":
+    def from_model(cls, model, tokenizer_dir: str | Path, text_len: int = 512, device="cpu") -> UMT5Encoder:
         """Wrap a loaded `UMT5EncoderModel` (e.g. from the official .pth) with a local tokenizer folder."""
         self = cls.__new__(cls)
         self._setup(model, tokenizer_dir, text_len, device)
@@ -69,7 +69,9 @@ class UMT5Encoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.text_len, return_tensors="pt")
+        tok = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.text_len, return_tensors="pt"
+        )
         mask = tok.attention_mask.to(self.device)
         hidden = self.model(input_ids=tok.input_ids.to(self.device), attention_mask=mask).last_hidden_state
         return (hidden * mask.unsqueeze(-1)).float()  # Wan zero-pads past each prompt's length
@@ -84,8 +86,15 @@ def resolve_text_encoder_kind(kind: str, text_dim: int) -> str:
     return kind
 
 
-def build_text_encoder(kind: str = "auto", text_dim: int = 64, text_len: int = 32, path: str | None = None,
-                       device="cpu", tokenizer: str | None = None, dtype: torch.dtype = torch.bfloat16):
+def build_text_encoder(
+    kind: str = "auto",
+    text_dim: int = 64,
+    text_len: int = 32,
+    path: str | None = None,
+    device="cpu",
+    tokenizer: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+):
     """The text encoder for `data.text_encoder` (kind, path).
 
     umt5 `path`: a Hugging Face umT5 folder (config.json + weights + tokenizer), an official
@@ -100,13 +109,16 @@ def build_text_encoder(kind: str = "auto", text_dim: int = 64, text_len: int = 3
             f"this model reads umT5-XXL text embeddings (text_dim {text_dim}): set data.text_encoder.path to the "
             f"official {official.T5_FILE} (with {official.T5_TOKENIZER_DIR}/ beside it), the folder holding both, or a "
             "Hugging Face umT5-XXL folder; data.text_encoder.kind=tiny uses the weight-free hash encoder instead "
-            "(not what the weights saw)")
+            "(not what the weights saw)"
+        )
     p = Path(path)
     if p.is_dir() and (p / official.T5_FILE).is_file():
         p = p / official.T5_FILE
     if p.suffix == ".pth" or not p.is_dir():
         return official.load_official_t5(p, tokenizer, text_len=text_len, dtype=dtype, device=device)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p}: neither a Hugging Face umT5 folder (no config.json) nor an official download "
-                                f"folder (no {official.T5_FILE})")
+        raise FileNotFoundError(
+            f"{p}: neither a Hugging Face umT5 folder (no config.json) nor an official download "
+            f"folder (no {official.T5_FILE})"
+        )
     return UMT5Encoder(str(p), text_len=text_len, device=device, dtype=dtype)

@@ -39,8 +39,16 @@ class CausalMask(AttnMask):
 
     prefix_frames: int = 0
 
-    def with_padding(self, padded_len: int) -> "CausalMask":
-        return CausalMask(self.num_frames, self.tokens_per_frame, self.chunk_frames, self.sink_frames, self.window_frames, padded_len, self.prefix_frames)
+    def with_padding(self, padded_len: int) -> CausalMask:
+        return CausalMask(
+            self.num_frames,
+            self.tokens_per_frame,
+            self.chunk_frames,
+            self.sink_frames,
+            self.window_frames,
+            padded_len,
+            self.prefix_frames,
+        )
 
     def _chunk_of(self, f: torch.Tensor) -> torch.Tensor:
         p, c = self.prefix_frames, self.chunk_frames
@@ -74,13 +82,20 @@ class ChunkLayout:
 
     def chunks(self) -> list[tuple[int, int]]:
         """(start, end) of every generated chunk."""
-        return [(s, min(s + self.chunk_frames, self.num_frames)) for s in range(self.prefix, self.num_frames, self.chunk_frames)]
+        return [
+            (s, min(s + self.chunk_frames, self.num_frames))
+            for s in range(self.prefix, self.num_frames, self.chunk_frames)
+        ]
 
     def mask(self, tokens_per_frame: int, sink_frames: int = 0, window_frames: int | None = None) -> CausalMask:
-        return CausalMask(self.num_frames, tokens_per_frame, self.chunk_frames, sink_frames, window_frames, None, self.prefix)
+        return CausalMask(
+            self.num_frames, tokens_per_frame, self.chunk_frames, sink_frames, window_frames, None, self.prefix
+        )
 
 
-def forcing_sigmas(batch: int, layout: ChunkLayout, timesteps: list[int], generator: torch.Generator | None = None) -> torch.Tensor:
+def forcing_sigmas(
+    batch: int, layout: ChunkLayout, timesteps: list[int], generator: torch.Generator | None = None
+) -> torch.Tensor:
     """[B, F] noise levels: each generated chunk draws one of `timesteps` ∪ {0} (uniformly);
     given frames get 0."""
     choices = torch.tensor([float(t) for t in timesteps] + [0.0]) / NUM_TRAIN_TIMESTEPS
@@ -124,7 +139,11 @@ def diffusion_forcing_loss(
     nb = noise_batch(latents, cond_mask, sigma.to(latents.device), noise, with_i2v_channels)
     tpf = (latents.shape[3] // model.cfg.patch_size[1]) * (latents.shape[4] // model.cfg.patch_size[2])
     v = model(
-        nb.x_t, nb.t, context, cond=nb.cond, actions=actions,
+        nb.x_t,
+        nb.t,
+        context,
+        cond=nb.cond,
+        actions=actions,
         action_reference=actions.c2w[:, 0] if actions is not None else None,
         attn_mask=layout.mask(tpf, sink_frames, window_frames),
     )

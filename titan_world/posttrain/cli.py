@@ -18,7 +18,9 @@ STAGES = ("causal", "dmd")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", choices=STAGES, help="causal: diffusion-forcing adaptation; dmd: few-step distillation")
+    parser.add_argument(
+        "stage", choices=STAGES, help="causal: diffusion-forcing adaptation; dmd: few-step distillation"
+    )
     add_config_arguments(parser)
     add_job_arguments(parser)
 

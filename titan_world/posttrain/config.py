@@ -18,8 +18,12 @@ class PostTrainConfig:
     chunk_frames: int = 1  # latent frames per causal chunk (LingBot: 3); the start image is its own chunk
     forcing_timesteps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # plus t=0
     denoise_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # student sampling
-    teacher: str | None = None  # bidirectional teacher (Wan folder or run dir); None: runs/demo/train/model, else a fresh tiny one
-    student: str | None = None  # causal-stage checkpoint that DMD starts from; None: runs/demo/causal/model, else the teacher
+    teacher: str | None = (
+        None  # bidirectional teacher (Wan folder or run dir); None: runs/demo/train/model, else a fresh tiny one
+    )
+    student: str | None = (
+        None  # causal-stage checkpoint that DMD starts from; None: runs/demo/causal/model, else the teacher
+    )
     fake_updates: int = 2  # two-time-scale ratio: fake-score updates per student update (DMD2: 5)
     fake_lr: float = 1e-4
     student_lr: float = 2e-5
@@ -44,7 +48,9 @@ class PostTrainConfig:
     dmd_sigma_min: float = 0.02
     dmd_sigma_max: float = 0.98
     rollout_chunks: int = 4
-    grad_chunks: int = 4  # gradients flow through the last K chunks only (tiny: all, so DMD's scores see the teacher's I2V clip)
+    grad_chunks: int = (
+        4  # gradients flow through the last K chunks only (tiny: all, so DMD's scores see the teacher's I2V clip)
+    )
     # The scores' given frame when grad_chunks < rollout_chunks (a mid-rollout latent): "reencode" decodes it
     # with data.codec and encodes its last video frame as a start image (Self-Forcing; the teacher's I2V
     # conditioning is always an encoded single image); "latent" passes the 4-frame latent as is.
@@ -53,13 +59,22 @@ class PostTrainConfig:
     window_frames: int = 8  # KV cache: local window of latent frames
     bootstrap_steps: int = 150  # steps of the tiny teacher trained when no teacher exists
     eval_clips: int = 4  # clips scored (PSNR vs ground truth, action following) before/after a stage
-    teacher_dtype: str = "auto"  # frozen teacher's stored weights: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
+    teacher_dtype: str = (
+        "auto"  # frozen teacher's stored weights: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
+    )
     fsdp: bool = True  # >1 rank: FSDP2-shard student, fake score + GAN head, frozen teacher; false: full replicas + gradient all-reduce
 
     def validate(self) -> None:
         """Ranges of this section alone (cross-section checks: titan_world/config.py)."""
-        for key in ("chunk_frames", "batch_size", "fake_updates", "rollout_chunks", "window_frames", "gan_queries",
-                    "bootstrap_steps"):
+        for key in (
+            "chunk_frames",
+            "batch_size",
+            "fake_updates",
+            "rollout_chunks",
+            "window_frames",
+            "gan_queries",
+            "bootstrap_steps",
+        ):
             if getattr(self, key) < 1:
                 raise _bad(key, getattr(self, key), ">= 1")
         for key in ("causal_steps", "dmd_steps", "sink_frames", "eval_clips", "ema_start_step"):
@@ -84,8 +99,11 @@ class PostTrainConfig:
                 raise _bad(key, steps, "a non-empty list of timesteps in (0, 1000], e.g. [1000, 750, 500, 250]")
         check_frame_count(self.clip_frames, f"posttrain.clip_frames={self.clip_frames}:")
         if self.window_frames < self.chunk_frames:
-            raise _bad("window_frames", self.window_frames,
-                       f">= posttrain.chunk_frames={self.chunk_frames} (the KV cache's ring must hold one whole chunk)")
+            raise _bad(
+                "window_frames",
+                self.window_frames,
+                f">= posttrain.chunk_frames={self.chunk_frames} (the KV cache's ring must hold one whole chunk)",
+            )
 
     @property
     def reencodes_score_cond(self) -> bool:

@@ -22,8 +22,8 @@ and a resumed run replays the same numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -103,8 +103,10 @@ class Batch:
     actions: ActionInputs | None
 
     @staticmethod
-    def from_loader(batch: dict, use_actions: bool, device) -> "Batch":
-        acts = ActionInputs.from_video_frames(batch["actions"], batch["c2w"], batch["intrinsics"]) if use_actions else None
+    def from_loader(batch: dict, use_actions: bool, device) -> Batch:
+        acts = (
+            ActionInputs.from_video_frames(batch["actions"], batch["c2w"], batch["intrinsics"]) if use_actions else None
+        )
         if acts is not None:
             acts = ActionInputs(acts.keys.to(device), acts.c2w.to(device), acts.intrinsics.to(device))
         text = batch["text"].to(device)
@@ -130,19 +132,44 @@ class DMDTrainer:
     `posttrain.score_cond=reencode`): turns the scores' given frame into a start image's latent when
     it is a mid-rollout one (`window`)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, fake: nn.Module, pcfg: PostTrainConfig, seed: int = 0, dp_rank: int = 0,
-                 grad_clip: float = 1.0, sharding: Sharding | None = None, parallel: ParallelConfig | None = None,
-                 device: torch.device | str | None = None, fill: Callable[[], None] | None = None,
-                 uncond_context: torch.Tensor | None = None, codec=None):
-        self.student, self.teacher, self.pcfg, self.seed, self.dp_rank, self.grad_clip = student, teacher, pcfg, seed, dp_rank, grad_clip
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        fake: nn.Module,
+        pcfg: PostTrainConfig,
+        seed: int = 0,
+        dp_rank: int = 0,
+        grad_clip: float = 1.0,
+        sharding: Sharding | None = None,
+        parallel: ParallelConfig | None = None,
+        device: torch.device | str | None = None,
+        fill: Callable[[], None] | None = None,
+        uncond_context: torch.Tensor | None = None,
+        codec=None,
+    ):
+        self.student, self.teacher, self.pcfg, self.seed, self.dp_rank, self.grad_clip = (
+            student,
+            teacher,
+            pcfg,
+            seed,
+            dp_rank,
+            grad_clip,
+        )
         self.sharding = sharding
         self.device = device = torch.device(device) if device is not None else next(fake.parameters()).device
         store_teacher(teacher, teacher_dtype(pcfg.teacher_dtype, device))
         par = parallel or (sharding.parallel if sharding is not None else None)
-        self.fake_checkpointed = prepare_network(fake, par, float8=False)  # the scores stay in bf16/fp32: see prepare_network
-        self.student_checkpointed = prepare_network(student, par)  # exact: its rollouts snapshot what recorded passes read
+        self.fake_checkpointed = prepare_network(
+            fake, par, float8=False
+        )  # the scores stay in bf16/fp32: see prepare_network
+        self.student_checkpointed = prepare_network(
+            student, par
+        )  # exact: its rollouts snapshot what recorded passes read
         prepare_network(teacher, par, checkpoint=False, float8=False)
-        head = GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries).to(device) if pcfg.gan_weight > 0 else None
+        head = (
+            GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries).to(device) if pcfg.gan_weight > 0 else None
+        )
         if sharding is not None:
             sharding.network(teacher, frozen=True)
             sharding.network(student)
@@ -154,9 +181,11 @@ class DMDTrainer:
         self.cache_dtype = sharding.compute_dtype if sharding is not None else None
         self.uncond_context = uncond_context
         if pcfg.reencodes_score_cond and codec is None:
-            raise ValueError(f"posttrain.score_cond=reencode with grad_chunks={pcfg.grad_chunks} < rollout_chunks="
-                             f"{pcfg.rollout_chunks}: the trainer needs the data's codec "
-                             "(or posttrain.score_cond=latent)")
+            raise ValueError(
+                f"posttrain.score_cond=reencode with grad_chunks={pcfg.grad_chunks} < rollout_chunks="
+                f"{pcfg.rollout_chunks}: the trainer needs the data's codec "
+                "(or posttrain.score_cond=latent)"
+            )
         self.codec = codec
         # after sharding and fill: the live (sharded) parameters the optimizer updates
         self.named_student = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
@@ -164,8 +193,12 @@ class DMDTrainer:
         self.critic = Critic(fake, head)
         self.tap = FeatureTap(fake, pcfg.gan_blocks) if head is not None else None
         # DMD practice (DMD2 / Self-Forcing): beta1 = 0 for both players of the min-max game.
-        self.opt_student = torch.optim.AdamW(student.parameters(), lr=pcfg.student_lr, betas=(0.0, 0.999), weight_decay=0.0)
-        self.opt_critic = torch.optim.AdamW(self.critic.parameters(), lr=pcfg.fake_lr, betas=(0.0, 0.999), weight_decay=0.0)
+        self.opt_student = torch.optim.AdamW(
+            student.parameters(), lr=pcfg.student_lr, betas=(0.0, 0.999), weight_decay=0.0
+        )
+        self.opt_critic = torch.optim.AdamW(
+            self.critic.parameters(), lr=pcfg.fake_lr, betas=(0.0, 0.999), weight_decay=0.0
+        )
         self.sigmas = student_sigmas(pcfg.denoise_steps)
         self.counts = {"critic_updates": 0, "student_updates": 0}
 
@@ -176,19 +209,33 @@ class DMDTrainer:
     def rollout(self, batch: Batch, shared: torch.Generator, local: torch.Generator, grad: bool) -> Rollout:
         lay = self.layout(batch)
         if batch.latents.shape[2] < lay.num_frames:
-            raise ValueError(f"clip has {batch.latents.shape[2]} latent frames; the rollout needs {lay.num_frames} (posttrain.rollout_chunks)")
+            raise ValueError(
+                f"clip has {batch.latents.shape[2]} latent frames; the rollout needs {lay.num_frames} (posttrain.rollout_chunks)"
+            )
         cp = self.student.cp
         _, h, w = self.student.token_grid(batch.latents.shape)
         if cp is not None and (h * w) % cp.size:
-            raise ValueError(f"parallel.cp={cp.size}: a latent frame has {h}x{w} = {h * w} tokens; the rollout's cached passes split "
-                             "every chunk over the CP ranks, so it must be divisible by the CP degree (change data.height/width or parallel.cp)")
+            raise ValueError(
+                f"parallel.cp={cp.size}: a latent frame has {h}x{w} = {h * w} tokens; the rollout's cached passes split "
+                "every chunk over the CP ranks, so it must be divisible by the CP degree (change data.height/width or parallel.cp)"
+            )
         acts = batch.actions.slice(0, lay.num_frames) if batch.actions is not None else None
         inp = RolloutInputs(batch.latents[:, :, :1], batch.context, acts, lay, self.student.cfg.cond_channels > 0)
         exits = sample_exit_steps(len(lay.chunks()), len(self.sigmas), shared)
         p = self.pcfg
         with torch.set_grad_enabled(grad):
-            return self_rollout(self.student, inp, self.sigmas, local, exit_steps=exits, grad_chunks=p.grad_chunks, sink_frames=p.sink_frames,
-                                window_frames=p.window_frames, cache_dtype=self.cache_dtype, snapshot_recorded=bool(self.student_checkpointed))
+            return self_rollout(
+                self.student,
+                inp,
+                self.sigmas,
+                local,
+                exit_steps=exits,
+                grad_chunks=p.grad_chunks,
+                sink_frames=p.sink_frames,
+                window_frames=p.window_frames,
+                cache_dtype=self.cache_dtype,
+                snapshot_recorded=bool(self.student_checkpointed),
+            )
 
     @torch.no_grad()
     def start_latent(self, latents: torch.Tensor, g: int) -> torch.Tensor:
@@ -273,7 +320,11 @@ class DMDTrainer:
                     velocity(route(self.critic.fake, sigma), nb.x_t, nb.t, real, nb.cond)
             logit_real = self._discriminate(rfeats, real)
             ld = d_loss(logit_real, logit_fake)
-            out.update(d_loss=float(ld.detach()), d_real=float(logit_real.detach().mean()), d_fake=float(logit_fake.detach().mean()))
+            out.update(
+                d_loss=float(ld.detach()),
+                d_real=float(logit_real.detach().mean()),
+                d_fake=float(logit_fake.detach().mean()),
+            )
             out["fake_loss"] = float(loss.detach())
             loss = loss + self.pcfg.gan_weight * ld
         out["fake_loss"] = out.get("fake_loss", float(loss.detach()))

@@ -47,10 +47,16 @@ def route(net: torch.nn.Module, sigma: float) -> torch.nn.Module:
     return net
 
 
-def velocity(net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, inp: ScoreInputs, cond, context=None) -> torch.Tensor:
+def velocity(
+    net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, inp: ScoreInputs, cond, context=None
+) -> torch.Tensor:
     a = inp.actions
     return net(
-        x_t, t, inp.context if context is None else context, cond=cond, actions=a,
+        x_t,
+        t,
+        inp.context if context is None else context,
+        cond=cond,
+        actions=a,
         action_reference=a.c2w[:, 0] if a is not None else None,
     ).float()
 
@@ -62,7 +68,9 @@ def noised(inp: ScoreInputs, sigma: float, noise: torch.Tensor):
     return noise_batch(inp.latents, inp.cond_mask, s, noise, inp.with_i2v_channels)
 
 
-def score_x0(net: torch.nn.Module, inp: ScoreInputs, sigma: float, noise: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
+def score_x0(
+    net: torch.nn.Module, inp: ScoreInputs, sigma: float, noise: torch.Tensor, guidance: float = 1.0
+) -> torch.Tensor:
     """μ(x_σ): the net's x0-prediction at noise level σ (CFG when guidance != 1: v_u + s·(v − v_u))."""
     nb = noised(inp, sigma, noise)
     expert = route(net, sigma)
@@ -75,7 +83,9 @@ def score_x0(net: torch.nn.Module, inp: ScoreInputs, sigma: float, noise: torch.
     return nb.x_t.float() - nb.sigma[:, None, :, None, None] * v
 
 
-def dmd_direction(x_hat: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor, gen_mask: torch.Tensor) -> torch.Tensor:
+def dmd_direction(
+    x_hat: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor, gen_mask: torch.Tensor
+) -> torch.Tensor:
     """g = (μ_fake − μ_real) / mean|x̂ − μ_real| per sample (over generated frames), 0 elsewhere."""
     m = gen_mask[:, None, :, None, None].to(x_hat.dtype).expand_as(x_hat)
     dims = (1, 2, 3, 4)
@@ -98,11 +108,15 @@ class DMDTerms:
     sigma: float
 
 
-def dmd_step_loss(x_hat: torch.Tensor, inp: ScoreInputs, teacher, fake, sigma: float, noise: torch.Tensor, guidance: float = 1.0) -> DMDTerms:
+def dmd_step_loss(
+    x_hat: torch.Tensor, inp: ScoreInputs, teacher, fake, sigma: float, noise: torch.Tensor, guidance: float = 1.0
+) -> DMDTerms:
     """Score the (detached) noised student sample with both nets, then L_DMD on x̂."""
     gen = ~inp.cond_mask
     with torch.no_grad():
-        det = ScoreInputs(x_hat.detach(), inp.cond_mask, inp.context, inp.actions, inp.with_i2v_channels, inp.uncond_context)
+        det = ScoreInputs(
+            x_hat.detach(), inp.cond_mask, inp.context, inp.actions, inp.with_i2v_channels, inp.uncond_context
+        )
         mu_real = score_x0(teacher, det, sigma, noise, guidance)
         mu_fake = score_x0(fake, det, sigma, noise)
         g = dmd_direction(x_hat.detach().float(), mu_real, mu_fake, gen)

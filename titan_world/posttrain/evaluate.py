@@ -27,16 +27,22 @@ from titan_world.posttrain.rollout import RolloutInputs, self_rollout, student_s
 from titan_world.train.action_check import HELD_OUT_SEED
 
 
-
-def held_out_batches(cfg, num_clips: int, frames: int, use_actions: bool, device="cpu", seed: int = HELD_OUT_SEED, batch_size: int = 2,
-                     offset: int = 16) -> list[tuple[Batch, dict]]:
+def held_out_batches(
+    cfg,
+    num_clips: int,
+    frames: int,
+    use_actions: bool,
+    device="cpu",
+    seed: int = HELD_OUT_SEED,
+    batch_size: int = 2,
+    offset: int = 16,
+) -> list[tuple[Batch, dict]]:
     """`num_clips` simulator episodes (seeds seed, seed+1, ...), the `frames` video frames from
     `offset` on (an episode's first second is nearly static: copy-last would score ~36 dB there),
     encoded like the training data, as (Batch, raw) pairs; raw holds frames and camera truth."""
-    from titan_world.model.codec import frames_to_video
     from titan_world.data.synth import make_episode
     from titan_world.data.writer import build_encoders
-    from titan_world.model.codec import codec_from_config
+    from titan_world.model.codec import codec_from_config, frames_to_video
 
     _, text_enc, _ = build_encoders(cfg)
     codec = codec_from_config(cfg.data.codec)
@@ -45,12 +51,17 @@ def held_out_batches(cfg, num_clips: int, frames: int, use_actions: bool, device
     out = []
     for i in range(0, num_clips, batch_size):
         part = eps[i : i + batch_size]
-        raw = {name: np.stack([getattr(e, name)[offset : offset + frames] for e in part]) for name in ("frames", "actions", "c2w", "intrinsics")}
+        raw = {
+            name: np.stack([getattr(e, name)[offset : offset + frames] for e in part])
+            for name in ("frames", "actions", "c2w", "intrinsics")
+        }
         video = torch.cat([frames_to_video(f[None]) for f in raw["frames"]])
         text = text_enc.encode([e.captions["narrative"] for e in part]).float().to(device)
         acts = None
         if use_actions:
-            a = ActionInputs.from_video_frames(*(torch.from_numpy(raw[k]).float() for k in ("actions", "c2w", "intrinsics")))
+            a = ActionInputs.from_video_frames(
+                *(torch.from_numpy(raw[k]).float() for k in ("actions", "c2w", "intrinsics"))
+            )
             acts = ActionInputs(a.keys.to(device), a.c2w.to(device), a.intrinsics.to(device))
         out.append((Batch(codec.encode(video).float().to(device), text, acts), raw))
     return out
@@ -63,7 +74,14 @@ def generate_clip(student, batch: Batch, pcfg: PostTrainConfig, num_frames: int,
     acts = batch.actions.slice(0, num_frames) if batch.actions is not None else None
     inp = RolloutInputs(batch.latents[:, :, :1], batch.context, acts, lay, student.cfg.cond_channels > 0)
     gen = torch.Generator().manual_seed(seed)
-    return self_rollout(student, inp, student_sigmas(pcfg.denoise_steps), gen, sink_frames=pcfg.sink_frames, window_frames=pcfg.window_frames).latents
+    return self_rollout(
+        student,
+        inp,
+        student_sigmas(pcfg.denoise_steps),
+        gen,
+        sink_frames=pcfg.sink_frames,
+        window_frames=pcfg.window_frames,
+    ).latents
 
 
 @torch.no_grad()
@@ -79,15 +97,19 @@ def gaussian_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fréchet distance between diagonal Gaussians fitted to the per-token latent vectors of two
     sets of generated frames ([B, C, F, h, w], frame 0 excluded): Σ_c (μa − μb)² + (σa − σb)².
     A distribution-level distance: independent of which noise produced which sample."""
+
     def stats(x: torch.Tensor):
         v = x[:, :, 1:].transpose(0, 1).reshape(x.shape[1], -1).double()
         return v.mean(1), v.std(1)
+
     (ma, sa), (mb, sb) = stats(a), stats(b)
     return float(((ma - mb) ** 2 + (sa - sb) ** 2).sum())
 
 
 @torch.no_grad()
-def score_clips(clips: list[torch.Tensor], batches: list[tuple[Batch, dict]], codec, reference: list[torch.Tensor] | None = None) -> dict[str, float]:
+def score_clips(
+    clips: list[torch.Tensor], batches: list[tuple[Batch, dict]], codec, reference: list[torch.Tensor] | None = None
+) -> dict[str, float]:
     """Mean over clips of: latent MSE vs ground truth (and vs `reference`, e.g. teacher samples),
     frame PSNR/MSE vs the simulator, copy-last PSNR, action-following yaw error."""
     lat_mse, ref_mse, psnr, mse, copy_psnr, yaw = [], [], [], [], [], []
@@ -97,7 +119,9 @@ def score_clips(clips: list[torch.Tensor], batches: list[tuple[Batch, dict]], co
             ref_mse.append(float((gen[:, :, 1:] - reference[j][:, :, 1:]).pow(2).mean()))
         g_frames, t_frames = (video_to_frames(codec.decode(x.float().cpu())) for x in (gen, batch.latents))
         for i in range(len(g_frames)):
-            rep = action_following_report(g_frames[i], t_frames[i], context_frames=1, poses=raw["c2w"][i], intrinsics=raw["intrinsics"][i, 0])
+            rep = action_following_report(
+                g_frames[i], t_frames[i], context_frames=1, poses=raw["c2w"][i], intrinsics=raw["intrinsics"][i, 0]
+            )
             fe = rep["frame_error"]
             psnr.append(fe["model"]["psnr"])
             mse.append(fe["model"]["mse"])
@@ -120,14 +144,23 @@ def score_clips(clips: list[torch.Tensor], batches: list[tuple[Batch, dict]], co
 
 
 @torch.no_grad()
-def evaluate_student(student, batches: list[tuple[Batch, dict]], pcfg: PostTrainConfig, codec, seed: int = 0, reference: list[torch.Tensor] | None = None) -> dict[str, float]:
+def evaluate_student(
+    student,
+    batches: list[tuple[Batch, dict]],
+    pcfg: PostTrainConfig,
+    codec,
+    seed: int = 0,
+    reference: list[torch.Tensor] | None = None,
+) -> dict[str, float]:
     """The student's `denoise_steps`-step stream of every clip (same noise seed for every student)."""
     clips = [generate_clip(student, b, pcfg, b.latents.shape[2], seed + j) for j, (b, _) in enumerate(batches)]
     return score_clips(clips, batches, codec, reference)
 
 
 @torch.no_grad()
-def evaluate_teacher(teacher, batches: list[tuple[Batch, dict]], codec, steps: int = 20, shift: float = 3.0, seed: int = 0) -> tuple[dict[str, float], list[torch.Tensor]]:
+def evaluate_teacher(
+    teacher, batches: list[tuple[Batch, dict]], codec, steps: int = 20, shift: float = 3.0, seed: int = 0
+) -> tuple[dict[str, float], list[torch.Tensor]]:
     """The teacher's many-step samples, scored like a student; also returned as the reference."""
     clips = [teacher_clip(teacher, b, steps, shift, seed + j) for j, (b, _) in enumerate(batches)]
     return score_clips(clips, batches, codec), clips

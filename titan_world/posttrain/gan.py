@@ -16,7 +16,7 @@ through their activations into x̂ and the student, and nowhere else. No R1/R2.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -36,15 +36,14 @@ class FeatureTap:
     def __init__(self, net: nn.Module, blocks: list[int]):
         self.blocks, self.features = list(blocks), {}
         nets = experts(net)
-        self._handles = [
-            n.blocks[i].register_forward_hook(self._hook(i)) for n in nets for i in self.blocks
-        ]
+        self._handles = [n.blocks[i].register_forward_hook(self._hook(i)) for n in nets for i in self.blocks]
         self.active = False
 
     def _hook(self, i: int):
         def fn(_module, _inputs, output):
             if self.active:
                 self.features[i] = output
+
         return fn
 
     @contextlib.contextmanager

@@ -37,7 +37,13 @@ from titan_world.posttrain.distill import Batch, DMDTrainer, average_and_clip
 from titan_world.posttrain.memory import teacher_dtype
 from titan_world.posttrain.sharding import Sharding, set_context_parallel
 from titan_world.train.faults import (  # noqa: F401  (EXIT_PREEMPTED: the code tests and callers compare with)
-    EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, StopFlag, finite_on_all_ranks, stop_exit_code, stop_message,
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    NonFiniteGuard,
+    StopFlag,
+    finite_on_all_ranks,
+    stop_exit_code,
+    stop_message,
 )
 from titan_world.train.state import resume_point
 
@@ -55,9 +61,21 @@ def bootstrap_teacher(cfg: TitanConfig, out: Path) -> Path:
     """A short `titan-world train` run (rank 0, subprocess) when no teacher exists anywhere."""
     model_dir = out / "model"
     if not (model_dir / "config.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
-        log(f"no teacher given and none at {DEMO_TEACHER}: training a tiny one ({cfg.posttrain.bootstrap_steps} steps) in {out}")
-        cmd = [sys.executable, "-m", "launch.cli", "train", f"run.dir={out}", f"train.steps={cfg.posttrain.bootstrap_steps}",
-               f"data.path={cfg.data.path}", "run.progress=false", "run.wandb=disabled", "model.action.enabled=true"]
+        log(
+            f"no teacher given and none at {DEMO_TEACHER}: training a tiny one ({cfg.posttrain.bootstrap_steps} steps) in {out}"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "train",
+            f"run.dir={out}",
+            f"train.steps={cfg.posttrain.bootstrap_steps}",
+            f"data.path={cfg.data.path}",
+            "run.progress=false",
+            "run.wandb=disabled",
+            "model.action.enabled=true",
+        ]
         subprocess.run(cmd, check=True)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -117,8 +135,10 @@ def negative_context(cfg: TitanConfig, text_dim: int, text_len: int, device) -> 
     try:
         encoder = build_text_encoder(te.kind, text_dim, text_len, te.path, device=device)
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"posttrain.guidance_scale={p.guidance_scale} encodes posttrain.negative_prompt="
-                          f"{p.negative_prompt!r} with data.text_encoder: {e}") from None
+        raise ConfigError(
+            f"posttrain.guidance_scale={p.guidance_scale} encodes posttrain.negative_prompt="
+            f"{p.negative_prompt!r} with data.text_encoder: {e}"
+        ) from None
     out = encoder.encode([p.negative_text()]).float().to(device)
     del encoder
     if torch.device(device).type == "cuda":
@@ -133,8 +153,9 @@ def student_from(net):
     return net.high if isinstance(net, WanMoE) else net
 
 
-def export_student(student, run_dir: Path, cfg: TitanConfig, rank: int,
-                   overrides: dict[str, torch.Tensor] | None = None) -> Path:
+def export_student(
+    student, run_dir: Path, cfg: TitanConfig, rank: int, overrides: dict[str, torch.Tensor] | None = None
+) -> Path:
     """RUN_DIR/model/ + posttrain.json; `overrides` replaces weights by name (the EMA). Collective under FSDP."""
     from titan_world.train.state import export_model
 
@@ -147,8 +168,14 @@ def export_student(student, run_dir: Path, cfg: TitanConfig, rank: int,
         # the horizon is the longest context it saw (stage 1 clips, stage 2 rollouts); past it the sink
         # keeps its trained distance. Clean t = 0 K/V refresh is the only mode post-training trains.
         horizon = max(latent_frames(p.clip_frames), 1 + p.rollout_chunks * p.chunk_frames)
-        meta = {"chunk_frames": p.chunk_frames, "denoise_steps": p.denoise_steps, "sink_frames": p.sink_frames,
-                "window_frames": p.window_frames, "horizon_frames": horizon, "kv_refresh": "clean"}
+        meta = {
+            "chunk_frames": p.chunk_frames,
+            "denoise_steps": p.denoise_steps,
+            "sink_frames": p.sink_frames,
+            "window_frames": p.window_frames,
+            "horizon_frames": horizon,
+            "kv_refresh": "clean",
+        }
         (out / "posttrain.json").write_text(json.dumps(meta, indent=2))
     return out
 
@@ -163,7 +190,9 @@ def make_loader(cfg: TitanConfig, frames: int, rank: int, world: int, seed: int)
     return build_train_loader(cfg, frames, rank, world, seed, bs, global_batch=(key, bs * world))
 
 
-def eval_batches(cfg: TitanConfig, frames: int, use_actions: bool, device, seed: int = 12345) -> list[tuple[Batch, dict]]:
+def eval_batches(
+    cfg: TitanConfig, frames: int, use_actions: bool, device, seed: int = 12345
+) -> list[tuple[Batch, dict]]:
     """A few fixed clips (own seed) with ground truth, for before/after comparisons."""
     loader = make_loader(cfg, frames, 0, 1, seed)
     out = []
@@ -184,7 +213,9 @@ def check_mesh(cfg: TitanConfig, world: int) -> None:
     from parallel.mesh import resolve_dims
 
     if world == 1 and cfg.parallel.cp != 1:
-        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: one process has no context parallelism; launch with --nproc N (a multiple of it)")
+        raise ConfigError(
+            f"parallel.cp={cfg.parallel.cp}: one process has no context parallelism; launch with --nproc N (a multiple of it)"
+        )
     try:
         resolve_dims(cfg.parallel, world)
     except ValueError as e:
@@ -244,15 +275,24 @@ class PostTrainJob:
         self.cp = UlyssesContext.from_mesh(self.mesh, cfg.parallel.cp_backend) if self.mesh is not None else None
         self.sharding = sharding_for(cfg, self.mesh)
         if self.world > 1:
-            how = "networks FSDP2-sharded" if self.sharding else "full replicas, gradient all-reduce (posttrain.fsdp=false)"
-            log(f"{self.world} ranks, {self.mesh}: {how}" + (f"; Ulysses over {self.mesh.cp} ranks" if self.mesh.cp > 1 else ""))
+            how = (
+                "networks FSDP2-sharded"
+                if self.sharding
+                else "full replicas, gradient all-reduce (posttrain.fsdp=false)"
+            )
+            log(
+                f"{self.world} ranks, {self.mesh}: {how}"
+                + (f"; Ulysses over {self.mesh.cp} ranks" if self.mesh.cp > 1 else "")
+            )
 
     def spread(self, net: torch.nn.Module) -> torch.nn.Module:
         """Put `net` (every expert of an MoE) on the job's CP group; no-op without CP."""
         if self.cp is not None and self.cp.size > 1:
             heads = net.cfg.num_heads
             if heads % self.cp.size:
-                raise ConfigError(f"parallel.cp={self.cp.size}: the network has {heads} attention heads; Ulysses needs them divisible by the CP degree")
+                raise ConfigError(
+                    f"parallel.cp={self.cp.size}: the network has {heads} attention heads; Ulysses needs them divisible by the CP degree"
+                )
         return set_context_parallel(net, self.cp)
 
     def default_steps(self) -> int:
@@ -282,7 +322,9 @@ class PostTrainJob:
             start = ckpt.load_latest(self.state()) or 0  # falls back to an older checkpoint if the newest fails to load
             log(f"{self.stage}: resumed at step {start} from {ckpt.path_for(start)}")
         self.progress["step"] = start
-        metrics = MetricsLogger(self.run_dir, cfg, rank=self.rank, total_steps=self.total, initial_step=start, resumed=start > 0)
+        metrics = MetricsLogger(
+            self.run_dir, cfg, rank=self.rank, total_steps=self.total, initial_step=start, resumed=start > 0
+        )
         guard = NonFiniteGuard(self.progress, cfg.train.max_bad_steps, tag, metrics.message, ckpt.latest)
         stop = StopFlag(tag)
         stop.install()
@@ -298,8 +340,13 @@ class PostTrainJob:
                 watched = [v for k, v in out.items() if k.endswith(("loss", "grad_norm"))]
                 skipped = not finite_on_all_ranks(watched, self.device)  # the updates skipped themselves (same rule)
                 values = {k: v if math.isfinite(v) else None for k, v in out.items()}
-                record = {"step": step, "stage": self.stage, **values, "skipped": skipped,
-                          "step_time_s": time.perf_counter() - t0}
+                record = {
+                    "step": step,
+                    "stage": self.stage,
+                    **values,
+                    "skipped": skipped,
+                    "step_time_s": time.perf_counter() - t0,
+                }
                 metrics.log(record)
                 metrics.progress(1, {k: f"{v:.4f}" for k, v in out.items() if k.endswith("loss")})
                 step += 1
@@ -337,7 +384,9 @@ class CausalJob(PostTrainJob):
         super().__init__(cfg, resume)
         p = cfg.posttrain
         self.teacher_path = resolve_teacher(cfg, self.run_dir)
-        log(f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); {self.total} steps")
+        log(
+            f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); {self.total} steps"
+        )
         pending = [] if self.sharding is not None else None
         self.student = self.spread(network(self.teacher_path, self.device, pending, student=True).train())
         from titan_world.posttrain.memory import prepare_network
@@ -363,8 +412,18 @@ class CausalJob(PostTrainJob):
         gen = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.train.seed}/{step}/{self.dp_rank}".encode()))
         sigma = forcing_sigmas(b.latents.shape[0], self.layout, p.forcing_timesteps, gen)
         noise = torch.randn(b.latents.shape, generator=gen).to(self.device)
-        out = diffusion_forcing_loss(self.student, b.latents, b.context, sigma, noise, self.layout, actions=b.actions,
-                                     with_i2v_channels=self.student.cfg.cond_channels > 0, sink_frames=p.sink_frames, window_frames=p.window_frames)
+        out = diffusion_forcing_loss(
+            self.student,
+            b.latents,
+            b.context,
+            sigma,
+            noise,
+            self.layout,
+            actions=b.actions,
+            with_i2v_channels=self.student.cfg.cond_channels > 0,
+            sink_frames=p.sink_frames,
+            window_frames=p.window_frames,
+        )
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         norm = average_and_clip(self.opt, self.cfg.train.grad_clip, sharded=self.sharding is not None)
@@ -387,11 +446,17 @@ class DMDJob(PostTrainJob):
         if student_path is None:
             log("dmd: no causal student given (posttrain.student) and none in runs/demo: starting from the teacher")
             student_path = self.teacher_path
-        log(f"dmd: teacher {self.teacher_path}, student {student_path}; {self.total} steps x ({p.fake_updates} critic + 1 student) updates")
+        log(
+            f"dmd: teacher {self.teacher_path}, student {student_path}; {self.total} steps x ({p.fake_updates} critic + 1 student) updates"
+        )
         pending = [] if self.sharding is not None else None  # sharded: meta-built, filled per shard after sharding
-        teacher = self.spread(network(self.teacher_path, self.device, pending, teacher_dtype(p.teacher_dtype, self.device)))  # stored as it will be used
+        teacher = self.spread(
+            network(self.teacher_path, self.device, pending, teacher_dtype(p.teacher_dtype, self.device))
+        )  # stored as it will be used
         self.student = self.spread(network(student_path, self.device, pending, student=True).train())
-        fake = self.spread(network(self.teacher_path, self.device, pending).train())  # fake score: initialised from the teacher
+        fake = self.spread(
+            network(self.teacher_path, self.device, pending).train()
+        )  # fake score: initialised from the teacher
         sc = self.student.cfg
         # the real score's negative text, encoded once (unused, so not encoded, at guidance 1)
         uncond = negative_context(cfg, sc.text_dim, sc.text_len, self.device) if p.guidance_scale != 1.0 else None
@@ -399,13 +464,26 @@ class DMDJob(PostTrainJob):
         try:
             codec = codec_from_config(cfg.data.codec, device=self.device) if p.reencodes_score_cond else None
         except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"posttrain.score_cond=reencode (grad_chunks {p.grad_chunks} < rollout_chunks "
-                              f"{p.rollout_chunks}) decodes and re-encodes the scores' given frame with data.codec: "
-                              f"{e}") from None
-        self.trainer = DMDTrainer(self.student, teacher, fake, p, seed=cfg.train.seed, dp_rank=self.dp_rank, grad_clip=cfg.train.grad_clip,
-                                  sharding=self.sharding, parallel=cfg.parallel, device=self.device,
-                                  fill=(lambda: fill_pending(pending, self.device)) if pending is not None else None,
-                                  uncond_context=uncond, codec=codec)
+            raise ConfigError(
+                f"posttrain.score_cond=reencode (grad_chunks {p.grad_chunks} < rollout_chunks "
+                f"{p.rollout_chunks}) decodes and re-encodes the scores' given frame with data.codec: "
+                f"{e}"
+            ) from None
+        self.trainer = DMDTrainer(
+            self.student,
+            teacher,
+            fake,
+            p,
+            seed=cfg.train.seed,
+            dp_rank=self.dp_rank,
+            grad_clip=cfg.train.grad_clip,
+            sharding=self.sharding,
+            parallel=cfg.parallel,
+            device=self.device,
+            fill=(lambda: fill_pending(pending, self.device)) if pending is not None else None,
+            uncond_context=uncond,
+            codec=codec,
+        )
         self.use_actions = self.student.action_embedding is not None
         rollout_latents = 1 + p.rollout_chunks * p.chunk_frames
         self.clip_frames = 1 + 4 * (rollout_latents - 1)
@@ -427,28 +505,46 @@ class DMDJob(PostTrainJob):
         stride = default_vae_stride(self.student.cfg) if data.codec.kind == "wan_vae" else data.codec.spatial_stride
         cuda = self.device.type == "cuda"
         try:
-            plan = posttrain_plan(self.student.cfg, cfg.posttrain, data.height, data.width, gpus=self.mesh.fsdp_size if self.mesh else 1,
-                                  cp=self.mesh.cp if self.mesh else 1, teacher_experts=len(experts(teacher)),
-                                  teacher_bytes=next(teacher.parameters()).dtype.itemsize, ac=cfg.parallel.activation_checkpoint,
-                                  ac_every=cfg.parallel.ac_every,
-                                  gpu_mem_gb=torch.cuda.get_device_properties(self.device).total_memory / 1e9 if cuda else float("inf"),
-                                  vae_stride=stride)
+            plan = posttrain_plan(
+                self.student.cfg,
+                cfg.posttrain,
+                data.height,
+                data.width,
+                gpus=self.mesh.fsdp_size if self.mesh else 1,
+                cp=self.mesh.cp if self.mesh else 1,
+                teacher_experts=len(experts(teacher)),
+                teacher_bytes=next(teacher.parameters()).dtype.itemsize,
+                ac=cfg.parallel.activation_checkpoint,
+                ac_every=cfg.parallel.ac_every,
+                gpu_mem_gb=torch.cuda.get_device_properties(self.device).total_memory / 1e9 if cuda else float("inf"),
+                vae_stride=stride,
+            )
         except ValueError:
             return  # a geometry the plan does not cover; the job itself names what is wrong
         if cuda:
-            log(f"dmd: estimated peak per GPU: student step {plan.student_step_gb:.1f} GB, critic step {plan.critic_step_gb:.1f} GB "
-                f"(titan-world inspect CONFIG --posttrain)")
+            log(
+                f"dmd: estimated peak per GPU: student step {plan.student_step_gb:.1f} GB, critic step {plan.critic_step_gb:.1f} GB "
+                f"(titan-world inspect CONFIG --posttrain)"
+            )
             if not plan.fits:
-                log(f"WARNING: that exceeds this GPU's {plan.gpu_mem_gb:.0f} GB: raise parallel.cp (up to 8 in a node), add GPUs, "
-                    "or lower posttrain.grad_chunks / window_frames; `titan-world inspect CONFIG --posttrain --gpu-mem N` finds a mesh")
+                log(
+                    f"WARNING: that exceeds this GPU's {plan.gpu_mem_gb:.0f} GB: raise parallel.cp (up to 8 in a node), add GPUs, "
+                    "or lower posttrain.grad_chunks / window_frames; `titan-world inspect CONFIG --posttrain --gpu-mem N` finds a mesh"
+                )
 
     def default_steps(self) -> int:
         return self.cfg.posttrain.dmd_steps
 
     def state(self) -> dict:
         t = self.trainer
-        state = {"student": self.student, "critic": t.critic, "opt_student": t.opt_student, "opt_critic": t.opt_critic,
-                 "progress": self.progress, "dataloader": self.loader}
+        state = {
+            "student": self.student,
+            "critic": t.critic,
+            "opt_student": t.opt_student,
+            "opt_critic": t.opt_critic,
+            "progress": self.progress,
+            "dataloader": self.loader,
+        }
         if t.ema is not None:
             state["ema"] = t.ema
         return state

@@ -25,7 +25,9 @@ TEACHER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 COMPILE_BACKEND = "inductor"  # torch.compile backend of `parallel.compile` (tests count graphs with their own)
 
 
-def prepare_network(net: nn.Module, parallel: ParallelConfig | None, *, checkpoint: bool = True, float8: bool = True) -> list[int]:
+def prepare_network(
+    net: nn.Module, parallel: ParallelConfig | None, *, checkpoint: bool = True, float8: bool = True
+) -> list[int]:
     """What pretraining does to its network before FSDP, in torchtitan's order, on every expert of
     `net`: FP8 GEMMs (`parallel.float8`, only with `float8`), activation checkpointing
     (`parallel.activation_checkpoint`, only with `checkpoint`: the frozen teacher runs no

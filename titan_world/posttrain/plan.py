@@ -48,11 +48,21 @@ def gan_head_params(dim: int, num_blocks: int, num_queries: int) -> int:
     return num_blocks * num_queries * d + 2 * d + num_blocks * attn + num_blocks * num_queries * d * d + d + d + 1
 
 
-def kv_cache_bytes(cfg, p: PostTrainConfig, tokens_per_frame: int, cp: int = 1, batch: int = 1, bytes_per: int = 2) -> int:
+def kv_cache_bytes(
+    cfg, p: PostTrainConfig, tokens_per_frame: int, cp: int = 1, batch: int = 1, bytes_per: int = 2
+) -> int:
     """Bytes of one rank's rollout cache: `KVCache` with this rank's heads, sized as
     `rollout.self_rollout` builds it (a chunk slot of at least the one given frame)."""
-    shape = KVCache.buffer_shape(cfg.num_layers, batch, cfg.num_heads // cp, cfg.head_dim, tokens_per_frame, p.sink_frames,
-                                 p.window_frames, max(p.chunk_frames, 1))
+    shape = KVCache.buffer_shape(
+        cfg.num_layers,
+        batch,
+        cfg.num_heads // cp,
+        cfg.head_dim,
+        tokens_per_frame,
+        p.sink_frames,
+        p.window_frames,
+        max(p.chunk_frames, 1),
+    )
     return 2 * math.prod(shape) * bytes_per
 
 
@@ -75,12 +85,21 @@ class PostTrainPlan:
     @property
     def student_step_gb(self) -> float:
         ph = self.phases_gb
-        return self.state_total_gb + ph["recorded_passes"] + max(ph["kv_cache"] + ph["rollout_pass"], ph["score_passes"], ph["fake_grad_pass"] if ph["gan"] else 0.0) + self.reserve_gb
+        return (
+            self.state_total_gb
+            + ph["recorded_passes"]
+            + max(ph["kv_cache"] + ph["rollout_pass"], ph["score_passes"], ph["fake_grad_pass"] if ph["gan"] else 0.0)
+            + self.reserve_gb
+        )
 
     @property
     def critic_step_gb(self) -> float:
         ph = self.phases_gb
-        return self.state_total_gb + max(ph["kv_cache"] + ph["rollout_pass"], ph["fake_grad_pass"], ph["score_passes"]) + self.reserve_gb
+        return (
+            self.state_total_gb
+            + max(ph["kv_cache"] + ph["rollout_pass"], ph["fake_grad_pass"], ph["score_passes"])
+            + self.reserve_gb
+        )
 
     @property
     def peak_gb(self) -> float:
@@ -114,13 +133,19 @@ def posttrain_plan(
     if gpus % cp:
         raise ValueError(f"--gpus {gpus} must be divisible by cp={cp}")
     if cfg.num_heads % cp:
-        raise ValueError(f"cp={cp}: the model has {cfg.num_heads} attention heads; Ulysses needs them divisible by the CP degree")
+        raise ValueError(
+            f"cp={cp}: the model has {cfg.num_heads} attention heads; Ulysses needs them divisible by the CP degree"
+        )
     ph_, pw_ = cfg.patch_size[1], cfg.patch_size[2]
     if height % (vae_stride * ph_) or width % (vae_stride * pw_):
-        raise ValueError(f"{height}x{width}: expected multiples of {vae_stride * ph_} (codec stride {vae_stride} x patch)")
+        raise ValueError(
+            f"{height}x{width}: expected multiples of {vae_stride * ph_} (codec stride {vae_stride} x patch)"
+        )
     tpf = (height // vae_stride // ph_) * (width // vae_stride // pw_)
     if tpf % cp:
-        raise ValueError(f"cp={cp}: a latent frame has {tpf} tokens; the rollout's cached passes need them divisible by the CP degree")
+        raise ValueError(
+            f"cp={cp}: a latent frame has {tpf} tokens; the rollout's cached passes need them divisible by the CP degree"
+        )
     n, d, ffn, layers, b = param_count(cfg), cfg.dim, cfg.ffn_dim, cfg.num_layers, p.batch_size
     blk = block_params(d, ffn)
     gan = gan_head_params(d, len(p.gan_blocks), p.gan_queries) if p.gan_weight > 0 else 0
@@ -142,7 +167,7 @@ def posttrain_plan(
     fake_pass = window * (ckpt * kept + (layers - ckpt) * working + (working if ckpt else 0)) * 2
     recorded = chunk_tokens * (ckpt * kept + (layers - ckpt) * working)  # block activations, per pass
     recorded += (layers - ckpt) * (chunk_tokens + stored) * 2 * d  # keys/values saved by uncheckpointed attention
-    recorded += (layers * stored * 2 * d if ckpt else 0)  # the snapshot a checkpointed pass recomputes from
+    recorded += layers * stored * 2 * d if ckpt else 0  # the snapshot a checkpointed pass recomputes from
     recompute = chunk_tokens * working if ckpt else 0
     phases = {
         "kv_cache": kv_cache_bytes(cfg, p, tpf, cp, b) / GB,
@@ -152,7 +177,9 @@ def posttrain_plan(
         "fake_grad_pass": b * fake_pass / cp / GB,
         "gan": 1.0 if p.gan_weight > 0 else 0.0,
     }
-    return PostTrainPlan(getattr(cfg, "name", "model"), gpus, gpus // cp, cp, gpu_mem_gb, tpf, state, phases, reserve_gb)
+    return PostTrainPlan(
+        getattr(cfg, "name", "model"), gpus, gpus // cp, cp, gpu_mem_gb, tpf, state, phases, reserve_gb
+    )
 
 
 def smallest_mesh(cfg, p: PostTrainConfig, height: int, width: int, max_gpus: int = 1024, **kw) -> PostTrainPlan | None:
@@ -183,13 +210,17 @@ def format_posttrain_plan(plan: PostTrainPlan) -> str:
         "per GPU, held all step:",
     ]
     rows += [f"  {k:<16} {v:8.1f} GB" for k, v in plan.state_gb.items()]
-    rows += ["per GPU, within a step:",
-             f"  {'kv_cache':<16} {ph['kv_cache']:8.1f} GB  (during the rollout)",
-             f"  {'recorded_passes':<16} {ph['recorded_passes']:8.1f} GB  (student step: rollout to backward)",
-             f"  {'fake_grad_pass':<16} {ph['fake_grad_pass']:8.1f} GB  (critic loss; GAN generator loss)",
-             f"  {'score_passes':<16} {ph['score_passes']:8.1f} GB  (teacher / fake scores, no grad)",
-             f"  {'reserve':<16} {plan.reserve_gb:8.1f} GB"]
+    rows += [
+        "per GPU, within a step:",
+        f"  {'kv_cache':<16} {ph['kv_cache']:8.1f} GB  (during the rollout)",
+        f"  {'recorded_passes':<16} {ph['recorded_passes']:8.1f} GB  (student step: rollout to backward)",
+        f"  {'fake_grad_pass':<16} {ph['fake_grad_pass']:8.1f} GB  (critic loss; GAN generator loss)",
+        f"  {'score_passes':<16} {ph['score_passes']:8.1f} GB  (teacher / fake scores, no grad)",
+        f"  {'reserve':<16} {plan.reserve_gb:8.1f} GB",
+    ]
     verdict = "fits" if plan.fits else "does NOT fit"
-    rows.append(f"peak: student step {plan.student_step_gb:.1f} GB, critic step {plan.critic_step_gb:.1f} GB "
-                f"-> {verdict} in {plan.gpu_mem_gb:.0f} GB")
+    rows.append(
+        f"peak: student step {plan.student_step_gb:.1f} GB, critic step {plan.critic_step_gb:.1f} GB "
+        f"-> {verdict} in {plan.gpu_mem_gb:.0f} GB"
+    )
     return "\n".join(rows)

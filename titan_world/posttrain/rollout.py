@@ -59,7 +59,7 @@ class RecordedPassCache(KVCache):
         if self._sink_base is not None and self.committed_frames >= self.sink:  # the sink as `KVCache` reads it
             self.prepare(k.shape[1] // self.tpf)
             sink = apply_rope(self._sink_base[layer], self._shift_cos, self._shift_sin)
-            stored_k = torch.cat([sink, stored_k[:, sink.shape[1]:]], 1)
+            stored_k = torch.cat([sink, stored_k[:, sink.shape[1] :]], 1)
         return torch.cat([k, stored_k], 1), torch.cat([v, self.stored_v[layer]], 1)
 
     def commit(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -164,9 +164,18 @@ def self_rollout(
     tpf = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     heads = cfg.num_heads // (model.cp.size if model.cp is not None else 1)  # Ulysses: this rank's heads, every token
     cache = KVCache(
-        cfg.num_layers, b, heads, cfg.head_dim, tpf, sink_frames=sink_frames, window_frames=window_frames,
-        chunk_frames=max(lay.chunk_frames, lay.prefix), dtype=cache_dtype or next(model.parameters()).dtype,
-        device=inp.given.device, horizon_frames=horizon_frames, rope_theta=cfg.rope_theta,
+        cfg.num_layers,
+        b,
+        heads,
+        cfg.head_dim,
+        tpf,
+        sink_frames=sink_frames,
+        window_frames=window_frames,
+        chunk_frames=max(lay.chunk_frames, lay.prefix),
+        dtype=cache_dtype or next(model.parameters()).dtype,
+        device=inp.given.device,
+        horizon_frames=horizon_frames,
+        rope_theta=cfg.rope_theta,
     )
     cond = inp.cond()
     out = [inp.given]
@@ -184,8 +193,12 @@ def self_rollout(
                 return _call(model, inp, cond, x, sigma, s, e, horizon_frames, kv_cache=cache)
 
         x = torch.randn(b, c, e - s, h, w, generator=generator, device=inp.given.device)
-        x0 = denoise_chunk(predict, x, sigmas[: exits[j] + 1],
-                           lambda shape=x.shape: torch.randn(shape, generator=generator, device=inp.given.device))
+        x0 = denoise_chunk(
+            predict,
+            x,
+            sigmas[: exits[j] + 1],
+            lambda shape=x.shape: torch.randn(shape, generator=generator, device=inp.given.device),
+        )
         out.append(x0)
         with torch.no_grad():
             _call(model, inp, cond, x0.detach(), 0.0, s, e, horizon_frames, kv_cache=cache, cache_write=True)

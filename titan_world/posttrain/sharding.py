@@ -44,7 +44,7 @@ class Sharding:
     parallel: ParallelConfig
 
     @classmethod
-    def build(cls, parallel: ParallelConfig, world: int, device: torch.device) -> "Sharding":
+    def build(cls, parallel: ParallelConfig, world: int, device: torch.device) -> Sharding:
         from parallel.mesh import build_mesh
 
         return cls(build_mesh(parallel, world, device.type), parallel)
@@ -57,7 +57,7 @@ class Sharding:
 
         return mixed_precision_policy(self.parallel, self.mesh.device_type).param_dtype or torch.float32
 
-    def policy(self, stored: torch.dtype = torch.float32) -> "MixedPrecisionPolicy":
+    def policy(self, stored: torch.dtype = torch.float32) -> MixedPrecisionPolicy:
         """`apply_fsdp`'s mixed-precision policy, except for parameters stored narrower than its
         compute dtype (a bf16 teacher on CPU, where the policy computes in fp32): they compute in
         their own dtype and are never upcast on all-gather. On GPU a bf16 teacher gets the same

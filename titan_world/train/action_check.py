@@ -36,7 +36,15 @@ def _episodes(cfg, num: int, frames: int, seed: int):
 
 
 @torch.no_grad()
-def generate_i2v(model: nn.Module, clean: torch.Tensor, text: torch.Tensor, actions: ActionInputs | None, steps: int, shift: float, noise: torch.Tensor) -> torch.Tensor:
+def generate_i2v(
+    model: nn.Module,
+    clean: torch.Tensor,
+    text: torch.Tensor,
+    actions: ActionInputs | None,
+    steps: int,
+    shift: float,
+    noise: torch.Tensor,
+) -> torch.Tensor:
     """Latents [B, C, F, h, w] from the first latent frame of `clean` (I2V), Euler sampling."""
     b, _, f = clean.shape[:3]
     cond_mask = torch.zeros(b, f, dtype=torch.bool)
@@ -45,8 +53,15 @@ def generate_i2v(model: nn.Module, clean: torch.Tensor, text: torch.Tensor, acti
     return sample(denoise, fill_given(noise, clean, cond_mask), steps, shift)
 
 
-def action_following_check(run_dir_or_model: str | Path | nn.Module, cfg, num_episodes: int = 4, *, steps: int | None = None, seed: int = HELD_OUT_SEED,
-                           frames: int | None = None) -> dict[str, Any]:
+def action_following_check(
+    run_dir_or_model: str | Path | nn.Module,
+    cfg,
+    num_episodes: int = 4,
+    *,
+    steps: int | None = None,
+    seed: int = HELD_OUT_SEED,
+    frames: int | None = None,
+) -> dict[str, Any]:
     """Frame errors of generation with true vs shuffled actions on held-out episodes.
 
     `frames`: clip length (default `train.action_check_frames`, else the last stage's). Camera
@@ -57,10 +72,9 @@ def action_following_check(run_dir_or_model: str | Path | nn.Module, cfg, num_ep
     episodes (`mse_true`, `mse_shuffled`, `mse_copy_last`, PSNRs), `actions_help` (true < shuffled)
     and the per-episode reports of `titan_world.eval.action_following.action_following_report`.
     """
-    from titan_world.model.codec import frames_to_video, video_to_frames
     from titan_world.data.writer import build_encoders
-    from titan_world.model.codec import codec_from_config
     from titan_world.eval.action_following import action_following_report
+    from titan_world.model.codec import codec_from_config, frames_to_video, video_to_frames
 
     if num_episodes < 2:
         raise ValueError(f"num_episodes={num_episodes}: expected >= 2 (shuffled actions come from another episode)")
@@ -80,21 +94,46 @@ def action_following_check(run_dir_or_model: str | Path | nn.Module, cfg, num_ep
 
     n = len(eps)
     true_a, shuf_a = acts(list(range(n))), acts([(i + 1) % n for i in range(n)])
-    both = ActionInputs(*(torch.cat([a, s]) for a, s in zip((true_a.keys, true_a.c2w, true_a.intrinsics), (shuf_a.keys, shuf_a.c2w, shuf_a.intrinsics))))
+    both = ActionInputs(
+        *(
+            torch.cat([a, s])
+            for a, s in zip((true_a.keys, true_a.c2w, true_a.intrinsics), (shuf_a.keys, shuf_a.c2w, shuf_a.intrinsics))
+        )
+    )
     half = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     noise = torch.cat([half, half])  # the same noise for the true and the shuffled batch: only the actions differ
-    lat = generate_i2v(model, clean.repeat(2, 1, 1, 1, 1), text.repeat(2, 1, 1), both if model_uses_actions(model) else None,
-                       steps or cfg.train.sample_steps, stage.shift, noise)
+    lat = generate_i2v(
+        model,
+        clean.repeat(2, 1, 1, 1, 1),
+        text.repeat(2, 1, 1),
+        both if model_uses_actions(model) else None,
+        steps or cfg.train.sample_steps,
+        stage.shift,
+        noise,
+    )
     generated = video_to_frames(codec.decode(lat))
     reports = [
-        action_following_report(generated[i], eps[i].frames, shuffled=generated[n + i], context_frames=1, poses=eps[i].c2w, intrinsics=eps[i].intrinsics[0])
+        action_following_report(
+            generated[i],
+            eps[i].frames,
+            shuffled=generated[n + i],
+            context_frames=1,
+            poses=eps[i].c2w,
+            intrinsics=eps[i].intrinsics[0],
+        )
         for i in range(n)
     ]
     fe = lambda key, m: float(np.mean([r["frame_error"][key][m] for r in reports]))  # noqa: E731
     out = {
-        "episodes": n, "frames": frames, "sample_steps": steps or cfg.train.sample_steps,
-        "mse_true": fe("model", "mse"), "mse_shuffled": fe("shuffled", "mse"), "mse_copy_last": fe("copy_last", "mse"),
-        "psnr_true": fe("model", "psnr"), "psnr_shuffled": fe("shuffled", "psnr"), "psnr_copy_last": fe("copy_last", "psnr"),
+        "episodes": n,
+        "frames": frames,
+        "sample_steps": steps or cfg.train.sample_steps,
+        "mse_true": fe("model", "mse"),
+        "mse_shuffled": fe("shuffled", "mse"),
+        "mse_copy_last": fe("copy_last", "mse"),
+        "psnr_true": fe("model", "psnr"),
+        "psnr_shuffled": fe("shuffled", "psnr"),
+        "psnr_copy_last": fe("copy_last", "psnr"),
         "reports": reports,
     }
     out["actions_help"] = out["mse_true"] < out["mse_shuffled"]
@@ -104,8 +143,15 @@ def action_following_check(run_dir_or_model: str | Path | nn.Module, cfg, num_ep
 
 
 @torch.no_grad()
-def _denoise_errors(model: nn.Module, clean: torch.Tensor, text: torch.Tensor, true_a: ActionInputs, shuf_a: ActionInputs,
-                    noise: torch.Tensor, sigma: float = 0.5) -> tuple[float, float]:
+def _denoise_errors(
+    model: nn.Module,
+    clean: torch.Tensor,
+    text: torch.Tensor,
+    true_a: ActionInputs,
+    shuf_a: ActionInputs,
+    noise: torch.Tensor,
+    sigma: float = 0.5,
+) -> tuple[float, float]:
     """Latent x0 error of one prediction from x_t at `sigma` (first frame given) with true vs shuffled actions."""
     b, _, f = clean.shape[:3]
     cond_mask = torch.zeros(b, f, dtype=torch.bool)
@@ -126,9 +172,18 @@ def model_uses_actions(model: nn.Module) -> bool:
 
 def format_check(result: dict[str, Any]) -> str:
     margin = 1.0 - result["mse_true"] / result["mse_shuffled"]
-    verdict = f"actions matter ({margin:.1%} lower error)" if result["actions_help"] else "NO measurable effect of the actions"
-    return (f"[action check] {result['episodes']} held-out episodes x {result['frames']} frames, {result['sample_steps']} sampler steps: "
-            f"frame MSE true actions {result['mse_true']:.5f} vs shuffled {result['mse_shuffled']:.5f} "
-            f"(copy-last-frame {result['mse_copy_last']:.5f}); PSNR {result['psnr_true']:.2f} vs {result['psnr_shuffled']:.2f} dB -> {verdict}"
-            + (f"; one-step denoising latent MSE true {result['denoise_mse_true']:.5f} vs shuffled {result['denoise_mse_shuffled']:.5f}"
-               if "denoise_mse_true" in result else ""))
+    verdict = (
+        f"actions matter ({margin:.1%} lower error)"
+        if result["actions_help"]
+        else "NO measurable effect of the actions"
+    )
+    return (
+        f"[action check] {result['episodes']} held-out episodes x {result['frames']} frames, {result['sample_steps']} sampler steps: "
+        f"frame MSE true actions {result['mse_true']:.5f} vs shuffled {result['mse_shuffled']:.5f} "
+        f"(copy-last-frame {result['mse_copy_last']:.5f}); PSNR {result['psnr_true']:.2f} vs {result['psnr_shuffled']:.2f} dB -> {verdict}"
+        + (
+            f"; one-step denoising latent MSE true {result['denoise_mse_true']:.5f} vs shuffled {result['denoise_mse_shuffled']:.5f}"
+            if "denoise_mse_true" in result
+            else ""
+        )
+    )

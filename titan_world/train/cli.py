@@ -16,8 +16,7 @@ from launch.cli_common import add_config_arguments, add_job_arguments, check_npr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        (parser.description or "")
-        + ". Trains the tiny model on the synthetic world by default (configs/tiny.yaml); "
+        (parser.description or "") + ". Trains the tiny model on the synthetic world by default (configs/tiny.yaml); "
         "start from Wan weights: train.base_checkpoint=WAN_FOLDER (train.expert=high|low picks one expert of a two-expert folder); "
         "action finetuning: --config configs/train/tiny_action.yaml train.base_checkpoint=RUN_DIR. "
         "SIGUSR1/SIGTERM checkpoint and exit 75; see docs/train.md."
@@ -39,6 +38,12 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not is_distributed_child():
         check_train_config(cfg, args.nproc, resuming=resume)
         run_dir = resolve_run_dir(cfg)
-        argv = ["launch.cli", "train", *(["--config", args.config] if args.config else []), *args.overrides, f"run.dir={run_dir}"]
+        argv = [
+            "launch.cli",
+            "train",
+            *(["--config", args.config] if args.config else []),
+            *args.overrides,
+            f"run.dir={run_dir}",
+        ]
         return launch_local(args.nproc, argv + (["--resume"] if resume else []))
     return train(cfg, resume=resume)

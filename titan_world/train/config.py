@@ -84,11 +84,15 @@ class TrainConfig:
         if not self.grad_clip >= 0:
             raise _bad("train.grad_clip", self.grad_clip, ">= 0 (0: no clipping)")
         if self.micro_batch is not None and self.micro_batch < 1:
-            raise _bad("train.micro_batch", self.micro_batch, ">= 1 samples per rank and micro-step (null: the per-rank batch)")
+            raise _bad(
+                "train.micro_batch", self.micro_batch, ">= 1 samples per rank and micro-step (null: the per-rank batch)"
+            )
         if self.keep_last < 1:
             raise _bad("train.keep_last", self.keep_last, ">= 1 (checkpoints kept; the newest is always kept)")
         if self.max_bad_steps < 0:
-            raise _bad("train.max_bad_steps", self.max_bad_steps, ">= 0 (non-finite steps in a row before the run stops)")
+            raise _bad(
+                "train.max_bad_steps", self.max_bad_steps, ">= 0 (non-finite steps in a row before the run stops)"
+            )
         if self.sample_steps < 1:
             raise _bad("train.sample_steps", self.sample_steps, ">= 1")
         if self.action_check_episodes < 0:

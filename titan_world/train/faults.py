@@ -14,7 +14,7 @@ import math
 import signal
 import sys
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -56,8 +56,12 @@ class StopFlag:
         if self.code == INTERRUPT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, progress since the last checkpoint is lost
         self.code = INTERRUPT
-        print(f"\n[{self.tag}] Ctrl-C: writing a checkpoint at the end of this step, then exiting "
-              "(press Ctrl-C again to exit at once without one)", file=sys.stderr, flush=True)
+        print(
+            f"\n[{self.tag}] Ctrl-C: writing a checkpoint at the end of this step, then exiting "
+            "(press Ctrl-C again to exit at once without one)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -97,8 +101,14 @@ class NonFiniteGuard:
     it) and decides when the run stops. `log` prints on rank 0; `last_checkpoint` names the newest
     good checkpoint for the stop message."""
 
-    def __init__(self, position: dict, max_bad_steps: int, tag: str, log: Callable[[str], None],
-                 last_checkpoint: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        position: dict,
+        max_bad_steps: int,
+        tag: str,
+        log: Callable[[str], None],
+        last_checkpoint: Callable[[], object],
+    ) -> None:
         position.setdefault("skipped", 0)
         position.setdefault("bad_streak", 0)
         self.position, self.max_bad, self.tag = position, max_bad_steps, tag
@@ -125,7 +135,9 @@ class NonFiniteGuard:
             last = self.last_checkpoint()
         except CheckpointError:  # every checkpoint failed validation (each was logged by the checkpointer)
             last = None
-        self.log(f"[{self.tag}] stopping at step {step}: {streak} consecutive non-finite losses "
-                 f"(train.max_bad_steps={self.max_bad}). The last good checkpoint is {last or '(none saved yet)'}; "
-                 "lower the learning rate or check the data, then --resume.")
+        self.log(
+            f"[{self.tag}] stopping at step {step}: {streak} consecutive non-finite losses "
+            f"(train.max_bad_steps={self.max_bad}). The last good checkpoint is {last or '(none saved yet)'}; "
+            "lower the learning rate or check the data, then --resume."
+        )
         return True

@@ -60,11 +60,14 @@ def distill_decoder(cfg) -> dict:
     teacher = codec_from_config(cfg.data.codec, device=device)
     prepare_dataset(cfg, progress=cfg.run.progress)
     decoder = LightDecoder(LightDecoderConfig(teacher.latent_channels, teacher.stride[1], d.width, d.depth)).to(device)
-    opt = build_optimizer(list(decoder.parameters()), argparse.Namespace(lr=d.lr, betas=(0.9, 0.99), weight_decay=0.0), device)
+    opt = build_optimizer(
+        list(decoder.parameters()), argparse.Namespace(lr=d.lr, betas=(0.9, 0.99), weight_decay=0.0), device
+    )
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    loader = build_train_loader(cfg, d.clip_frames, seed=d.seed, batch_size=d.batch_size,
-                                global_batch=("decoder.batch_size", d.batch_size))
+    loader = build_train_loader(
+        cfg, d.clip_frames, seed=d.seed, batch_size=d.batch_size, global_batch=("decoder.batch_size", d.batch_size)
+    )
     metrics = MetricsLogger(run_dir, cfg, rank=0, total_steps=d.steps, initial_step=0, resumed=False)
     batches = loader.batches()
     try:
@@ -128,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
     size = f"{result['decoder_params'] / 1e6:.2f}M parameters"
     if result["teacher_decoder_params"]:
         size += f" (the teacher's decoder: {result['teacher_decoder_params'] / 1e6:.1f}M)"
-    print(f"light decoder: {result['decoder']}, {size}; PSNR against {result['teacher']} on held-out clips: "
-          f"{result['psnr_vs_teacher_db']:.2f} dB")
+    print(
+        f"light decoder: {result['decoder']}, {size}; PSNR against {result['teacher']} on held-out clips: "
+        f"{result['psnr_vs_teacher_db']:.2f} dB"
+    )
     print(f"serve with it: titan-world serve serving.light_decoder={Path(result['decoder']).parent}")
     return 0
 

@@ -25,7 +25,13 @@ from titan_world.diffusion.flow import sample_sigma, unshift_sigma
 from titan_world.model import WanMoE, build_model
 from titan_world.train import adapter as adapter_mod
 from titan_world.train.faults import (
-    EXIT_DIVERGED, INTERRUPT, PREEMPT, NonFiniteGuard, StopFlag, stop_exit_code, stop_message,
+    EXIT_DIVERGED,
+    INTERRUPT,
+    PREEMPT,
+    NonFiniteGuard,
+    StopFlag,
+    stop_exit_code,
+    stop_message,
 )
 from titan_world.train.flops import device_peak_tflops, train_step_flops
 from titan_world.train.metrics import MetricsLogger, ProfilerWindow, peak_memory_gb
@@ -85,15 +91,21 @@ def check_train_config(cfg: TitanConfig, world_size: int, resuming: bool = False
         gb = st.global_batch or t.global_batch
         key = f"train.stages[{i}].global_batch" if st.global_batch else "train.global_batch"
         if gb % dp:
-            raise ConfigError(f"{key}={gb}: expected a multiple of the data-parallel size {dp} (world {world_size} / cp {c})")
+            raise ConfigError(
+                f"{key}={gb}: expected a multiple of the data-parallel size {dp} (world {world_size} / cp {c})"
+            )
         if t.micro_batch and (gb // dp) % t.micro_batch:
             raise ConfigError(f"train.micro_batch={t.micro_batch}: expected a divisor of the per-rank batch {gb // dp}")
         if st.cp is not None and st.cp != c:
-            raise ConfigError(f"train.stages[{i}].cp={st.cp}: this job runs cp={c}; run stages with another CP degree as their own job (launch.stages=chain)")
+            raise ConfigError(
+                f"train.stages[{i}].cp={st.cp}: this job runs cp={c}; run stages with another CP degree as their own job (launch.stages=chain)"
+            )
     if t.steps is not None and t.steps < 1:
         raise ConfigError(f"train.steps={t.steps}: expected >= 1")
     if t.task == "action_finetune" and not t.base_checkpoint:
-        raise ConfigError("train.base_checkpoint=None: action_finetune needs a base model (a Wan folder or a run dir with model/)")
+        raise ConfigError(
+            "train.base_checkpoint=None: action_finetune needs a base model (a Wan folder or a run dir with model/)"
+        )
     if t.base_checkpoint and not resuming:
         base_folders(t.base_checkpoint, train_model_config(cfg), t.expert)
     if t.profile_steps and len(t.profile_steps) != 2:
@@ -113,7 +125,13 @@ def _sample_seed(seed: int, step: int, episode_id: str, start_frame: int) -> int
 class Trainer:
     def __init__(self, cfg: TitanConfig, resume: bool = False):
         from parallel import (
-            Checkpointer, UlyssesContext, apply_activation_checkpointing, apply_float8, apply_fsdp, build_mesh, compile_blocks,
+            Checkpointer,
+            UlyssesContext,
+            apply_activation_checkpointing,
+            apply_float8,
+            apply_fsdp,
+            build_mesh,
+            compile_blocks,
             init_distributed,
         )
 
@@ -201,11 +219,15 @@ class Trainer:
                 materialize(net, self.device, None)  # Checkpointer.load sets every tensor (strict)
             return "weights from the checkpoint"
         folders = base_folders(t.base_checkpoint, self.model_cfg, t.expert) if t.base_checkpoint else None
-        fresh = fill_weights(model, folders, device=self.device, seed=t.seed, fresh=adapter_mod.adapter_starts_fresh(t.task))
+        fresh = fill_weights(
+            model, folders, device=self.device, seed=t.seed, fresh=adapter_mod.adapter_starts_fresh(t.task)
+        )
         if not folders:
             return f"weights: Wan's random initialisation (train.seed={t.seed})"
         note = "weights from " + ", ".join(str(f) for f in folders)
-        return note + (f"; the action adapter ({len(fresh)} tensors) starts fresh, a no-op until trained" if fresh else "")
+        return note + (
+            f"; the action adapter ({len(fresh)} tensors) starts fresh, a no-op until trained" if fresh else ""
+        )
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -228,9 +250,20 @@ class Trainer:
         per_rank = stage.global_batch // self.dp_size
         self.micro = self.cfg.train.micro_batch or per_rank
         self.accum = per_rank // self.micro
-        key = f"train.stages[{stage.index}].global_batch" if self.cfg.train.stages[stage.index].global_batch else "train.global_batch"
-        return build_train_loader(self.cfg, stage.frames, self.dp_rank, self.dp_size, self.cfg.train.seed, self.micro,
-                                  global_batch=(key, stage.global_batch))
+        key = (
+            f"train.stages[{stage.index}].global_batch"
+            if self.cfg.train.stages[stage.index].global_batch
+            else "train.global_batch"
+        )
+        return build_train_loader(
+            self.cfg,
+            stage.frames,
+            self.dp_rank,
+            self.dp_size,
+            self.cfg.train.seed,
+            self.micro,
+            global_batch=(key, stage.global_batch),
+        )
 
     def _state(self) -> dict:
         state = {"model": self.model, "optimizer": self.optimizer, "trainer": self.position, "dataloader": self.loader}
@@ -275,11 +308,15 @@ class Trainer:
         sigma = torch.empty(b, device=self.device)
         noise = torch.empty_like(latents)
         for i in range(b):  # per-sample streams: invariant to how the global batch is split
-            g = torch.Generator(self.device).manual_seed(_sample_seed(self.cfg.train.seed, step, batch["episode_ids"][i], int(batch["start_frames"][i])))
+            g = torch.Generator(self.device).manual_seed(
+                _sample_seed(self.cfg.train.seed, step, batch["episode_ids"][i], int(batch["start_frames"][i]))
+            )
             sigma[i] = sample_sigma((1,), self.stage.shift, lo, hi, generator=g, device=self.device)[0]
             noise[i] = torch.randn(latents.shape[1:], generator=g, device=self.device)
         nb = training_batch_inputs(self.model_cfg, batch, latents, cond_mask, sigma, noise, self.cfg.data.codec)
-        actions = actions_from_batch({k: batch[k].to(self.device) for k in ("actions", "c2w", "intrinsics")}, self.model_cfg.action.enabled)
+        actions = actions_from_batch(
+            {k: batch[k].to(self.device) for k in ("actions", "c2w", "intrinsics")}, self.model_cfg.action.enabled
+        )
         context = batch["text"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             pred = net(nb.x_t, nb.t, context, cond=nb.cond, actions=actions)
@@ -299,7 +336,17 @@ class Trainer:
         expert = self._expert(step)
         net = self.model.expert(expert) if expert else self.model
         lo, hi = self._sigma_range(expert)
-        set_lr(self.optimizer, self.stage.lr * lr_factor(step, self.total_steps, self.cfg.train.warmup_steps, self.cfg.train.schedule, self.cfg.train.min_lr_ratio))
+        set_lr(
+            self.optimizer,
+            self.stage.lr
+            * lr_factor(
+                step,
+                self.total_steps,
+                self.cfg.train.warmup_steps,
+                self.cfg.train.schedule,
+                self.cfg.train.min_lr_ratio,
+            ),
+        )
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             self._set_grad_sync(i == len(batches) - 1)
@@ -327,14 +374,27 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update(self.named_trainable)
-        return {"loss": loss_v, "grad_norm": norm_v, "skipped": skipped, "stop": stop_v, "expert": expert,
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        return {
+            "loss": loss_v,
+            "grad_norm": norm_v,
+            "skipped": skipped,
+            "stop": stop_v,
+            "expert": expert,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> int:
         cfg, t = self.cfg, self.cfg.train
         pos = self.position
-        log = MetricsLogger(self.run_dir, cfg, rank=self.rank, total_steps=self.total_steps, initial_step=pos["step"], resumed=self.resumed_from is not None)
+        log = MetricsLogger(
+            self.run_dir,
+            cfg,
+            rank=self.rank,
+            total_steps=self.total_steps,
+            initial_step=pos["step"],
+            resumed=self.resumed_from is not None,
+        )
         prof = ProfilerWindow(list(t.profile_steps), self.run_dir, self.rank, self.device)
         guard = NonFiniteGuard(pos, t.max_bad_steps, "train", log.message, self.ckpt.latest)
         self.stop.install()
@@ -342,10 +402,16 @@ class Trainer:
             log.message(f"[train] resumed from {self.resumed_from} at step {pos['step']} (stage {self.stage.name})")
         else:
             log.message(f"[train] {self.weights_note}")
-        log.message(f"[train] run dir {self.run_dir}; {self.total_steps} steps over stages "
-                    + ", ".join(f"{s.name} ({s.frames} frames, shift {s.shift}, steps {s.start}-{s.end})" for s in self.stages)
-                    + f"; {self.world} rank(s), mesh {self.mesh}"
-                    + (f"; FP8 GEMMs ({cfg.parallel.float8}) in {self.float8_layers} linear layers" if self.float8_layers else ""))
+        log.message(
+            f"[train] run dir {self.run_dir}; {self.total_steps} steps over stages "
+            + ", ".join(f"{s.name} ({s.frames} frames, shift {s.shift}, steps {s.start}-{s.end})" for s in self.stages)
+            + f"; {self.world} rank(s), mesh {self.mesh}"
+            + (
+                f"; FP8 GEMMs ({cfg.parallel.float8}) in {self.float8_layers} linear layers"
+                if self.float8_layers
+                else ""
+            )
+        )
         rc = 0
         try:
             while pos["step"] < self.total_steps:
@@ -371,7 +437,9 @@ class Trainer:
                 log.progress(1, {"stage": self.stage.name, "loss": f"{out['loss']:.4f}"})
                 if pos["step"] == self.stage.end and pos["step"] < self.total_steps:
                     nxt = stage_at(self.stages, pos["step"])
-                    log.message(f"[train] step {pos['step']}: stage {self.stage.name} done -> stage {nxt.name} ({nxt.frames} frames, shift {nxt.shift})")
+                    log.message(
+                        f"[train] step {pos['step']}: stage {self.stage.name} done -> stage {nxt.name} ({nxt.frames} frames, shift {nxt.shift})"
+                    )
                     self._enter_stage(nxt)
                 if out["stop"]:
                     log.message(stop_message("train", out["stop"], self.save()))
@@ -399,10 +467,18 @@ class Trainer:
         tflops = flops / dt / 1e12 / self.world
         tokens = gb * lat[2] * (lat[3] // self.model_cfg.patch_size[1]) * (lat[4] // self.model_cfg.patch_size[2])
         rec = {
-            "step": step, "stage": self.stage.name, "stage_index": self.stage.index, "loss": out["loss"], "lr": out["lr"],
+            "step": step,
+            "stage": self.stage.name,
+            "stage_index": self.stage.index,
+            "loss": out["loss"],
+            "lr": out["lr"],
             "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else None,
-            "tokens_per_s": tokens / dt, "model_tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
-            "peak_mem_gb": peak_memory_gb(self.device), "step_time_s": dt, "skipped_total": self.position["skipped"],
+            "tokens_per_s": tokens / dt,
+            "model_tflops": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "peak_mem_gb": peak_memory_gb(self.device),
+            "step_time_s": dt,
+            "skipped_total": self.position["skipped"],
         }
         if not math.isfinite(rec["loss"]):
             rec["loss"] = None
@@ -423,7 +499,9 @@ class Trainer:
             if self.rank == 0:
                 cfg = self.model.high.cfg if isinstance(self.model, WanMoE) else self.model.cfg
                 adapter_mod.save_adapter(state, self.trainable_names, self.run_dir / "adapter", cfg)
-                log.message(f"[train] saved the action adapter ({len(self.trainable_names)} tensors) to {self.run_dir / 'adapter'}")
+                log.message(
+                    f"[train] saved the action adapter ({len(self.trainable_names)} tensors) to {self.run_dir / 'adapter'}"
+                )
 
 
 def train(cfg: TitanConfig, resume: bool = False) -> int:
@@ -433,10 +511,17 @@ def train(cfg: TitanConfig, resume: bool = False) -> int:
     try:
         trainer = Trainer(cfg, resume=resume)
         rc = trainer.fit()
-        if rc == 0 and cfg.train.task == "action_finetune" and cfg.train.action_check_episodes > 0 and trainer.rank == 0:
+        if (
+            rc == 0
+            and cfg.train.task == "action_finetune"
+            and cfg.train.action_check_episodes > 0
+            and trainer.rank == 0
+        ):
             from titan_world.train.action_check import action_following_check, format_check
 
-            print(format_check(action_following_check(trainer.run_dir, cfg, cfg.train.action_check_episodes)), flush=True)
+            print(
+                format_check(action_following_check(trainer.run_dir, cfg, cfg.train.action_check_episodes)), flush=True
+            )
         return rc
     finally:
         destroy()

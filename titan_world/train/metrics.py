@@ -43,7 +43,9 @@ class MetricsLogger:
         if cfg.run.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(
+                total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+            )
         if cfg.run.wandb != "disabled":
             self.wandb = _start_wandb(run_dir, cfg)
 
@@ -53,7 +55,9 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}, step=record["step"])
+            self.wandb.log(
+                {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}, step=record["step"]
+            )
 
     def progress(self, n: int, postfix: dict[str, Any] | None = None) -> None:
         if self.bar is not None:
@@ -124,8 +128,15 @@ def _start_wandb(run_dir: Path, cfg):
 
         from titan_world.config import to_dict
 
-        return wandb.init(project="titan-world", name=cfg.run.name, dir=str(run_dir), mode=cfg.run.wandb,
-                          config=to_dict(cfg), resume="allow", id=_wandb_id(run_dir))
+        return wandb.init(
+            project="titan-world",
+            name=cfg.run.name,
+            dir=str(run_dir),
+            mode=cfg.run.wandb,
+            config=to_dict(cfg),
+            resume="allow",
+            id=_wandb_id(run_dir),
+        )
     except Exception as e:  # no network, no package, bad key: training goes on
         print(f"[train] wandb disabled: {type(e).__name__}: {e}", file=sys.stderr)
         return None

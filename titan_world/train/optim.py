@@ -17,7 +17,11 @@ def build_optimizer(params: list[nn.Parameter], tcfg, device: torch.device) -> t
     """AdamW with the fused kernel on GPU (foreach on CPU); no weight decay on 1-D params / modulation."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
     kwargs: dict = {"lr": tcfg.lr, "betas": tuple(tcfg.betas), "eps": 1e-8}
     if device.type == "cuda":
         kwargs["fused"] = True
@@ -76,7 +80,10 @@ class EMA(nn.Module):
         super().__init__()
         self.decay = decay
         self.shadow = nn.ParameterDict(
-            {name.replace(".", "/"): nn.Parameter(p.detach().clone().float(), requires_grad=False) for name, p in named_params}
+            {
+                name.replace(".", "/"): nn.Parameter(p.detach().clone().float(), requires_grad=False)
+                for name, p in named_params
+            }
         )
 
     @torch.no_grad()
@@ -87,4 +94,7 @@ class EMA(nn.Module):
         torch._foreach_lerp_(ema, cur, 1.0 - (self.decay if decay is None else decay))
 
     def state_for_export(self) -> dict[str, torch.Tensor]:
-        return {k.replace("/", "."): (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in self.shadow.items()}
+        return {
+            k.replace("/", "."): (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+            for k, v in self.shadow.items()
+        }

@@ -27,8 +27,10 @@ def peek_trainer_state(path: Path) -> dict:
     try:
         saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # a checkpoint from before checksums, corrupted: name the file
-        raise CheckpointError(f"{path / 'state.pt'}: unreadable ({type(e).__name__}: {e}); move {path} aside "
-                              "to resume from the previous checkpoint") from None
+        raise CheckpointError(
+            f"{path / 'state.pt'}: unreadable ({type(e).__name__}: {e}); move {path} aside "
+            "to resume from the previous checkpoint"
+        ) from None
     return dict(saved.get("trainer", {}))
 
 
@@ -44,16 +46,22 @@ def resume_point(ckpt: Checkpointer, resume: bool) -> Path | None:
     if not resume:
         found = list_checkpoints(ckpt.dir)
         if found:
-            raise ConfigError(f"run.dir={run_dir} already holds checkpoints (newest {found[0][1].name}): "
-                              "continue that run with --resume, or start a new one in another run.dir")
+            raise ConfigError(
+                f"run.dir={run_dir} already holds checkpoints (newest {found[0][1].name}): "
+                "continue that run with --resume, or start a new one in another run.dir"
+            )
         return None
     path = ckpt.latest()
     if path is None and list_checkpoints(ckpt.dir):
-        raise CheckpointError(f"--resume: none of the checkpoints in {ckpt.dir} is valid (see the warnings above); "
-                              "nothing was changed. Move the broken ones aside (or restore them) and resume again")
+        raise CheckpointError(
+            f"--resume: none of the checkpoints in {ckpt.dir} is valid (see the warnings above); "
+            "nothing was changed. Move the broken ones aside (or restore them) and resume again"
+        )
     if path is None:
-        raise CheckpointError(f"--resume: nothing to resume in run.dir={run_dir} ({ckpt.dir} holds no checkpoint); "
-                              "drop --resume to start a new run there")
+        raise CheckpointError(
+            f"--resume: nothing to resume in run.dir={run_dir} ({ckpt.dir} holds no checkpoint); "
+            "drop --resume to start a new run there"
+        )
     return path
 
 
@@ -70,13 +78,17 @@ def export_model(model: nn.Module, folder: Path, rank: int, overrides: dict[str,
 
     `overrides` replaces tensors by name (e.g. the EMA weights). Collective under FSDP.
     """
-    experts = [(sub, model.expert(name), f"{name}.") for name, sub in EXPERT_DIRS.items()] if isinstance(model, WanMoE) else [(None, model, "")]
+    experts = (
+        [(sub, model.expert(name), f"{name}.") for name, sub in EXPERT_DIRS.items()]
+        if isinstance(model, WanMoE)
+        else [(None, model, "")]
+    )
     for sub, net, prefix in experts:
         state = full_state_dict(net)
         if rank == 0:
             for k, v in (overrides or {}).items():
-                if k.startswith(prefix) and k[len(prefix):] in state:
-                    state[k[len(prefix):]] = v.to(state[k[len(prefix):]].dtype)
+                if k.startswith(prefix) and k[len(prefix) :] in state:
+                    state[k[len(prefix) :]] = v.to(state[k[len(prefix) :]].dtype)
             save_state_dict(state, folder / sub if sub else folder, config_json(net.cfg))
     if rank == 0 and isinstance(model, WanMoE):
         (folder / "moe.json").write_text(json.dumps({"boundary": model.boundary}))

@@ -15,8 +15,8 @@ rows. No rank ever holds the full model; peak extra host memory is the largest s
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,13 @@ import torch.nn as nn
 from titan_world.config import ConfigError
 from titan_world.model import WanDiT, WanMoE
 from titan_world.model.config import ModelConfig
-from titan_world.model.io import CheckpointError, WeightFolder, check_config_matches, resolve_checkpoint_dir, weight_reader
+from titan_world.model.io import (
+    CheckpointError,
+    WeightFolder,
+    check_config_matches,
+    resolve_checkpoint_dir,
+    weight_reader,
+)
 from titan_world.model.moe import EXPERT_DIRS
 
 # (tensor name, whether the checkpoint has it) -> start it from Wan's initialisation instead
@@ -58,13 +64,17 @@ def base_folders(base_checkpoint: str, model_cfg: ModelConfig, expert: str = "al
     two_expert = all(p.is_dir() for p in experts.values())
     if model_cfg.num_experts == 2:
         if not two_expert:
-            raise ConfigError(f"{key}: model.num_experts=2 with train.expert=all needs a two-expert folder "
-                              f"({EXPERT_DIRS['high']}/ + {EXPERT_DIRS['low']}/); {root} is one network")
+            raise ConfigError(
+                f"{key}: model.num_experts=2 with train.expert=all needs a two-expert folder "
+                f"({EXPERT_DIRS['high']}/ + {EXPERT_DIRS['low']}/); {root} is one network"
+            )
         folders = [experts["high"], experts["low"]]
     elif two_expert:
         if expert not in experts:
-            raise ConfigError(f"{key}: {root} holds two experts; train one per job with train.expert=high|low, "
-                              "or both with model.num_experts=2")
+            raise ConfigError(
+                f"{key}: {root} holds two experts; train one per job with train.expert=high|low, "
+                "or both with model.num_experts=2"
+            )
         folders = [experts[expert]]
     else:
         folders = [root]
@@ -76,8 +86,14 @@ def base_folders(base_checkpoint: str, model_cfg: ModelConfig, expert: str = "al
     return folders
 
 
-def fill_weights(model: nn.Module, folders: list[Path] | None, *, device: torch.device | str, seed: int,
-                 fresh: FreshRule = lambda name, in_checkpoint: False) -> list[str]:
+def fill_weights(
+    model: nn.Module,
+    folders: list[Path] | None,
+    *,
+    device: torch.device | str,
+    seed: int,
+    fresh: FreshRule = lambda name, in_checkpoint: False,
+) -> list[str]:
     """Materialise every network of a meta-built (possibly FSDP-sharded) `model` on `device` and
     fill its local shards: from `folders` (one per network, see `base_folders`), or Wan's random
     initialisation seeded by `seed` without them; `fresh` picks tensors that start from the
