@@ -22,7 +22,7 @@ from titan_world.config import CONFIG_ROOT
 from titan_world.model.codec import default_vae_stride
 from titan_world.model.config import ModelConfig
 from titan_world.model.dit import WanDiT
-from titan_world.train.flops import device_peak_tflops, sample_flops
+from titan_world.model.flops import device_peak_tflops, sample_flops
 
 
 def model_config(name: str, layers: int | None) -> ModelConfig:

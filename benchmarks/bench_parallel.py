@@ -30,8 +30,8 @@ def _model_cfg(name: str):
 
 
 def model_flops_per_step(cfg, frames: int, height: int, width: int) -> float:
-    """Train-step model FLOPs of one sample, from the project's one formula (titan_world.train.flops)."""
-    from titan_world.train.flops import sample_flops
+    """Train-step model FLOPs of one sample, from the project's one formula (titan_world.model.flops)."""
+    from titan_world.model.flops import sample_flops
 
     return sample_flops(cfg, 1 + (frames - 1) // 4, height // 8, width // 8).train_step
 

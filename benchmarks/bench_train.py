@@ -4,7 +4,7 @@
     python -m benchmarks.bench_train --device cuda --config wan2.1-1.3b --frames 81 --height 480 --width 832 \
         --grad-ckpt [--compile] [--no-diffusers]
 
-Prints model-TFLOP/s (titan_world.train.flops: the formula the trainer logs), MFU (device peak
+Prints model-TFLOP/s (titan_world.model.flops: the formula the trainer logs), MFU (device peak
 table), tokens/s, step time and peak memory for our WanDiT and, when diffusers is importable, for
 diffusers' WanTransformer3DModel built from the same config and trained the same way (random
 weights, bf16 on GPU, same loss, AdamW), and the step-rate ratio. Latents are random: VAE stride
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from parallel.compile import compile_blocks
     from parallel.config import ParallelConfig
     from titan_world.model import WanDiT
-    from titan_world.train.flops import device_peak_tflops, train_step_flops
+    from titan_world.model.flops import device_peak_tflops, train_step_flops
 
     device = torch.device(args.device)
     amp = device.type == "cuda"

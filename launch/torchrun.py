@@ -31,7 +31,8 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "checkpointed because asked to stop; requeue/resume me"
+from titan_world.exit_codes import EXIT_PREEMPTED
+
 PREEMPT_SIGNALS = (signal.SIGUSR1,)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_DEATH_SIGNAL = signal.SIGTERM  # the agent stops its ranks on it; ranks checkpoint and exit on it

@@ -223,7 +223,7 @@ def test_flops_formula_matches_design_reference():
     from omegaconf import OmegaConf
 
     from titan_world.model.config import ModelConfig
-    from titan_world.train.flops import sample_flops
+    from titan_world.model.flops import sample_flops
 
     cfg = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load("configs/model/wan2.1-1.3b.yaml"))

@@ -40,7 +40,15 @@ def check_frame_count(num_frames: int, what: str = "clip") -> int:
 
 
 def latent_frames(num_frames: int) -> int:
+    """Latent frames of a clip of `num_frames` (1 + 4k) frames: 1 + k. The one temporal-stride rule."""
     return 1 + check_frame_count(num_frames)
+
+
+def pixel_frames(num_latents: int) -> int:
+    """Video frames that `num_latents` latent frames decode to: 1 + 4(n - 1) (inverse of `latent_frames`)."""
+    if num_latents < 1:
+        raise ValueError(f"{num_latents} latent frames; expected at least 1")
+    return 1 + TEMPORAL_STRIDE * (num_latents - 1)
 
 
 def _dct_matrix(n: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from titan_world.model.config import ActionConfig, ModelConfig
 from titan_world.model.dit import WanDiT
 from titan_world.model.io import CheckpointError, read_config, resolve_checkpoint_dir
 from titan_world.model.moe import EXPERT_DIRS
-from titan_world.train.flops import sample_flops
+from titan_world.model.flops import sample_flops
 
 
 def resolve_target(target: str) -> tuple[ModelConfig, str, str]:

@@ -31,14 +31,13 @@ import torch.distributed as dist
 from parallel.ulysses import UlyssesContext
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.data.loader import check_data_path, prepare_dataset
+from titan_world.exit_codes import EXIT_DIVERGED, EXIT_PREEMPTED  # noqa: F401  (EXIT_PREEMPTED: tests compare with it)
 from titan_world.model.codec import codec_from_config, latent_frames
 from titan_world.posttrain.causal import ChunkLayout, diffusion_forcing_loss, forcing_sigmas
 from titan_world.posttrain.distill import Batch, DMDTrainer, average_and_clip
 from titan_world.posttrain.memory import teacher_dtype
 from titan_world.posttrain.sharding import Sharding, set_context_parallel
-from titan_world.train.faults import (  # noqa: F401  (EXIT_PREEMPTED: the code tests and callers compare with)
-    EXIT_DIVERGED,
-    EXIT_PREEMPTED,
+from titan_world.train.faults import (
     NonFiniteGuard,
     StopFlag,
     finite_on_all_ranks,

@@ -19,13 +19,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from launch.torchrun import EXIT_PREEMPTED
+from titan_world.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from titan_world.model.io import CheckpointError
-
-EXIT_DIVERGED = 3  # too many consecutive non-finite losses
-# Ctrl-C: the shell's code for SIGINT (128 + 2), so scripts and `make` stop as for any interrupted
-# command; EXIT_PREEMPTED (75) is what the SLURM script requeues, which a Ctrl-C must not trigger.
-EXIT_INTERRUPTED = 130
 
 PREEMPT, INTERRUPT = 1.0, 2.0  # StopFlag.code values (the larger wins across ranks)
 

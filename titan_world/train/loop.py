@@ -22,10 +22,11 @@ from titan_world.conditioning import actions_from_batch, training_batch_inputs
 from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
 from titan_world.data.loader import check_data_path, prepare_dataset
 from titan_world.diffusion.flow import sample_sigma, unshift_sigma
+from titan_world.exit_codes import EXIT_DIVERGED
 from titan_world.model import WanMoE, build_model
+from titan_world.model.flops import device_peak_tflops, train_step_flops
 from titan_world.train import adapter as adapter_mod
 from titan_world.train.faults import (
-    EXIT_DIVERGED,
     INTERRUPT,
     PREEMPT,
     NonFiniteGuard,
@@ -33,7 +34,6 @@ from titan_world.train.faults import (
     stop_exit_code,
     stop_message,
 )
-from titan_world.train.flops import device_peak_tflops, train_step_flops
 from titan_world.train.metrics import MetricsLogger, ProfilerWindow, peak_memory_gb
 from titan_world.train.optim import EMA, build_optimizer, clip_grad_norm, lr_factor, set_lr
 from titan_world.train.state import export_model, full_state_dict, peek_trainer_state, resume_point
