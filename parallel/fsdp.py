@@ -22,15 +22,20 @@ __all__ = ["apply_fsdp", "mixed_precision_policy"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def mixed_precision_policy(cfg: ParallelConfig, device_type: str) -> MixedPrecisionPolicy:
+def mixed_precision_policy(
+    cfg: ParallelConfig, device_type: str, stored: torch.dtype = torch.float32
+) -> MixedPrecisionPolicy:
     """bf16 compute params on GPU, fp32 on CPU (CPU bf16 matmuls are slow and break parity tests);
-    gradients are always reduced in `cfg.reduce_dtype` (fp32 by default).
+    gradients are always reduced in `cfg.reduce_dtype` (fp32 by default). Parameters `stored`
+    narrower than that compute dtype (a bf16 frozen teacher on CPU) compute in their own dtype and
+    are never upcast on all-gather.
 
     Forward inputs are not cast: the model casts what each layer reads to that layer's dtype and
     keeps the rest in fp32 by design (timesteps before the sinusoidal embedding, AdaLN modulation,
     RoPE tables, camera poses). Casting every input to bf16 would round t (937 -> 936), the
     modulation and RoPE at every block boundary, and `torch.linalg.inv` refuses bf16 poses."""
     param = _DTYPES[cfg.param_dtype] if device_type == "cuda" else torch.float32
+    param = stored if stored.itemsize < param.itemsize else param
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=_DTYPES[cfg.reduce_dtype], cast_forward_inputs=False)
 
 
@@ -39,8 +44,8 @@ def apply_fsdp(
 ) -> nn.Module:
     """Shard `model` in place (per block, then root) and return it.
 
-    `mp_policy` overrides `mixed_precision_policy(cfg, ...)` (post-training: a bf16-stored frozen
-    teacher must not be upcast to fp32 on all-gather on CPU).
+    `mp_policy` overrides `mixed_precision_policy(cfg, ...)` (`parallelize` passes the one for the
+    dtype the network is stored in).
 
     Frozen parameters (requires_grad=False, e.g. the backbone during action finetuning) are
     sharded like the rest (FSDP2 supports mixed frozen/trainable params in one unit): they are

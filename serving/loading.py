@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from parallel.config import ParallelConfig
+from parallel.parallelize import parallelize
 from serving.config import ServingConfig, with_fallback_geometry
 from serving.engine import EngineError
 from serving.streaming import StreamingEngine, default_sigmas
@@ -27,6 +29,7 @@ from titan_world.model.io import (
     read_config,
     resolve_checkpoint_dir,
 )
+from titan_world.model.light_decoder import LightDecodedCodec, load_light_decoder
 from titan_world.model.text_encoder import build_text_encoder
 
 log = logging.getLogger("titan_world.serving")
@@ -202,25 +205,13 @@ def build_engine(cfg: TitanConfig, *, local_rank: int = 0, cp=None, require_caus
         sc = student_settings(sc, model.cfg, str(resolve_checkpoint_dir(source)))
     sc = with_fallback_geometry(sc)
     mc = model.cfg
-    if cp is not None:
-        model.set_context_parallel(cp)
-    if sc.float8 != "none":
-        from parallel.float8 import apply_float8
-
-        log.warning(
-            "serving.float8=%s: %d linear layers run FP8 GEMMs",
-            sc.float8,
-            apply_float8(model, sc.float8, key="serving.float8"),
-        )
-    if sc.compile:
-        from parallel.compile import compile_blocks
-
-        compile_blocks(model)
+    speed = ParallelConfig(float8=sc.float8, compile=sc.compile)
+    ready = parallelize(model, None, speed, "serve", device=device, cp=cp, attn_backend=cfg.model.attn_backend)
+    if ready.float8_layers:
+        log.warning("serving.float8=%s: %d linear layers run FP8 GEMMs", sc.float8, ready.float8_layers)
     dc, tc = cfg.data.codec, cfg.data.text_encoder
     codec = codec_from_config(dc, device=device, dtype=dtype)  # the Wan VAE decodes in the serving dtype (bf16 on GPU)
     if sc.light_decoder:
-        from titan_world.model.light_decoder import LightDecodedCodec, load_light_decoder
-
         try:
             codec = LightDecodedCodec(codec, load_light_decoder(sc.light_decoder, device, dtype))
         except (OSError, ValueError) as e:

@@ -56,7 +56,8 @@ def one_process(tmp: Path) -> None:
 
 def two_cp_ranks(tmp: Path) -> dict:
     from parallel.distributed import init_distributed
-    from titan_world.posttrain.loop import EXIT_PREEMPTED, CausalJob, DMDJob
+    from titan_world.exit_codes import EXIT_PREEMPTED
+    from titan_world.posttrain.loop import CausalJob, DMDJob
 
     init_distributed()
     cp = "parallel.cp=2"
@@ -142,10 +143,10 @@ def test_frame_tokens_not_divisible_by_cp_is_refused(runs):
 def test_bad_meshes_are_refused_before_launch(tmp_path, capsys):
     from launch.cli import main
     from titan_world.config import ConfigError
-    from titan_world.posttrain.loop import job_mesh
+    from titan_world.posttrain.loop import check_mesh
 
     with pytest.raises(ConfigError, match=r"parallel.cp=2: one process has no context parallelism"):
-        job_mesh(_cfg(tmp_path, "x", "parallel.cp=2"), 1, torch.device("cpu"))
+        check_mesh(_cfg(tmp_path, "x", "parallel.cp=2"), 1)
     # 3 ranks do not factor into CP groups of 2: refused by the CLI, no rank is started
     assert main(["post-train", "dmd", "--nproc", "3", "parallel.cp=2", f"run.dir={tmp_path / 'y'}"]) == 2
     assert "world_size=3 is not divisible" in capsys.readouterr().err

@@ -29,6 +29,7 @@ def _cfg(tmp: Path, data: Path, run: str, teacher: Path, *extra: str):
             "run.progress=false",
             "run.wandb=disabled",
             f"posttrain.teacher={teacher}",
+            f"posttrain.student={teacher}",
             *extra,
         ],
     )

@@ -35,6 +35,7 @@ def _cfg(tmp: Path, data: Path, run: str, teacher: Path, *extra: str):
             "run.progress=false",
             "run.wandb=disabled",
             f"posttrain.teacher={teacher}",
+            f"posttrain.student={teacher}",
             *SMALL,
             *extra,
         ],

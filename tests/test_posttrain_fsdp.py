@@ -102,7 +102,8 @@ def all_jobs(tmp: Path) -> dict:
     """Every job of this module on one rank (the process group stays up between jobs)."""
     from parallel.distributed import init_distributed
     from titan_world.posttrain import loop
-    from titan_world.posttrain.loop import EXIT_PREEMPTED, CausalJob, DMDJob
+    from titan_world.exit_codes import EXIT_PREEMPTED
+    from titan_world.posttrain.loop import CausalJob, DMDJob
 
     init_distributed()
     out: dict = {}

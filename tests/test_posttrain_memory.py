@@ -20,19 +20,18 @@ from test_posttrain_units import HW, C, actions, tiny
 from torch.distributed.fsdp import FSDPModule
 
 from parallel.config import ParallelConfig
+from parallel.parallelize import parallelize
 from titan_world.model import ModelConfig, build_model
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch, DMDTrainer
-from titan_world.posttrain.memory import prepare_network, teacher_dtype
+from titan_world.posttrain.memory import teacher_dtype
 
 pytestmark = pytest.mark.xdist_group(name="posttrain_memory")
 
 STEPS = 2
 
 
-def _trainer(
-    ac: str = "none", dtype: str = "auto", sharding=None, window: int = 4, **speed
-) -> tuple[DMDTrainer, Batch]:
+def _trainer(ac: str = "none", dtype: str = "auto", mesh=None, window: int = 4, **speed) -> tuple[DMDTrainer, Batch]:
     """Same nets, batch and seeds for every call: only `ac` / `dtype` / `window` differ. With
     window 1 the ring of the rollout's cache wraps: each chunk's t = 0 pass overwrites the frame
     the previous recorded pass attended to, before the backward."""
@@ -55,7 +54,7 @@ def _trainer(
         fake,
         pcfg,
         dp_rank=dist.get_rank() if dist.is_initialized() else 0,
-        sharding=sharding,
+        mesh=mesh,
         parallel=ParallelConfig(activation_checkpoint=ac, **speed),
     )
     batch = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4))
@@ -130,9 +129,11 @@ def test_trained_networks_are_checkpointed_and_the_teacher_never():
             num_experts=2,
         )
     )
-    assert prepare_network(moe, ParallelConfig(activation_checkpoint="selective", ac_every=2)) == [0, 2]
+    cfg = ParallelConfig(activation_checkpoint="selective", ac_every=2)
+    assert parallelize(moe, None, cfg, "student").checkpointed == [0, 2]
     assert [_is_checkpointed(b) for e in (moe.high, moe.low) for b in e.blocks] == [True, False, True] * 2
-    assert prepare_network(tiny(), ParallelConfig()) == [] and prepare_network(tiny(), None) == []
+    assert parallelize(tiny(), None, ParallelConfig(), "critic").checkpointed == []
+    assert parallelize(tiny(), None, cfg, "teacher").checkpointed == []  # no backward: nothing to recompute
 
 
 @pytest.mark.parametrize("mode", ["full", "attention"])
@@ -163,14 +164,14 @@ def test_compile_reaches_every_network_and_float8_the_student(monkeypatch):
     """parallel.compile compiles the blocks of the student (rolling out over its KV cache, with AC
     and snapshots), the fake score and the teacher, and the DMD steps stay what they were;
     parallel.float8 gives the student FP8 block linears and leaves the two scores as they are
-    (`memory.prepare_network`)."""
+    (`parallel.parallelize`)."""
     import torch._dynamo.testing
 
-    from titan_world.posttrain import memory
+    import parallel.parallelize as parallelize_module
 
     ref_logs, ref_critic, ref_student = _run(*_trainer("full", window=1))
     counter = torch._dynamo.testing.CompileCounter()  # a counting backend: no inductor build on CPU
-    monkeypatch.setattr(memory, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(parallelize_module, "COMPILE_BACKEND", counter)
     tr, batch = _trainer("full", window=1, compile=True)
     nets = (tr.student, tr.critic.fake, tr.teacher)
     assert all(getattr(b, "_titan_compiled", False) for n in nets for b in n.blocks)
@@ -245,12 +246,12 @@ def _sharded_runs(_tmp: Path) -> dict:
     """On each rank: sharded DMD steps without AC, with full AC on the fake score, and with a
     bf16 teacher; plus the dtype the teacher's weights have *during* its forward."""
     from parallel.distributed import init_distributed
-    from titan_world.posttrain.sharding import Sharding
+    from parallel.mesh import build_mesh
 
     _, world, device = init_distributed()
 
     def sharded(ac: str = "none", dtype: str = "auto", window: int = 4):
-        return _trainer(ac, dtype, Sharding.build(ParallelConfig(activation_checkpoint=ac), world, device), window)
+        return _trainer(ac, dtype, build_mesh(ParallelConfig(activation_checkpoint=ac), world, device.type), window)
 
     out = {"none": _run(*sharded())}
     tr, batch = sharded("full")

@@ -287,11 +287,19 @@ def _finite_export(run_dir: Path) -> bool:
 @pytest.mark.parametrize("stage", ["causal", "dmd"])
 def test_posttrain_skips_non_finite_steps_and_stops_on_a_streak(stage, data_dir, teacher, tmp_path, capsys):
     from titan_world.posttrain.loop import run_stage
-    from titan_world.train.loop import EXIT_DIVERGED
+    from titan_world.exit_codes import EXIT_DIVERGED
 
     def cfg(run: str, *extra: str):
         return load_config(
-            None, [*POST, f"data.path={data_dir}", f"run.dir={tmp_path / run}", f"posttrain.teacher={teacher}", *extra]
+            None,
+            [
+                *POST,
+                f"data.path={data_dir}",
+                f"run.dir={tmp_path / run}",
+                f"posttrain.teacher={teacher}",
+                f"posttrain.student={teacher}",
+                *extra,
+            ],
         )
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}

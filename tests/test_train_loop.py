@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.torchrun import EXIT_PREEMPTED
 from titan_world.config import load_config
-from titan_world.train.loop import EXIT_DIVERGED, plan_stages, train
+from titan_world.exit_codes import EXIT_DIVERGED, EXIT_PREEMPTED
+from titan_world.train.loop import plan_stages, train
 
 BASE = [
     "data.height=32",

@@ -498,7 +498,8 @@ def test_first_training_step_from_official_weights_uses_the_reference_inputs(tmp
     from titan_world.model.codec import frames_to_video
     from titan_world.model.diffusers_names import diffusers_to_native
     from titan_world.model.io import save_state_dict
-    from titan_world.train.loop import Trainer, _sample_seed
+    from titan_world.job import noise_seed
+    from titan_world.train.loop import Trainer
 
     pipe = _pipeline("i2v")
     pipe.vae.save_pretrained(tmp_path / "vae")
@@ -582,7 +583,7 @@ def test_first_training_step_from_official_weights_uses_the_reference_inputs(tmp
         for batch in batches:
             for i in range(batch["latents"].shape[0]):
                 z = batch["latents"][i : i + 1]
-                seed = _sample_seed(cfg.train.seed, 0, batch["episode_ids"][i], int(batch["start_frames"][i]))
+                seed = noise_seed(cfg.train.seed, 0, batch["episode_ids"][i], int(batch["start_frames"][i]))
                 g = torch.Generator().manual_seed(seed)
                 sigma = sample_sigma((1,), trainer.stage.shift, 0.0, 1.0, generator=g)[0]
                 noise = torch.randn(z.shape[1:], generator=g)[None]

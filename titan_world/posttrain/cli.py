@@ -26,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch.torchrun import is_distributed_child, launch_local
-    from titan_world.config import resolve_run_dir
-    from titan_world.data.loader import check_data_path
-    from titan_world.posttrain.loop import check_mesh, run_stage
+    from launch.torchrun import is_distributed_child, launch_local  # noqa: PLC0415 (CLI starts without torch)
+    from titan_world.config import resolve_run_dir  # noqa: PLC0415 (CLI starts without torch)
+    from titan_world.data.loader import check_data_path  # noqa: PLC0415 (CLI starts without torch)
+    from titan_world.posttrain.loop import check_mesh, required_path, run_stage  # noqa: PLC0415 (CLI starts without torch)
 
     cfg = config_from_args(args)  # config errors surface before anything starts
     check_nproc(args.nproc)
@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     resume = resolve_resume(cfg, bool(args.resume), "post-train")
     if args.nproc > 1 and not is_distributed_child():
         check_mesh(cfg, args.nproc)
+    for key in ("teacher", "student") if args.stage == "dmd" else ("teacher",):
+        required_path(cfg, key)  # a ConfigError naming the key, before any rank starts
+    if args.nproc > 1 and not is_distributed_child():
         run_dir = resolve_run_dir(cfg)  # fixed once, so every rank writes to the same one
         # options first: argparse cannot resume positionals after an option
         argv = ["titan_world.posttrain.cli", *(["--config", args.config] if args.config else [])]

@@ -6,7 +6,7 @@ One *step* = `fake_updates` critic updates, then one student update:
 Separate optimizers and learning rates for the student and the critic (fake score + head).
 The frozen teacher has no optimizer and no gradients.
 
-Several ranks: with a `Sharding` (FSDP2, the default) the student, teacher, fake score and GAN
+Several ranks: with a mesh (FSDP2, the default) the student, teacher, fake score and GAN
 head are sharded and FSDP averages the gradients inside backward; without one every rank holds
 full replicas and `sync_grads` all-reduces them after backward. Both give the same updates.
 
@@ -28,19 +28,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from parallel.config import ParallelConfig
+from parallel.fsdp import mixed_precision_policy
+from parallel.mesh import ParallelMesh
+from parallel.parallelize import parallelize
 from titan_world.model.action import ActionInputs
 from titan_world.model.moe import experts
 from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.dmd import ScoreInputs, dmd_step_loss, draw_sigma, fake_score_loss, noised, route, velocity
 from titan_world.posttrain.gan import FeatureTap, GANHead, d_loss, frozen, g_loss
-from titan_world.posttrain.memory import prepare_network, store_teacher, teacher_dtype
+from titan_world.posttrain.memory import teacher_dtype
 from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
-from titan_world.posttrain.sharding import Sharding
 from titan_world.train.faults import finite_on_all_ranks
-from titan_world.train.optim import EMA
+from titan_world.train.optim import EMA, clip_grad_norm
 
 
 class Critic(nn.Module):
@@ -87,8 +90,6 @@ def average_and_clip(opt: torch.optim.Optimizer, max_norm: float, sharded: bool)
     """
     params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
     if sharded:
-        from titan_world.train.optim import clip_grad_norm
-
         return float(clip_grad_norm(params, max_norm))
     sync_grads(params)
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
@@ -114,13 +115,11 @@ class Batch:
 
 
 class DMDTrainer:
-    """Owns the stage-2 networks and optimizers. Here, in this order (the pretraining order: AC,
-    then FSDP, then optimizers): the teacher is frozen and stored in `posttrain.teacher_dtype`,
-    every network gets `parallel.compile`, the fake score and the student
-    `parallel.activation_checkpoint`, the student `parallel.float8` (`memory.prepare_network`), and
-    with `sharding` every network is sharded before the optimizers are built on its parameters.
-    `parallel` defaults to the sharding's settings; without either, no AC. Networks built on the
-    meta device (`loop.network`) are filled by `fill` right after sharding, each rank its shards;
+    """Owns the stage-2 networks and optimizers. The teacher is stored in `posttrain.teacher_dtype`,
+    then every network is readied by `parallel.parallelize` in its role (teacher, student, critic:
+    CP hook, attention backend, FP8, AC, compile, FSDP over `mesh` when given) before the
+    optimizers are built on its parameters; `parallel` None: none of the speed/memory levers,
+    `cp` the Ulysses context, `attn_backend` the job's `model.attn_backend`. Networks built on the meta device (`loop.network`) are filled by `fill` right after sharding, each rank its shards;
     `device` is then where they live (default: where the fake score's parameters are).
 
     `uncond_context` [1, text_len, text_dim]: the teacher's unconditional text for guidance != 1,
@@ -141,9 +140,11 @@ class DMDTrainer:
         seed: int = 0,
         dp_rank: int = 0,
         grad_clip: float = 1.0,
-        sharding: Sharding | None = None,
+        mesh: ParallelMesh | None = None,
         parallel: ParallelConfig | None = None,
         device: torch.device | str | None = None,
+        cp=None,
+        attn_backend: str | None = None,
         fill: Callable[[], None] | None = None,
         uncond_context: torch.Tensor | None = None,
         codec=None,
@@ -156,29 +157,30 @@ class DMDTrainer:
             dp_rank,
             grad_clip,
         )
-        self.sharding = sharding
+        self.mesh = mesh
         self.device = device = torch.device(device) if device is not None else next(fake.parameters()).device
-        store_teacher(teacher, teacher_dtype(pcfg.teacher_dtype, device))
-        par = parallel or (sharding.parallel if sharding is not None else None)
-        self.fake_checkpointed = prepare_network(
-            fake, par, float8=False
-        )  # the scores stay in bf16/fp32: see prepare_network
-        self.student_checkpointed = prepare_network(
-            student, par
-        )  # exact: its rollouts snapshot what recorded passes read
-        prepare_network(teacher, par, checkpoint=False, float8=False)
+        teacher.to(teacher_dtype(pcfg.teacher_dtype, device))
+        par = parallel or ParallelConfig()
+        where = {"device": device, "cp": cp, "attn_backend": attn_backend}
+        parallelize(teacher, mesh, par, "teacher", **where)
+        # a checkpointed student is exact: its rollouts snapshot what recorded passes read
+        self.student_checkpointed = parallelize(student, mesh, par, "student", **where).checkpointed
+        self.fake_checkpointed = parallelize(fake, mesh, par, "critic", **where).checkpointed
         head = (
             GANHead(student.cfg.dim, len(pcfg.gan_blocks), pcfg.gan_queries).to(device) if pcfg.gan_weight > 0 else None
         )
-        if sharding is not None:
-            sharding.network(teacher, frozen=True)
-            sharding.network(student)
-            sharding.network(fake)
-            if head is not None:
-                sharding.head(head)
+        if mesh is not None and head is not None:
+            # One FSDP unit computing in fp32 (the head normalises fp32 features itself): at A14B with
+            # 4 tapped blocks it is 0.84B parameters, and sharded its gradients are reduced inside the
+            # fake score's backward, with the critic's optimizer seeing one kind of parameter.
+            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+            fully_shard(head, mesh=mesh.fsdp_mesh, mp_policy=fp32)
         if fill is not None:
             fill()
-        self.cache_dtype = sharding.compute_dtype if sharding is not None else None
+        # the sharded networks compute in the FSDP policy's dtype: the rollout's KV cache must hold it
+        self.cache_dtype = (
+            (mixed_precision_policy(par, mesh.device_type).param_dtype or torch.float32) if mesh else None
+        )
         self.uncond_context = uncond_context
         if pcfg.reencodes_score_cond and codec is None:
             raise ValueError(
@@ -290,7 +292,7 @@ class DMDTrainer:
         on any rank, as in pretraining (the job loop counts and stops on such steps, train/faults.py)."""
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = average_and_clip(opt, self.grad_clip, sharded=self.sharding is not None)
+        norm = average_and_clip(opt, self.grad_clip, sharded=self.mesh is not None)
         if finite_on_all_ranks([float(loss.detach()), norm], self.device):
             opt.step()
             if ema is not None:

@@ -17,7 +17,8 @@ from launch.cli_common import add_config_arguments, add_job_arguments, check_npr
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         (parser.description or "") + ". Trains the tiny model on the synthetic world by default (configs/tiny.yaml); "
-        "start from Wan weights: train.base_checkpoint=WAN_FOLDER (train.expert=high|low picks one expert of a two-expert folder); "
+        "start from Wan weights: train.base_checkpoint=WAN_FOLDER (train.expert=high|low picks one expert of a "
+        "two-expert folder); "
         "action finetuning: --config configs/train/tiny_action.yaml train.base_checkpoint=RUN_DIR. "
         "SIGUSR1/SIGTERM checkpoint and exit 75; see docs/train.md."
     )
@@ -26,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch.torchrun import is_distributed_child, launch_local
-    from titan_world.config import resolve_run_dir
-    from titan_world.data.loader import check_data_path
-    from titan_world.train.loop import check_train_config, train
+    from launch.torchrun import is_distributed_child, launch_local  # noqa: PLC0415 (CLI starts without torch)
+    from titan_world.config import resolve_run_dir  # noqa: PLC0415 (CLI starts without torch)
+    from titan_world.data.loader import check_data_path  # noqa: PLC0415 (CLI starts without torch)
+    from titan_world.train.loop import check_train_config, train  # noqa: PLC0415 (CLI starts without torch)
 
     cfg = config_from_args(args)
     check_nproc(args.nproc)

@@ -1,4 +1,5 @@
-"""The training loop: flow matching over curriculum stages, on any mesh, resumable exactly.
+"""Training (`titan-world train`): flow matching over curriculum stages, on any mesh, resumable
+exactly; a `titan_world.job.Job` (setup, signals, non-finite guard, checkpoints, export live there).
 
 One step = pick the expert (same on every rank), noise each sample (its own generator, seeded by
 the step and the sample's identity, so losses do not depend on how the global batch is split
@@ -9,8 +10,6 @@ over ranks), forward/backward over micro-batches, clip, one collective + one hos
 from __future__ import annotations
 
 import math
-import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,25 +17,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from parallel.mesh import resolve_dims
+from parallel.meta_init import materialize
+from parallel.parallelize import parallelize
 from titan_world.conditioning import actions_from_batch, training_batch_inputs
-from titan_world.config import ConfigError, TitanConfig, resolve_run_dir, save_config
-from titan_world.data.loader import check_data_path, prepare_dataset
+from titan_world.config import ConfigError, TitanConfig
+from titan_world.data.loader import build_train_loader
 from titan_world.diffusion.flow import sample_sigma, unshift_sigma
-from titan_world.exit_codes import EXIT_DIVERGED
+from titan_world.job import Job, noise_seed, run_job
 from titan_world.model import WanMoE, build_model
 from titan_world.model.flops import device_peak_tflops, train_step_flops
 from titan_world.train import adapter as adapter_mod
-from titan_world.train.faults import (
-    INTERRUPT,
-    PREEMPT,
-    NonFiniteGuard,
-    StopFlag,
-    stop_exit_code,
-    stop_message,
-)
-from titan_world.train.metrics import MetricsLogger, ProfilerWindow, peak_memory_gb
+from titan_world.train.action_check import action_following_check, format_check
+from titan_world.train.metrics import MetricsLogger, peak_memory_gb
 from titan_world.train.optim import EMA, build_optimizer, clip_grad_norm, lr_factor, set_lr
-from titan_world.train.state import export_model, full_state_dict, peek_trainer_state, resume_point
+from titan_world.train.state import export_model, full_state_dict, peek_trainer_state
 from titan_world.train.weights import base_folders, fill_weights, networks, train_model_config
 
 
@@ -79,8 +74,6 @@ def check_train_config(cfg: TitanConfig, world_size: int, resuming: bool = False
     """Checks that need the world size or the file system; raised before any work starts (names
     the key). `train.base_checkpoint` is checked (folder layout, config.json vs model.*) unless
     the run resumes from its own checkpoint, which holds the weights."""
-    from parallel.mesh import resolve_dims
-
     try:
         r, s, c = resolve_dims(cfg.parallel, world_size)
     except ValueError as e:
@@ -98,7 +91,8 @@ def check_train_config(cfg: TitanConfig, world_size: int, resuming: bool = False
             raise ConfigError(f"train.micro_batch={t.micro_batch}: expected a divisor of the per-rank batch {gb // dp}")
         if st.cp is not None and st.cp != c:
             raise ConfigError(
-                f"train.stages[{i}].cp={st.cp}: this job runs cp={c}; run stages with another CP degree as their own job (launch.stages=chain)"
+                f"train.stages[{i}].cp={st.cp}: this job runs cp={c}; run stages with another CP degree as their "
+                "own job (launch.stages=chain)"
             )
     if t.steps is not None and t.steps < 1:
         raise ConfigError(f"train.steps={t.steps}: expected >= 1")
@@ -118,101 +112,57 @@ def check_train_config(cfg: TitanConfig, world_size: int, resuming: bool = False
         raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: expected auto, bf16 or fp32")
 
 
-def _sample_seed(seed: int, step: int, episode_id: str, start_frame: int) -> int:
-    return zlib.crc32(f"{seed}/{step}/{episode_id}/{start_frame}".encode())
+class Trainer(Job):
+    """Flow matching over curriculum stages (pretraining, action finetuning)."""
 
+    tag = "train"
 
-class Trainer:
-    def __init__(self, cfg: TitanConfig, resume: bool = False):
-        from parallel import (
-            Checkpointer,
-            UlyssesContext,
-            apply_activation_checkpointing,
-            apply_float8,
-            apply_fsdp,
-            build_mesh,
-            compile_blocks,
-            init_distributed,
-        )
+    def check_config(self, resume: bool) -> None:
+        check_train_config(self.cfg, self.world, resuming=resume)
 
-        self.cfg, t = cfg, cfg.train
-        self.rank, self.world, self.device = init_distributed()
-        check_train_config(cfg, self.world, resuming=resume)
-        check_data_path(cfg)
-        self.mesh = build_mesh(cfg.parallel, self.world, self.device.type)
-        self.dp_rank, self.dp_size = self.mesh.dp_rank, self.mesh.dp_size
-        if resume and not cfg.run.dir:
-            raise ConfigError("resume: run.dir is unset; name the run to continue (run.dir=RUN_DIR)")
-        self.run_dir = self._shared_run_dir()
-        self.ckpt = Checkpointer(self.run_dir, keep_last=t.keep_last)
-        path = resume_point(self.ckpt, resume)  # before anything is written into the run dir
-        if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
+    def build(self, resume_from: Path | None) -> None:
+        cfg, t = self.cfg, self.cfg.train
         self.stages = plan_stages(cfg)
-        self.total_steps = self.stages[-1].end
-        self.stop = StopFlag("train")
+        self.total = self.stages[-1].end
         self.amp = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and self.device.type == "cuda")
-
-        # -- model: built on the meta device, wrapped, then each rank fills only its shards ---------
-        torch.manual_seed(t.seed)  # (weights draw from their own per-tensor generators, see train/weights.py)
-        self.model_cfg = model_cfg = train_model_config(cfg)
+        # -- model: built on the meta device, parallelized, then each rank fills only its shards ------
+        self.model_cfg = train_model_config(cfg)
         with torch.device("meta"):
-            model = build_model(model_cfg)
+            model = build_model(self.model_cfg)
         if t.task == "action_finetune":
             self.trainable_names = adapter_mod.freeze_backbone(model, t.train_modulation)
         else:
             self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        cp = UlyssesContext.from_mesh(self.mesh, cfg.parallel.cp_backend)
-        self.float8_layers = 0
-        for _, net in networks(model):
-            net.set_attn_backend(net.attn_backend, self.device.type)
-            net.set_context_parallel(cp)
-            self.float8_layers += apply_float8(net, cfg.parallel.float8)
-            apply_activation_checkpointing(net, cfg.parallel)
-            if cfg.parallel.compile:
-                compile_blocks(net)
-            if self.world > 1:
-                apply_fsdp(net, self.mesh, cfg.parallel)
-        self.weights_note = self._fill_weights(model, resuming=path is not None)
+        self.float8_layers = parallelize(
+            model, self.fsdp_mesh, cfg.parallel, "train", device=self.device, cp=self.cp
+        ).float8_layers
+        self.weights_note = self._fill_weights(model, resuming=resume_from is not None)
         self.model = model
         names = set(self.trainable_names)
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if n in names]
         self.params = [p for _, p in self.named_trainable]
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.ema = EMA(self.named_trainable, t.ema_decay) if t.ema_decay > 0 else None
-
-        # -- state, data --------------------------------------------------------------------
-        self.position = {"step": 0, "skipped": 0, "bad_streak": 0, "stage": 0}
-        self.resumed_from: Path | None = None
-        self.last_saved = -1
-        if path is not None:
-            self.position.update(peek_trainer_state(path))
-        if self.rank == 0:
-            prepare_dataset(cfg, progress=cfg.run.progress)
-        self._barrier()
+        self.position.update({"skipped": 0, "bad_streak": 0, "stage": 0})
+        if resume_from is not None:  # the loader is built for the checkpoint's stage (its clip length)
+            self.position.update(peek_trainer_state(resume_from))
+        self.peak = device_peak_tflops(self.device, t.peak_tflops)
         self.stage = stage_at(self.stages, self.position["step"])
         self.loader = self._build_loader(self.stage)
-        if path is not None:
-            self.ckpt.load(path, self._state())
-            if self.ckpt.loaded_from != path and stage_at(self.stages, self.position["step"]) is not self.stage:
-                # The newest failed to load and the older one that did is in an earlier stage: the
-                # loader was built for the newer one's clip length; rebuild it and restore its state.
-                self.loader.close()
-                self.stage = stage_at(self.stages, self.position["step"])
-                self.loader = self._build_loader(self.stage)
-                self.ckpt.load(self.ckpt.loaded_from, self._state())
-            path = self.ckpt.loaded_from
-            self.resumed_from, self.last_saved = path, self.position["step"]
-        self.batches = self.loader.batches()
-        self.peak = device_peak_tflops(self.device, t.peak_tflops)
+
+    def load(self, path: Path) -> None:
+        self.ckpt.load(path, self.state())
+        if self.ckpt.loaded_from != path and stage_at(self.stages, self.position["step"]) is not self.stage:
+            # The newest failed to load and the older one that did is in an earlier stage: the
+            # loader was built for the newer one's clip length; rebuild it and restore its state.
+            self._enter_stage(stage_at(self.stages, self.position["step"]))
+            self.ckpt.load(self.ckpt.loaded_from, self.state())
 
     # -- setup helpers ------------------------------------------------------------------------
     def _fill_weights(self, model: nn.Module, resuming: bool) -> str:
         """Materialise the meta-built model's local shards: from `train.base_checkpoint`, or Wan's
         random initialisation (seeded by train.seed); left to the checkpoint load when resuming
         (the base weights are not read). Returns a line for the log."""
-        from parallel import materialize
-
         t = self.cfg.train
         if resuming:
             for _, net in networks(model):
@@ -229,24 +179,7 @@ class Trainer:
             f"; the action adapter ({len(fresh)} tensors) starts fresh, a no-op until trained" if fresh else ""
         )
 
-    def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def _shared_run_dir(self) -> Path:
-        box = [None]
-        if self.rank == 0:
-            box[0] = str(resolve_run_dir(self.cfg))
-        if self.world > 1:
-            dist.broadcast_object_list(box, src=0)
-        self.cfg.run.dir = box[0]
-        run_dir = Path(box[0])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
-
     def _build_loader(self, stage: Stage):
-        from titan_world.data.loader import build_train_loader
-
         per_rank = stage.global_batch // self.dp_size
         self.micro = self.cfg.train.micro_batch or per_rank
         self.accum = per_rank // self.micro
@@ -265,15 +198,11 @@ class Trainer:
             global_batch=(key, stage.global_batch),
         )
 
-    def _state(self) -> dict:
+    def state(self) -> dict:
         state = {"model": self.model, "optimizer": self.optimizer, "trainer": self.position, "dataloader": self.loader}
         if self.ema is not None:
             state["ema"] = self.ema
         return state
-
-    def save(self) -> Path:
-        self.last_saved = self.position["step"]
-        return self.ckpt.save(self.position["step"], self._state())
 
     def _enter_stage(self, stage: Stage) -> None:
         self.loader.close()
@@ -281,6 +210,36 @@ class Trainer:
         self.position["stage"] = stage.index
         self.loader = self._build_loader(stage)
         self.batches = self.loader.batches()
+
+    def next_batch(self, step: int) -> list[dict]:
+        return [next(self.batches) for _ in range(self.accum)]
+
+    def log_due(self, step: int) -> bool:
+        return step % self.cfg.run.log_every == 0 or step + 1 == self.total
+
+    def announce(self, log: MetricsLogger) -> None:
+        if self.resumed_from is None:
+            log.message(f"[train] {self.weights_note}")
+        log.message(
+            f"[train] run dir {self.run_dir}; {self.total} steps over stages "
+            + ", ".join(f"{s.name} ({s.frames} frames, shift {s.shift}, steps {s.start}-{s.end})" for s in self.stages)
+            + f"; {self.world} rank(s), mesh {self.mesh}"
+            + (
+                f"; FP8 GEMMs ({self.cfg.parallel.float8}) in {self.float8_layers} linear layers"
+                if self.float8_layers
+                else ""
+            )
+        )
+
+    def after_step(self, log: MetricsLogger) -> None:
+        step = self.position["step"]
+        if step == self.stage.end and step < self.total:
+            nxt = stage_at(self.stages, step)
+            log.message(
+                f"[train] step {step}: stage {self.stage.name} done -> stage {nxt.name} "
+                f"({nxt.frames} frames, shift {nxt.shift})"
+            )
+            self._enter_stage(nxt)
 
     # -- one step -----------------------------------------------------------------------------
     def _expert(self, step: int) -> str | None:
@@ -309,7 +268,7 @@ class Trainer:
         noise = torch.empty_like(latents)
         for i in range(b):  # per-sample streams: invariant to how the global batch is split
             g = torch.Generator(self.device).manual_seed(
-                _sample_seed(self.cfg.train.seed, step, batch["episode_ids"][i], int(batch["start_frames"][i]))
+                noise_seed(self.cfg.train.seed, step, batch["episode_ids"][i], int(batch["start_frames"][i]))
             )
             sigma[i] = sample_sigma((1,), self.stage.shift, lo, hi, generator=g, device=self.device)[0]
             noise[i] = torch.randn(latents.shape[1:], generator=g, device=self.device)
@@ -341,7 +300,7 @@ class Trainer:
             self.stage.lr
             * lr_factor(
                 step,
-                self.total_steps,
+                self.total,
                 self.cfg.train.warmup_steps,
                 self.cfg.train.schedule,
                 self.cfg.train.min_lr_ratio,
@@ -351,21 +310,16 @@ class Trainer:
         for i, batch in enumerate(batches):
             self._set_grad_sync(i == len(batches) - 1)
             loss = self._micro_loss(net, batch, step, lo, hi) / len(batches)
-            if step in self.cfg.train.inject_nan_steps:  # test hook
-                loss = loss * float("nan")
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm(self.params, self.cfg.train.grad_clip).to(self.device)
-        preempt_hook = self.cfg.train.preempt_at_step is not None and step + 1 == self.cfg.train.preempt_at_step
-        stops = [float(self.stop.code == PREEMPT or preempt_hook), float(self.stop.code == INTERRUPT)]
         bad = (~torch.isfinite(loss_sum)) | (~torch.isfinite(grad_norm))
-        flags = torch.tensor(stops, device=self.device)
+        flags = torch.tensor(self.stop_flags(step), device=self.device)
         packed = torch.cat([torch.stack([loss_sum, grad_norm.float(), bad.float()]), flags])
         if self.world > 1:
             dist.all_reduce(packed)
             packed[:2] /= self.world  # CP ranks hold replicas of their group's loss: the mean is the DP mean
         loss_v, norm_v, bad_v, preempt_v, interrupt_v = packed.tolist()  # the one host sync per step
-        stop_v = INTERRUPT if interrupt_v else PREEMPT if preempt_v else 0.0  # a Ctrl-C on any rank wins
         skipped = bad_v > 0
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -378,89 +332,12 @@ class Trainer:
             "loss": loss_v,
             "grad_norm": norm_v,
             "skipped": skipped,
-            "stop": stop_v,
+            "stop": self.stop_code(preempt_v, interrupt_v),
             "expert": expert,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
-    # -- the loop -------------------------------------------------------------------------------
-    def fit(self) -> int:
-        cfg, t = self.cfg, self.cfg.train
-        pos = self.position
-        log = MetricsLogger(
-            self.run_dir,
-            cfg,
-            rank=self.rank,
-            total_steps=self.total_steps,
-            initial_step=pos["step"],
-            resumed=self.resumed_from is not None,
-        )
-        prof = ProfilerWindow(list(t.profile_steps), self.run_dir, self.rank, self.device)
-        guard = NonFiniteGuard(pos, t.max_bad_steps, "train", log.message, self.ckpt.latest)
-        self.stop.install()
-        if self.resumed_from is not None:
-            log.message(f"[train] resumed from {self.resumed_from} at step {pos['step']} (stage {self.stage.name})")
-        else:
-            log.message(f"[train] {self.weights_note}")
-        log.message(
-            f"[train] run dir {self.run_dir}; {self.total_steps} steps over stages "
-            + ", ".join(f"{s.name} ({s.frames} frames, shift {s.shift}, steps {s.start}-{s.end})" for s in self.stages)
-            + f"; {self.world} rank(s), mesh {self.mesh}"
-            + (
-                f"; FP8 GEMMs ({cfg.parallel.float8}) in {self.float8_layers} linear layers"
-                if self.float8_layers
-                else ""
-            )
-        )
-        rc = 0
-        try:
-            while pos["step"] < self.total_steps:
-                step = pos["step"]
-                if step >= self.stage.end:
-                    self._enter_stage(stage_at(self.stages, step))
-                t0 = time.perf_counter()
-                prof.step_begin(step)
-                batches = [next(self.batches) for _ in range(self.accum)]
-                if self.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                out = self.train_step(step, batches)
-                dt = time.perf_counter() - t0
-                trace = prof.step_end(step)
-                if trace:
-                    log.message(f"[train] profiler trace: {trace}")
-                pos["step"] = step + 1
-                if guard.after_step(step, out["loss"], out["skipped"]):
-                    rc = EXIT_DIVERGED
-                    break
-                if step % cfg.run.log_every == 0 or pos["step"] == self.total_steps:
-                    log.log(self._record(step, out, batches, dt))
-                log.progress(1, {"stage": self.stage.name, "loss": f"{out['loss']:.4f}"})
-                if pos["step"] == self.stage.end and pos["step"] < self.total_steps:
-                    nxt = stage_at(self.stages, pos["step"])
-                    log.message(
-                        f"[train] step {pos['step']}: stage {self.stage.name} done -> stage {nxt.name} ({nxt.frames} frames, shift {nxt.shift})"
-                    )
-                    self._enter_stage(nxt)
-                if out["stop"]:
-                    log.message(stop_message("train", out["stop"], self.save()))
-                    rc = stop_exit_code(out["stop"])
-                    break
-                # no periodic save inside a streak of skipped steps: the last checkpoint stays the last good one
-                due = t.ckpt_every and pos["step"] % t.ckpt_every == 0 and pos["step"] < self.total_steps
-                if due and not guard.in_streak:
-                    self.save()
-            if rc == 0:
-                if self.last_saved != pos["step"]:
-                    self.save()
-                if t.export:
-                    self.export(log)
-        finally:
-            self.stop.restore()
-            log.close()
-            self.loader.close()
-        return rc
-
-    def _record(self, step: int, out: dict, batches: list[dict], dt: float) -> dict:
+    def record(self, step: int, out: dict, batches: list[dict], dt: float) -> dict:
         lat = batches[0]["latents"].shape  # [b, C, F, h, w]
         gb = self.stage.global_batch
         flops = train_step_flops(self.model_cfg, gb, lat[2], lat[3], lat[4])
@@ -498,30 +375,14 @@ class Trainer:
                 state.update(overrides)
             if self.rank == 0:
                 cfg = self.model.high.cfg if isinstance(self.model, WanMoE) else self.model.cfg
-                adapter_mod.save_adapter(state, self.trainable_names, self.run_dir / "adapter", cfg)
-                log.message(
-                    f"[train] saved the action adapter ({len(self.trainable_names)} tensors) to {self.run_dir / 'adapter'}"
-                )
+                adapter = self.run_dir / "adapter"
+                adapter_mod.save_adapter(state, self.trainable_names, adapter, cfg)
+                log.message(f"[train] saved the action adapter ({len(self.trainable_names)} tensors) to {adapter}")
+        if self.cfg.train.task == "action_finetune" and self.cfg.train.action_check_episodes > 0 and self.rank == 0:
+            episodes = self.cfg.train.action_check_episodes
+            print(format_check(action_following_check(self.run_dir, self.cfg, episodes)), flush=True)
 
 
 def train(cfg: TitanConfig, resume: bool = False) -> int:
-    """Build the trainer, run it, tear the process group down; returns the exit code."""
-    from parallel import destroy
-
-    try:
-        trainer = Trainer(cfg, resume=resume)
-        rc = trainer.fit()
-        if (
-            rc == 0
-            and cfg.train.task == "action_finetune"
-            and cfg.train.action_check_episodes > 0
-            and trainer.rank == 0
-        ):
-            from titan_world.train.action_check import action_following_check, format_check
-
-            print(
-                format_check(action_following_check(trainer.run_dir, cfg, cfg.train.action_check_episodes)), flush=True
-            )
-        return rc
-    finally:
-        destroy()
+    """Run a training job (`titan-world train`); returns the exit code."""
+    return run_job(Trainer, cfg, resume)
