@@ -40,7 +40,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ from parallel.checkpoint_files import (
     no_valid_checkpoint,
     validate_checkpoint,
 )
-from titan_world.model.io import CheckpointError, check_shapes
+from titan_world.model.io import CheckpointError, check_shapes, save_state_dict
 
 __all__ = [
     "Checkpointer",
@@ -641,81 +641,54 @@ def _fsync_dir(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # Export
 # ------------------------------------------------------------------------------------------------
+class DcpTensors(Mapping[str, torch.Tensor]):
+    """The tensors of module `prefix` in a DCP checkpoint, by their own (Wan) names, read in one process in
+    groups of about `group_bytes` (one `dcp.load` each) as they are asked for, optionally cast to `dtype`.
+    Only the group being read is held, and the optimizer state is never read."""
+
+    def __init__(self, checkpoint_dir: str | Path, prefix: str, dtype: torch.dtype | None, group_bytes: int) -> None:
+        self.dir, self.head, self.dtype, self.group_bytes = str(checkpoint_dir), f"{prefix}.", dtype, group_bytes
+        meta = dcp.FileSystemReader(self.dir).read_metadata().state_dict_metadata
+        self.meta = {
+            k[len(self.head) :]: v
+            for k, v in sorted(meta.items())
+            if k.startswith(self.head) and isinstance(v, TensorStorageMetadata)
+        }
+        if not self.meta:
+            raise ValueError(f"{checkpoint_dir}: no tensors under {prefix!r} (keys: {sorted(meta)[:5]} ...)")
+        self.loaded: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def __iter__(self):
+        return iter(self.meta)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.loaded:
+            names = list(self.meta)
+            group, size = [], 0
+            for n in names[names.index(name) :]:
+                size += self.meta[n].size.numel() * self.meta[n].properties.dtype.itemsize
+                if group and size > self.group_bytes:
+                    break
+                group.append(n)
+            sd = {self.head + n: torch.empty(self.meta[n].size, dtype=self.meta[n].properties.dtype) for n in group}
+            dcp.load(sd, checkpoint_id=self.dir, no_dist=True)
+            self.loaded = {n: sd[self.head + n].to(self.dtype or sd[self.head + n].dtype) for n in group}
+        return self.loaded[name]
+
+
 def export_safetensors(
     checkpoint_dir: str | Path,
-    out_path: str | Path,
+    out_dir: str | Path,
+    config: dict,
     *,
     prefix: str = "model",
     dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 10 * 2**30,
-    index_name: str = "diffusion_pytorch_model.safetensors.index.json",
-    shard_stem: str = "diffusion_pytorch_model",
-    config: dict | None = None,
-) -> list[Path]:
-    """Consolidate the weights of module `prefix` from a DCP checkpoint into safetensors.
-
-    `out_path` ending in `.safetensors`: one file. Otherwise a directory in the Wan/diffusers layout:
-    `<stem>-0000i-of-0000n.safetensors` shards of at most `max_shard_bytes` + the index json (+
-    `config.json` when `config` is given). Runs in one process, loading one shard's tensors at a
-    time (the optimizer state is never read), so a 14B expert exports in ~ shard-size memory.
-    Key names are the module's own parameter names (Wan names for our DiT).
-    """
-    from safetensors.torch import save_file
-
-    checkpoint_dir = Path(checkpoint_dir)
-    meta = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
-    head = f"{prefix}."
-    tensors = {
-        k[len(head) :]: v
-        for k, v in meta.state_dict_metadata.items()
-        if k.startswith(head) and hasattr(v, "size") and hasattr(v, "properties")
-    }
-    if not tensors:
-        raise ValueError(
-            f"{checkpoint_dir}: no tensors under {prefix!r} (keys: {sorted(meta.state_dict_metadata)[:5]} ...)"
-        )
-    out_path = Path(out_path)
-
-    def nbytes(m) -> int:
-        return int(torch.Size(m.size).numel()) * torch.empty((), dtype=dtype or m.properties.dtype).element_size()
-
-    def load(names: list[str]) -> dict[str, torch.Tensor]:
-        sd = {head + n: torch.empty(tensors[n].size, dtype=tensors[n].properties.dtype) for n in names}
-        dcp.load(sd, checkpoint_id=str(checkpoint_dir), no_dist=True)
-        return {n: (sd[head + n].to(dtype) if dtype else sd[head + n]).contiguous() for n in names}
-
-    names = sorted(tensors)
-    if out_path.suffix == ".safetensors":
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(load(names), str(out_path), metadata={"format": "pt"})
-        return [out_path]
-    shards: list[list[str]] = [[]]
-    size = 0
-    for n in names:
-        b = nbytes(tensors[n])
-        if shards[-1] and size + b > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(n)
-        size += b
-    out_path.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    written: list[Path] = []
-    for i, group in enumerate(shards):
-        fname = (
-            f"{shard_stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            if len(shards) > 1
-            else f"{shard_stem}.safetensors"
-        )
-        save_file(load(group), str(out_path / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in group})
-        written.append(out_path / fname)
-    total = sum(nbytes(tensors[n]) for n in names)
-    (out_path / index_name).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
-    written.append(out_path / index_name)
-    if config is not None:
-        (out_path / "config.json").write_text(json.dumps(config, indent=2))
-        written.append(out_path / "config.json")
-    return written
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Consolidate the weights of module `prefix` from a DCP checkpoint into `out_dir` in the Wan/diffusers
+    layout (`model.io.save_state_dict`: config.json + safetensors shards + index), in about two shards of memory,
+    so a 14B expert exports on one host."""
+    save_state_dict(DcpTensors(checkpoint_dir, prefix, dtype, max_shard_bytes), Path(out_dir), config, max_shard_bytes)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")  # parallel.float8 / serving.float8 (parallel/float8.py)
+
 
 @dataclass
 class ParallelConfig:
@@ -22,4 +24,4 @@ class ParallelConfig:
         0  # leave the last N blocks un-checkpointed: spare memory spent on speed (`inspect --plan` says how many fit)
     )
     compile: bool = False
-    float8: str = "none"  # none | tensorwise | rowwise: FP8 GEMMs in the blocks' linears (torchao; parallel/float8.py)
+    float8: str = "none"  # one of FLOAT8_RECIPES: FP8 GEMMs in the blocks' linears (torchao)

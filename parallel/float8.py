@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-RECIPES = ("none", "tensorwise", "rowwise")
+from parallel.config import FLOAT8_RECIPES as RECIPES
 
 
 def float8_eligible(module: nn.Module, fqn: str) -> bool:

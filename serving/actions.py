@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serving.engine import ACTION_DIM, KEY_INDEX
+from serving.engine import KEY_INDEX
+from titan_world.data.actions import ACTION_DIM
 
 MAX_KEYS = 16
 

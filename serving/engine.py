@@ -16,9 +16,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-ACTION_DIM = 8  # [w, a, s, d, space, shift, mouse_dx, mouse_dy] per video frame (CONTRACTS.md)
+from titan_world.data.actions import ACTION_DIM
+from titan_world.model.codec import TEMPORAL_STRIDE
+
 KEY_INDEX: dict[str, int] = {"w": 0, "a": 1, "s": 2, "d": 3, "space": 4, "shift": 5}
-TEMPORAL_STRIDE = 4  # video frames per latent frame
 
 
 class EngineError(RuntimeError):

@@ -16,7 +16,8 @@ from collections import deque
 import numpy as np
 import torch
 
-from serving.engine import TEMPORAL_STRIDE, BaseSession, Chunk, EngineError
+from serving.engine import BaseSession, Chunk, EngineError
+from titan_world.model.codec import TEMPORAL_STRIDE
 
 
 def _prompt_color(prompt: str) -> np.ndarray:

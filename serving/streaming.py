@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from serving.config import ServingConfig, check_geometry, with_fallback_geometry
-from serving.engine import TEMPORAL_STRIDE, BaseSession, Chunk, EngineError, image_to_tensor
+from serving.engine import BaseSession, Chunk, EngineError, image_to_tensor
 from serving.graphs import GraphedBackbone
 from serving.pose import PoseTracker
+from titan_world.conditioning import i2v_condition
 from titan_world.model.action import ActionInputs
-from titan_world.model.codec import video_to_frames
+from titan_world.model.codec import TEMPORAL_STRIDE, encodable_frames, video_to_frames
 from titan_world.model.dit import PreparedContext, WanDiT
 from titan_world.model.kv_cache import KVCache, horizon_shift
 from titan_world.posttrain.rollout import denoise_chunk
@@ -211,7 +212,7 @@ class StreamingSession(BaseSession):
             image if image is not None else default_start_image(cfg.height, cfg.width), cfg.height, cfg.width
         )
         t = video.shape[2]
-        video = video[:, :, : 1 + (t - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE]
+        video = video[:, :, : encodable_frames(t)]
         self._start_video = video
         with torch.no_grad():
             self.start_latents = e.codec.encode(video.to(dev)).to(torch.float32)  # [1, C, F0, h, w]
@@ -353,22 +354,12 @@ class StreamingSession(BaseSession):
         every generated frame is unconditioned (zeros)."""
         if self._cond_chunk is None:
             return None
-        given = self.start_latents.shape[2]
-        if start >= given and n == self.chunk_frames:
+        given = self.start_latents[:, :, start : start + n].to(self.engine.dtype)  # start frames in this window
+        if given.shape[2] == 0 and n == self.chunk_frames:
             return self._cond_chunk  # preallocated zeros
-        cond = torch.zeros(
-            1,
-            self._cond_chunk.shape[1],
-            n,
-            *self._cond_chunk.shape[-2:],
-            device=self.engine.device,
-            dtype=self.engine.dtype,
-        )
-        for j in range(n):
-            if start + j < given:
-                cond[:, :4, j] = 1
-                cond[:, 4:, j] = self.start_latents[:, :, start + j].to(cond.dtype)
-        return cond
+        latents = given.new_zeros(*given.shape[:2], n, *given.shape[3:])
+        latents[:, :, : given.shape[2]] = given
+        return i2v_condition(latents, torch.arange(n, device=latents.device)[None] < given.shape[2])
 
     def _still_actions(self, n: int) -> ActionInputs | None:
         if not self._use_actions:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from titan_world.data.actions import ACTION_DIM, ACTION_NAMES, integrate_actions
-from titan_world.data.geometry import plucker_rays
+from titan_world.model.action import plucker_rays
 from titan_world.data.synth import make_episode
 
 

@@ -88,10 +88,10 @@ def test_lazy_state_is_written_one_shard_at_a_time(tmp_path, monkeypatch):
         reads[0] += 1
         return read(self, name, region)
 
-    def counting_save(tensors, path):
+    def counting_save(tensors, path, **kw):
         pending.append((reads[0] - saved[0], len(tensors)))  # read but not yet written, vs this shard
         saved[0] += len(tensors)
-        save_file(tensors, path)
+        save_file(tensors, path, **kw)
 
     monkeypatch.setattr(io.WeightFolder, "read", counting_read)
     monkeypatch.setattr(io, "save_file", counting_save)
@@ -104,3 +104,18 @@ def test_lazy_state_is_written_one_shard_at_a_time(tmp_path, monkeypatch):
     copy = load_pretrained(tmp_path / "copy")
     for k, v in model.state_dict().items():
         assert torch.equal(copy.state_dict()[k], v), k
+
+
+def test_dcp_run_exports_to_a_folder_our_loader_reads(tmp_path):
+    """`--to safetensors`: the newest DCP checkpoint of a run, through the one shard writer, loads back exactly."""
+    from omegaconf import OmegaConf
+
+    from parallel.checkpoint import Checkpointer
+    from titan_world.config import TitanConfig
+
+    model = _model(3)
+    Checkpointer(tmp_path / "run").save(2, {"model": model})
+    OmegaConf.save(OmegaConf.structured(TitanConfig(model=model.cfg)), tmp_path / "run" / "config.yaml")
+    assert main(["convert", "--to", "safetensors", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    copy = load_pretrained(tmp_path / "out")
+    assert all(torch.equal(copy.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -25,7 +25,7 @@ import torch
 
 from titan_world.diffusion.flow import add_noise, timesteps, velocity_target
 from titan_world.model.action import ActionInputs
-from titan_world.model.codec import TEMPORAL_STRIDE, codec_from_config, frames_to_video
+from titan_world.model.codec import codec_from_config, frames_to_video, pixel_frames
 from titan_world.model.moe import WanMoE, expert_for
 
 MASK_CHANNELS = 4  # Wan folds the 4 video frames of a latent frame into 4 mask channels
@@ -206,7 +206,7 @@ def training_inputs(
             "reference I2V training needs each clip's first frame (a dataset with raw frames) and the "
             "VAE (data.codec) to build y = [mask, VAE(first frame + zero frames)]"
         )
-    cond = reference_i2v_condition(codec, first_frames, 1 + TEMPORAL_STRIDE * (f - 1)).to(latents.dtype)
+    cond = reference_i2v_condition(codec, first_frames, pixel_frames(f)).to(latents.dtype)
     nb = noise_batch(latents, given, sigma, noise, with_i2v_channels=False)
     return NoisedBatch(nb.x_t, nb.t, nb.target, nb.loss_mask, cond, nb.sigma)
 

@@ -18,8 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from launch.config import LaunchConfig
-from parallel.config import ParallelConfig
-from parallel.float8 import RECIPES as FLOAT8_RECIPES
+from parallel.config import FLOAT8_RECIPES, ParallelConfig
 from serving.config import ServingConfig
 from titan_world.data.config import DataConfig
 from titan_world.eval.config import EvalConfig

@@ -41,10 +41,10 @@ from titan_world.diffusion.samplers import SAMPLERS, sample, with_guidance
 from titan_world.diffusion.unipc import flow_schedule
 from titan_world.model.action import ActionInputs
 from titan_world.model.codec import (
-    TEMPORAL_STRIDE,
     check_frame_count,
     codec_from_config,
     frames_to_video,
+    latent_frames,
     video_to_frames,
 )
 from titan_world.model.io import build_model, load_pretrained
@@ -170,7 +170,7 @@ def generate_bidirectional(
     first = frames_to_video(inputs.first_frame[None, None]).to(device)
     first_latent = codec.encode(first)  # [1, C, 1, h, w]
     c, _, h, w = first_latent.shape[1:]
-    f = 1 + (t - 1) // TEMPORAL_STRIDE
+    f = latent_frames(t, "actions")
     latents = torch.zeros(1, c, f, h, w, device=device)
     latents[:, :, :1] = first_latent
     cond_mask = torch.zeros(1, f, dtype=torch.bool, device=device)
@@ -295,10 +295,8 @@ def generate_reference(
     model_type = model.cfg.model_type
     if model_type == "i2v" and image is None:
         raise ValueError("this is an image-to-video model: give --image")
-    check_frame_count(st.frames, "--frames")
-    c = codec.latent_channels
     s = codec.stride[1]
-    shape = (1, c, 1 + (st.frames - 1) // TEMPORAL_STRIDE, st.height // s, st.width // s)
+    shape = (1, codec.latent_channels, latent_frames(st.frames, "--frames"), st.height // s, st.width // s)
     if isinstance(noise, (str, Path)):
         noise = load_noise(noise, shape)
     if noise is None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from titan_world.model.action import keys_per_latent_frame
-from titan_world.model.codec import TEMPORAL_STRIDE, TinyCodec, check_frame_count
+from titan_world.model.codec import TEMPORAL_STRIDE, TinyCodec, check_frame_count, latent_frames
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Curriculum:
 
     @property
     def latent_len(self) -> int:
-        return 1 + (self.clip_frames - 1) // TEMPORAL_STRIDE
+        return latent_frames(self.clip_frames)
 
     def fits(self, num_frames: int) -> bool:
         return num_frames >= self.clip_frames
@@ -44,7 +44,7 @@ class Curriculum:
 
     def choose(self, rng: np.random.Generator, num_frames: int, any_start: bool) -> tuple[int, str, int]:
         """(start latent index j, task, conditioning latent frames)."""
-        episode_steps = (num_frames - 1) // TEMPORAL_STRIDE
+        episode_steps = latent_frames(num_frames, "episode") - 1
         clip_steps = self.latent_len - 1
         j = int(rng.integers(0, episode_steps - clip_steps + 1)) if any_start else 0
         if rng.random() < self.i2v_ratio or self.latent_len == 1:

@@ -34,11 +34,12 @@ from PIL import Image
 from titan_world.data.actions import ACTION_DIM
 from titan_world.data.geometry import default_intrinsics
 from titan_world.data.synth import Episode
+from titan_world.model.codec import encodable_frames, pixel_frames
 
 T = TypeVar("T")
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
-MIN_FRAMES = 5  # 1 + 4: the shortest encodable clip
+MIN_FRAMES = pixel_frames(2)  # 5: the shortest encodable clip
 
 
 class BadItem(ValueError):
@@ -242,7 +243,7 @@ def _read_clip(frames: Iterable[Any], rate: Fraction, height: int, width: int, f
         idx.append(j)
     if src.n == 0:
         raise BadItem("no frames decoded")
-    keep = 1 + 4 * ((len(out) - 1) // 4)
+    keep = encodable_frames(len(out))
     return _Clip(np.stack(out[:keep]), np.asarray(idx[:keep]), src.n, float(rate), src.stored_hw, src.turns)
 
 

@@ -23,7 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from launch.torchrun import is_distributed_child
+import torch.distributed as dist
 
 T = TypeVar("T")
 
@@ -55,9 +55,7 @@ class RankGroup:
 
     def __init__(self) -> None:
         self.rank, self.world, self._owned = 0, 1, False
-        if is_distributed_child() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch.distributed as dist
-
+        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank among others
             if not dist.is_initialized():  # gloo: only Python objects travel, never tensors on a GPU
                 dist.init_process_group("gloo", timeout=GATHER_TIMEOUT)
                 self._owned = True
@@ -67,8 +65,6 @@ class RankGroup:
         """Rank 0's `obj` on every rank."""
         if self.world == 1:
             return obj
-        import torch.distributed as dist
-
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -77,16 +73,12 @@ class RankGroup:
         """Every rank's `obj`, in rank order, on every rank (also the barrier)."""
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist
-
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
 
     def close(self) -> None:
         if self._owned:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
             self._owned = False
 

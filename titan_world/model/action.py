@@ -2,10 +2,11 @@
 AdaLN modulation after each block's self-attention, zero-initialised (a fresh adapter is an
 exact no-op).
 
-Inputs per *latent* frame: keys [B, F, K], camera-to-world [B, F, 4, 4] (OpenCV), intrinsics
-[B, F, 4] (fx, fy, cx, cy in pixels). Poses are made relative to a reference frame (the clip's
-first frame, or a session's first frame when streaming) and translations divided by a fixed
-scale, so the same motion gives the same input wherever a window starts.
+Inputs per *latent* frame: keys [B, F, K], camera-to-world [B, F, 4, 4] (OpenCV axes: x right, y down,
+z forward), intrinsics [B, F, 4] (fx, fy, cx, cy in pixels; pixel (u, v) centred at (u + 0.5, v + 0.5)).
+Poses are made relative to a reference frame (the clip's first frame, or a session's first frame when
+streaming) and translations divided by a fixed scale, so the same motion gives the same input wherever a
+window starts.
 """
 
 from __future__ import annotations
@@ -19,11 +20,43 @@ import torch.nn.functional as F
 from titan_world.model.codec import TEMPORAL_STRIDE, check_frame_count
 
 
-def plucker_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Plücker coordinates (o x d, d) per pixel: [..., 6, H, W] from c2w [..., 4, 4] and K [..., 4]."""
-    from titan_world.data.geometry import plucker_rays as _plucker
+def pixel_directions(intrinsics, height: int, width: int, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Camera-frame (unnormalised, z = 1) ray directions through pixel centres: [..., H, W, 3]."""
+    k = torch.as_tensor(intrinsics, dtype=like.dtype if like is not None else torch.float64)
+    if like is not None:
+        k = k.to(like.device)
+    dev, dt = k.device, k.dtype
+    v, u = torch.meshgrid(
+        torch.arange(height, device=dev, dtype=dt) + 0.5, torch.arange(width, device=dev, dtype=dt) + 0.5, indexing="ij"
+    )
+    fx, fy, cx, cy = (k[..., i, None, None] for i in range(4))
+    x = (u - cx) / fx
+    y = (v - cy) / fy
+    return torch.stack([x, y, torch.ones_like(x)], dim=-1)
 
-    return _plucker(c2w, intrinsics, height, width)
+
+def plucker_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per-pixel Plücker coordinates (o x d, d) with unit world direction d: [..., 6, H, W].
+
+    `c2w [..., 4, 4]`, `intrinsics [..., 4]` (pixels of a `height x width` image). The moment
+    o x d does not depend on where along the ray o lies, which is why the adapter uses it.
+    """
+    c2w = torch.as_tensor(c2w)
+    if not c2w.is_floating_point():
+        c2w = c2w.double()
+    intrinsics = torch.as_tensor(intrinsics).to(c2w)
+    if c2w.shape[-2:] != (4, 4) or intrinsics.shape[-1] != 4 or c2w.shape[:-2] != intrinsics.shape[:-1]:
+        raise ValueError(
+            f"plucker_rays: c2w {tuple(c2w.shape)} and intrinsics {tuple(intrinsics.shape)}; "
+            "expected [...,4,4] and [...,4]"
+        )
+    d_cam = pixel_directions(intrinsics, height, width, like=c2w)  # [..., H, W, 3]
+    rot = c2w[..., :3, :3]
+    d = torch.einsum("...ij,...hwj->...hwi", rot, d_cam)
+    d = d / d.norm(dim=-1, keepdim=True)
+    o = c2w[..., None, None, :3, 3].expand_as(d)
+    m = torch.cross(o, d, dim=-1)
+    return torch.cat([m, d], dim=-1).movedim(-1, -3).contiguous()
 
 
 def keys_per_latent_frame(keys: torch.Tensor) -> torch.Tensor:

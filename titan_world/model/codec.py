@@ -39,9 +39,9 @@ def check_frame_count(num_frames: int, what: str = "clip") -> int:
     return (num_frames - 1) // TEMPORAL_STRIDE
 
 
-def latent_frames(num_frames: int) -> int:
+def latent_frames(num_frames: int, what: str = "clip") -> int:
     """Latent frames of a clip of `num_frames` (1 + 4k) frames: 1 + k. The one temporal-stride rule."""
-    return 1 + check_frame_count(num_frames)
+    return 1 + check_frame_count(num_frames, what)
 
 
 def pixel_frames(num_latents: int) -> int:
@@ -49,6 +49,11 @@ def pixel_frames(num_latents: int) -> int:
     if num_latents < 1:
         raise ValueError(f"{num_latents} latent frames; expected at least 1")
     return 1 + TEMPORAL_STRIDE * (num_latents - 1)
+
+
+def encodable_frames(num_frames: int) -> int:
+    """The longest 1 + 4k prefix of a clip of `num_frames` >= 1 frames: what the codec encodes whole."""
+    return pixel_frames(1 + (num_frames - 1) // TEMPORAL_STRIDE)
 
 
 def _dct_matrix(n: int) -> torch.Tensor:
@@ -203,7 +208,8 @@ class WanVAECodec:
         if "feat_cache" in inspect.signature(self.vae.decoder.forward).parameters:
             return WanStreamDecoder(self)
         log.warning(
-            "this diffusers' Wan decoder takes no causal cache: streaming decode re-decodes one latent of context per call"
+            "this diffusers' Wan decoder takes no causal cache: "
+            "streaming decode re-decodes one latent of context per call"
         )
         return ContextStreamDecoder(self)
 

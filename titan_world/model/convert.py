@@ -101,7 +101,7 @@ def dcp_to_safetensors(src: Path, dst: Path, config_path: str | None = None) -> 
             f"{step_dir}: no config to describe the model (looked for {cfg_file}; pass --model-config)"
         )
     model_cfg = load_config(cfg_file).model
-    export_safetensors(step_dir, dst, config=config_json(model_cfg))
+    export_safetensors(step_dir, dst, config_json(model_cfg))
     return step_dir
 
 

@@ -369,7 +369,7 @@ def save_state_dict(
 
         def flush() -> None:
             part = tmp / f".part-{len(parts):05d}.safetensors"
-            save_file(current, str(part))
+            save_file(current, str(part), metadata={"format": "pt"})  # transformers' loaders require it
             parts.append((part, list(current)))
             current.clear()
 

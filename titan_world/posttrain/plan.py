@@ -34,18 +34,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from parallel.checkpointing import checkpointed_block_ids
-from parallel.planner import GB, GPUS_PER_NODE, block_params, param_count
+from parallel.planner import GB, GPUS_PER_NODE, param_count
 from titan_world.model.kv_cache import KVCache
 from titan_world.posttrain.config import PostTrainConfig
+from titan_world.posttrain.gan import GANHead
 
 
 def gan_head_params(dim: int, num_blocks: int, num_queries: int) -> int:
-    """`GANHead(dim, num_blocks, num_queries)`: queries, LayerNorm, one MultiheadAttention per
-    tapped block (in-projection 3 d^2 + 3 d, out-projection d^2 + d), MLP (blocks·queries·d -> d -> 1)."""
-    d = dim
-    attn = 4 * d * d + 4 * d
-    return num_blocks * num_queries * d + 2 * d + num_blocks * attn + num_blocks * num_queries * d * d + d + d + 1
+    """Parameters of `GANHead(dim, num_blocks, num_queries)`, counted on the meta device."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in GANHead(dim, num_blocks, num_queries).parameters())
 
 
 def kv_cache_bytes(
@@ -147,7 +148,7 @@ def posttrain_plan(
             f"cp={cp}: a latent frame has {tpf} tokens; the rollout's cached passes need them divisible by the CP degree"
         )
     n, d, ffn, layers, b = param_count(cfg), cfg.dim, cfg.ffn_dim, cfg.num_layers, p.batch_size
-    blk = block_params(d, ffn)
+    blk = param_count(cfg, "blocks.0")
     gan = gan_head_params(d, len(p.gan_blocks), p.gan_queries) if p.gan_weight > 0 else 0
     trained_roots = 1 + teacher_experts  # the student and every fake-score expert
     state = {

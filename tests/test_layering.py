@@ -1,0 +1,124 @@
+"""Layers point down (docs/architecture.md): no product module imports a module of a higher layer.
+
+Every module under titan_world/, parallel/, serving/ and launch/ is parsed with `ast`; each import, at module
+level or inside a function, is mapped to its layer. Imports under `if TYPE_CHECKING:` are exempt: they never run,
+they only name types for annotations.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("titan_world", "parallel", "serving", "launch")
+
+# Lowest first; a module's layer is the first whose pattern (a regex over its dotted name) matches.
+# Commands come first: launch/*, every cli module, and the modules a `titan-world` subcommand runs.
+COMMANDS = (
+    r"launch\.(?!config$).*|.*\.\w*cli"
+    r"|titan_world\.(generate|demo|model\.convert|train\.light_decoder|eval\.action_eval)"
+)
+LAYERS: list[tuple[str, str]] = [
+    ("leaf", r"titan_world(\.__init__|\.exit_codes)?"),
+    ("diffusion", r"titan_world\.diffusion\..*"),
+    ("model", r"titan_world\.(model\..*|conditioning)"),
+    ("config", r"titan_world\.config|\w+(\.\w+)?\.config"),  # plain dataclasses and their composition
+    ("parallel", r"parallel\..*"),
+    ("data", r"titan_world\.data\..*"),
+    ("jobs", r"titan_world\.(job|(train|posttrain|eval)\..*)"),
+    ("serving", r"serving\..*"),
+    ("commands", COMMANDS),
+]
+RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
+
+
+def layer_of(module: str) -> str:
+    if re.fullmatch(COMMANDS, module):
+        return "commands"
+    return next(name for name, pattern in LAYERS if re.fullmatch(pattern, module))
+
+
+def product_modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            mods[".".join(path.relative_to(ROOT).with_suffix("").parts)] = path
+    return mods
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    """Line numbers of imports guarded by `if TYPE_CHECKING:`."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.stmt)}
+    return lines
+
+
+def imports_of(module: str, path: Path, known: set[str]) -> list[tuple[int, str]]:
+    """(line, imported product module) for every import in the file, resolved to a module we scan."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    exempt = _type_checking_lines(tree)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Import | ast.ImportFrom) or node.lineno in exempt:
+            continue
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            names = [f"{base}.{a.name}" for a in node.names] + [base]
+        for name in names:
+            # the longest scanned module the name denotes (`from pkg import mod` names pkg.mod)
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name.split(".")[0] in PACKAGES:
+                found.append((node.lineno, name))
+                break
+    return found
+
+
+def upward_imports() -> list[str]:
+    mods = product_modules()
+    known = set(mods) | {m.removesuffix(".__init__") for m in mods}
+    bad = []
+    for module, path in mods.items():
+        here = layer_of(module)
+        for line, target in imports_of(module, path, known):
+            there = layer_of(target if target in mods else f"{target}.__init__")
+            if RANK[there] > RANK[here]:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {module} ({here}) imports {target} ({there})")
+    return bad
+
+
+def test_layers_point_down():
+    bad = upward_imports()
+    assert not bad, "lower layers import higher ones (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_every_command_module_is_in_the_commands_layer():
+    """A module with the subcommand protocol (`add_arguments` and `run`) is a command, whatever its folder."""
+    for module, path in product_modules().items():
+        defs = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+        if {"add_arguments", "run"} <= defs:
+            assert layer_of(module) == "commands", f"{path}: a command module outside the commands layer"
+
+
+def test_the_scanner_sees_imports_at_every_level():
+    mods = product_modules()
+    known = set(mods) | {m.removesuffix(".__init__") for m in mods}
+    found = {t for _, t in imports_of("titan_world.generate", ROOT / "titan_world" / "generate.py", known)}
+    assert {"titan_world.model.codec", "serving.engine", "launch.cli_common"} <= found  # serving.engine: in run()
+    assert layer_of("titan_world.model.config") == "model" and layer_of("serving.config") == "config"
+    assert layer_of("titan_world.train.cli") == "commands" and layer_of("titan_world.train.loop") == "jobs"
+
+
+if __name__ == "__main__":
+    print("\n".join(upward_imports()))
