@@ -43,7 +43,8 @@ def resolve_dims(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]:
         s = world_size // (r * c)
     if r * s * c != world_size:
         raise ValueError(
-            f"parallel.dp_replicate={r} x parallel.dp_shard={s} x parallel.cp={c} = {r * s * c} != world_size={world_size}; "
+            f"parallel.dp_replicate={r} x parallel.dp_shard={s} x parallel.cp={c} = {r * s * c} "
+            f"!= world_size={world_size}; "
             "set parallel.dp_shard=-1 to use the rest of the world"
         )
     return r, s, c
@@ -96,7 +97,10 @@ class ParallelMesh:
         return self.dp_shard * self.cp
 
     def __repr__(self) -> str:
-        return f"ParallelMesh(dp_replicate={self.dp_replicate}, dp_shard={self.dp_shard}, cp={self.cp}, device={self.device_type})"
+        return (
+            f"ParallelMesh(dp_replicate={self.dp_replicate}, dp_shard={self.dp_shard}, cp={self.cp}, "
+            f"device={self.device_type})"
+        )
 
 
 def build_mesh(cfg: ParallelConfig, world_size: int | None = None, device_type: str | None = None) -> ParallelMesh:

@@ -49,6 +49,7 @@ def materialize(module: nn.Module, device: torch.device | str, read: Reader | No
             expected = tuple(r.stop - r.start for r in region)
             if tuple(local.shape) != expected:
                 raise RuntimeError(
-                    f"materialize: {name} holds a local shard of {tuple(local.shape)}, expected {expected} from its placements"
+                    f"materialize: {name} holds a local shard of {tuple(local.shape)}, expected {expected} "
+                    "from its placements"
                 )
             local.copy_(read(name, tensor.shape, region))

@@ -4,10 +4,10 @@ one process, both stages, GAN head on.
 With cp=2 and one data-parallel group the two ranks read the same clips and draw the same noise
 as a single process; each runs every pass on half of the tokens and attends over half of the
 heads (the rollout's KV cache holds those heads only). The run must be the one-process run:
-  - causal (block-causal mask, per-frame timesteps; also with a sequence padded to split) and DMD (self-rollout through the KV cache,
-    teacher and fake scores, GAN head over the gathered features of tapped blocks) give the same
-    losses and gradient norms (every step clips, so the norms are checked through their use), and
-    export the same student — with FSDP2 over the CP ranks and with full replicas;
+  - causal (block-causal mask, per-frame timesteps; also with a sequence padded to split) and DMD
+    (self-rollout through the KV cache, teacher and fake scores, GAN head over the gathered features of
+    tapped blocks) give the same losses and gradient norms (every step clips, so the norms are checked
+    through their use), and export the same student — with FSDP2 over the CP ranks and with full replicas;
   - a preempted CP run resumes with the uninterrupted losses;
   - a frame whose tokens do not split over the CP ranks is refused with the keys to change.
 Tiny sizes: 32x32 video (16 tokens per latent frame), 2 student sigmas, 2-chunk rollouts.

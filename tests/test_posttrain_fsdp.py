@@ -101,8 +101,8 @@ def _probe(job) -> dict:
 def all_jobs(tmp: Path) -> dict:
     """Every job of this module on one rank (the process group stays up between jobs)."""
     from parallel.distributed import init_distributed
-    from titan_world.posttrain import loop
     from titan_world.exit_codes import EXIT_PREEMPTED
+    from titan_world.posttrain import loop
     from titan_world.posttrain.loop import CausalJob, DMDJob
 
     init_distributed()
@@ -125,7 +125,8 @@ def all_jobs(tmp: Path) -> dict:
         == EXIT_PREEMPTED
     )
     assert DMDJob(_cfg(tmp, "dmd-cut", True, f"train.steps={DMD_STEPS}"), resume=True).fit() == 0
-    # student: the high expert; with seed 0, sigmas in [0.5, 0.98] route critic and student updates to both experts (boundary 0.9)
+    # student: the high expert; with seed 0, sigmas in [0.5, 0.98] route critic and student updates to both
+    # experts (boundary 0.9)
     moe = DMDJob(
         _cfg(
             tmp,

@@ -286,8 +286,8 @@ def _finite_export(run_dir: Path) -> bool:
 
 @pytest.mark.parametrize("stage", ["causal", "dmd"])
 def test_posttrain_skips_non_finite_steps_and_stops_on_a_streak(stage, data_dir, teacher, tmp_path, capsys):
-    from titan_world.posttrain.loop import run_stage
     from titan_world.exit_codes import EXIT_DIVERGED
+    from titan_world.posttrain.loop import run_stage
 
     def cfg(run: str, *extra: str):
         return load_config(

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,6 @@ class AttnMask:
 
 @functools.lru_cache(maxsize=32)
 def _flex_block_mask(mask: AttnMask, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, k_idx):
         return mask.allowed(q_idx, k_idx)
@@ -90,8 +91,6 @@ def _flex_block_mask(mask: AttnMask, device: str):
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -113,8 +112,6 @@ def _flex(q, k, v, mask: AttnMask | None):
         if torch.is_grad_enabled() and q.requires_grad:
             _warn_once("attn_backend=flex: no flex_attention backward on CPU; using sdpa with a dense mask")
             return _sdpa(q, k, v, mask)
-        from torch.nn.attention.flex_attention import flex_attention
-
         fn = flex_attention
     else:
         fn = _compiled_flex()
@@ -127,7 +124,7 @@ def _flash(q, k, v, mask: AttnMask | None):
     if mask is not None and not mask.is_trivial:
         _warn_once("attn_backend=flash has no block-causal masks; falling back to flex/sdpa for masked calls")
         return _flex(q, k, v, mask)
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func  # noqa: PLC0415 (optional extra, import-guarded: resolve_backend)
 
     return flash_attn_func(q, k, v)
 
@@ -136,7 +133,7 @@ def _xformers(q, k, v, mask: AttnMask | None):
     if mask is not None and not mask.is_trivial:
         _warn_once("attn_backend=xformers has no block-causal masks; falling back to flex/sdpa for masked calls")
         return _flex(q, k, v, mask)
-    import xformers.ops as xops
+    import xformers.ops as xops  # noqa: PLC0415 (optional extra, import-guarded: resolve_backend)
 
     return xops.memory_efficient_attention(q, k, v)
 
@@ -148,10 +145,9 @@ def prefer_cudnn_sdpa() -> None:
     """Put cuDNN attention first in SDPA's priority order (process-wide).
 
     On H100, cuDNN's fused attention runs ~1.6x faster than the flash backend SDPA picks by
-    default (DESIGN.md §8: 595 vs 358 TFLOP/s forward at 32k tokens). The other backends stay
+    default (595 vs 358 TFLOP/s forward at 32k tokens). The other backends stay
     enabled, so shapes cuDNN rejects still run.
     """
-    from torch.nn.attention import SDPBackend
 
     if not hasattr(torch._C, "_set_sdp_priority_order"):
         return

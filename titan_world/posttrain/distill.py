@@ -119,7 +119,8 @@ class DMDTrainer:
     then every network is readied by `parallel.parallelize` in its role (teacher, student, critic:
     CP hook, attention backend, FP8, AC, compile, FSDP over `mesh` when given) before the
     optimizers are built on its parameters; `parallel` None: none of the speed/memory levers,
-    `cp` the Ulysses context, `attn_backend` the job's `model.attn_backend`. Networks built on the meta device (`loop.network`) are filled by `fill` right after sharding, each rank its shards;
+    `cp` the Ulysses context, `attn_backend` the job's `model.attn_backend`. Networks built on the
+    meta device (`loop.network`) are filled by `fill` right after sharding, each rank its shards;
     `device` is then where they live (default: where the fake score's parameters are).
 
     `uncond_context` [1, text_len, text_dim]: the teacher's unconditional text for guidance != 1,
@@ -212,14 +213,16 @@ class DMDTrainer:
         lay = self.layout(batch)
         if batch.latents.shape[2] < lay.num_frames:
             raise ValueError(
-                f"clip has {batch.latents.shape[2]} latent frames; the rollout needs {lay.num_frames} (posttrain.rollout_chunks)"
+                f"clip has {batch.latents.shape[2]} latent frames; the rollout needs {lay.num_frames} "
+                "(posttrain.rollout_chunks)"
             )
         cp = self.student.cp
         _, h, w = self.student.token_grid(batch.latents.shape)
         if cp is not None and (h * w) % cp.size:
             raise ValueError(
-                f"parallel.cp={cp.size}: a latent frame has {h}x{w} = {h * w} tokens; the rollout's cached passes split "
-                "every chunk over the CP ranks, so it must be divisible by the CP degree (change data.height/width or parallel.cp)"
+                f"parallel.cp={cp.size}: a latent frame has {h}x{w} = {h * w} tokens; the rollout's cached passes "
+                "split every chunk over the CP ranks, so it must be divisible by the CP degree (change "
+                "data.height/width or parallel.cp)"
             )
         acts = batch.actions.slice(0, lay.num_frames) if batch.actions is not None else None
         inp = RolloutInputs(batch.latents[:, :, :1], batch.context, acts, lay, self.student.cfg.cond_channels > 0)

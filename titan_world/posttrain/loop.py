@@ -218,7 +218,8 @@ class CausalJob(PostTrainJob):
         self.total = cfg.train.steps if cfg.train.steps is not None else p.causal_steps
         self.teacher_path = required_path(cfg, "teacher")
         log(
-            f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); {self.total} steps"
+            f"causal: student initialised from {self.teacher_path} (its high-noise expert if it is an MoE); "
+            f"{self.total} steps"
         )
         pending = [] if self.shards else None
         # FP8, AC (exact: stage 1 has no KV cache), compile, then FSDP: before the optimizer

@@ -16,8 +16,12 @@ import torch
 import torch.nn as nn
 
 from titan_world.conditioning import conditioned_denoiser, fill_given, noise_batch
+from titan_world.data.synth import make_episode
+from titan_world.data.writer import build_encoders
 from titan_world.diffusion.samplers import sample
+from titan_world.eval.action_following import action_following_report
 from titan_world.model import ActionInputs, WanMoE, expert_for, load_pretrained
+from titan_world.model.codec import codec_from_config, frames_to_video, video_to_frames
 
 HELD_OUT_SEED = 10_000  # first held-out episode seed: the training set uses seeds 0 .. data.synth_episodes-1
 
@@ -29,8 +33,6 @@ def _load(run_dir_or_model: str | Path | nn.Module) -> nn.Module:
 
 
 def _episodes(cfg, num: int, frames: int, seed: int):
-    from titan_world.data.synth import make_episode
-
     seconds = (frames - 1) / cfg.data.fps
     return [make_episode(seed + i, cfg.data.height, cfg.data.width, seconds, cfg.data.fps) for i in range(num)]
 
@@ -72,10 +74,6 @@ def action_following_check(
     episodes (`mse_true`, `mse_shuffled`, `mse_copy_last`, PSNRs), `actions_help` (true < shuffled)
     and the per-episode reports of `titan_world.eval.action_following.action_following_report`.
     """
-    from titan_world.data.writer import build_encoders
-    from titan_world.eval.action_following import action_following_report
-    from titan_world.model.codec import codec_from_config, frames_to_video, video_to_frames
-
     if num_episodes < 2:
         raise ValueError(f"num_episodes={num_episodes}: expected >= 2 (shuffled actions come from another episode)")
     model = _load(run_dir_or_model).eval().float()
@@ -178,11 +176,14 @@ def format_check(result: dict[str, Any]) -> str:
         else "NO measurable effect of the actions"
     )
     return (
-        f"[action check] {result['episodes']} held-out episodes x {result['frames']} frames, {result['sample_steps']} sampler steps: "
+        f"[action check] {result['episodes']} held-out episodes x {result['frames']} frames, "
+        f"{result['sample_steps']} sampler steps: "
         f"frame MSE true actions {result['mse_true']:.5f} vs shuffled {result['mse_shuffled']:.5f} "
-        f"(copy-last-frame {result['mse_copy_last']:.5f}); PSNR {result['psnr_true']:.2f} vs {result['psnr_shuffled']:.2f} dB -> {verdict}"
+        f"(copy-last-frame {result['mse_copy_last']:.5f}); PSNR {result['psnr_true']:.2f} vs "
+        f"{result['psnr_shuffled']:.2f} dB -> {verdict}"
         + (
-            f"; one-step denoising latent MSE true {result['denoise_mse_true']:.5f} vs shuffled {result['denoise_mse_shuffled']:.5f}"
+            f"; one-step denoising latent MSE true {result['denoise_mse_true']:.5f} vs shuffled "
+            f"{result['denoise_mse_shuffled']:.5f}"
             if "denoise_mse_true" in result
             else ""
         )

@@ -63,14 +63,6 @@ class StopFlag:
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self.previous.clear()
 
-    def agreed(self, device: torch.device) -> float:
-        """The stop code every rank agrees on (the largest any rank saw): one small all-reduce.
-        The flag lives on `device`: NCCL reduces only GPU tensors."""
-        flag = torch.tensor([self.code], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return float(flag.item())
-
 
 def stop_exit_code(code: float) -> int:
     """The exit code after the checkpoint a stop request asked for."""

@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from launch.cli_common import add_config_arguments, config_from_args
+from titan_world.config import resolve_run_dir, save_config
+from titan_world.data.loader import build_train_loader, check_data_path, prepare_dataset
 from titan_world.model.codec import check_frame_count, codec_from_config
 from titan_world.model.light_decoder import LightDecoder, LightDecoderConfig, save_light_decoder
+from titan_world.train.metrics import MetricsLogger
 from titan_world.train.optim import build_optimizer, lr_factor, set_lr
 
 
@@ -46,10 +49,6 @@ def _teacher_name(cfg) -> str:
 
 def distill_decoder(cfg) -> dict:
     """Train, save RUN_DIR/decoder/, return the final metrics (also in RUN_DIR/decoder_metrics.json)."""
-    from titan_world.config import resolve_run_dir, save_config
-    from titan_world.data.loader import build_train_loader, check_data_path, prepare_dataset
-    from titan_world.train.metrics import MetricsLogger
-
     d = cfg.decoder
     check_frame_count(d.clip_frames, "decoder.clip_frames")
     check_data_path(cfg)  # before any work: a data.path that is neither a dataset nor synthetic data is refused
@@ -101,8 +100,6 @@ def distill_decoder(cfg) -> dict:
 def evaluate(decoder: LightDecoder, teacher, cfg) -> dict:
     """PSNR of the decoder against the teacher on clips the training never drew (another seed),
     and the decoder's parameter count against the teacher's (the Wan VAE's decoder half)."""
-    from titan_world.data.loader import build_train_loader
-
     d, device = cfg.decoder, next(decoder.parameters()).device
     loader = build_train_loader(cfg, d.clip_frames, seed=d.seed + 1_000_003, batch_size=d.batch_size)
     scores = []

@@ -6,11 +6,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+
+from titan_world.config import to_dict
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
@@ -18,8 +24,6 @@ def peak_memory_gb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     except Exception:
         return None
@@ -41,8 +45,6 @@ class MetricsLogger:
             _set_aside(path)
         self.file = open(path, "a")
         if cfg.run.progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(
                 total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
             )
@@ -124,9 +126,7 @@ def _start_wandb(run_dir: Path, cfg):
     """wandb in offline mode unless run.wandb=online; any wandb failure only disables it."""
     try:
         os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
-
-        from titan_world.config import to_dict
+        import wandb  # noqa: PLC0415 (slow to import: only when run.wandb is on)
 
         return wandb.init(
             project="titan-world",
@@ -146,8 +146,6 @@ def _wandb_id(run_dir: Path) -> str:
     """A stable id per run dir, so a resumed run appends to the same wandb run."""
     path = run_dir / "wandb_id"
     if not path.exists():
-        import uuid
-
         path.write_text(uuid.uuid4().hex[:12])
     return path.read_text().strip()
 
@@ -163,8 +161,6 @@ class ProfilerWindow:
 
     def step_begin(self, step: int) -> None:
         if self.start is not None and step == self.start and self.prof is None:
-            from torch.profiler import ProfilerActivity, profile
-
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.prof = profile(activities=acts, record_shapes=True, with_stack=False)
             self.prof.__enter__()

@@ -12,6 +12,11 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+try:
+    from torchtitan.distributed.utils import clip_grad_norm_ as titan_clip_grad_norm
+except Exception:  # torchtitan missing: torch's own (handles DTensor grads too)
+    titan_clip_grad_norm = None
+
 
 def build_optimizer(params: list[nn.Parameter], tcfg, device: torch.device) -> torch.optim.AdamW:
     """AdamW with the fused kernel on GPU (foreach on CPU); no weight decay on 1-D params / modulation."""
@@ -52,10 +57,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     Uses torchtitan's `clip_grad_norm_`, which reduces DTensor (FSDP2) gradients over their mesh;
     plain tensors take the same path.
     """
-    try:
-        from torchtitan.distributed.utils import clip_grad_norm_
-    except Exception:  # torchtitan missing: torch's own (handles DTensor grads too)
-        clip_grad_norm_ = None
+    clip_grad_norm_ = titan_clip_grad_norm
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())

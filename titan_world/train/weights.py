@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from parallel.meta_init import materialize
 from titan_world.config import ConfigError
 from titan_world.model import WanDiT, WanMoE
 from titan_world.model.config import ModelConfig
@@ -99,8 +100,6 @@ def fill_weights(
     initialisation seeded by `seed` without them; `fresh` picks tensors that start from the
     initialisation even with a checkpoint. Keys and shapes are checked before anything is
     allocated (CheckpointError naming the key and the file). Returns the fresh tensor names."""
-    from parallel import materialize
-
     fresh_names = []
     for i, (prefix, net) in enumerate(networks(model)):
         source = WeightFolder(folders[i]) if folders else None
