@@ -14,7 +14,7 @@ import pytest
 from posttrain_runs import COMMON, records, save_teacher
 
 from serving.loading import build_engine
-from titan_world.config import load_config
+from titan_world.config import ConfigError, load_config
 from titan_world.exit_codes import EXIT_DIVERGED, EXIT_PREEMPTED
 from titan_world.model import attention
 from titan_world.posttrain.loop import CausalJob, DMDJob
@@ -113,3 +113,14 @@ def test_flash_falls_back_to_sdpa_in_post_training_and_serving(world, tmp_path, 
         engine = build_engine(cfg)
     assert engine.model.attn_backend == "sdpa"
     assert "falling back to sdpa" in caplog.text
+
+
+@pytest.mark.parametrize(("kind", "key"), [("causal", "teacher"), ("dmd", "teacher"), ("dmd", "student")])
+def test_a_missing_teacher_or_student_is_a_config_error_naming_the_key(kind, key, world, tmp_path):
+    """Post-training starts only from the networks it is given (no teacher trained on the spot,
+    no runs/demo looked up in the working directory); refused before the run dir exists."""
+    cfg = _cfg(world, kind, tmp_path / "run")
+    setattr(cfg.posttrain, key, None)
+    with pytest.raises(ConfigError, match=f"posttrain.{key} is unset"):
+        JOBS[kind](cfg)
+    assert not (tmp_path / "run").exists()

@@ -29,7 +29,13 @@ def run(args: argparse.Namespace) -> int:
     from launch.torchrun import is_distributed_child, launch_local  # noqa: PLC0415 (CLI starts without torch)
     from titan_world.config import resolve_run_dir  # noqa: PLC0415 (CLI starts without torch)
     from titan_world.data.loader import check_data_path  # noqa: PLC0415 (CLI starts without torch)
-    from titan_world.posttrain.loop import check_mesh, required_path, run_stage  # noqa: PLC0415 (CLI starts without torch)
+    from titan_world.posttrain.loop import (  # noqa: PLC0415 (CLI starts without torch)
+        CausalJob,
+        DMDJob,
+        check_mesh,
+        required_path,
+        run_stage,
+    )
 
     cfg = config_from_args(args)  # config errors surface before anything starts
     check_nproc(args.nproc)
@@ -37,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     resume = resolve_resume(cfg, bool(args.resume), "post-train")
     if args.nproc > 1 and not is_distributed_child():
         check_mesh(cfg, args.nproc)
-    for key in ("teacher", "student") if args.stage == "dmd" else ("teacher",):
+    for key in (DMDJob if args.stage == "dmd" else CausalJob).inputs:
         required_path(cfg, key)  # a ConfigError naming the key, before any rank starts
     if args.nproc > 1 and not is_distributed_child():
         run_dir = resolve_run_dir(cfg)  # fixed once, so every rank writes to the same one

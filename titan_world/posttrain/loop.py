@@ -178,8 +178,12 @@ def check_mesh(cfg: TitanConfig, world: int) -> None:
 class PostTrainJob(Job):
     """What both stages share on top of the runtime: the mesh check, replicas or FSDP, the export."""
 
+    inputs = ("teacher",)  # the posttrain.* networks a stage starts from
+
     def check_config(self, resume: bool) -> None:
         check_mesh(self.cfg, self.world)
+        for key in self.inputs:
+            required_path(self.cfg, key)
 
     @property
     def shards(self) -> bool:
@@ -268,6 +272,7 @@ class DMDJob(PostTrainJob):
 
     tag = "post-train dmd"
     loss_key = "dmd_loss"
+    inputs = ("teacher", "student")
 
     def build(self, resume_from: Path | None) -> None:
         cfg, p = self.cfg, self.cfg.posttrain
