@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     n = sum(make_episode(s, args.size, args.size, args.seconds).num_frames for s in range(8))
     print(
-        f"synth render: {n / (time.perf_counter() - t0):.0f} frames/s at {args.size}x{args.size} (world + agent + raycast + captions, 1 thread)"
+        f"synth render: {n / (time.perf_counter() - t0):.0f} frames/s at {args.size}x{args.size} (world + agent + "
+        "raycast + captions, 1 thread)"
     )
     with tempfile.TemporaryDirectory() as d:
         cfg = load_config(None, [f"data.path={d}/ds", f"data.height={args.size}", f"data.width={args.size}"])
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         count = sum(len(b["captions"]) for _ in range(3) for b in loader)
         print(
-            f"loader: {count / (time.perf_counter() - t0):.0f} samples/s ({args.frames}-frame clips, batch 4, 0 workers)"
+            f"loader: {count / (time.perf_counter() - t0):.0f} samples/s ({args.frames}-frame clips, batch 4, 0 "
+            "workers)"
         )
         loader.close()
     return 0

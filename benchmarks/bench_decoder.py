@@ -7,7 +7,7 @@ chunk) the way the serving engine does (`codec.stream_decoder()`), in bf16 on a 
 CPU. The Wan VAE is diffusers' default `AutoencoderKLWan` (the Wan2.1 VAE's architecture) with
 random weights unless `--vae PATH` names real ones: speed does not depend on the weights, and
 neither does the light decoder's (`--light-decoder` a distilled one, else `--width/--depth`).
-Prints frames/s, ms per frame, peak memory and the speed ratio. DESIGN.md §8 measured the Wan
+Prints frames/s, ms per frame, peak memory and the speed ratio. The reference numbers in RESULTS.md put the Wan
 VAE at ~39 frames/s at 480p on an H100. CPU default: 112x64 and one chunk, so it finishes in about a minute.
 """
 
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         r["params"], r["speedup"] = params[name], r["fps"] / base
         peak = f"{r['peak_gb']:8.2f}" if r["peak_gb"] is not None else "       -"
         print(
-            f"{name:<26} {params[name] / 1e6:8.2f}M {r['fps']:9.1f} {r['ms_per_frame']:9.2f} {peak} {r['speedup']:6.1f}x"
+            f"{name:<26} {params[name] / 1e6:8.2f}M {r['fps']:9.1f} {r['ms_per_frame']:9.2f} {peak} "
+            f"{r['speedup']:6.1f}x"
         )
     write_json(args.json, {"device": str(device), "height": args.height, "width": args.width, "rows": rows})
     return 0

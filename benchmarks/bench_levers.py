@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.episodes)
     ]
     print(
-        f"serving levers: {base.source} on {dev} ({torch.get_num_threads()} threads); {args.episodes} held-out episodes x "
+        f"serving levers: {base.source} on {dev} ({torch.get_num_threads()} threads); {args.episodes} held-out "
+        "episodes x "
         f"{frames} frames at {sc.width}x{sc.height}; baseline: {len(base.sigmas)} steps, kv_refresh={sc.kv_refresh}, "
         f"sink {sc.sink_frames} + window {sc.window_frames}"
     )
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         r["speed_vs_baseline"], r["dpsnr"] = r["fps"] / b["fps"], r["psnr"] - b["psnr"]
         yaw_s = f"{r['yaw_mae_deg']:.2f}" if r["yaw_mae_deg"] is not None else "-"
         print(
-            f"{r['lever']:<22} {r['passes_per_chunk']:>6} {r['fps']:>8.1f} {r['speed_vs_baseline']:>5.2f}x {r['psnr']:>8.2f} {r['dpsnr']:>+6.2f} {r['detail_vs_truth']:>6.2f} {yaw_s:>8}"
+            f"{r['lever']:<22} {r['passes_per_chunk']:>6} {r['fps']:>8.1f} {r['speed_vs_baseline']:>5.2f}x "
+            f"{r['psnr']:>8.2f} {r['dpsnr']:>+6.2f} {r['detail_vs_truth']:>6.2f} {yaw_s:>8}"
         )
     print(f"(copy-last-frame baseline: {b['copy_last_psnr']:.2f} dB)")
     write_json(

@@ -5,7 +5,7 @@ Same config, same weights layout, same input, same process, so the ratio is mean
     python -m benchmarks.bench_model --model wan2.2-i2v-a14b --layers 4 --device cuda
     python -m benchmarks.bench_model --model tiny --frames 17 --height 64 --width 64   # CPU smoke
 Baselines: diffusers eager (its default SDPA backend; gradient checkpointing for the train step,
-as DESIGN.md §8's 2.754 s); then diffusers with our SDPA priority (cuDNN first) so the reader
+as RESULTS.md's 2.754 s reference); then diffusers with our SDPA priority (cuDNN first) so the reader
 sees how much of the gain is the attention kernel and how much the rest.
 """
 
@@ -15,28 +15,17 @@ import argparse
 import gc
 
 import torch
-import yaml
 
-from benchmarks.common import HEADER, Row, peak_gb, reset_peak, time_fn
-from titan_world.config import CONFIG_ROOT
-from titan_world.model.codec import default_vae_stride
+from benchmarks.common import HEADER, Row, model_config, peak_gb, reset_peak, time_fn
+from titan_world.model.codec import default_vae_stride, latent_frames
 from titan_world.model.config import ModelConfig
 from titan_world.model.dit import WanDiT
 from titan_world.model.flops import device_peak_tflops, sample_flops
 
 
-def model_config(name: str, layers: int | None) -> ModelConfig:
-    raw = yaml.safe_load((CONFIG_ROOT / "model" / f"{name}.yaml").read_text())
-    raw.pop("action", None)
-    cfg = ModelConfig(**raw)
-    if layers:
-        cfg.num_layers = layers
-    return cfg
-
-
 def inputs(cfg: ModelConfig, frames: int, height: int, width: int, device, dtype):
     s = default_vae_stride(cfg)
-    f = 1 + (frames - 1) // 4
+    f = latent_frames(frames)
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(1, cfg.in_dim, f, height // s, width // s, device=device, dtype=dtype, generator=g)
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype, generator=g)
@@ -117,13 +106,17 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     phases = args.phases.split(",")
-    cfg = model_config(args.model, args.layers)
+    cfg = model_config(args.model)
+    cfg.action.enabled = False  # diffusers' Wan has no action adapter
+    cfg.num_layers = args.layers or cfg.num_layers
     x, t, ctx, target, lat = inputs(cfg, args.frames, args.height, args.width, device, dtype)
     fl = sample_flops(cfg, *lat)
     peak = device_peak_tflops(device)
     print(
-        f"{cfg.name}: {cfg.num_layers} layers, {args.frames} frames {args.width}x{args.height} -> {fl.tokens:,} tokens; "
-        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, {dtype}"
+        f"{cfg.name}: {cfg.num_layers} layers, {args.frames} frames {args.width}x{args.height} -> {fl.tokens:,} "
+        "tokens; "
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
+        f"{torch.__version__}, {dtype}"
     )
     print(HEADER)
     base: dict[str, Row] = {}
@@ -183,9 +176,10 @@ def main() -> None:
                 )
             del ref
             gc.collect()
-    call = lambda m, x, t, c: m(
-        x[:, : cfg.out_dim], t, c, cond=x[:, cfg.out_dim :] if cfg.in_dim > cfg.out_dim else None
-    )  # noqa: E731
+
+    def call(m, x, t, c):
+        return m(x[:, : cfg.out_dim], t, c, cond=x[:, cfg.out_dim :] if cfg.in_dim > cfg.out_dim else None)
+
     for variant in args.variants.split(","):
         variant, _, float8 = variant.partition("+")  # "+rowwise": FP8 GEMMs
         mode, ac = variant.split("-")

@@ -16,30 +16,22 @@ import argparse
 import json
 import time
 
+from benchmarks.common import model_config
 from parallel.planner import GPUS_PER_NODE, IB_GBS, NVLINK_GBS
-
-
-def _model_cfg(name: str):
-    from omegaconf import OmegaConf
-
-    from titan_world.config import resolve_config_path
-    from titan_world.model.config import ModelConfig
-
-    path = resolve_config_path(f"model/{name}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+from titan_world.model.codec import latent_frames
 
 
 def model_flops_per_step(cfg, frames: int, height: int, width: int) -> float:
     """Train-step model FLOPs of one sample, from the project's one formula (titan_world.model.flops)."""
     from titan_world.model.flops import sample_flops
 
-    return sample_flops(cfg, 1 + (frames - 1) // 4, height // 8, width // 8).train_step
+    return sample_flops(cfg, latent_frames(frames), height // 8, width // 8).train_step
 
 
 def cmd_plan(a) -> None:
     from parallel.planner import format_plan, format_recommendations, plan, recommend
 
-    cfg = _model_cfg(a.model)
+    cfg = model_config(a.model)
     print(format_plan(plan(cfg, 81, a.height, a.width, dp_shard=8, ac=a.ac)))
     print()
     print(format_plan(plan(cfg, 961, a.height, a.width, cp=8, ac=a.ac)))
@@ -51,7 +43,7 @@ def cmd_plan(a) -> None:
 def cmd_a2a(a) -> None:
     from parallel.planner import a2a_cost, num_tokens
 
-    cfg = _model_cfg(a.model)
+    cfg = model_config(a.model)
     tokens = num_tokens(a.frames, a.height, a.width)
     flops = model_flops_per_step(cfg, a.frames, a.height, a.width)
     print(f"{a.model}: {tokens:,} tokens, {flops / 1e15:.1f} PFLOP per sample-step")
@@ -62,7 +54,8 @@ def cmd_a2a(a) -> None:
         c = a2a_cost(cfg, tokens, cp, a.ac)
         compute = flops / cp / (a.tflops * 1e12)
         print(
-            f"cp={cp:>2}: {c['bytes_per_gpu_GB']:7.1f} GB/GPU, {c['seconds_per_step']:6.2f} s at {c['bandwidth_GBs']:.0f} GB/s "
+            f"cp={cp:>2}: {c['bytes_per_gpu_GB']:7.1f} GB/GPU, {c['seconds_per_step']:6.2f} s at "
+            f"{c['bandwidth_GBs']:.0f} GB/s "
             f"vs compute {compute:6.2f} s at {a.tflops:.0f} TFLOP/s"
         )
 
@@ -70,7 +63,7 @@ def cmd_a2a(a) -> None:
 def cmd_cluster(a) -> None:
     from parallel.planner import cluster_prediction
 
-    cfg = _model_cfg(a.model)
+    cfg = model_config(a.model)
     gpus = a.nodes * GPUS_PER_NODE
     print(
         f"{a.model} on {a.nodes} x {GPUS_PER_NODE} H100 ({gpus} GPUs), {a.height}x{a.width}, AC {a.ac}, "
@@ -87,12 +80,14 @@ def cmd_cluster(a) -> None:
             print(f"{name:>5} does not fit on {gpus} GPUs")
             continue
         print(
-            f"{name:>5} {r['tokens']:>8,} {r['cp']:>3} {r['dp_shard']:>8} {r['gb_per_gpu']:>7.1f} {r['global_batch']:>5} "
+            f"{name:>5} {r['tokens']:>8,} {r['cp']:>3} {r['dp_shard']:>8} {r['gb_per_gpu']:>7.1f} "
+            f"{r['global_batch']:>5} "
             f"{r['compute_s']:>7.2f}s {r['a2a_s']:>5.2f}s {r['fsdp_comm_s']:>5.2f}s {r['step_s']:>6.2f}s "
             f"{r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9,.0f} {r['model_tflops_per_gpu']:>8.0f} {r['mfu']:>5.0%}"
         )
     print(
-        "(one sample per cp group per step; raise the global batch with gradient accumulation: the FSDP traffic is paid once per step)"
+        "(one sample per cp group per step; raise the global batch with gradient accumulation: the FSDP traffic is "
+        "paid once per step)"
     )
 
 
@@ -105,7 +100,7 @@ def cmd_step(a) -> None:
     from titan_world.model import build_model
 
     rank, world, device = init_distributed()
-    cfg = _model_cfg(a.model)
+    cfg = model_config(a.model)
     pc = ParallelConfig(cp=a.cp, activation_checkpoint=a.ac)
     mesh = build_mesh(pc)
     with torch.device("meta"):
@@ -118,13 +113,13 @@ def cmd_step(a) -> None:
         for p in model.parameters():
             p.normal_(0, 0.02)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    f = 1 + (a.frames - 1) // 4
+    f = latent_frames(a.frames)
     x = torch.randn(1, cfg.out_dim, f, a.height // 8, a.width // 8, device=device)
     cond = torch.randn(1, cfg.in_dim - cfg.out_dim, *x.shape[2:], device=device)
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
     t = torch.tensor([500.0], device=device)
     times = []
-    for i in range(a.steps):
+    for _ in range(a.steps):
         t0 = time.perf_counter()
         loss = model(x, t, ctx, cond=cond).float().pow(2).mean()
         loss.backward()

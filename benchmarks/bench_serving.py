@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(dev),
         "dtype": str(engine.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
-        "model": f"{cfg.model.name} ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M params, {engine.source})",
+        "model": f"{cfg.model.name} ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M params, "
+        f"{engine.source})",
         "geometry": f"{sc.width}x{sc.height}, {engine.frames_per_chunk} frames/chunk, {len(engine.sigmas)} steps, "
         f"sink {sc.sink_frames} + window {sc.window_frames} latent frames, kv_refresh={sc.kv_refresh}, "
         f"compile={sc.compile}, cuda_graphs={sc.cuda_graphs}",

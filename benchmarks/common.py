@@ -70,7 +70,10 @@ class Row:
         )
 
 
-HEADER = f"{'implementation':<34} {'phase':<6} {'time':>12} {'TFLOP/s':>8} {'MFU':>6} {'tokens/s':>11} {'peakGB':>6} {'vs base':>6}"
+HEADER = (
+    f"{'implementation':<34} {'phase':<6} {'time':>12} {'TFLOP/s':>8} {'MFU':>6} {'tokens/s':>11} {'peakGB':>6} "
+    f"{'vs base':>6}"
+)
 
 
 def parse_serving_args(p, argv: list[str] | None):
@@ -99,3 +102,19 @@ def write_json(path: str | None, obj: object) -> None:
 
         with open(path, "w") as f:
             json.dump(obj, f, indent=1, default=str)
+
+
+def model_config(name: str):
+    """A model config by name (configs/model/NAME.yaml), or the model section of a full config file."""
+    from omegaconf import OmegaConf
+
+    from titan_world.config import resolve_config_path
+    from titan_world.model.config import ModelConfig
+
+    path = resolve_config_path(name if "/" in name or name.endswith(".yaml") else f"model/{name}")
+    node = OmegaConf.load(path)
+    if "model" in node:  # a full config (e.g. tiny.yaml)
+        from titan_world.config import load_config
+
+        return load_config(path, []).model
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node))

@@ -111,7 +111,8 @@ def check_graphed_streaming(dev: torch.device) -> None:
             if graphs:
                 ok = session.graphs.failed is None and session.graphs.replays > 0
                 print(
-                    f"{'PASS' if ok else 'FAIL'} CUDA graphs captured ({session.graphs.replays} replays, failure: {session.graphs.failed})",
+                    f"{'PASS' if ok else 'FAIL'} CUDA graphs captured ({session.graphs.replays} replays, failure: "
+                    f"{session.graphs.failed})",
                     flush=True,
                 )
                 global failures

@@ -8,7 +8,7 @@ of 3 latent frames, sink 1 + window 6, compiled, last-step KV refresh): a denois
 94.75 ms for the 1.3B student (30 layers) and 118.75 ms for 10 layers of the 14B expert.
 
 Per layer and pass the model charges
-  - kernels: GEMM FLOPs at 700 TFLOP/s and attention FLOPs at 595 TFLOP/s (DESIGN.md §8: the
+  - kernels: GEMM FLOPs at 700 TFLOP/s and attention FLOPs at 595 TFLOP/s (RESULTS.md reference numbers: the
     measured DiT-shaped GEMM and cuDNN SDPA rates), split over the GPUs (Ulysses splits tokens
     for the GEMMs, heads for attention);
   - `host` seconds that do not shrink with GPUs (Python, kernel launches: what CUDA graphs remove);
@@ -24,7 +24,7 @@ kernel launches, the embedding, sampling arithmetic); the model adds that consta
 graphs set `host` to 0; FP8 GEMMs run at 1.6x the bf16 rate (torchao's H100 figure for large
 GEMMs; not measured here). Decode runs on rank 0's GPU, on its own stream: `fps` counts it as
 free (hidden in the GPU's idle time, as it was behind the launch-bound eager passes measured);
-`fps_wan_vae_shared` charges the Wan VAE's ~39 frames/s at 480p (DESIGN.md §8: ~26 ms of the GPU
+`fps_wan_vae_shared` charges the Wan VAE's ~39 frames/s at 480p (RESULTS.md reference numbers: ~26 ms of the GPU
 per frame) on top of the chunk, which is what it costs once CUDA graphs keep the GPU busy — the
 case for a light decoder (`titan-world distill-decoder`, benchmarks/bench_decoder.py).
 """
@@ -150,12 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{per_elem * 1e12:.0f} ps per token x width (memory-bound work)"
     )
     print(
-        f"{'student':<8} {'GPUs':>4}  {'levers':<28} {'denoise ms/chunk':>16} {'fps':>6} {'fps (+ Wan VAE on the GPU)':>26}"
+        f"{'student':<8} {'GPUs':>4}  {'levers':<28} {'denoise ms/chunk':>16} {'fps':>6} "
+        f"{'fps (+ Wan VAE on the GPU)':>26}"
     )
     rows = table(args.gpus)
     for r in rows:
         print(
-            f"{r['student']:<8} {r['gpus']:>4}  {r['levers']:<28} {r['denoise_ms']:16.1f} {r['fps']:6.1f} {r['fps_wan_vae_shared']:26.1f}"
+            f"{r['student']:<8} {r['gpus']:>4}  {r['levers']:<28} {r['denoise_ms']:16.1f} {r['fps']:6.1f} "
+            f"{r['fps_wan_vae_shared']:26.1f}"
         )
     print("a model, not a measurement (see the module docstring); measured rows are in benchmarks/RESULTS.md")
     write_json(args.json, rows)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from parallel.checkpoint import list_checkpoints
 from titan_world.config import ConfigError, TitanConfig, load_config
 
 
@@ -41,8 +42,6 @@ def check_nproc(nproc: int) -> None:
 
 
 def has_checkpoints(run_dir: str | None) -> bool:
-    from parallel.checkpoint import list_checkpoints
-
     return bool(run_dir) and bool(list_checkpoints(Path(run_dir) / "checkpoints"))
 
 

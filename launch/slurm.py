@@ -252,7 +252,10 @@ def status_lines(run_dir: Path) -> list[str]:
         info = job_info(jid)
         if info is not None:
             state = info.get("JobState", "?")
-            extra = f"reason={info.get('Reason')} restarts={info.get('Restarts')} nodes={info.get('NodeList')} runtime={info.get('RunTime')}"
+            extra = (
+                f"reason={info.get('Reason')} restarts={info.get('Restarts')} "
+                f"nodes={info.get('NodeList')} runtime={info.get('RunTime')}"
+            )
         else:
             last = mine[-1]["event"] if mine else "unknown"
             state, extra = f"not in SLURM (last recorded event: {last})", ""

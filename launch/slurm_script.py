@@ -126,8 +126,8 @@ def render(spec: JobSpec) -> str:
     if spec.overrides_note:
         header.append(f"# Overrides (already in the config file): {' '.join(spec.overrides_note)}")
     header += [
-        f"# Preemption: SIGUSR1 reaches this script {spec.signal_seconds}s before the time limit; it forwards it to the",
-        "# ranks, which checkpoint and exit 75; then it requeues the job, which resumes. See docs/launch.md.",
+        f"# Preemption: SIGUSR1 reaches this script {spec.signal_seconds}s before the time limit; it forwards it",
+        "# to the ranks, which checkpoint and exit 75; then it requeues the job, which resumes. See docs/launch.md.",
         "# Resubmit by hand: sbatch <this file>.   Follow: titan-world slurm status|logs|cancel RUN_DIR",
     ]
     sbatch = [f"#SBATCH {o}" for o in sbatch_options(spec)]
@@ -164,7 +164,8 @@ export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 
 record() {{  # one JSON line per event into the run dir (titan-world slurm status reads it)
   printf '{{"job_id":"%s","attempt":%s,"stage":"%s","event":"%s","rc":%s,"nodes":"%s","time":"%s"}}\\n' \\
-    "$SLURM_JOB_ID" "$ATTEMPT" "$STAGE" "$1" "${{2:-null}}" "$SLURM_JOB_NODELIST" "$(date -Iseconds)" >> "$RUN_DIR/slurm/attempts.jsonl"
+    "$SLURM_JOB_ID" "$ATTEMPT" "$STAGE" "$1" "${{2:-null}}" "$SLURM_JOB_NODELIST" "$(date -Iseconds)" \\
+    >> "$RUN_DIR/slurm/attempts.jsonl"
 }}
 
 preempted=0
@@ -177,7 +178,8 @@ on_preempt() {{
 }}
 trap on_preempt USR1
 
-echo "[titan-world] $(date -Iseconds) job $SLURM_JOB_ID attempt $ATTEMPT on $SLURM_JOB_NODELIST (master $MASTER_ADDR:$MASTER_PORT)"
+echo "[titan-world] $(date -Iseconds) job $SLURM_JOB_ID attempt $ATTEMPT on $SLURM_JOB_NODELIST" \\
+  "(master $MASTER_ADDR:$MASTER_PORT)"
 record start
 {cmd} &
 launcher=$!
@@ -189,7 +191,8 @@ if [ "$rc" -eq 0 ]; then
 fi
 if [ "$rc" -eq {EXIT_PREEMPTED} ] || [ "$preempted" = 1 ]; then
   if [ "$ATTEMPT" -lt "$MAX_REQUEUES" ]; then
-    echo "[titan-world] $(date -Iseconds) checkpointed (rc=$rc): requeueing (attempt $((ATTEMPT + 1)) of at most $MAX_REQUEUES)"
+    echo "[titan-world] $(date -Iseconds) checkpointed (rc=$rc):" \\
+      "requeueing (attempt $((ATTEMPT + 1)) of at most $MAX_REQUEUES)"
     record requeue "$rc"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "[titan-world] scontrol requeue failed: resubmit with 'sbatch $SCRIPT' to resume"

@@ -167,7 +167,7 @@ def _children(ppid: int) -> list[int]:
 
 def _track_agents(preemption: _Preemption) -> None:
     """Remember the elastic agent torchrun builds, so SIGUSR1 can set its restarts to 0."""
-    import torch.distributed.launcher.api as api
+    import torch.distributed.launcher.api as api  # noqa: PLC0415 (torch's elastic agent: only the agent process imports it)
 
     base = getattr(api, "LocalElasticAgent", None)
     if base is None:  # torch moved it: forwarding still works, restarts may re-run a checkpointed job
@@ -186,7 +186,7 @@ def _track_agents(preemption: _Preemption) -> None:
 def _ranks_die_with_agent() -> None:
     """Start every rank with `die_with_parent_hook`: torch's agent starts ranks in sessions of their
     own, so without it a SIGKILLed agent (OOM killer, `kill -9`) leaves them running."""
-    import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler as handler
+    import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler as handler  # noqa: PLC0415 (torch's elastic agent: only the agent process imports it)
 
     popen = getattr(handler, "Popen", None)
     if popen is None or getattr(popen, "dies_with_agent", False):  # torch moved it: ranks outlive a killed agent
@@ -202,8 +202,8 @@ def _ranks_die_with_agent() -> None:
 
 def agent_main(argv: Sequence[str] | None = None) -> int:
     """`python -m launch.torchrun ...`: torchrun's CLI, returning EXIT_PREEMPTED after SIGUSR1."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: PLC0415 (torch's elastic agent: only the agent process imports it)
+    from torch.distributed.run import parse_args, run  # noqa: PLC0415 (torch's elastic agent: only the agent process imports it)
 
     # Elastic restarts with the agent's shared rendezvous store are broken here (torch 2.13, gloo:
     # restarted ranks read the previous attempt's addresses and fail with "Connection refused");

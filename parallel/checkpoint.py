@@ -297,7 +297,8 @@ class Checkpointer:
             target.update(saved)
         else:
             raise TypeError(
-                f"Checkpointer: cannot restore state[{key!r}] of type {type(target).__name__} in place (use a dict or an object with load_state_dict)"
+                f"Checkpointer: cannot restore state[{key!r}] of type {type(target).__name__} in place (use a dict "
+                "or an object with load_state_dict)"
             )
 
     # -- save --------------------------------------------------------------------------------

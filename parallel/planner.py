@@ -27,21 +27,8 @@ import torch
 import torch.nn as nn
 
 from parallel.checkpointing import checkpointed_block_ids
+from titan_world.model.codec import latent_frames
 from titan_world.model.dit import WanDiT
-
-__all__ = [
-    "Plan",
-    "plan",
-    "format_plan",
-    "recommend",
-    "format_recommendations",
-    "param_count",
-    "num_tokens",
-    "max_ac_skip",
-    "a2a_cost",
-    "fsdp_comm_cost",
-    "cluster_prediction",
-]
 
 GB = 1e9
 # Per-GPU, one-direction bandwidths: NVLink4 inside a node of 8, InfiniBand NDR 400 Gb/s across.
@@ -49,7 +36,7 @@ NVLINK_GBS, IB_GBS, GPUS_PER_NODE = 450.0, 50.0, 8
 
 
 def num_tokens(frames: int, height: int, width: int, patch=(1, 2, 2), vae_stride=(4, 8, 8)) -> int:
-    lat_f = 1 + (frames - 1) // vae_stride[0]
+    lat_f = latent_frames(frames)
     return (lat_f // patch[0]) * (height // vae_stride[1] // patch[1]) * (width // vae_stride[2] // patch[2])
 
 
@@ -210,10 +197,12 @@ def format_recommendations(recs: list[tuple[str, Plan | None]], gpus_per_node: i
         nodes = math.ceil(p.gpus / gpus_per_node)
         note = "  (cp spans nodes: all-to-all over InfiniBand)" if p.cp > gpus_per_node else ""
         rows.append(
-            f"{name:<8} {p.tokens:>9,} {p.cp:>3} {p.dp_shard:>8} {p.gpus:>5} {nodes:>5} {p.total_gb:>7.1f}  {p.ac}{note}"
+            f"{name:<8} {p.tokens:>9,} {p.cp:>3} {p.dp_shard:>8} {p.gpus:>5} {nodes:>5} {p.total_gb:>7.1f}  "
+            f"{p.ac}{note}"
         )
     rows.append(
-        "(minimum mesh per stage; add dp_shard/dp_replicate for throughput: it lowers the per-GPU share of params/optimizer)"
+        "(minimum mesh per stage; add dp_shard/dp_replicate for throughput: it lowers the per-GPU share of "
+        "params/optimizer)"
     )
     return "\n".join(rows)
 

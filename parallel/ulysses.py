@@ -151,8 +151,8 @@ class _CallAttn(torch.nn.Module):
 
 
 def _deepspeed_attention(group: dist.ProcessGroup):
-    import deepspeed
-    from deepspeed.sequence.layer import DistributedAttention
+    import deepspeed  # noqa: PLC0415 (slow import: deepspeed)
+    from deepspeed.sequence.layer import DistributedAttention  # noqa: PLC0415 (slow import: deepspeed)
 
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)

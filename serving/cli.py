@@ -18,9 +18,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 
-from launch.cli_common import add_config_arguments
+from launch.cli_common import add_config_arguments, config_from_args
+from launch.torchrun import is_distributed_child, launch_local
+from parallel.distributed import destroy, init_distributed
+from parallel.ulysses import UlyssesContext
 from serving.config import ServingConfig
+from serving.distributed import RankedEngine, worker_loop
+from serving.engine import EngineError
+from serving.fake_engine import FakeEngine
+from serving.loading import build_engine, resolved_serving
+from serving.server import StreamServer, serve_forever
+from titan_world.config import ConfigError, load_config
+from titan_world.data.synth import make_episode
+from titan_world.eval.action_eval import run_config_path
 
 log = logging.getLogger("titan_world.serving")
 
@@ -58,8 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from launch.cli_common import config_from_args
-
     cfg = config_from_args(args)
     sc = cfg.serving
     for name, key in (
@@ -71,8 +81,6 @@ def _config(args: argparse.Namespace):
     ):
         if getattr(args, name) is not None:
             setattr(sc, key, getattr(args, name))
-    from titan_world.config import ConfigError
-
     if sc.gpus < 1:
         raise ConfigError(f"serving.gpus={sc.gpus}: expected >= 1")
     if not 0 <= sc.port < 65536:
@@ -83,8 +91,6 @@ def _config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     cfg = _config(args)
-    from launch.torchrun import is_distributed_child, launch_local
-
     if cfg.serving.gpus > 1 and not is_distributed_child():
         if args.engine == "fake":
             print("titan-world serve: --engine fake runs on one process; drop --gpus", file=sys.stderr)
@@ -110,9 +116,6 @@ SYNTHETIC_START_SEED = 10_000  # an agent seed outside the default training set 
 def run_config(source: str, serve_cfg):
     """The config the served model was trained with: config.yaml of its run (next to it, or above
     an exported model/ folder); for random weights the serve config itself; None if unknown."""
-    from titan_world.config import ConfigError, load_config
-    from titan_world.eval.action_eval import run_config_path
-
     if source == "random":
         return serve_cfg
     path = run_config_path(source)
@@ -141,8 +144,6 @@ def synthetic_start(cfg, height: int = 0, width: int = 0) -> tuple[np.ndarray, s
     """The first frame of a held-out episode of the model's synthetic world (its fps and episode
     length; rendered at the stream's `height` x `width`, 0: the data size) and that episode's
     caption, the kind of prompt the model was trained on."""
-    from titan_world.data.synth import make_episode
-
     d = cfg.data
     seed = SYNTHETIC_START_SEED
     if d.synth_seed <= seed < d.synth_seed + d.synth_episodes:
@@ -169,21 +170,13 @@ def start_defaults(serve_cfg, sc: ServingConfig, source: str) -> tuple[ServingCo
 
 
 def _serve(cfg, engine_kind: str, *, require_causal: bool) -> int:
-    from serving.engine import EngineError
-    from serving.loading import resolved_serving
-    from serving.server import StreamServer, serve_forever
-
     sc = resolved_serving(cfg)
     if engine_kind == "fake":
-        from serving.fake_engine import FakeEngine
-
         engine = FakeEngine(sc.height, sc.width, sc.fps, sc.chunk_frames or 1)
         asyncio.run(serve_forever(StreamServer(engine, sc), sc.host, sc.port))
         return 0
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _serve_ranked(cfg, sc, require_causal=require_causal)
-    from serving.loading import build_engine
-
     try:
         engine = build_engine(cfg, require_causal=require_causal)
     except EngineError as e:
@@ -195,14 +188,6 @@ def _serve(cfg, engine_kind: str, *, require_causal: bool) -> int:
 
 
 def _serve_ranked(cfg, sc, *, require_causal: bool) -> int:
-    import torch.distributed as dist
-
-    from parallel.distributed import destroy, init_distributed
-    from parallel.ulysses import UlyssesContext
-    from serving.distributed import RankedEngine, worker_loop
-    from serving.loading import build_engine
-    from serving.server import StreamServer, serve_forever
-
     rank, world, device = init_distributed()
     control = dist.new_group(backend="gloo")
     engine = build_engine(

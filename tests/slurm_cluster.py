@@ -40,7 +40,7 @@ class ClusterUnavailable(RuntimeError):
     """SLURM cannot run here; the message says why (tests skip with it)."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -92,7 +92,8 @@ class SlurmCluster:
         missing = missing_binaries()
         if missing:
             raise ClusterUnavailable(
-                f"SLURM/munge not installed (missing {', '.join(missing)}); run `bash scripts/install_system.sh` as root"
+                f"SLURM/munge not installed (missing {', '.join(missing)}); run `bash scripts/install_system.sh` as "
+                "root"
             )
         if os.geteuid() != 0:
             raise ClusterUnavailable("slurmd must run as root to launch jobs; run the SLURM tests as root")
@@ -168,8 +169,8 @@ class SlurmCluster:
             f"""# written by tests/slurm_cluster.py
 ClusterName=tw{secrets.token_hex(3)}
 SlurmctldHost={host}({self.ctld_addr})
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={r}/munge/munge.socket

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from slurm_cluster import free_port
 
 from titan_world.config import load_config
 from titan_world.data._streaming import StreamingDataset, leaked_shm_files, streaming_shm_files
@@ -171,17 +171,11 @@ print("IDS" + json.dumps(ids))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_disjoint_and_cover(dataset):
     cfg, out = dataset
     before = streaming_shm_files()
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(

@@ -1,4 +1,4 @@
-"""Memory planner: DESIGN.md numbers (param counts, token counts) and sane monotonic behaviour."""
+"""Memory planner: the published Wan sizes (param counts, token counts) and sane monotonic behaviour."""
 
 from __future__ import annotations
 

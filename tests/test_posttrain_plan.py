@@ -88,7 +88,8 @@ def test_a14b_numbers_of_the_memory_plan():
         student, p, 480, 832, gpus=8, cp=8, teacher_experts=2, teacher_bytes=2, ac="full", gpu_mem_gb=141
     )
     assert no_ac.phases_gb["fake_grad_pass"] > 10 * full.phases_gb["fake_grad_pass"]
-    # full AC: per recorded pass the blocks' inputs (1.92 GB) + the cache snapshot (26.8 GB), + one block recomputed (1.22 GB), / 8
+    # full AC: per recorded pass the blocks' inputs (1.92 GB) + the cache snapshot (26.8 GB),
+    # + one block recomputed (1.22 GB), / 8
     assert full.phases_gb["recorded_passes"] == pytest.approx((3 * (1.92 + 26.8) + 1.22) / 8, rel=0.01)
     assert 115 < full.student_step_gb < 122 and full.fits  # one node of H200s
 

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
+from slurm_cluster import free_port
 
 from serving.config import ServingConfig
 from serving.fake_engine import FakeEngine
@@ -321,15 +321,9 @@ def test_generation_error_stops_only_that_session():
         run(main(st))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_graceful_shutdown(sig):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "--engine", "fake", "--port", str(port)],
         stdout=subprocess.PIPE,

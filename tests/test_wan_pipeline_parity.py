@@ -495,10 +495,10 @@ def test_first_training_step_from_official_weights_uses_the_reference_inputs(tmp
     from titan_world.config import load_config
     from titan_world.data.writer import synthesize
     from titan_world.diffusion.flow import sample_sigma
+    from titan_world.job import noise_seed
     from titan_world.model.codec import frames_to_video
     from titan_world.model.diffusers_names import diffusers_to_native
     from titan_world.model.io import save_state_dict
-    from titan_world.job import noise_seed
     from titan_world.train.loop import Trainer
 
     pipe = _pipeline("i2v")

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -106,8 +107,6 @@ def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
 
 def _parse_value(text: str):
     """An override's value as YAML (`10`, `true`, `null`, `[3, 5]`, `{a: 1}`); plain text stays text."""
-    import yaml
-
     try:
         return yaml.safe_load(text) if text else text
     except yaml.YAMLError:
@@ -176,7 +175,8 @@ def validate(cfg: TitanConfig) -> None:
         )
     if not 0 <= p.ac_skip_last <= cfg.model.num_layers:
         raise ConfigError(
-            f"parallel.ac_skip_last={p.ac_skip_last}: expected 0 .. model.num_layers={cfg.model.num_layers} (blocks left un-checkpointed)"
+            f"parallel.ac_skip_last={p.ac_skip_last}: expected 0 .. model.num_layers={cfg.model.num_layers} (blocks "
+            "left un-checkpointed)"
         )
     for key, recipe in (("parallel.float8", p.float8), ("serving.float8", cfg.serving.float8)):
         if recipe not in FLOAT8_RECIPES:
@@ -187,7 +187,8 @@ def validate(cfg: TitanConfig) -> None:
         cp = stage.cp or p.cp
         if cfg.model.num_heads % cp:
             raise ConfigError(
-                f"train.stages[{i}].cp={cp} (or parallel.cp): model.num_heads={cfg.model.num_heads} must be divisible by the CP degree"
+                f"train.stages[{i}].cp={cp} (or parallel.cp): model.num_heads={cfg.model.num_heads} must be "
+                "divisible by the CP degree"
             )
         try:
             check_frame_count(stage.frames, f"train.stages[{i}].frames={stage.frames}:")

@@ -24,10 +24,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import ftfy
 import numpy as np
 import torch
+from PIL import Image
+from safetensors import safe_open
+from tqdm import tqdm
 
 from launch.cli_common import add_config_arguments, config_from_args
+from serving.engine import EngineError
+from serving.loading import resolved_serving, student_settings
+from serving.streaming import StreamingEngine
 from titan_world.conditioning import (
     conditioned_denoiser,
     fill_given,
@@ -36,9 +43,13 @@ from titan_world.conditioning import (
     reference_i2v_condition,
     with_first_latent,
 )
-from titan_world.config import TitanConfig
+from titan_world.config import TitanConfig, load_config
+from titan_world.data.actions import ACTION_DIM, ACTION_NAMES, integrate_actions
+from titan_world.data.geometry import default_intrinsics
+from titan_world.data.synth import make_episode
 from titan_world.diffusion.samplers import SAMPLERS, sample, with_guidance
 from titan_world.diffusion.unipc import flow_schedule
+from titan_world.eval.video_io import write_video
 from titan_world.model.action import ActionInputs
 from titan_world.model.codec import (
     check_frame_count,
@@ -47,7 +58,16 @@ from titan_world.model.codec import (
     latent_frames,
     video_to_frames,
 )
-from titan_world.model.io import build_model, load_pretrained
+from titan_world.model.io import (
+    CheckpointError,
+    build_model,
+    checkpoint_networks,
+    load_pretrained,
+    read_config,
+    resolve_checkpoint_dir,
+)
+from titan_world.model.pipeline import WanBundle, load_wan_bundle
+from titan_world.model.presets import OFFICIAL_NEGATIVE_PROMPT, preset_for
 from titan_world.model.text_encoder import build_text_encoder
 
 log = logging.getLogger("titan_world.generate")
@@ -68,8 +88,6 @@ class GenerationInputs:
 def load_actions(path: str | Path) -> np.ndarray:
     """Actions per video frame from .npy [T, 8] or JSON: a list of 8-vectors, or of
     {"keys": ["w", ...], "mouse": [dx, dy]} objects (the serving protocol's action messages)."""
-    from titan_world.data.actions import ACTION_DIM, ACTION_NAMES
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--actions {path}: no such file")
@@ -108,10 +126,6 @@ def load_actions(path: str | Path) -> np.ndarray:
 def build_inputs(
     cfg: TitanConfig, *, image: str | None, prompt: str | None, actions: str | None, frames: int, episode_seed: int
 ) -> GenerationInputs:
-    from titan_world.data.actions import integrate_actions
-    from titan_world.data.geometry import default_intrinsics
-    from titan_world.data.synth import make_episode
-
     check_frame_count(frames, "--frames")
     h, w = cfg.data.height, cfg.data.width
     episode = make_episode(episode_seed, h, w, seconds=(frames - 1) / cfg.data.fps + 0.01, fps=cfg.data.fps)
@@ -128,8 +142,6 @@ def build_inputs(
             (episode.frames[:frames] if actions is None else None),
         )
     else:
-        from PIL import Image
-
         first = np.asarray(Image.open(image).convert("RGB").resize((w, h), Image.BICUBIC))
         c2w0, reference = np.eye(4, dtype=np.float32), None
     c2w = integrate_actions(acts, c2w0, cfg.data.fps).astype(np.float32)
@@ -206,8 +218,6 @@ def generate_bidirectional(
 def clean_prompt(text: str) -> str:
     """As the reference pipelines clean prompts before tokenising: ftfy's text fixes, HTML entities
     unescaped (twice), whitespace runs collapsed to one space, ends stripped."""
-    import ftfy  # (only the umT5 path needs it)
-
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 
@@ -231,8 +241,6 @@ class ReferenceSettings:
 
 def load_image(path: str | Path, height: int | None = None, width: int | None = None) -> np.ndarray:
     """uint8 [H, W, 3]; resized (Lanczos, as diffusers' video processor) only when a size is given and differs."""
-    from PIL import Image
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--image {p}: no such file")
@@ -253,8 +261,6 @@ def size_for_image(image_hw: tuple[int, int], area: int, multiple: int) -> tuple
 
 def load_noise(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
     """--noise: safetensors with key `latents` [C, F', H/s, W/s] (or with a batch of 1), float."""
-    from safetensors import safe_open
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--noise {p}: no such file")
@@ -324,10 +330,6 @@ def generate_causal(
 ) -> np.ndarray:
     """Stream a block-causal student through the serving engine (KV cache, few steps per chunk),
     with the chunk size and timesteps it was trained with."""
-    from serving.loading import resolved_serving, student_settings
-    from serving.streaming import StreamingEngine
-    from titan_world.model.io import resolve_checkpoint_dir
-
     sc = student_settings(resolved_serving(cfg), model.cfg, str(resolve_checkpoint_dir(source)) if source else "")
     engine = StreamingEngine(model, codec, text_encoder, sc)
     session = engine.start(inputs.first_frame, inputs.prompt, seed)
@@ -412,11 +414,6 @@ def generate_to_dir(
     text with one prompt per line: sample_000.mp4, ...), or None for `count` clips captioned by
     the synthetic world itself. Writes OUT_DIR/prompts.json ({file name: prompt used}), where
     scoring looks for the prompts of a folder."""
-    import json
-
-    from titan_world.config import load_config
-    from titan_world.eval.video_io import write_video
-
     cfg = cfg or load_config()
     if isinstance(prompts, str):
         prompts = read_prompt_file(prompts)
@@ -437,8 +434,6 @@ def generate_to_dir(
 
 def read_prompt_file(path: str | Path) -> dict[str, str] | list[str]:
     """A prompts file: JSON {file name: prompt} (names ending in .mp4), or one prompt per line."""
-    import json
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {p} does not exist")
@@ -534,8 +529,6 @@ def check_arguments(args: argparse.Namespace) -> torch.device:
 
 def reference_settings(args: argparse.Namespace, bundle, image_hw: tuple[int, int] | None) -> ReferenceSettings:
     """The CLI's choices over the model's defaults (the folder's scheduler and boundary, its preset)."""
-    from titan_world.model.presets import OFFICIAL_NEGATIVE_PROMPT
-
     p = bundle.preset
     multiple = bundle.codec.stride[1] * bundle.model.cfg.patch_size[1]
     if args.height is None and args.width is None and image_hw is not None and bundle.model.cfg.model_type == "i2v":
@@ -564,8 +557,6 @@ def reference_settings(args: argparse.Namespace, bundle, image_hw: tuple[int, in
 
 
 def write_output(path: str | Path, video: np.ndarray, fps: float) -> Path:
-    from titan_world.eval.video_io import write_video
-
     path = Path(path)
     if path.suffix.lower() == ".npy":
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -578,10 +569,6 @@ def reference_checkpoint(cfg: TitanConfig, checkpoint: str, dev: torch.device):
     """A titan-world checkpoint of a reference-conditioned Wan model (e.g. finetuned from official
     weights, `model.conditioning: reference`) as a WanBundle with the configured codec and text
     encoder (data.codec, data.text_encoder) and its model type's official defaults; None otherwise."""
-    from titan_world.model.io import CheckpointError, checkpoint_networks, read_config
-    from titan_world.model.pipeline import WanBundle
-    from titan_world.model.presets import preset_for
-
     folders, _ = checkpoint_networks(checkpoint)
     if read_config(folders[0])[0].conditioning != "reference":
         return None
@@ -613,8 +600,6 @@ def run_reference(args: argparse.Namespace, bundle, progress) -> int:
         raise ValueError(f"--image {args.image}: {bundle.source} is a text-to-video model (it takes no image)")
     image_hw = None
     if args.image:
-        from PIL import Image
-
         if not Path(args.image).is_file():
             raise FileNotFoundError(f"--image {args.image}: no such file")
         with Image.open(args.image) as im:
@@ -642,11 +627,6 @@ def run_reference(args: argparse.Namespace, bundle, progress) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from titan_world.model.io import CheckpointError
-    from titan_world.model.pipeline import load_wan_bundle
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bar = lambda it: tqdm(it, desc="sampling", unit="step")  # noqa: E731
     try:
@@ -661,8 +641,6 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
         print(f"titan-world generate: {e}", file=sys.stderr)
         return 2
-    from serving.engine import EngineError  # a streamed student's geometry refusal (serving.force_geometry)
-
     cfg = config_from_args(args)
     try:
         bundle = reference_checkpoint(cfg, args.checkpoint, dev) if args.checkpoint else None
@@ -706,8 +684,6 @@ def run(args: argparse.Namespace) -> int:
     out = write_output(args.out, video, cfg.data.fps)
     print(f"wrote {out} ({len(video)} frames, {video.shape[2]}x{video.shape[1]}, model: {source})")
     if args.with_reference and inputs.reference is not None:
-        from titan_world.eval.video_io import write_video
-
         ref = write_video(Path(args.out).with_suffix(".reference.mp4"), inputs.reference, cfg.data.fps, lossless=False)
         print(f"wrote {ref} (simulator ground truth)")
     return 0

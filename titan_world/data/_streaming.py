@@ -1,8 +1,8 @@
 """The one place that imports mosaicml-streaming.
 
-`streaming/__init__.py` eagerly imports `streaming.vision`, which needs torchvision (never
-installed beside the CPU torch wheel, DESIGN.md §9). Registering an empty module first keeps the
-import light; nothing in titan-world uses the vision datasets.
+`streaming/__init__.py` eagerly imports `streaming.vision`, which needs torchvision (never installed
+beside the CPU torch wheel; scripts/install.sh installs streaming without its dependencies). Registering
+an empty module first keeps the import light; nothing in titan-world uses the vision datasets.
 
 Shared-memory hygiene: streaming keeps its coordination state in `/dev/shm/<prefix>_*` and
 file locks in the temp dir. `streaming.base.util.clean_stale_shared_memory()` unlinks *every*
@@ -29,9 +29,14 @@ from multiprocessing.shared_memory import SharedMemory
 if "streaming.vision" not in sys.modules:
     sys.modules["streaming.vision"] = types.ModuleType("streaming.vision")
 
+from multiprocessing import resource_tracker
+
 import streaming  # noqa: E402
+import torch.distributed as dist
 from streaming import MDSWriter, StreamingDataLoader, StreamingDataset  # noqa: E402
 from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN  # noqa: E402
+from streaming.base.shared import prefix as _prefix
+from streaming.base.util import clean_stale_shared_memory as _clean
 from streaming.base.util import merge_index as _merge_index  # noqa: E402
 
 __all__ = [
@@ -81,16 +86,12 @@ def _agree_on_prefix() -> None:
     picks and every rank takes its local leader's: the leader scanned under `prefix_lock`, so its
     pick is still free when it creates it. One small all-gather per dataset.
     """
-    from streaming.base.shared import prefix as _prefix
-
     scan = _prefix._check_and_find_retrying
     if getattr(scan, "agreed_by_node", False):
         return
 
     def agreed(*args, **kwargs) -> int:
         pick = scan(*args, **kwargs)
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return pick
         # a node: its host name, and (torchrun's node-major layout) the block of LOCAL_WORLD_SIZE
@@ -107,7 +108,7 @@ def _agree_on_prefix() -> None:
 
 _agree_on_prefix()
 
-_SHM_RE = re.compile(r"^(\d{6})_(%s)$" % "|".join(SHM_TO_CLEAN))
+_SHM_RE = re.compile(rf"^(\d{{6}})_({'|'.join(SHM_TO_CLEAN)})$")
 
 
 def streaming_shm_files() -> list[str]:
@@ -140,8 +141,6 @@ def release_prefix(prefix_int: int) -> None:
         try:
             shm.unlink()
         except FileNotFoundError:  # another rank released it first; just forget our handle
-            from multiprocessing import resource_tracker
-
             resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
         try:
@@ -191,8 +190,6 @@ def clean_stale_shared_memory() -> int:
     """
     mapped = _mapped_shm_names()
     if mapped is None:  # pragma: no cover - non-Linux
-        from streaming.base.util import clean_stale_shared_memory as _clean
-
         _clean()
         return -1
     by_prefix: dict[int, list[str]] = {}

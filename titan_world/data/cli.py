@@ -13,6 +13,17 @@ import sys
 import time
 
 from launch.cli_common import add_config_arguments, config_from_args
+from launch.torchrun import is_distributed_child, launch_local
+from titan_world.data.ingest import format_summary, ingest_videos, list_videos
+from titan_world.data.parallel_write import (
+    RankGroup,
+    WriteError,
+    check_out_free,
+    gather_in_order,
+    rank_items,
+    write_parallel,
+)
+from titan_world.data.writer import synthesize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,9 +101,6 @@ def _error(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch.torchrun import is_distributed_child, launch_local
-    from titan_world.data.parallel_write import WriteError, check_out_free
-
     cfg = config_from_args(args)
     if getattr(args, "height", None):
         cfg.data.height = args.height
@@ -121,9 +129,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _synth(cfg, args: argparse.Namespace) -> int:
-    from titan_world.data.parallel_write import RankGroup, rank_items, write_parallel
-    from titan_world.data.writer import synthesize
-
     n, secs = _episodes(args, cfg), _seconds(args, cfg)
     if n < 1 or secs <= 0:
         print(
@@ -147,7 +152,8 @@ def _synth(cfg, args: argparse.Namespace) -> int:
         if group.rank == 0:
             frames, render_s = sum(st["frames"] for st in stats), sum(st["render_s"] for st in stats)
             print(
-                f"wrote {episodes} episodes ({frames} frames at {cfg.data.height}x{cfg.data.width}, {cfg.data.fps} fps) "
+                f"wrote {episodes} episodes ({frames} frames at {cfg.data.height}x{cfg.data.width}, {cfg.data.fps} "
+                "fps) "
                 f"to {args.out} in {time.perf_counter() - t0:.1f} s on {group.world} rank(s); "
                 f"rendering {frames / max(render_s, 1e-9):.0f} frames/s per rank"
             )
@@ -157,9 +163,6 @@ def _synth(cfg, args: argparse.Namespace) -> int:
 
 
 def _ingest(cfg, args: argparse.Namespace) -> int:
-    from titan_world.data.ingest import format_summary, ingest_videos, list_videos
-    from titan_world.data.parallel_write import RankGroup, gather_in_order, rank_items, write_parallel
-
     t0 = time.perf_counter()
     group = RankGroup()
     try:

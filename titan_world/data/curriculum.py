@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from titan_world.model.action import keys_per_latent_frame
-from titan_world.model.codec import TEMPORAL_STRIDE, TinyCodec, check_frame_count, latent_frames
+from titan_world.model.codec import TEMPORAL_STRIDE, TinyCodec, check_frame_count, frames_to_video, latent_frames
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,6 @@ def cut_sample(episode: dict, cur: Curriculum, rng: np.random.Generator, codec) 
     j, task, n_cond = cur.choose(rng, t, any_start)
     f0, f1 = TEMPORAL_STRIDE * j, TEMPORAL_STRIDE * j + cur.clip_frames
     if j > 0 and not isinstance(codec, TinyCodec):
-        from titan_world.model.codec import frames_to_video
-
         lat = codec.encode(frames_to_video(episode["frames"][None, f0:f1]))[0].to(torch.float16)
     else:
         lat = torch.from_numpy(window_latents(episode["latents"], j, cur.latent_len, codec))

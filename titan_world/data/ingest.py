@@ -28,12 +28,16 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
+import av
 import numpy as np
 from PIL import Image
 
 from titan_world.data.actions import ACTION_DIM
 from titan_world.data.geometry import default_intrinsics
+from titan_world.data.mds import write_episodes
+from titan_world.data.parallel_write import _finish, _make_tmp
 from titan_world.data.synth import Episode
+from titan_world.data.writer import build_encoders
 from titan_world.model.codec import encodable_frames, pixel_frames
 
 T = TypeVar("T")
@@ -262,8 +266,6 @@ def _decoded(frames: Iterator[T]) -> Iterator[T]:
 @contextmanager
 def _open_video(path: Path) -> Iterator[tuple[Fraction, Iterator[Any]]]:
     """(average frame rate, decoded frames) of the first video stream of `path`."""
-    import av
-
     try:
         container = av.open(str(path))
     except Exception as e:
@@ -400,9 +402,6 @@ def ingest_videos(cfg, videos: list[Path], out: str | Path, *, keep_raw: bool = 
     when this returns: the CLI passes `write_parallel`'s `OUT.tmp-*` (or its `rank-RRR`), `ingest`
     makes its own.
     """
-    from titan_world.data.mds import write_episodes
-    from titan_world.data.writer import build_encoders
-
     reports: list[ItemReport] = []
 
     def good() -> Iterator[Episode]:
@@ -441,8 +440,6 @@ def ingest(cfg, src: str | Path, out: str | Path, *, keep_raw: bool = False, pro
     Written into `OUT.tmp-*` beside `out` and renamed at the end, so an error leaves no half
     dataset at `out`; `out` must not exist or be empty, and is not created when no video is good.
     """
-    from titan_world.data.parallel_write import _finish, _make_tmp
-
     videos = list_videos(src)
     out = Path(out).absolute()
     tmp = Path(_make_tmp(out))

@@ -19,14 +19,18 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from titan_world.config import ConfigError
 from titan_world.data._streaming import (
@@ -37,6 +41,7 @@ from titan_world.data._streaming import (
     release_prefix,
 )
 from titan_world.data.curriculum import Curriculum, collate, cut_sample
+from titan_world.data.writer import synthesize
 from titan_world.model.codec import codec_from_config
 
 
@@ -159,12 +164,14 @@ def check_dataset_meta(meta: dict, cfg, path: str) -> None:
     c = meta.get("codec", {})
     if c.get("kind") != cfg.data.codec.kind or c.get("spatial_stride") != cfg.data.codec.spatial_stride:
         raise ConfigError(
-            f"{path}: meta.codec={c} but data.codec is kind={cfg.data.codec.kind} spatial_stride={cfg.data.codec.spatial_stride}; re-encode the dataset"
+            f"{path}: meta.codec={c} but data.codec is kind={cfg.data.codec.kind} "
+            f"spatial_stride={cfg.data.codec.spatial_stride}; re-encode the dataset"
         )
     t = meta.get("text_encoder", {})
     if t.get("text_dim") != cfg.model.text_dim or t.get("text_len") != cfg.model.text_len:
         raise ConfigError(
-            f"{path}: meta.text_encoder={t} but model.text_dim={cfg.model.text_dim} text_len={cfg.model.text_len}; re-encode the dataset"
+            f"{path}: meta.text_encoder={t} but model.text_dim={cfg.model.text_dim} text_len={cfg.model.text_len}; "
+            "re-encode the dataset"
         )
     size = (meta.get("height"), meta.get("width"))
     if None not in size and size != (cfg.data.height, cfg.data.width):
@@ -182,11 +189,6 @@ def _open_with_retry(open_dataset, attempts: int = 8):
     in a group only the node's leader creates, and a retry on one rank would call the prefix's
     collectives out of step with the others (a hang); the job fails with the error instead, and
     torchrun's restart (or a requeue) opens it again."""
-    import random
-    import time
-
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         attempts = 1
     for attempt in range(attempts):
@@ -365,8 +367,6 @@ def prepare_dataset(cfg, progress: bool = True) -> str:
     src = check_data_path(cfg)
     if dataset_exists(src.path):
         return src.path
-    from titan_world.data.writer import synthesize  # rendering stack, only needed to generate
-
     dest = Path(src.path)
     lock_name = "titan-world-synth-" + hashlib.sha1(str(dest.resolve()).encode()).hexdigest()[:16] + ".lock"
     with open(os.path.join(tempfile.gettempdir(), lock_name), "w") as lock:

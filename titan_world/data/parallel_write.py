@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from titan_world.data._streaming import merge_index
+
 T = TypeVar("T")
 
 META_FILE = "titan_dataset.json"
@@ -111,8 +113,6 @@ def merge_parts(root: str | os.PathLike, world: int) -> int:
     Returns the number of episodes (0: no rank wrote any, nothing merged). Ranks that wrote no
     episode have no index and are left out. The encoder metadata of all parts must agree.
     """
-    from titan_world.data._streaming import merge_index
-
     root = Path(root)
     parts = [root / part_name(r) for r in range(world) if (root / part_name(r) / "index.json").is_file()]
     if not parts:

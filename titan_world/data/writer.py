@@ -6,6 +6,8 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 
+from tqdm import tqdm
+
 from titan_world.data.mds import encoder_meta, write_episodes
 from titan_world.data.synth import Episode, make_episode
 from titan_world.model.codec import build_codec
@@ -53,8 +55,6 @@ def synthesize(
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo), desc="synth", unit="ep")
     t0 = time.perf_counter()
     stats["episodes"] = write_episodes(

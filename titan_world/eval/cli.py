@@ -7,7 +7,16 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from titan_world.config import ConfigError
+from titan_world.eval import report
+from titan_world.eval.action_eval import evaluate_action_following
 from titan_world.eval.config import ALL_DIMENSIONS, EvalConfig
+from titan_world.eval.vbench import PromptsError, run_vbench, summary
+from titan_world.eval.video_io import list_videos
+from titan_world.generate import generate_to_dir
+from titan_world.model.io import CheckpointError
 
 MODEL_FLAGS = (
     "raft_path",
@@ -93,10 +102,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> EvalConfig:
     """EvalConfig from --config YAML, then explicit flags."""
-    from omegaconf import OmegaConf
-
-    from titan_world.config import ConfigError
-
     cfg = OmegaConf.structured(EvalConfig)
     if args.config:
         p = Path(args.config)
@@ -124,9 +129,6 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
 
 def generate_videos(checkpoint: str, prompts: str | None, out_dir: Path) -> None:
     """Generate the clips to score first (`titan_world.generate.generate_to_dir`)."""
-    from titan_world.generate import generate_to_dir
-    from titan_world.model.io import CheckpointError
-
     try:
         generate_to_dir(checkpoint, prompts, out_dir)
     except (CheckpointError, OSError, ValueError) as e:
@@ -134,8 +136,6 @@ def generate_videos(checkpoint: str, prompts: str | None, out_dir: Path) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from titan_world.eval import report
-
     if args.eval_command == "compare":
         files = report.compare_runs(args.runs, args.out, args.names)
         print(files["md"].read_text())
@@ -147,9 +147,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.eval_command == "action":
         return run_action(args)
-    from titan_world.eval.vbench import PromptsError, run_vbench, summary
-    from titan_world.eval.video_io import list_videos
-
     cfg = build_config(args)
     videos_dir = Path(args.videos)
     if args.generate:
@@ -194,10 +191,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_action(args: argparse.Namespace) -> int:
-    from titan_world.config import ConfigError
-    from titan_world.eval.action_eval import evaluate_action_following
-    from titan_world.model.io import CheckpointError
-
     try:
         rep = evaluate_action_following(
             args.checkpoint,

@@ -34,7 +34,7 @@ def read_openai_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def openai_clip_vision(path: str | Path):
     """`CLIPVisionModelWithProjection` holding the image tower of OpenAI CLIP file `path` (fp32, eval)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # slow import: only when used
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415 (slow import: transformers)
 
     sd = read_openai_clip_state(path)
     width, _, patch, _ = sd["visual.conv1.weight"].shape

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from titan_world.eval.clip_convert import openai_clip_vision
+
 
 class ModelLoadError(RuntimeError):
     """A metric model could not be loaded; the message names the path and the expected format."""
@@ -66,7 +68,7 @@ def load_callable(path: str | Path, factory: str | None = None, device: str = "c
                 raise ModelLoadError(
                     f"{p}: is a state dict; give a factory 'pkg.mod:fn' (path -> module) that "
                     "builds the architecture and loads it"
-                )
+                ) from None
     if isinstance(model, torch.nn.Module):
         model = model.to(device).eval()
     return model
@@ -99,9 +101,7 @@ class ClipAesthetic:
     """
 
     def __init__(self, clip_path: str | Path, head_path: str | Path, device: str = "cpu", dtype: str = "float32"):
-        from transformers import AutoConfig, CLIPVisionModelWithProjection  # here: transformers is slow to import
-
-        from titan_world.eval.clip_convert import openai_clip_vision
+        from transformers import AutoConfig, CLIPVisionModelWithProjection  # noqa: PLC0415 (slow import: transformers)
 
         clip_path, head_path = Path(clip_path), Path(head_path)
         for p in (clip_path, head_path):

@@ -14,9 +14,11 @@ them against the official dimension functions.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 
@@ -44,8 +46,8 @@ class AmtInterp(nn.Module):
 
 def raft(path: str) -> nn.Module:
     """raft-things.pth (keys with DataParallel's 'module.' prefix) -> RAFT (not small), as VBench loads it."""
-    from easydict import EasyDict
-    from vbench.third_party.RAFT.core.raft import RAFT
+    from easydict import EasyDict  # noqa: PLC0415 (optional dependency: easydict)
+    from vbench.third_party.RAFT.core.raft import RAFT  # noqa: PLC0415 (optional dependency: vbench)
 
     net = RAFT(EasyDict({"small": False, "mixed_precision": False, "alternate_corr": False}))
     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -55,9 +57,8 @@ def raft(path: str) -> nn.Module:
 
 def amt(path: str) -> nn.Module:
     """amt-s.pth ({'state_dict': ...}) -> AMT-S built from VBench's cfgs/AMT-S.yaml."""
-    import vbench
-    from omegaconf import OmegaConf
-    from vbench.third_party.amt.utils.build_utils import build_from_cfg
+    import vbench  # noqa: PLC0415 (optional dependency: vbench)
+    from vbench.third_party.amt.utils.build_utils import build_from_cfg  # noqa: PLC0415 (optional dependency: vbench)
 
     cfg = Path(vbench.__file__).parent / "third_party" / "amt" / "cfgs" / "AMT-S.yaml"
     net = build_from_cfg(OmegaConf.load(cfg).network)
@@ -70,7 +71,7 @@ def musiq(path: str) -> nn.Module:
 
     Transformer width, depth and MLP size are read from the tensors (the release: 384, 14, 1152;
     heads = width / 64 as in the release), so smaller checkpoints of the same class load too."""
-    from pyiqa.archs.musiq_arch import MUSIQ
+    from pyiqa.archs.musiq_arch import MUSIQ  # noqa: PLC0415 (optional dependency: pyiqa)
 
     sd = {k.removeprefix("module."): v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
     hidden = sd["embedding.weight"].shape[0]
@@ -87,10 +88,8 @@ def viclip(path: str) -> nn.Module:
     `ViCLIP(tokenizer=SimpleTokenizer(bpe), pretrain=path)`. The BPE vocabulary
     (`bpe_simple_vocab_16e6.txt.gz`) is read beside the checkpoint, else from VBench's cache
     (`$VBENCH_CACHE_DIR` or ~/.cache/vbench, `ViCLIP/`); it is never downloaded here."""
-    import os
-
-    from vbench.third_party.ViCLIP.simple_tokenizer import SimpleTokenizer
-    from vbench.third_party.ViCLIP.viclip import ViCLIP
+    from vbench.third_party.ViCLIP.simple_tokenizer import SimpleTokenizer  # noqa: PLC0415 (optional dependency: vbench)
+    from vbench.third_party.ViCLIP.viclip import ViCLIP  # noqa: PLC0415 (optional dependency: vbench)
 
     name = "bpe_simple_vocab_16e6.txt.gz"
     cache = Path(os.environ.get("VBENCH_CACHE_DIR") or Path.home() / ".cache" / "vbench") / "ViCLIP" / name

@@ -14,6 +14,7 @@ import numpy as np
 
 from titan_world.eval import plots
 from titan_world.eval.config import ALL_DIMENSIONS
+from titan_world.eval.video_io import read_video
 
 SHORT = {
     "imaging_quality": "IQ",
@@ -197,8 +198,6 @@ def write_vbench_report(results: dict[str, Any], out_dir: str | Path, filmstrip_
 
 
 def _vbench_filmstrips(vids: dict[str, Any], plot_dir: Path, n: int) -> list[Path]:
-    from titan_world.eval.video_io import read_video
-
     rows, fps = {}, None
     for name, r in list(vids.items())[:n]:
         try:

@@ -73,7 +73,7 @@ class TinyViCLIP(nn.Module):
 
 def write_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
     """Write every tiny model; returns EvalConfig field -> path (pass as dataclasses.replace)."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPModel  # noqa: PLC0415 (slow import: transformers)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -161,11 +161,14 @@ class WanVAECodec:
 
     def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         try:
-            from diffusers import AutoencoderKLWan
+            from diffusers import AutoencoderKLWan  # noqa: PLC0415 (optional dependency, its absence handled below)
         except ImportError as e:  # pragma: no cover - depends on the optional extra
             raise ImportError("the Wan VAE codec needs diffusers: pip install diffusers") from e
-        # (imported here: official -> io -> dit -> action imports this module)
-        from titan_world.model.official import WAN21_VAE_FILE, WAN22_VAE_FILE, load_official_vae
+        from titan_world.model.official import (  # noqa: PLC0415 (import cycle: official -> io -> dit -> action -> codec)
+            WAN21_VAE_FILE,
+            WAN22_VAE_FILE,
+            load_official_vae,
+        )
 
         p = Path(path)
         if p.suffix == ".pth" or p.is_file():
@@ -265,7 +268,7 @@ class WanStreamDecoder:
             self.first = False
         video = torch.cat(out, dim=2)
         if vae.config.patch_size is not None:  # Wan2.2's VAE decodes 2x2 patches
-            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify  # noqa: PLC0415 (heavy optional dependency: diffusers)
 
             video = unpatchify(video, patch_size=vae.config.patch_size)
         return video.clamp(-1, 1)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ActionConfig:
-    """LingBot-style action adapter (DESIGN.md §3). Disabled: the model is the plain Wan DiT."""
+    """LingBot-style action adapter (model/action.py). Disabled: the model is the plain Wan DiT."""
 
     enabled: bool = False
     num_keys: int = 8  # keyboard multi-hot width (W, A, S, D, ... see titan_world.data.actions)

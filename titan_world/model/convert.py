@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from parallel.checkpoint import Checkpointer, export_safetensors, validate_checkpoint
+from titan_world.config import load_config
 from titan_world.model.diffusers_names import native_config_to_diffusers, native_to_diffusers
 from titan_world.model.io import (
     CheckpointError,
@@ -36,6 +34,7 @@ from titan_world.model.io import (
     read_config,
     resolve_checkpoint_dir,
     save_state_dict,
+    write_atomically,
 )
 from titan_world.model.moe import EXPERT_DIRS
 
@@ -73,8 +72,6 @@ def wan_to_diffusers(src: Path, dst: Path) -> None:
 def newest_dcp_checkpoint(src: Path) -> Path:
     """`src` itself when it is a DCP step folder, else the newest valid checkpoint of the run dir
     (or checkpoints dir) `src`: CheckpointError naming each checkpoint and why when none is valid."""
-    from parallel.checkpoint import Checkpointer, validate_checkpoint  # DCP and torch.distributed: only for this path
-
     if (src / ".metadata").is_file():
         reason = validate_checkpoint(src)
         if reason is not None:
@@ -90,9 +87,6 @@ def newest_dcp_checkpoint(src: Path) -> Path:
 
 def dcp_to_safetensors(src: Path, dst: Path, config_path: str | None = None) -> Path:
     """Export the newest valid checkpoint of `src` to `dst`; returns the step folder exported."""
-    from parallel.checkpoint import export_safetensors
-    from titan_world.config import load_config
-
     step_dir = newest_dcp_checkpoint(src)
     run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
     cfg_file = Path(config_path) if config_path else run_dir / "config.yaml"
@@ -139,29 +133,6 @@ def check_destination(dst: Path, src: Path, overwrite: bool) -> str | None:
     return f"replacing {dst}: {_describe(dst)}, not written by titan-world convert (--overwrite)"
 
 
-def write_atomically(dst: Path, write: Callable[[Path], None], record: dict) -> None:
-    """`write(path)` into a temp folder beside `dst`, then rename it to `dst` (replacing what
-    `check_destination` approved). A failure leaves `dst` as it was and no temp behind."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.convert-", dir=dst.parent))
-    try:
-        out = scratch / dst.name
-        write(out)
-        if out.is_dir():
-            (out / OUTPUT_MARKER).write_text(json.dumps({**record, "time": time.time()}, indent=1))
-        old = scratch / "replaced"
-        if dst.exists() or dst.is_symlink():
-            os.rename(dst, old)
-        try:
-            os.rename(out, dst)
-        except OSError:
-            if old.exists() or old.is_symlink():
-                os.rename(old, dst)
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--from", dest="src_format", choices=["diffusers"], help="source format (to Wan native)")
@@ -186,13 +157,14 @@ def run(args: argparse.Namespace) -> int:
             wan_to_diffusers(src, out)
         else:
             exported.append(dcp_to_safetensors(src, out, args.model_config))
+        (out / OUTPUT_MARKER).write_text(json.dumps({**record, "time": time.time()}, indent=1))
 
     try:
         note = check_destination(dst, src, args.overwrite)
         if note:
             print(f"titan-world convert: {note}", file=sys.stderr)
         record = {"from": args.src_format or "native", "to": args.dst_format or "native", "src": str(src.resolve())}
-        write_atomically(dst, convert, record)
+        write_atomically(dst, convert)
     except (CheckpointError, KeyError, ValueError, json.JSONDecodeError) as e:
         print(f"titan-world convert: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The Wan2.x diffusion transformer, with Wan's native parameter names (DESIGN.md §3).
+"""The Wan2.x diffusion transformer, with Wan's native parameter names (README.md, Model).
 
 Block math (e = time_projection(t) + modulation, 6 chunks, fp32):
     x += SA(LN1(x)·(1+e1)+e0)·e2 ;  x += CA(LN3(x), text) ;  x += FFN(LN2(x)·(1+e4)+e3)·e5

@@ -1,6 +1,6 @@
 """Model FLOPs of the Wan DiT (the one formula the trainer, benchmarks and `inspect` share).
 
-Counting convention (as in DESIGN.md §8, PaLM/MFU practice): 2 FLOPs per multiply-accumulate,
+Counting convention (PaLM/MFU practice, as benchmarks/RESULTS.md counts): 2 FLOPs per multiply-accumulate,
 matmuls only, full (unmasked) attention, a training step = 3 x forward (backward = 2 x forward;
 activation recomputation is *not* counted, so MFU stays comparable across AC settings).
 
@@ -12,7 +12,7 @@ Per video token per layer (forward), sequence S, text length Lt, dim d, FFN widt
 per sample per layer: cross-attn k,v over the text 4·Lt·d².
 Plus the patch embedding, head, text embedding, time projection and (when enabled) the action
 adapter. Check: Wan 1.3B at 32,760 tokens gives 8.64 GFLOP/token forward, and diffusers' 2.754 s
-train step is 308 model-TFLOP/s, DESIGN.md's number.
+train step is 308 model-TFLOP/s, the reference number in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ Parameters per module, shapes, dtype, tokens for a clip length / resolution, FLO
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import sys
 from collections import defaultdict
@@ -14,14 +16,18 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 
+from parallel.planner import format_plan, format_recommendations, max_ac_skip, plan, recommend
 from titan_world.config import CONFIG_ROOT, ConfigError, load_config
 from titan_world.model.codec import check_frame_count, default_vae_stride
 from titan_world.model.config import ActionConfig, ModelConfig
 from titan_world.model.dit import WanDiT
+from titan_world.model.flops import sample_flops
 from titan_world.model.io import CheckpointError, read_config, resolve_checkpoint_dir
 from titan_world.model.moe import EXPERT_DIRS
-from titan_world.model.flops import sample_flops
+from titan_world.posttrain.config import PostTrainConfig
+from titan_world.posttrain.plan import format_posttrain_plan, posttrain_plan, smallest_mesh
 
 
 def resolve_target(target: str) -> tuple[ModelConfig, str, str]:
@@ -45,8 +51,6 @@ def resolve_target(target: str) -> tuple[ModelConfig, str, str]:
 
 
 def _checkpoint_dtype(folder: Path) -> str:
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return "unknown"
@@ -67,7 +71,8 @@ def describe(cfg: ModelConfig, frames: int, height: int, width: int, vae_stride:
     n_lat = 1 + check_frame_count(frames, "--frames")
     if height % (vae_stride * 2) or width % (vae_stride * 2):
         raise ValueError(
-            f"--height/--width {height}x{width}: expected multiples of {vae_stride * 2} (VAE stride {vae_stride} x patch 2)"
+            f"--height/--width {height}x{width}: expected multiples of {vae_stride * 2} (VAE stride {vae_stride} x "
+            "patch 2)"
         )
     lh, lw = height // vae_stride, width // vae_stride
     fl = sample_flops(cfg, n_lat, lh, lw)
@@ -108,8 +113,10 @@ def format_report(info: dict, source: str, dtype: str) -> str:
     c, f = info["clip"], info["flops"]
     lines = [
         f"{info['name']}  ({source}, dtype {dtype})",
-        f"  parameters: {info['params_per_expert'] / 1e9:.3f}B per expert x {info['experts']} = {info['params_total'] / 1e9:.3f}B",
-        f"  dim {info['dim']}, ffn {info['ffn_dim']}, {info['num_heads']} heads x {info['head_dim']}, {info['num_layers']} layers "
+        f"  parameters: {info['params_per_expert'] / 1e9:.3f}B per expert x {info['experts']} = "
+        f"{info['params_total'] / 1e9:.3f}B",
+        f"  dim {info['dim']}, ffn {info['ffn_dim']}, {info['num_heads']} heads x {info['head_dim']}, "
+        f"{info['num_layers']} layers "
         f"({info['params_per_block'] / 1e6:.1f}M per block)",
         "  per module:",
     ]
@@ -117,7 +124,8 @@ def format_report(info: dict, source: str, dtype: str) -> str:
         lines.append(f"    {k:<18} {v / 1e6:>12.3f}M")
     lines += [
         f"  clip {c['frames']} frames at {c['width']}x{c['height']} -> latents {c['latent']} -> {c['tokens']:,} tokens",
-        f"  FLOPs: forward {f['forward_per_sample'] / 1e12:.2f} TFLOP/sample ({f['forward_per_token'] / 1e9:.2f} GFLOP/token), "
+        f"  FLOPs: forward {f['forward_per_sample'] / 1e12:.2f} TFLOP/sample ({f['forward_per_token'] / 1e9:.2f} "
+        "GFLOP/token), "
         f"train step {f['train_step_per_sample'] / 1e12:.2f} TFLOP/sample",
     ]
     return "\n".join(lines)
@@ -128,10 +136,6 @@ CURRICULUM = [("5s", 81), ("10s", 161), ("20s", 321), ("30s", 481), ("60s", 961)
 
 def memory_plan(cfg: ModelConfig, args: argparse.Namespace, stride: int) -> tuple[str, dict]:
     """--cp given: the plan of that mesh over --gpus; else the smallest mesh per curriculum stage."""
-    import dataclasses
-
-    from parallel.planner import format_plan, format_recommendations, max_ac_skip, plan, recommend
-
     vae = (4, stride, stride)
     if args.cp:
         if args.gpus % args.cp:
@@ -167,12 +171,6 @@ def posttrain_memory_plan(
 ) -> tuple[str, dict]:
     """--posttrain: stage 2 (DMD) per GPU for the config's `posttrain` section (defaults for a model
     file or checkpoint): the student is one expert of `cfg`, the teacher and fake score all of it."""
-    import copy
-    import dataclasses
-
-    from titan_world.posttrain.config import PostTrainConfig
-    from titan_world.posttrain.plan import format_posttrain_plan, posttrain_plan, smallest_mesh
-
     full = load_config(target) if source.startswith("config ") else None  # (see resolve_target)
     pcfg = full.posttrain if full is not None else PostTrainConfig()
     ac = full.parallel.activation_checkpoint if full is not None else "full"
@@ -192,7 +190,10 @@ def posttrain_memory_plan(
         plan = smallest_mesh(student, pcfg, args.height, args.width, **kw)
         if plan is None:
             return f"post-training stage 2: no mesh of up to 1024 {args.gpu_mem:.0f} GB GPUs fits", {"fits": False}
-        head = f"smallest mesh that fits {args.gpu_mem:.0f} GB GPUs (fewest GPUs, then smallest cp; set --gpus/--cp to see another):\n"
+        head = (
+            f"smallest mesh that fits {args.gpu_mem:.0f} GB GPUs "
+            "(fewest GPUs, then smallest cp; set --gpus/--cp to see another):\n"
+        )
     info = dataclasses.asdict(plan) | {
         "student_step_gb": plan.student_step_gb,
         "critic_step_gb": plan.critic_step_gb,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -320,20 +321,26 @@ def pretrained_on_meta(path: str | os.PathLike) -> tuple[WanDiT | WanMoE, list[P
     return _assemble(nets, boundary), folders
 
 
-def _atomic_dir_write(folder: Path, write) -> None:
-    """Write into a temp sibling then rename, so a crash never leaves a half-written checkpoint."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    write(tmp)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        import shutil
-
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+def write_atomically(dst: Path, write: Callable[[Path], None]) -> None:
+    """`write(folder)` into an empty folder beside `dst`, then rename it to `dst` (replacing what is there):
+    a crash or an error leaves `dst` as it was and no temp folder behind."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        out = scratch / dst.name
+        out.mkdir()
+        write(out)
+        old = scratch / "replaced"
+        if dst.exists() or dst.is_symlink():
+            os.rename(dst, old)
+        try:
+            os.rename(out, dst)
+        except OSError:
+            if old.exists() or old.is_symlink():
+                os.rename(old, dst)
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def config_json(cfg: ModelConfig) -> dict:
@@ -393,7 +400,7 @@ def save_state_dict(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
 
-    _atomic_dir_write(folder, write)
+    write_atomically(folder, write)
 
 
 def save_pretrained(model: WanDiT | WanMoE, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:

@@ -1,8 +1,8 @@
 """A light streaming decoder distilled from a codec's own (serving's "lighter decoder" lever).
 
-On one GPU the Wan VAE's decoder is not free: at ~39 frames/s at 480p (DESIGN.md §8) it needs
-~26 ms of the GPU per frame, of the 31 ms a frame has at 32 fps, leaving 5 for the DiT. This
-decoder keeps the codec's latent interface and spends its capacity at latent resolution:
+On one GPU the Wan VAE's decoder is not free: at ~39 frames/s at 480p (benchmarks/RESULTS.md, reference
+numbers) it needs ~26 ms of the GPU per frame, of the 31 ms a frame has at 32 fps, leaving 5 for the DiT.
+This decoder keeps the codec's latent interface and spends its capacity at latent resolution:
 
     z_t, z_(t-1)  --stem + residual 2-D blocks (latent res)-->  features
     features      --1x1 conv, channels -> time-->                4 feature maps (the frame group)
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from titan_world.model.codec import TEMPORAL_STRIDE
+from titan_world.model.io import check_state_dict, write_atomically
 
 CLASS_NAME = "TitanLightDecoder"
 WEIGHTS = "model.safetensors"
@@ -124,7 +125,8 @@ class LightDecodedCodec:
     def __init__(self, codec, decoder: LightDecoder):
         if decoder.cfg.latent_channels != codec.latent_channels or decoder.cfg.spatial_stride != codec.stride[1]:
             raise ValueError(
-                f"light decoder expects {decoder.cfg.latent_channels} latent channels at stride {decoder.cfg.spatial_stride}; "
+                f"light decoder expects {decoder.cfg.latent_channels} latent channels at stride "
+                f"{decoder.cfg.spatial_stride}; "
                 f"the codec gives {codec.latent_channels} at stride {codec.stride[1]} (distill one for this codec)"
             )
         self.codec, self.decoder = codec, decoder
@@ -143,14 +145,13 @@ class LightDecodedCodec:
 
 def save_light_decoder(decoder: LightDecoder, folder: str | Path, *, teacher: str = "") -> None:
     """config.json + model.safetensors, written atomically (a temp folder renamed into place)."""
-    from titan_world.model.io import _atomic_dir_write
 
     def write(tmp: Path) -> None:
         config = {"_class_name": CLASS_NAME, **asdict(decoder.cfg), "teacher": teacher}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.detach().contiguous().cpu() for k, v in decoder.state_dict().items()}, str(tmp / WEIGHTS))
 
-    _atomic_dir_write(Path(folder), write)
+    write_atomically(Path(folder), write)
 
 
 def load_light_decoder(
@@ -170,8 +171,6 @@ def load_light_decoder(
         raise ValueError(f"{config}: not a light decoder (expected _class_name {CLASS_NAME!r})")
     raw.pop("teacher", None)
     decoder = LightDecoder(LightDecoderConfig(**raw))
-    from titan_world.model.io import check_state_dict
-
     state = load_file(str(folder / WEIGHTS))
     check_state_dict(decoder, state, str(folder))
     decoder.load_state_dict(state)

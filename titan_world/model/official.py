@@ -420,7 +420,7 @@ def diffusers_vae_to_official(vae) -> dict[str, torch.Tensor]:
 
 def load_official_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """`Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` as a diffusers `AutoencoderKLWan` (eval, no grad)."""
-    from diffusers import AutoencoderKLWan  # optional dependency (the `wan` extra)
+    from diffusers import AutoencoderKLWan  # noqa: PLC0415 (optional dependency: the wan extra)
 
     state = read_pth(path)
     config, mapped = official_vae_to_diffusers(state, str(path))
@@ -460,7 +460,7 @@ def t5_key_map(num_layers: int) -> dict[str, str]:
 def t5_config_from_official(shapes: dict[str, tuple], where: str = "T5 file"):
     """A transformers `UMT5Config` from an official umT5 encoder state dict's shapes (umT5-XXL:
     vocab 256384, d_model 4096, 64 heads, d_ff 10240, 24 layers, 32 buckets)."""
-    from transformers import UMT5Config  # optional dependency (the `wan` extra)
+    from transformers import UMT5Config  # noqa: PLC0415 (slow import: transformers)
 
     if "token_embedding.weight" not in shapes or "blocks.0.pos_embedding.embedding.weight" not in shapes:
         raise CheckpointError(
@@ -503,7 +503,7 @@ def transformers_t5_to_official(model) -> dict[str, torch.Tensor]:
 
 def load_official_t5_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
     """`models_t5_umt5-xxl-enc-bf16.pth` as a transformers `UMT5EncoderModel` (eval, no grad)."""
-    from transformers import UMT5EncoderModel  # optional dependency (the `wan` extra)
+    from transformers import UMT5EncoderModel  # noqa: PLC0415 (slow import: transformers)
 
     state = read_pth(path)
     config, mapped = official_t5_to_transformers(state, str(path))
@@ -528,7 +528,7 @@ def load_official_t5(
     """The official umT5 file + tokenizer folder as our text encoder (`UMT5Encoder`): prompts ->
     [B, text_len, 4096], zero past each prompt. `tokenizer_dir` defaults to `google/umt5-xxl/`
     beside the file, as the official download lays it out."""
-    from titan_world.model.text_encoder import UMT5Encoder  # (text_encoder imports this module)
+    from titan_world.model.text_encoder import UMT5Encoder  # noqa: PLC0415 (import cycle: text_encoder imports this module)
 
     path = Path(path)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else path.parent / T5_TOKENIZER_DIR

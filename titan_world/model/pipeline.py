@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from titan_world.model.codec import WanVAECodec
 from titan_world.model.io import (
     PIPELINE_INDEX,
     CheckpointError,
@@ -28,7 +29,9 @@ from titan_world.model.io import (
     checkpoint_networks,
     read_config,
 )
+from titan_world.model.official import T5_FILE, load_official_t5, official_folder_files
 from titan_world.model.presets import WanPreset, preset_for
+from titan_world.model.text_encoder import UMT5Encoder
 
 log = logging.getLogger("titan_world.pipeline")
 PIPELINE_TEXT_LEN = 512  # the pipelines' max_sequence_length: umT5 tokens, zero-padded
@@ -56,8 +59,6 @@ def pipeline_root(path: str | Path) -> Path | None:
 
 
 def is_official_folder(path: str | Path) -> bool:
-    from titan_world.model.official import T5_FILE  # (official imports io, which imports this module's users)
-
     return (Path(path) / T5_FILE).is_file()
 
 
@@ -99,9 +100,7 @@ def _scheduler_shift(root: Path) -> float:
 
 
 def _load_diffusers_text_encoder(root: Path, device, dtype):
-    from transformers import UMT5EncoderModel  # optional dependency (the `wan` extra)
-
-    from titan_world.model.text_encoder import UMT5Encoder
+    from transformers import UMT5EncoderModel  # noqa: PLC0415 (slow import: transformers)
 
     te = _require(root / "text_encoder", "the umT5 text encoder")
     tok = _require(root / "tokenizer", "the umT5 tokenizer")
@@ -123,8 +122,6 @@ def _reference_config(cfg, model_type: str, boundary: float | None, experts: int
 def load_diffusers_pipeline(root: Path, device="cpu", dtype: torch.dtype = torch.float32) -> WanBundle:
     """Both experts, boundary, expand_timesteps, scheduler shift, text encoder + tokenizer and VAE of
     a diffusers Wan pipeline folder. `dtype`: the DiT's and the text encoder's (the VAE stays fp32)."""
-    from titan_world.model.codec import WanVAECodec
-
     index = json.loads((root / PIPELINE_INDEX).read_text())
     for name in DIFFUSERS_COMPONENTS:
         _require(root / name, f"the pipeline's {name}, listed in {PIPELINE_INDEX}")
@@ -166,9 +163,6 @@ def load_diffusers_pipeline(root: Path, device="cpu", dtype: torch.dtype = torch
 
 def load_official_folder(root: Path, device="cpu", dtype: torch.dtype = torch.float32) -> WanBundle:
     """The official repository's layout: DiT folder(s) + VAE .pth + umT5 .pth + tokenizer folder."""
-    from titan_world.model.codec import WanVAECodec
-    from titan_world.model.official import load_official_t5, official_folder_files
-
     try:
         files = official_folder_files(root)
     except FileNotFoundError as e:

@@ -48,7 +48,7 @@ class UMT5Encoder:
     """umT5-XXL encoder (Wan's text encoder) from a local folder; nothing is downloaded."""
 
     def __init__(self, path: str, text_len: int = 512, device="cpu", dtype=torch.bfloat16):
-        from transformers import UMT5EncoderModel  # optional dependency (the `wan` extra)
+        from transformers import UMT5EncoderModel  # noqa: PLC0415 (slow import: transformers)
 
         model = UMT5EncoderModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device).eval()
         self._setup(model, path, text_len, device)
@@ -61,7 +61,7 @@ class UMT5Encoder:
         return self
 
     def _setup(self, model, tokenizer_dir, text_len: int, device) -> None:
-        from transformers import AutoTokenizer  # optional dependency (the `wan` extra)
+        from transformers import AutoTokenizer  # noqa: PLC0415 (slow import: transformers)
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         self.model, self.text_len, self.device = model, text_len, device

@@ -145,7 +145,8 @@ def posttrain_plan(
     tpf = (height // vae_stride // ph_) * (width // vae_stride // pw_)
     if tpf % cp:
         raise ValueError(
-            f"cp={cp}: a latent frame has {tpf} tokens; the rollout's cached passes need them divisible by the CP degree"
+            f"cp={cp}: a latent frame has {tpf} tokens; the rollout's cached passes need them divisible by the CP "
+            "degree"
         )
     n, d, ffn, layers, b = param_count(cfg), cfg.dim, cfg.ffn_dim, cfg.num_layers, p.batch_size
     blk = param_count(cfg, "blocks.0")
