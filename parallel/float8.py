@@ -20,7 +20,8 @@ from parallel.config import FLOAT8_RECIPES as RECIPES
 
 
 def float8_eligible(module: nn.Module, fqn: str) -> bool:
-    """(torchao's `module_filter_fn` signature) A block's linear layer with both dims divisible by 16 (what the FP8 GEMM kernels need)."""
+    """(torchao's `module_filter_fn` signature) A block's linear layer with both dims divisible by 16
+    (what the FP8 GEMM kernels need)."""
     return (
         isinstance(module, nn.Linear)
         and fqn.startswith("blocks.")
@@ -40,7 +41,10 @@ def apply_float8(model: nn.Module, recipe: str, *, key: str = "parallel.float8")
     if recipe == "none":
         return 0
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8 import (  # noqa: PLC0415 (torchao is heavy to import: only with FP8 on)
+            Float8LinearConfig,
+            convert_to_float8_training,
+        )
     except ImportError as err:
         raise ImportError(
             f"{key}={recipe} needs torchao (pip install torchao, see scripts/constraints.txt): {err}"
