@@ -144,22 +144,6 @@ def make_loader(cfg: TitanConfig, frames: int, rank: int, world: int, seed: int)
     return build_train_loader(cfg, frames, rank, world, seed, bs, global_batch=(key, bs * world))
 
 
-def eval_batches(
-    cfg: TitanConfig, frames: int, use_actions: bool, device, seed: int = 12345
-) -> list[tuple[Batch, dict]]:
-    """A few fixed clips (own seed) with ground truth, for before/after comparisons."""
-    loader = make_loader(cfg, frames, 0, 1, seed)
-    out = []
-    try:
-        for raw in loader:
-            out.append((Batch.from_loader(raw, use_actions, device), raw))
-            if len(out) * cfg.posttrain.batch_size >= cfg.posttrain.eval_clips:
-                break
-    finally:
-        loader.close()
-    return out
-
-
 # -- the jobs ----------------------------------------------------------------------------------------
 def check_mesh(cfg: TitanConfig, world: int) -> None:
     """The `parallel` section must factor `world` ranks; the error names the keys. Called by the
