@@ -78,17 +78,6 @@ from parallel.checkpoint_files import (
 )
 from titan_world.model.io import CheckpointError, check_shapes, save_state_dict
 
-__all__ = [
-    "Checkpointer",
-    "CheckpointError",
-    "CheckpointWarning",
-    "DiskFullError",
-    "export_safetensors",
-    "file_checksum",
-    "list_checkpoints",
-    "validate_checkpoint",
-]
-
 log = logging.getLogger(__name__)
 
 

@@ -59,7 +59,6 @@ class ServingConfig:
 
 # What a model without posttrain.json is streamed with (post-training's own defaults).
 FALLBACK_GEOMETRY = {"chunk_frames": 1, "denoise_steps": 4, "kv_refresh": "clean", "sink_frames": 1, "window_frames": 8}
-GEOMETRY_KEYS = tuple(FALLBACK_GEOMETRY)
 
 
 def with_fallback_geometry(sc: ServingConfig) -> ServingConfig:

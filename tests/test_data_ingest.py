@@ -291,10 +291,9 @@ def test_ingest_videos_writes_one_episode_at_a_time(tmp_path, monkeypatch):
             seen.append((ep.name, len(loaded)))
         return len(seen)
 
-    # writer first: importing it binds `mds.write_episodes`, which must not be the fake then
-    monkeypatch.setattr("titan_world.data.writer.build_encoders", lambda cfg: (None, None, {}))
+    monkeypatch.setattr(ingest_mod, "build_encoders", lambda cfg: (None, None, {}))
     monkeypatch.setattr(ingest_mod, "load_item", fake_load)
-    monkeypatch.setattr("titan_world.data.mds.write_episodes", fake_write)
+    monkeypatch.setattr(ingest_mod, "write_episodes", fake_write)
     cfg = SimpleNamespace(data=SimpleNamespace(height=32, width=32, fps=16, ingest_arrays="stored"))
     videos = [Path(n) for n in ("a.mp4", "bad1.mp4", "b.mp4", "c.mp4")]
     reports = ingest_mod.ingest_videos(cfg, videos, tmp_path / "out")

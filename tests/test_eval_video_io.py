@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from titan_world.eval.video_io import list_videos, read_video, write_video
+from titan_world.data.ingest import list_videos
+from titan_world.eval.video_io import read_video, write_video
 
 
 def test_lossless_round_trip_is_exact(tmp_path):

@@ -40,12 +40,10 @@ def layer_of(module: str) -> str:
     return next(name for name, pattern in LAYERS if re.fullmatch(pattern, module))
 
 
-def product_modules() -> dict[str, Path]:
-    mods = {}
-    for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            mods[".".join(path.relative_to(ROOT).with_suffix("").parts)] = path
-    return mods
+MODULES = {
+    ".".join(p.relative_to(ROOT).with_suffix("").parts): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+}
+KNOWN = set(MODULES) | {m.removesuffix(".__init__") for m in MODULES}  # a package is known by its own name too
 
 
 def imports_of(module: str, path: Path, known: set[str]) -> list[tuple[int, str]]:
@@ -81,13 +79,11 @@ def imports_of(module: str, path: Path, known: set[str]) -> list[tuple[int, str]
 
 
 def upward_imports() -> list[str]:
-    mods = product_modules()
-    known = set(mods) | {m.removesuffix(".__init__") for m in mods}
     bad = []
-    for module, path in mods.items():
+    for module, path in sorted(MODULES.items()):
         here = layer_of(module)
-        for line, target in imports_of(module, path, known):
-            there = layer_of(target if target in mods else f"{target}.__init__")
+        for line, target in imports_of(module, path, KNOWN):
+            there = layer_of(target if target in MODULES else f"{target}.__init__")
             if RANK[there] > RANK[here]:
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {module} ({here}) imports {target} ({there})")
     return bad
@@ -100,7 +96,7 @@ def test_layers_point_down():
 
 def test_every_command_module_is_in_the_commands_layer():
     """A module with the subcommand protocol (`add_arguments` and `run`) is a command, whatever its folder."""
-    for module, path in product_modules().items():
+    for module, path in MODULES.items():
         defs = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
         if {"add_arguments", "run"} <= defs:
             assert layer_of(module) == "commands", f"{path}: a command module outside the commands layer"
@@ -116,7 +112,3 @@ def test_the_scanner_sees_function_level_and_relative_imports_and_skips_type_che
     assert sorted(imports_of("titan_world.model.m", src, known)) == [(5, "launch.cli"), (6, "titan_world.model.codec")]
     assert layer_of("titan_world.model.config") == "model" and layer_of("serving.config") == "config"
     assert layer_of("titan_world.train.cli") == "commands" and layer_of("titan_world.train.loop") == "jobs"
-
-
-if __name__ == "__main__":
-    print("\n".join(upward_imports()))

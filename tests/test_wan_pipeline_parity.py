@@ -205,15 +205,6 @@ def _noise(pipe, kind: str) -> torch.Tensor:
     return torch.randn(1, z, 1 + (FRAMES - 1) // 4, size // s, size // s, generator=torch.Generator().manual_seed(7))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on shared cores: one thread is ~100x faster than several fighting over two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
     return float(d.max()), float(d.mean())

@@ -29,7 +29,6 @@ from titan_world.model.codec import codec_from_config, frames_to_video, pixel_fr
 from titan_world.model.moe import WanMoE, expert_for
 
 MASK_CHANNELS = 4  # Wan folds the 4 video frames of a latent frame into 4 mask channels
-FORMULATIONS = ("reference", "clean_first_frame")
 
 
 def i2v_condition(latents: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:

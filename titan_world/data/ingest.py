@@ -385,12 +385,12 @@ def load_item(video: Path, height: int, width: int, fps: int, min_size: int = 16
 # ---- a folder -------------------------------------------------------------------------------------
 
 
-def list_videos(src: str | Path) -> list[Path]:
-    """The videos `ingest` reads from `src`, sorted by name (item i of a parallel ingest)."""
-    src = Path(src)
-    if not src.is_dir():
-        raise FileNotFoundError(f"--src {src}: not a directory")
-    return sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_EXTS)
+def list_videos(folder: str | Path) -> list[Path]:
+    """Video files directly inside `folder`, sorted by name (item i of a parallel ingest; what eval scores)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"video folder {folder} does not exist (or is not a folder)")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
 
 
 def ingest_videos(cfg, videos: list[Path], out: str | Path, *, keep_raw: bool = False) -> list[ItemReport]:

@@ -10,11 +10,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from titan_world.config import ConfigError
+from titan_world.data.ingest import list_videos
 from titan_world.eval import report
 from titan_world.eval.action_eval import evaluate_action_following
 from titan_world.eval.config import ALL_DIMENSIONS, EvalConfig
 from titan_world.eval.vbench import PromptsError, run_vbench, summary
-from titan_world.eval.video_io import list_videos
 from titan_world.generate import generate_to_dir
 from titan_world.model.io import CheckpointError
 

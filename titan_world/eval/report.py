@@ -6,14 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from titan_world.eval import plots
-from titan_world.eval.config import ALL_DIMENSIONS
 from titan_world.eval.video_io import read_video
 
 SHORT = {
@@ -120,10 +118,6 @@ def _html(md_title: str, sections: list[tuple[str, str]], images: list[Path]) ->
         b64 = base64.b64encode(img.read_bytes()).decode()
         parts.append(f"<h3>{img.name}</h3><img src='data:image/png;base64,{b64}'/>")
     return "\n".join(parts + ["</body></html>"])
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)
 
 
 # ------------------------------------------------------------------------------------ vbench
@@ -429,15 +423,3 @@ def write_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> d
     if kind == "titan-world-eval/action-following":
         return write_action_report(res, out_dir)
     raise ValueError(f"unknown results kind {kind!r}: expected a VBench or action-following results JSON")
-
-
-__all__ = [
-    "ALL_DIMENSIONS",
-    "PUBLISHED",
-    "compare_runs",
-    "load_results",
-    "write_action_report",
-    "write_json",
-    "write_report",
-    "write_vbench_report",
-]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import math
 import re
 import tempfile
 from collections.abc import Callable
@@ -336,7 +335,3 @@ def window_means(per_video: dict[str, Any], dim: str) -> dict[str, list] | None:
 def summary(results: dict[str, Any]) -> dict[str, float | None]:
     """dimension -> mean (None if skipped)."""
     return {d: (i.get("mean") if i["status"] == "ok" else None) for d, i in results["dimensions"].items()}
-
-
-def is_finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

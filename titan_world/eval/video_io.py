@@ -13,9 +13,6 @@ from pathlib import Path
 import av
 import numpy as np
 
-VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-
-
 # How a decoder turns YUV into RGB (docs/eval.md, "Decoding"):
 #   "tagged": the matrix and range the file's colour tags name (BT.601 when untagged) — what
 #             decord does (VBench's imaging/aesthetic quality, overall consistency);
@@ -87,11 +84,3 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, *, lossless: b
         for packet in stream.encode():
             container.mux(packet)
     return path
-
-
-def list_videos(directory: str | Path) -> list[Path]:
-    """Video files directly inside `directory`, sorted by name."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"video folder {d} does not exist")
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
