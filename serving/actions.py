@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serving.engine import KEY_INDEX
-from titan_world.data.actions import ACTION_DIM
+from titan_world.data.actions import ACTION_DIM, KEY_NAMES
 
 MAX_KEYS = 16
 
@@ -43,7 +42,7 @@ def parse_action(msg: dict) -> ParsedAction:
     ):
         raise ActionError('"mouse" must be [dx, dy], two finite numbers')
     names = [k.lower() if k != " " else "space" for k in keys]
-    return ParsedAction([k for k in names if k in KEY_INDEX], (float(mouse[0]), float(mouse[1])))
+    return ParsedAction([k for k in names if k in KEY_NAMES], (float(mouse[0]), float(mouse[1])))
 
 
 @dataclass
@@ -74,7 +73,7 @@ class ActionAccumulator:
             self._mouse = [0.0, 0.0]
         out = torch.zeros(num_frames, ACTION_DIM)
         for k in keys:
-            out[:, KEY_INDEX[k]] = 1.0
+            out[:, KEY_NAMES.index(k)] = 1.0
         out[:, 6] = max(-1.0, min(1.0, dx / num_frames))
         out[:, 7] = max(-1.0, min(1.0, dy / num_frames))
         return out

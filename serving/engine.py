@@ -19,8 +19,6 @@ import torch
 from titan_world.data.actions import ACTION_DIM
 from titan_world.model.codec import TEMPORAL_STRIDE
 
-KEY_INDEX: dict[str, int] = {"w": 0, "a": 1, "s": 2, "d": 3, "space": 4, "shift": 5}
-
 
 class EngineError(RuntimeError):
     """A user-facing generation problem (bad input, model failure); the server reports its text."""
