@@ -17,14 +17,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from titan_world.data.synth import make_episode
+from titan_world.data.writer import build_encoders
 from titan_world.eval.action_following import action_following_report
 from titan_world.model.action import ActionInputs
-from titan_world.model.codec import video_to_frames
+from titan_world.model.codec import codec_from_config, frames_to_video, video_to_frames
 from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch
 from titan_world.posttrain.rollout import RolloutInputs, self_rollout, student_sigmas
-from titan_world.train.action_check import HELD_OUT_SEED
+from titan_world.train.action_check import HELD_OUT_SEED, generate_i2v
 
 
 def held_out_batches(
@@ -40,10 +42,6 @@ def held_out_batches(
     """`num_clips` simulator episodes (seeds seed, seed+1, ...), the `frames` video frames from
     `offset` on (an episode's first second is nearly static: copy-last would score ~36 dB there),
     encoded like the training data, as (Batch, raw) pairs; raw holds frames and camera truth."""
-    from titan_world.data.synth import make_episode
-    from titan_world.data.writer import build_encoders
-    from titan_world.model.codec import codec_from_config, frames_to_video
-
     _, text_enc, _ = build_encoders(cfg)
     codec = codec_from_config(cfg.data.codec)
     seconds = (offset + frames - 1) / cfg.data.fps
@@ -87,8 +85,6 @@ def generate_clip(student, batch: Batch, pcfg: PostTrainConfig, num_frames: int,
 @torch.no_grad()
 def teacher_clip(teacher, batch: Batch, steps: int, shift: float, seed: int = 0) -> torch.Tensor:
     """The teacher's own sample: bidirectional I2V over the whole clip, `steps` Euler steps."""
-    from titan_world.train.action_check import generate_i2v
-
     noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(seed)).to(batch.latents.device)
     return generate_i2v(teacher, batch.latents, batch.context, batch.actions, steps, shift, noise)
 
