@@ -56,6 +56,9 @@ def test_dmd_resume_reproduces_uninterrupted_losses(world):
         "posttrain.rollout_chunks=2",
         "posttrain.grad_chunks=2",
         "posttrain.gan_weight=0.1",
+        # the GAN variant that trains the fake-score trunk with approximate R1 (head-only resumes: test_posttrain_fsdp)
+        "posttrain.gan_train_trunk=true",
+        "posttrain.gan_r1_weight=100",
         "posttrain.fake_updates=2",
         "train.ckpt_every=0",
         "posttrain.ema_start_step=1",
@@ -66,7 +69,7 @@ def test_dmd_resume_reproduces_uninterrupted_losses(world):
     full, cut = _losses(tmp / "full"), _losses(tmp / "cut")
     assert [r["step"] for r in cut] == [0, 1, 2, 3]
     for a, b in zip(full, cut):
-        for k in ("dmd_loss", "fake_loss", "d_loss", "g_loss"):
+        for k in ("dmd_loss", "fake_loss", "d_loss", "g_loss", "r1"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
     # The student's EMA (exported by default) is checkpointed with the job: the resumed run exports the same weights.
     from titan_world.posttrain.loop import load_net
