@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,6 +58,9 @@ def test_dmd_resume_reproduces_uninterrupted_losses(world):
         "posttrain.rollout_chunks=2",
         "posttrain.grad_chunks=2",
         "posttrain.gan_weight=0.1",
+        # the GAN variant that trains the fake-score trunk with approximate R1 (head-only resumes: test_posttrain_fsdp)
+        "posttrain.gan_train_trunk=true",
+        "posttrain.gan_r1_weight=100",
         "posttrain.fake_updates=2",
         "train.ckpt_every=0",
         "posttrain.ema_start_step=1",
@@ -67,7 +71,7 @@ def test_dmd_resume_reproduces_uninterrupted_losses(world):
     full, cut = _losses(tmp / "full"), _losses(tmp / "cut")
     assert [r["step"] for r in cut] == [0, 1, 2, 3]
     for a, b in zip(full, cut):
-        for k in ("dmd_loss", "fake_loss", "d_loss", "g_loss"):
+        for k in ("dmd_loss", "fake_loss", "d_loss", "g_loss", "r1"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
     # The student's EMA (exported by default) is checkpointed with the job: the resumed run exports the same weights.
     from titan_world.posttrain.loop import load_net
@@ -93,7 +97,7 @@ def test_causal_stage_runs_and_exports(world):
 
 @pytest.fixture(scope="session")
 def trained_teacher(tmp_path_factory):
-    """A tiny action-enabled teacher from `titan-world train` (40 steps of 17-frame clips), trained
+    """A tiny action-enabled teacher from `titan-world train` (150 steps of 17-frame clips), trained
     once per session; returns (model dir, data dir)."""
     tmp = tmp_path_factory.mktemp("posttrain_teacher")
     data = tmp / "data"
@@ -105,7 +109,7 @@ def trained_teacher(tmp_path_factory):
             "launch.cli",
             "train",
             f"run.dir={tmp / 'run'}",
-            "train.steps=40",
+            "train.steps=150",
             f"data.path=synthetic:{data}",
             "data.synth_episodes=6",
             "data.synth_seconds=2.0",
@@ -123,18 +127,22 @@ def trained_teacher(tmp_path_factory):
 def test_tiny_dmd_before_after_against_the_simulator(trained_teacher, tmp_path):
     """Teacher (short train run) -> causal stage -> DMD; the 4-step student before and after DMD,
     same held-out clips, actions and noise, against the simulator and the teacher's 20-step samples.
+    Prints the table (PSNR and latent MSE vs the simulator, detail, distribution distances).
 
-    The metric against ground truth is distribution-level: the Fréchet distance between Gaussians
-    fitted to the generated and the simulator's latent tokens (`gauss_gt`, the cheap cousin of
-    FVD). That is what DMD optimises — the student's *distribution* toward the teacher's, and the
-    teacher's is far closer to the data's (0.27 vs 1.1 here). Per-frame PSNR is printed but not
-    asserted: it rewards the blurry conditional mean, so sharper samples from a 40-step teacher
-    score lower on it (the teacher's 20-step samples sit ~2 dB below the causal student) even as
-    the distribution improves. Measured with train.seed 0-2 (this test: 0): gauss_gt fell by
-    9-12% and the distance to the teacher's samples by 5-14% in 3/3 runs; the action-following
-    yaw error moved by at most ±0.1° around 3.1° (noise at this scale), so it is only guarded."""
+    Asserted, because it held over train.seed 0-2 (this test: 0) — the student after DMD is closer
+    to the simulator in *distribution* (`gauss_gt`: the Fréchet distance between Gaussians fitted to
+    the generated and the simulator's latent tokens, the cheap cousin of FVD) and in *detail* (its
+    frames' high-frequency energy relative to the simulator's moves toward 1: the causal student's
+    4-step samples are too smooth), and closer to the teacher's distribution (`gauss_teacher`, what
+    DMD optimises). Measured (seeds 0 / 1 / 2): gauss_gt 1.13→0.99 / 1.26→1.09 / 1.19→1.06, detail
+    0.83→1.01 / 0.84→0.96 / 0.73→0.98, gauss_teacher 0.26→0.18 / 0.26→0.18 / 0.22→0.15, yaw error within
+    ±0.13°. PSNR (−0.1 to −0.26 dB) and latent MSE (+1 to +4%) are printed, not asserted: they reward
+    the conditional mean, and at this scale the teacher's sharper samples score below the causal
+    student on them (on the demo chain's 1,300-step teacher DMD raises PSNR too: docs/posttrain.md).
+    With a 40-step teacher (this test before) nothing held over the seeds: its samples are noise
+    (detail 7x the simulator's) and gauss_gt rose for seed 1. Yaw error is only guarded (noise)."""
     from titan_world.model.codec import codec_from_config
-    from titan_world.posttrain.evaluate import evaluate_student, evaluate_teacher, held_out_batches
+    from titan_world.posttrain.evaluate import evaluate_student, evaluate_teacher, held_out_batches, metrics_table
     from titan_world.posttrain.loop import load_net
 
     torch.set_num_threads(1)
@@ -159,11 +167,8 @@ def test_tiny_dmd_before_after_against_the_simulator(trained_teacher, tmp_path):
     after = evaluate_student(
         load_net(tmp_path / "dmd" / "model", "cpu").eval(), batches, cfg.posttrain, codec, reference=t_clips
     )
-    fmt = lambda m: " ".join(f"{k}={v:.4g}" for k, v in m.items())  # noqa: E731
-    print(
-        f"\nteacher, 20 bidirectional steps:  {fmt(t_metrics)}"
-        f"\n4-step causal student before DMD: {fmt(before)}\n4-step student after DMD:         {fmt(after)}"
-    )
+    rows = {"teacher, 20 bidirectional steps": t_metrics, "causal student, 4 steps": before, "after DMD": after}
+    print("\n" + metrics_table(rows))
     rec = _losses(tmp_path / "dmd")
     assert len(rec) == 30 and all(torch.isfinite(torch.tensor([r["dmd_loss"], r["fake_loss"]])).all() for r in rec)
     assert t_metrics["gauss_gt"] < before["gauss_gt"], (
@@ -171,6 +176,9 @@ def test_tiny_dmd_before_after_against_the_simulator(trained_teacher, tmp_path):
     )
     assert after["gauss_gt"] < before["gauss_gt"], (
         "after DMD the student's samples should be distributed closer to the simulator's"
+    )
+    assert abs(math.log(after["detail"])) < abs(math.log(before["detail"])), (
+        "after DMD the student's detail (high-frequency energy / the simulator's) should be closer to 1"
     )
     assert after["gauss_teacher"] < before["gauss_teacher"], (
         "DMD should bring the student's distribution toward the teacher's"

@@ -35,6 +35,12 @@ class PostTrainConfig:
     gan_weight: float = 0.0
     gan_blocks: list[int] = field(default_factory=lambda: [1, 3])
     gan_queries: int = 4
+    # Discriminator = head only (default), or head + fake-score trunk (DMD2/APT): then L_D reaches the trunk in
+    # the critic update (weight gan_weight, next to flow matching's 1), regularised by APT's approximate R1:
+    # gan_r1_weight · mean (D(x + δ) − D(x))² on real inputs, δ ~ N(0, gan_r1_sigma²) (APT: 100, 0.01).
+    gan_train_trunk: bool = False
+    gan_r1_weight: float = 0.0  # 0: no R1 (any discriminator); the trunk variant: 100
+    gan_r1_sigma: float = 0.01
     # CFG on the real score, Wan's convention: v = v_neg + s·(v_cond − v_neg), 1 = off. Self-Forcing writes
     # cond + s'·(cond − uncond): its s' is our s − 1 (its 3.0 is our 4.0). docs/posttrain.md, "reference → ours".
     guidance_scale: float = 1.0
@@ -62,7 +68,8 @@ class PostTrainConfig:
     teacher_dtype: str = (
         "auto"  # frozen teacher's stored weights: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     )
-    fsdp: bool = True  # >1 rank: FSDP2-shard student, fake score + GAN head, frozen teacher; false: full replicas + gradient all-reduce
+    # >1 rank: FSDP2-shard student, fake score + GAN head, frozen teacher; false: full replicas + gradient all-reduce
+    fsdp: bool = True
 
     def validate(self) -> None:
         """Ranges of this section alone (cross-section checks: titan_world/config.py)."""
@@ -87,6 +94,19 @@ class PostTrainConfig:
         for key in ("gan_weight", "guidance_scale"):
             if not getattr(self, key) >= 0:
                 raise _bad(key, getattr(self, key), ">= 0")
+        for key in ("gan_r1_weight", "gan_r1_sigma"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise _bad(key, value, "a number >= 0")
+        if self.gan_weight == 0 and (self.gan_train_trunk or self.gan_r1_weight > 0):
+            raise _bad(
+                "gan_weight",
+                self.gan_weight,
+                f"> 0 with posttrain.gan_train_trunk={self.gan_train_trunk} / gan_r1_weight={self.gan_r1_weight} "
+                "(they configure the GAN discriminator, which gan_weight=0 turns off)",
+            )
+        if self.gan_r1_weight > 0 and self.gan_r1_sigma == 0:
+            raise _bad("gan_r1_sigma", 0.0, "> 0 with posttrain.gan_r1_weight > 0 (σ = 0 makes the penalty 0)")
         if self.score_cond not in ("reencode", "latent"):
             raise _bad("score_cond", self.score_cond, "'reencode' or 'latent'")
         if not 0.0 <= self.ema_decay < 1.0:

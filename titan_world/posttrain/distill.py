@@ -39,7 +39,7 @@ from titan_world.model.moe import experts
 from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.dmd import ScoreInputs, dmd_step_loss, draw_sigma, fake_score_loss, noised, route, velocity
-from titan_world.posttrain.gan import FeatureTap, GANHead, d_loss, frozen, g_loss
+from titan_world.posttrain.gan import FeatureTap, GANHead, approx_r1, d_loss, frozen, g_loss
 from titan_world.posttrain.memory import teacher_dtype
 from titan_world.posttrain.rollout import Rollout, RolloutInputs, sample_exit_steps, self_rollout, student_sigmas
 from titan_world.train.faults import finite_on_all_ranks
@@ -274,9 +274,21 @@ class DMDTrainer:
 
     def _logits(self, inp: ScoreInputs, sigma: float, noise: torch.Tensor) -> torch.Tensor:
         nb = noised(inp, sigma, noise)
-        with self.tap.capture() as feats:
-            velocity(route(self.critic.fake, sigma), nb.x_t, nb.t, inp, nb.cond)
-        return self._discriminate(feats, inp)
+        return self._discriminator(inp, nb, sigma)(nb.x_t)
+
+    def _discriminator(
+        self, inp: ScoreInputs, nb, sigma: float, trunk_grad: bool = True
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """D as a function of the noised latents x_σ of `inp` (timesteps and I2V conditioning of `nb`
+        fixed): a fake-score pass, tapped, then the head. `trunk_grad=False`: the pass runs without
+        gradient (the head-only discriminator: the trunk gets no L_D and keeps no activations)."""
+
+        def d(x_t: torch.Tensor) -> torch.Tensor:
+            with self.tap.capture() as feats, torch.set_grad_enabled(trunk_grad and torch.is_grad_enabled()):
+                velocity(route(self.critic.fake, sigma), x_t, nb.t, inp, nb.cond)
+            return self._discriminate(feats, inp)
+
+        return d
 
     def _discriminate(self, feats: dict[int, torch.Tensor], inp: ScoreInputs, detach: bool = False) -> torch.Tensor:
         """GAN head logits from the tapped block outputs of a fake-score pass over `inp`. Under
@@ -310,29 +322,34 @@ class DMDTrainer:
         inp = self.window(batch, sample)
         sigma = self._sigma(shared)
         noise = torch.randn(inp.latents.shape, generator=local).to(inp.latents.device)
-        head = self.critic.head
         out: dict[str, float] = {}
-        if head is None:
+        if self.critic.head is None:
             loss = fake_score_loss(self.critic.fake, inp, sigma, noise)
+            out["fake_loss"] = float(loss.detach())
         else:
+            p = self.pcfg
             with self.tap.capture() as feats:
                 loss = fake_score_loss(self.critic.fake, inp, sigma, noise)
-            logit_fake = self._discriminate(feats, inp, detach=True)  # the trunk never sees L_D
+            out["fake_loss"] = float(loss.detach())
+            logit_fake = self._discriminate(feats, inp, detach=not p.gan_train_trunk)  # head-only: trunk sees no L_D
             real = self.window(batch, batch.latents)
-            with torch.no_grad():
-                nb = noised(real, sigma, torch.randn(real.latents.shape, generator=local).to(real.latents.device))
-                with self.tap.capture() as rfeats:
-                    velocity(route(self.critic.fake, sigma), nb.x_t, nb.t, real, nb.cond)
-            logit_real = self._discriminate(rfeats, real)
+            nb = noised(real, sigma, torch.randn(real.latents.shape, generator=local).to(real.latents.device))
+            d_real = self._discriminator(real, nb, sigma, trunk_grad=p.gan_train_trunk)
+            logit_real = d_real(nb.x_t)
             ld = d_loss(logit_real, logit_fake)
             out.update(
                 d_loss=float(ld.detach()),
                 d_real=float(logit_real.detach().mean()),
                 d_fake=float(logit_fake.detach().mean()),
             )
-            out["fake_loss"] = float(loss.detach())
-            loss = loss + self.pcfg.gan_weight * ld
-        out["fake_loss"] = out.get("fake_loss", float(loss.detach()))
+            if p.gan_r1_weight > 0:  # APT's approximate R1 on the real inputs' generated frames
+                delta = torch.randn(real.latents.shape, generator=local).to(real.latents.device)
+                r1 = approx_r1(
+                    d_real, nb.x_t, delta * (p.gan_r1_sigma * nb.loss_mask[:, None, :, None, None]), logit_real
+                )
+                out["r1"] = float(r1.detach())
+                ld = ld + p.gan_r1_weight * r1
+            loss = loss + p.gan_weight * ld
         out["critic_grad_norm"] = self._step(self.opt_critic, loss)
         self.counts["critic_updates"] += 1
         return out

@@ -17,14 +17,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from titan_world.eval.action_following import action_following_report
+from titan_world.data.synth import make_episode
+from titan_world.data.writer import build_encoders
+from titan_world.eval.action_following import action_following_report, detail_energy
 from titan_world.model.action import ActionInputs
-from titan_world.model.codec import video_to_frames
+from titan_world.model.codec import codec_from_config, frames_to_video, video_to_frames
 from titan_world.posttrain.causal import ChunkLayout
 from titan_world.posttrain.config import PostTrainConfig
 from titan_world.posttrain.distill import Batch
 from titan_world.posttrain.rollout import RolloutInputs, self_rollout, student_sigmas
-from titan_world.train.action_check import HELD_OUT_SEED
+from titan_world.train.action_check import HELD_OUT_SEED, generate_i2v
 
 
 def held_out_batches(
@@ -40,10 +42,6 @@ def held_out_batches(
     """`num_clips` simulator episodes (seeds seed, seed+1, ...), the `frames` video frames from
     `offset` on (an episode's first second is nearly static: copy-last would score ~36 dB there),
     encoded like the training data, as (Batch, raw) pairs; raw holds frames and camera truth."""
-    from titan_world.data.synth import make_episode
-    from titan_world.data.writer import build_encoders
-    from titan_world.model.codec import codec_from_config, frames_to_video
-
     _, text_enc, _ = build_encoders(cfg)
     codec = codec_from_config(cfg.data.codec)
     seconds = (offset + frames - 1) / cfg.data.fps
@@ -87,8 +85,6 @@ def generate_clip(student, batch: Batch, pcfg: PostTrainConfig, num_frames: int,
 @torch.no_grad()
 def teacher_clip(teacher, batch: Batch, steps: int, shift: float, seed: int = 0) -> torch.Tensor:
     """The teacher's own sample: bidirectional I2V over the whole clip, `steps` Euler steps."""
-    from titan_world.train.action_check import generate_i2v
-
     noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(seed)).to(batch.latents.device)
     return generate_i2v(teacher, batch.latents, batch.context, batch.actions, steps, shift, noise)
 
@@ -111,14 +107,18 @@ def score_clips(
     clips: list[torch.Tensor], batches: list[tuple[Batch, dict]], codec, reference: list[torch.Tensor] | None = None
 ) -> dict[str, float]:
     """Mean over clips of: latent MSE vs ground truth (and vs `reference`, e.g. teacher samples),
-    frame PSNR/MSE vs the simulator, copy-last PSNR, action-following yaw error."""
-    lat_mse, ref_mse, psnr, mse, copy_psnr, yaw = [], [], [], [], [], []
+    frame PSNR/MSE vs the simulator, copy-last PSNR, action-following yaw error; `detail`: the
+    generated frames' high-frequency energy over the simulator's (frame 0, given, excluded; 1 = as
+    sharp as the truth, < 1 blurrier) — PSNR rewards blur, detail shows it."""
+    lat_mse, ref_mse, psnr, mse, copy_psnr, yaw, e_gen, e_sim = [], [], [], [], [], [], [], []
     for j, (gen, (batch, raw)) in enumerate(zip(clips, batches)):
         lat_mse.append(float((gen[:, :, 1:] - batch.latents[:, :, 1:]).pow(2).mean()))
         if reference is not None:
             ref_mse.append(float((gen[:, :, 1:] - reference[j][:, :, 1:]).pow(2).mean()))
         g_frames, t_frames = (video_to_frames(codec.decode(x.float().cpu())) for x in (gen, batch.latents))
         for i in range(len(g_frames)):
+            e_gen.append(detail_energy(g_frames[i][1:]).mean())
+            e_sim.append(detail_energy(t_frames[i][1:]).mean())
             rep = action_following_report(
                 g_frames[i], t_frames[i], context_frames=1, poses=raw["c2w"][i], intrinsics=raw["intrinsics"][i, 0]
             )
@@ -135,6 +135,7 @@ def score_clips(
         "frame_mse": float(np.mean(mse)),
         "copy_last_psnr": float(np.mean(copy_psnr)),
         "yaw_mae_deg": float(np.mean(yaw)) if yaw else float("nan"),
+        "detail": float(np.mean(e_gen) / max(np.mean(e_sim), 1e-12)),
     }
     out["gauss_gt"] = gaussian_distance(torch.cat(clips), torch.cat([b.latents for b, _ in batches]))
     if reference is not None:
@@ -164,3 +165,23 @@ def evaluate_teacher(
     """The teacher's many-step samples, scored like a student; also returned as the reference."""
     clips = [teacher_clip(teacher, b, steps, shift, seed + j) for j, (b, _) in enumerate(batches)]
     return score_clips(clips, batches, codec), clips
+
+
+TABLE_COLUMNS = {
+    "psnr": "PSNR dB",
+    "latent_mse": "latent MSE",
+    "detail": "detail",
+    "gauss_gt": "gauss_gt",
+    "gauss_teacher": "gauss_teacher",
+    "latent_mse_teacher": "latent MSE vs teacher",
+    "yaw_mae_deg": "yaw MAE °",
+}
+
+
+def metrics_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown table of `score_clips` results, one row per model (— where a metric is absent)."""
+    lines = ["| model | " + " | ".join(TABLE_COLUMNS.values()) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for name, m in rows.items():
+        cells = [f"{m[k]:.4g}" if k in m else "—" for k in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

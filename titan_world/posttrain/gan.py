@@ -4,19 +4,21 @@ A few learned queries cross-attend to the hidden states of chosen fake-score blo
 forward hooks; the model is not edited) and an MLP maps the pooled answers to one logit per
 sample. Softplus non-saturating losses (f = softplus):
 
-    L_D = E_real f(−D(x_σ)) + E_student f(D(x̃_σ))          (updates the head only)
+    L_D = E_real f(−D(x_σ)) + E_student f(D(x̃_σ)) [+ λ·R1≈]   (updates the head; the trunk too with
+                                                              `posttrain.gan_train_trunk`)
     L_G = E_student f(−D(x̂_σ))                               (updates the student only)
 
 (LingBot's eqs. (5)/(6) are written with f(1 − D); we use the standard non-saturating pair.)
-The fake-score trunk is never updated by either: the D step reads its features without
-gradient, and the G step runs with the trunk and head frozen (`frozen`), so the gradient flows
-through their activations into x̂ and the student, and nowhere else. No R1/R2.
+By default the fake-score trunk is trained by flow matching only: the D step reads its features
+without gradient. With `gan_train_trunk` (DMD2, APT) L_D also reaches the trunk, regularised by
+APT's approximate R1 (`approx_r1`). The G step always runs with trunk and head frozen (`frozen`),
+so its gradient flows through their activations into x̂ and the student, and nowhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -85,6 +87,21 @@ def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor
 
 def g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits_fake).mean()
+
+
+def approx_r1(
+    discriminator: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """APT's approximate R1: mean (D(x + δ) − D(x))² over real inputs x, δ ~ N(0, σ²I).
+
+    For small σ this is σ²·‖∇ₓD‖² in expectation — R1's gradient penalty — but it needs only
+    forward passes (and their ordinary backward), so it works with FSDP, activation checkpointing
+    and flash attention, which double backward does not. `logits`: D(x) if already computed."""
+    clean = discriminator(x) if logits is None else logits
+    return (discriminator(x + delta) - clean).pow(2).mean()
 
 
 @contextlib.contextmanager
