@@ -39,6 +39,25 @@ EVAL_SEED = 123456
 EVAL_EPISODES = 2
 
 
+BROWSER_TEST = Path(__file__).resolve().parents[1] / "tests" / "test_serving_browser.py"
+
+
+def browser_check(student: Path, log: Path) -> dict:
+    """The served student in headless Chromium, as a person would see it: frames streamed to the page
+    while a key is held must be closer to the simulator's walk than the start image held, a flat frame
+    or the walk for the opposite key (the browser test in a clone, when Chromium is installed)."""
+    row = {"figure": "browser: streamed frames follow the level", "value": None, "target": "beats 3 baselines"}
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")) or not BROWSER_TEST.is_file():
+        return {**row, "target": "skipped (needs Chromium and the tests/ folder of a clone)", "passed": None}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(BROWSER_TEST), "-k", "demo_level"]
+    line = f"TITAN_WORLD_STREAM_CHECKPOINT={student} {shlex.join(['python', *cmd[1:]])}"
+    print(f"\n===== [browser check] =====\n$ {line}", flush=True)
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {line}\n")
+    env = {**os.environ, "TITAN_WORLD_STREAM_CHECKPOINT": str(student)}
+    return {**row, "passed": subprocess.run(cmd, env=env, cwd=BROWSER_TEST.parents[1]).returncode == 0}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/demo", help="where every stage writes (default runs/demo)")
@@ -157,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     report = json.loads((action_dir / "action_following.json").read_text())
+    start = time.time()
+    goals = [*report["goals"], browser_check(root / "dmd" / "model", log)]
+    times["browser check"] = time.time() - start
 
     print("\n" + "=" * 72)
     print(f"titan-world demo finished in {time.time() - t0:.0f} s")
@@ -167,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in fe.items():
         print(f"  {k:<12} {v['psnr']:6.2f} dB")
     print("goal figures:")
-    for g in report["goals"]:
-        value = "—" if g["value"] is None else f"{g['value']:+.2f}"
+    for g in goals:
+        value = "" if g["value"] is None else f"{g['value']:+.2f}"
         verdict = {True: "PASS", False: "FAIL", None: "reported"}[g["passed"]]
         print(f"  {g['figure']:<42} {value:>7}  (target {g['target']})  {verdict}")
     print("outputs:")
@@ -186,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<18} {path}")
     print("next: `titan-world serve --checkpoint runs/demo/dmd/model` and open http://127.0.0.1:8765/")
     (root / "summary.json").write_text(
-        json.dumps({"seconds": times, "goals": report["goals"], "action_following": report}, indent=2, default=str)
+        json.dumps({"seconds": times, "goals": goals, "action_following": report}, indent=2, default=str)
     )
     return 0
 
