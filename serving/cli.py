@@ -148,7 +148,9 @@ def synthetic_start(cfg, height: int = 0, width: int = 0) -> tuple[np.ndarray, s
     seed = SYNTHETIC_START_SEED
     if d.synth_seed <= seed < d.synth_seed + d.synth_episodes:
         seed = d.synth_seed + d.synth_episodes
-    ep = make_episode(seed, height or d.height, width or d.width, seconds=d.synth_seconds, fps=d.fps)
+    ep = make_episode(
+        seed, height or d.height, width or d.width, seconds=d.synth_seconds, fps=d.fps, level=d.synth_level
+    )
     return ep.frames[0], ep.captions["narrative"]
 
 

@@ -76,6 +76,9 @@ def test_eval_action_writes_every_figure_on_the_right_frames(tmp_path, chunk):
         mse.append(((ep[1:] - ep[:1]) ** 2).mean())
     assert rep["frame_error"]["copy_last"]["psnr"] == pytest.approx(-10 * math.log10(np.mean(mse)), abs=1e-9)
     assert rep["frame_error"]["model"]["psnr"] != rep["frame_error"]["copy_last"]["psnr"]
+    goals = {g["figure"]: g for g in rep["goals"]}  # the demo's targets, on the same figures
+    assert goals["PSNR minus copy-last frame (dB)"]["value"] == rep["beats"]["psnr_vs_copy_last"]
+    assert goals["detail ratio, last / first window"]["value"] == rep["drift"]["last_over_first"]["detail_ratio"]
     windows = rep["drift"]["windows"]
     assert len(windows) == 3 and all(w["frames"] == 16 for w in windows)
     assert set(rep["drift"]["last_over_first"]) == {"detail_ratio", "colour_hist_distance"}

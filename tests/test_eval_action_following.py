@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from titan_world.eval.action_eval import goal_checks
 from titan_world.eval.action_following import action_following_report, estimate_camera_motion, phase_shift
 
 
@@ -99,3 +100,26 @@ def test_yaw_sign_convention():
     sim, _ = render([2.0] * 6, [0.0] * 6)
     est = estimate_camera_motion(sim)
     assert np.mean(est["yaw_deg"]) == pytest.approx(2.0, abs=0.3)  # + = turn right
+
+
+def _report(vs_shuffled: float, vs_copy: float, detail: float | None, colour: float | None) -> dict:
+    return {
+        "beats": {"psnr_vs_shuffled": vs_shuffled, "psnr_vs_copy_last": vs_copy},
+        "drift": {"last_over_first": {"detail_ratio": detail, "colour_hist_distance": colour}},
+        "revisits": {"revisit_minus_first_visit_psnr": -0.4},
+    }
+
+
+@pytest.mark.parametrize(
+    "report, passed",
+    [
+        (_report(1.6, 3.1, 1.2, 1.4), [True, True, True, True, None]),
+        (_report(1.4, 2.9, 1.6, 1.6), [False, False, False, False, None]),
+        (_report(2.0, 4.0, 0.6, 0.5), [True, True, False, True, None]),  # a blurred stream (detail lost) fails
+        (_report(2.0, 4.0, None, None), [True, True, False, False, None]),  # a stream of one window: unmeasured
+    ],
+)
+def test_goal_checks_apply_the_demo_targets(report, passed):
+    goals = goal_checks(report)
+    assert [g["passed"] for g in goals] == passed
+    assert goals[-1]["value"] == -0.4 and goals[-1]["target"] == "reported"

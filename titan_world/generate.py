@@ -128,7 +128,9 @@ def build_inputs(
 ) -> GenerationInputs:
     check_frame_count(frames, "--frames")
     h, w = cfg.data.height, cfg.data.width
-    episode = make_episode(episode_seed, h, w, seconds=(frames - 1) / cfg.data.fps + 0.01, fps=cfg.data.fps)
+    episode = make_episode(
+        episode_seed, h, w, seconds=(frames - 1) / cfg.data.fps + 0.01, fps=cfg.data.fps, level=cfg.data.synth_level
+    )
     if episode.num_frames < frames:
         raise ValueError(f"--frames {frames}: the synthetic episode has only {episode.num_frames}")
     acts = episode.actions[:frames] if actions is None else load_actions(actions)

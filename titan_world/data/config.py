@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+SYNTH_LEVELS = ("demo", "random")  # data.synth_level (titan_world/data/synth.py)
+
 
 @dataclass
 class CodecConfig:
@@ -34,6 +36,9 @@ class DataConfig:
     synth_episodes: int = 48  # synthetic data: episodes (episode i uses seed synth_seed + i)
     synth_seconds: float = 4.0
     synth_seed: int = 0
+    # demo: every episode walks one fixed small town (seeds vary the agent only: a level a small model
+    # learns); random: a new town per episode (titan_world/data/synth.py, docs/data.md)
+    synth_level: str = "demo"
     i2v_ratio: float = 0.5  # the rest is V2V
     v2v_max_cond_frames: int = 2  # latent frames given as context in V2V samples
     num_workers: int = 0
@@ -54,6 +59,8 @@ class DataConfig:
         for key in ("height", "width", "fps", "synth_episodes"):
             if getattr(self, key) < 1:
                 raise bad(key, getattr(self, key), ">= 1")
+        if self.synth_level not in SYNTH_LEVELS:
+            raise bad("synth_level", self.synth_level, f"one of {', '.join(SYNTH_LEVELS)}")
         if not self.synth_seconds > 0:
             raise bad("synth_seconds", self.synth_seconds, "> 0")
         for key in ("v2v_max_cond_frames", "num_workers"):

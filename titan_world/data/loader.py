@@ -295,6 +295,7 @@ def synth_params(cfg) -> dict:
         "episodes": d.synth_episodes,
         "seconds": float(d.synth_seconds),
         "seed": d.synth_seed,
+        "level": d.synth_level,
         "height": d.height,
         "width": d.width,
         "fps": d.fps,

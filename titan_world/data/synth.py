@@ -1,17 +1,34 @@
-"""One synthetic episode: world + scripted agent + rendering + captions, all from one seed."""
+"""One synthetic episode: world + scripted agent + rendering + captions, all from one seed.
+
+Two kinds of level (`data.synth_level`): `demo` is one fixed small town that every episode
+explores (the seed drives only the agent: start, route, behaviour), which a small model can learn
+in minutes, as game world models learn one level; `random` generates a new town per episode
+(the seed drives both), the varied data the pipeline and tests use.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
 from titan_world.data.actions import state_to_c2w
 from titan_world.data.agent import Agent
 from titan_world.data.captions import build_captions
+from titan_world.data.config import SYNTH_LEVELS
 from titan_world.data.geometry import default_intrinsics
 from titan_world.data.render import Renderer
-from titan_world.data.world import generate_world
+from titan_world.data.world import World, generate_world
+
+DEMO_LEVEL_SEED = 4  # a 9x9 town: concrete blocks, wooden-plank floor, clear blue sky, four landmarks
+DEMO_LEVEL_ROOMS = 4
+
+
+@cache
+def demo_level() -> World:
+    """The fixed demo level (read-only: agents only walk it)."""
+    return generate_world(np.random.default_rng([DEMO_LEVEL_SEED, 0xDE70]), rooms=DEMO_LEVEL_ROOMS)
 
 
 @dataclass
@@ -38,11 +55,19 @@ def episode_frames(seconds: float, fps: int) -> int:
 
 
 def make_episode(
-    seed: int, height: int = 64, width: int = 64, seconds: float = 4.0, fps: int = 16, hfov_deg: float = 90.0
+    seed: int,
+    height: int = 64,
+    width: int = 64,
+    seconds: float = 4.0,
+    fps: int = 16,
+    hfov_deg: float = 90.0,
+    level: str = "demo",
 ) -> Episode:
-    """Deterministic given (seed, size, seconds, fps)."""
+    """Deterministic given (seed, size, seconds, fps, level)."""
+    if level not in SYNTH_LEVELS:
+        raise ValueError(f"level={level!r}: expected one of {', '.join(SYNTH_LEVELS)} (data.synth_level)")
     rng = np.random.default_rng([seed, 0x7177])
-    world = generate_world(rng)
+    world = demo_level() if level == "demo" else generate_world(rng)
     n = episode_frames(seconds, fps)
     agent = Agent(world, rng, fps, n)
     agent.run_script()
@@ -59,5 +84,5 @@ def make_episode(
         captions=captions,
         fps=fps,
         source="synthetic",
-        meta={"seed": seed, "world": world.description(), "hfov_deg": hfov_deg},
+        meta={"seed": seed, "level": level, "world": world.description(), "hfov_deg": hfov_deg},
     )

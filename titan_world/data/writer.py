@@ -48,7 +48,7 @@ def synthesize(
     def gen() -> Iterator[Episode]:
         for i in todo:
             t0 = time.perf_counter()
-            ep = make_episode(seed + i, h, w, seconds, fps)
+            ep = make_episode(seed + i, h, w, seconds, fps, level=cfg.data.synth_level)
             stats["render_s"] += time.perf_counter() - t0
             stats["frames"] += ep.num_frames
             yield ep

@@ -161,6 +161,49 @@ def _mean_revisits(per_episode: list[dict]) -> dict[str, Any]:
     return out
 
 
+# The demo world's targets (docs/eval.md): margins over the baselines on the scored clip, and a long
+# stream whose last window keeps the first window's statistics within DRIFT_TOLERANCE.
+MARGIN_VS_SHUFFLED_DB = 1.5
+MARGIN_VS_COPY_LAST_DB = 3.0
+DRIFT_TOLERANCE = 1.5
+
+
+def goal_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target figure with its value and pass/fail (`passed` None: reported, no target;
+    a drift figure of a stream shorter than two windows fails as unmeasured)."""
+    beats, drift = report["beats"], report["drift"]["last_over_first"]
+    detail, colour = drift["detail_ratio"], drift["colour_hist_distance"]
+    revisit = report["revisits"]["revisit_minus_first_visit_psnr"]
+    rows = [
+        (
+            "PSNR minus shuffled actions (dB)",
+            beats["psnr_vs_shuffled"],
+            f">= {MARGIN_VS_SHUFFLED_DB}",
+            beats["psnr_vs_shuffled"] >= MARGIN_VS_SHUFFLED_DB,
+        ),
+        (
+            "PSNR minus copy-last frame (dB)",
+            beats["psnr_vs_copy_last"],
+            f">= {MARGIN_VS_COPY_LAST_DB}",
+            beats["psnr_vs_copy_last"] >= MARGIN_VS_COPY_LAST_DB,
+        ),
+        (
+            "detail ratio, last / first window",
+            detail,
+            f"{1 / DRIFT_TOLERANCE:.2f} .. {DRIFT_TOLERANCE}",
+            detail is not None and 1 / DRIFT_TOLERANCE <= detail <= DRIFT_TOLERANCE,
+        ),
+        (
+            "colour distance, last / first window",
+            colour,
+            f"<= {DRIFT_TOLERANCE}",
+            colour is not None and colour <= DRIFT_TOLERANCE,
+        ),
+        ("PSNR at revisits minus first visits (dB)", revisit, "reported", None),
+    ]
+    return [{"figure": f, "value": v, "target": t, "passed": p} for f, v, t, p in rows]
+
+
 def evaluate_action_following(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -201,7 +244,7 @@ def evaluate_action_following(
     reports, drifts, revisits, strips = [], [], [], {}
     for i in range(episodes):
         progress(f"episode {i + 1}/{episodes} (seed {seed + i}): rendering {seconds:g} s")
-        ep = make_episode(seed + i, d.height, d.width, seconds=seconds, fps=d.fps)
+        ep = make_episode(seed + i, d.height, d.width, seconds=seconds, fps=d.fps, level=d.synth_level)
         stream = roll(episode_inputs(ep, ep.num_frames), chunk, seed=i)
         t = len(stream)
         sim = ep.frames[:t]
@@ -267,5 +310,6 @@ def evaluate_action_following(
         },
         "episodes": reports,
     }
+    report["goals"] = goal_checks(report)
     write_action_report(report, out_dir, frames=strips["clip"], stream_frames=strips["stream"], fps=d.fps)
     return report

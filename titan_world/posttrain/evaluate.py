@@ -45,7 +45,10 @@ def held_out_batches(
     _, text_enc, _ = build_encoders(cfg)
     codec = codec_from_config(cfg.data.codec)
     seconds = (offset + frames - 1) / cfg.data.fps
-    eps = [make_episode(seed + i, cfg.data.height, cfg.data.width, seconds, cfg.data.fps) for i in range(num_clips)]
+    eps = [
+        make_episode(seed + i, cfg.data.height, cfg.data.width, seconds, cfg.data.fps, level=cfg.data.synth_level)
+        for i in range(num_clips)
+    ]
     out = []
     for i in range(0, num_clips, batch_size):
         part = eps[i : i + batch_size]

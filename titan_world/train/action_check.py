@@ -34,7 +34,10 @@ def _load(run_dir_or_model: str | Path | nn.Module) -> nn.Module:
 
 def _episodes(cfg, num: int, frames: int, seed: int):
     seconds = (frames - 1) / cfg.data.fps
-    return [make_episode(seed + i, cfg.data.height, cfg.data.width, seconds, cfg.data.fps) for i in range(num)]
+    return [
+        make_episode(seed + i, cfg.data.height, cfg.data.width, seconds, cfg.data.fps, level=cfg.data.synth_level)
+        for i in range(num)
+    ]
 
 
 @torch.no_grad()
