@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 install:
 	@bash scripts/install.sh
@@ -12,7 +12,12 @@ demo: install
 	$(PY) -m titan_world.demo $(DEMO_ARGS)
 
 # System packages for the SLURM and browser tests (root + apt only; otherwise those tests skip with the reason).
-test: install
+# Formatting and lint (ruff, config in pyproject.toml); `make test` runs it first, so CI fails on either.
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: install lint
 	@bash scripts/install_system.sh || echo "[test] system packages not installed: SLURM/browser tests will skip"
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 

@@ -2,7 +2,7 @@
 # Create .venv and install titan-world with verified pins, without ever pulling a CUDA torch.
 # Why a script and not plain `pip install -e .`: mosaicml-streaming and torchtitan declare
 # dependencies that drag in torchvision / a different torch; we install them --no-deps and
-# add the pieces they really need (DESIGN.md §9).
+# add the pieces they really need (listed in pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,7 +14,7 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 C="-c scripts/constraints.txt"
 echo "[install] torch (CPU wheel unless a torch is already present)"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then $PIP install $C torch; fi
-echo "[install] mosaicml-streaming (--no-deps, DESIGN.md §9)"
+echo "[install] mosaicml-streaming (--no-deps: its pins conflict with torch 2.13)"
 $PIP install --no-deps $C mosaicml-streaming
 echo "[install] torchtitan (--no-deps)"
 $PIP install --no-deps $C torchtitan

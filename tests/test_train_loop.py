@@ -230,7 +230,7 @@ def test_flops_formula_matches_design_reference():
     )
     f = sample_flops(cfg, 21, 60, 104)
     assert f.tokens == 32760
-    assert abs(f.train_step / 2.754 / 1e12 - 308) < 2  # DESIGN.md §8: diffusers' step = 308 model-TFLOP/s
+    assert abs(f.train_step / 2.754 / 1e12 - 308) < 2  # benchmarks/RESULTS.md: diffusers' step = 308 model-TFLOP/s
 
 
 def test_ema_profiler_and_grad_accumulation(data_dir, tmp_path):

@@ -63,7 +63,7 @@ class PostTrainConfig:
     score_cond: str = "reencode"
     sink_frames: int = 1  # KV cache: attention-sink latent frames
     window_frames: int = 8  # KV cache: local window of latent frames
-    bootstrap_steps: int = 150  # steps of the tiny teacher trained when no teacher exists
+    bootstrap_steps: int = 150  # unused since post-training takes only a given teacher; kept so older run configs load
     eval_clips: int = 4  # clips scored (PSNR vs ground truth, action following) before/after a stage
     teacher_dtype: str = (
         "auto"  # frozen teacher's stored weights: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
