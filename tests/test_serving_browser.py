@@ -23,12 +23,11 @@ import pytest
 
 from serving.cli import SYNTHETIC_START_SEED, start_defaults
 from serving.config import ServingConfig
-from serving.engine import KEY_INDEX
 from serving.fake_engine import FakeEngine, _prompt_color
 from serving.loading import build_engine, resolved_serving
 from serving.server import ServerThread, StreamServer
 from titan_world.config import load_config
-from titan_world.data.actions import ACTION_DIM, integrate_actions
+from titan_world.data.actions import ACTION_DIM, KEY_NAMES, integrate_actions
 from titan_world.data.agent import CLEARANCE
 from titan_world.data.render import Renderer
 from titan_world.data.synth import demo_level, make_episode
@@ -237,7 +236,7 @@ def walk_from_start(cfg, key: str) -> tuple[np.ndarray, np.ndarray]:
     d = cfg.data
     ep = make_episode(SYNTHETIC_START_SEED, d.height, d.width, seconds=d.synth_seconds, fps=d.fps, level=d.synth_level)
     acts = np.zeros((STREAM_FRAMES + 1, ACTION_DIM), np.float32)
-    acts[1:, KEY_INDEX[key]] = 1.0
+    acts[1:, KEY_NAMES.index(key)] = 1.0
     c2w = integrate_actions(acts, ep.c2w[0], d.fps)
     world = demo_level()
     clear = all(
