@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_posttrain_units import actions, tiny
 
 from titan_world.config import load_config
-from titan_world.model import ActionConfig, ActionInputs, ModelConfig, build_model, save_pretrained
+from titan_world.model import build_model, save_pretrained
 from titan_world.model.codec import TinyCodec
 from titan_world.model.text_encoder import build_text_encoder
 from titan_world.posttrain.config import PostTrainConfig
@@ -149,30 +150,6 @@ def test_export_ema_false_exports_the_raw_student(world):
 C, HW = 8, 8
 
 
-def _tiny() -> torch.nn.Module:
-    cfg = ModelConfig(
-        dim=48,
-        ffn_dim=96,
-        num_heads=4,
-        num_layers=4,
-        in_dim=2 * C + 4,
-        out_dim=C,
-        text_dim=16,
-        text_len=8,
-        action=ActionConfig(enabled=True, spatial_stride=1),
-    )
-    m = build_model(cfg)
-    for p in m.parameters():  # Wan init zeroes the head: give every path a signal
-        p.data.normal_(0, 0.05)
-    return m
-
-
-def _actions(b: int, f: int) -> ActionInputs:
-    c2w = torch.eye(4).repeat(b, f, 1, 1)
-    c2w[:, :, 0, 3] = torch.linspace(0, 1, f)
-    return ActionInputs(torch.rand(b, f, 8), c2w, torch.tensor([8.0, 8, 4, 4]).repeat(b, f, 1))
-
-
 def _start_image_latent(codec: TinyCodec, latents: torch.Tensor, g: int) -> torch.Tensor:
     """Latent frame g - 1 the way the teacher's start images are made: decode, last frame, encode."""
     return codec.encode(codec.decode(latents[:, :, :g])[:, :, -1:])
@@ -184,9 +161,9 @@ def test_scores_given_frame_is_a_reencoded_start_image():
     torch.manual_seed(0)
     codec = TinyCodec(2, C)  # lossy: 8 of 48 coefficients, so a re-encoded frame differs from the latent
     pcfg = PostTrainConfig(chunk_frames=1, rollout_chunks=3, grad_chunks=1, fake_updates=1, window_frames=4)
-    student, teacher = _tiny(), _tiny()
+    student, teacher = tiny(), tiny()
     tr = DMDTrainer(student, teacher, copy.deepcopy(teacher), pcfg, codec=codec)
-    batch = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), _actions(2, 4))
+    batch = Batch(torch.randn(2, C, 4, HW, HW), torch.randn(2, 8, 16), actions(2, 4))
 
     inp = tr.window(batch, batch.latents)  # the real clip's window (the discriminator's)
     given = _start_image_latent(codec, batch.latents, 3)
@@ -203,7 +180,7 @@ def test_scores_given_frame_is_a_reencoded_start_image():
     assert torch.allclose(seen[0], _start_image_latent(codec, rolled, 3), atol=1e-5, rtol=0)
 
     # posttrain.score_cond=latent: the generated latent as it is; without a codec the default is refused.
-    raw = DMDTrainer(_tiny(), _tiny(), _tiny(), dataclasses.replace(pcfg, score_cond="latent"))
+    raw = DMDTrainer(tiny(), tiny(), tiny(), dataclasses.replace(pcfg, score_cond="latent"))
     assert torch.equal(raw.window(batch, batch.latents).latents, batch.latents[:, :, 2:4])
     with pytest.raises(ValueError, match="score_cond=reencode"):
-        DMDTrainer(_tiny(), _tiny(), _tiny(), pcfg)
+        DMDTrainer(tiny(), tiny(), tiny(), pcfg)
