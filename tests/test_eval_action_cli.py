@@ -111,3 +111,20 @@ def test_bad_arguments_are_named_before_any_work(tmp_path, capsys):
     assert main(["eval", "action", "--checkpoint", str(tmp_path), "--seconds", "1", "--out", str(out)]) == 2
     assert "--seconds 1.0: expected at least the scored clip" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_shuffled_baseline_is_driven_by_its_own_camera_path():
+    """The camera is part of the control: shuffled actions get the path they produce (replayed from the
+    first pose, as serving derives it), not the simulator's, which would still tell the model the way."""
+    from titan_world.data.actions import integrate_actions
+    from titan_world.eval.action_eval import episode_inputs, shuffled_actions
+
+    ep = make_episode(777, 32, 32, seconds=2, fps=16)
+    own = episode_inputs(ep, 33)
+    assert np.array_equal(own.c2w, ep.c2w[:33]) and np.array_equal(own.actions, ep.actions[:33])
+    # the episode's own actions replayed give the simulator's path: only other actions move the camera elsewhere
+    np.testing.assert_allclose(integrate_actions(ep.actions[:33], ep.c2w[0], ep.fps), ep.c2w[:33], atol=1e-5)
+    shuffled = shuffled_actions(ep.actions[:33])
+    got = episode_inputs(ep, 33, shuffled)
+    np.testing.assert_allclose(got.c2w, integrate_actions(shuffled, ep.c2w[0], ep.fps), atol=1e-6)
+    assert np.abs(got.c2w - ep.c2w[:33]).max() > 0.1 and np.array_equal(got.c2w[0], ep.c2w[0])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from titan_world.config import TitanConfig, load_config
+from titan_world.data.actions import integrate_actions
 from titan_world.data.synth import Episode, episode_frames, make_episode
 from titan_world.eval.action_following import (
     _psnr,
@@ -102,9 +103,16 @@ class Rollout:
 
 
 def episode_inputs(ep: Episode, frames: int, actions: np.ndarray | None = None) -> GenerationInputs:
-    acts = ep.actions[:frames] if actions is None else actions
+    """The episode's first frame and controls. Other `actions` than the episode's get the camera path
+    they produce (replayed from the first pose, as serving and `generate` derive it): the camera is
+    part of the control, so a baseline that kept the simulator's path would still be told the way."""
+    if actions is None:
+        acts, c2w = ep.actions[:frames], ep.c2w[:frames]
+    else:
+        acts = actions
+        c2w = integrate_actions(actions, ep.c2w[0], ep.fps).astype(np.float32)
     return GenerationInputs(
-        ep.frames[0], ep.captions["narrative"], acts, ep.c2w[:frames], ep.intrinsics[:frames], ep.frames[:frames]
+        ep.frames[0], ep.captions["narrative"], acts, c2w, ep.intrinsics[:frames], ep.frames[:frames]
     )
 
 
@@ -214,6 +222,7 @@ def evaluate_action_following(
     clip_seconds: float = 2.0,
     window_seconds: float = 10.0,
     steps: int = 20,
+    shift: float | None = None,
     device: str = "cpu",
     revisit_radius: float = 0.5,
     revisit_yaw_deg: float = 30.0,
@@ -238,7 +247,10 @@ def evaluate_action_following(
             d.synth_seed,
             d.synth_seed + d.synth_episodes - 1,
         )
-    roll = Rollout(cfg, str(checkpoint), device, steps)
+    if shift is not None and not shift > 0:
+        raise ValueError(f"--shift {shift}: expected a positive flow shift")
+    # a bidirectional model samples with the noise schedule it was last trained on
+    roll = Rollout(cfg, str(checkpoint), device, steps, shift if shift is not None else cfg.train.stages[-1].shift)
     chunk = episode_frames(clip_seconds, d.fps)  # a bidirectional model's clip; the scored clip (<= it)
     clip = chunk
     reports, drifts, revisits, strips = [], [], [], {}
@@ -294,6 +306,7 @@ def evaluate_action_following(
             "scored_frames": clip - 1,
             "stream_frames": len(strips["stream"]["model"]),
             "sample_steps": None if roll.causal else steps,
+            "sample_shift": None if roll.causal else roll.shift,
             "window_seconds": window_seconds,
             "training_seeds": [d.synth_seed, d.synth_seed + d.synth_episodes - 1],
             "frame_range": "0..1",

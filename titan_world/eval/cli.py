@@ -89,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ac.add_argument("--window-seconds", type=float, default=10.0, help="drift window length (default 10)")
     ac.add_argument("--steps", type=int, default=20, help="sampling steps of a bidirectional model (default 20)")
+    ac.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="flow shift of a bidirectional model's sampling (default: the shift of its last training stage)",
+    )
     ac.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     ac.add_argument("--out", required=True, help="writes OUT/action_following.json, OUT/index.html, OUT/plots/")
     cp = sub.add_parser("compare", help="runs side by side with LingBot-World's published numbers")
@@ -200,6 +206,7 @@ def run_action(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             window_seconds=args.window_seconds,
             steps=args.steps,
+            shift=args.shift,
             device=args.device,
             progress=lambda m: print(f"[eval action] {m}", flush=True),
         )
