@@ -1,8 +1,9 @@
-"""Action finetuning (LingBot §3.3): base weights + a fresh action adapter, backbone frozen.
+"""Action finetuning (LingBot §3.3): base weights + the action adapter, backbone frozen.
 
-The adapter's AdaLN projections start at zero, so step 0 of finetuning reproduces the base
-model exactly; only `action_parameters()` (and, with `train.train_modulation`, every
-`*modulation` tensor) receive gradients. Outputs: RUN_DIR/adapter/ (adapter tensors alone,
+An action-free base gets a fresh adapter whose AdaLN projections start at zero, so step 0 of
+finetuning reproduces the base model exactly; a base with an adapter continues from it. Only
+`action_parameters()` (and, with `train.train_modulation`, every `*modulation` tensor) receive
+gradients. Outputs: RUN_DIR/adapter/ (adapter tensors alone,
 safetensors + config.json) and RUN_DIR/model/ (the merged Wan-format folder).
 """
 
@@ -28,25 +29,24 @@ def is_adapter_name(name: str) -> bool:
     return name.startswith("action_embedding.") or ".action_proj." in name
 
 
-def adapter_starts_fresh(task: str):
-    """Which adapter tensors start from Wan's (zero) initialisation rather than the base
-    checkpoint: all of them for action finetuning (a base's own adapter is ignored); for
-    pretraining only those the base lacks (actions added to an action-free Wan model)."""
-    if task == "action_finetune":
-        return lambda name, in_checkpoint: is_adapter_name(name)
-    return lambda name, in_checkpoint: is_adapter_name(name) and not in_checkpoint
+def adapter_starts_fresh(name: str, in_checkpoint: bool) -> bool:
+    """Whether a tensor starts from Wan's (zero) initialisation rather than the base checkpoint: the
+    adapter tensors the base lacks (actions added to an action-free Wan model). A base that has an
+    adapter (the tiny default is pretrained with actions) is continued, not thrown away: restarting
+    it from zero under a frozen backbone loses what pretraining learned about the actions."""
+    return is_adapter_name(name) and not in_checkpoint
 
 
 def build_action_model(model_cfg, base_checkpoint: str, device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
     """The model of `model_cfg` with actions enabled, on `device`: backbone weights from
-    `base_checkpoint`, a fresh zero-initialised adapter. The same path as the trainer's (meta build,
+    `base_checkpoint`, the base's adapter or a fresh zero-initialised one. The same path as the trainer's (meta build,
     one tensor at a time), unsharded."""
     cfg = copy.deepcopy(model_cfg)
     cfg.action.enabled = True
     folders = base_folders(base_checkpoint, cfg)
     with torch.device("meta"):
         model = build_model(cfg)
-    fill_weights(model, folders, device=device, seed=seed, fresh=adapter_starts_fresh("action_finetune"))
+    fill_weights(model, folders, device=device, seed=seed, fresh=adapter_starts_fresh)
     return model
 
 

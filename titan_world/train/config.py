@@ -49,7 +49,7 @@ class TrainConfig:
     # Starting weights, for both tasks: a Wan folder, a two-expert root (high_noise_model/ +
     # low_noise_model/: with train.expert=high|low the matching one is read, with all both, for
     # model.num_experts=2) or a run dir holding model/. pretrain: optional (None: Wan's random init,
-    # seeded by train.seed); action_finetune: required (backbone from it, fresh zero-init adapter).
+    # seeded by train.seed); action_finetune: required (backbone and any adapter from it).
     # Read one tensor at a time, each rank only its own shard; ignored when the run resumes.
     base_checkpoint: str | None = None
     train_modulation: bool = False  # action finetune: also train AdaLN/modulation parameters

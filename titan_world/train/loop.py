@@ -169,9 +169,7 @@ class Trainer(Job):
                 materialize(net, self.device, None)  # Checkpointer.load sets every tensor (strict)
             return "weights from the checkpoint"
         folders = base_folders(t.base_checkpoint, self.model_cfg, t.expert) if t.base_checkpoint else None
-        fresh = fill_weights(
-            model, folders, device=self.device, seed=t.seed, fresh=adapter_mod.adapter_starts_fresh(t.task)
-        )
+        fresh = fill_weights(model, folders, device=self.device, seed=t.seed, fresh=adapter_mod.adapter_starts_fresh)
         if not folders:
             return f"weights: Wan's random initialisation (train.seed={t.seed})"
         note = "weights from " + ", ".join(str(f) for f in folders)
