@@ -21,7 +21,7 @@ def _a(noun: str) -> str:
 def scene_caption(world: World) -> str:
     names = [_a(l.name) for l in world.landmarks]
     listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
-    place = "maze of" if world.layout == "maze" else "small town of"
+    place = {"maze": "maze of", "courtyard": "walled courtyard of"}.get(world.layout, "small town of")
     return f"A {place} {world.material} blocks with {world.floor} underfoot under {_a(world.sky)}. Landmarks: {listed}."
 
 
@@ -78,6 +78,6 @@ def build_captions(world: World, events: list[Event], ids: np.ndarray, fps: floa
         d["end_s"] = round(d["end_frame"] / fps, 3)
     steps = [_event_text(e, world) for e in events]
     story = ", then ".join(steps[:6]) if steps else "stands still"
-    where = "maze" if world.layout == "maze" else "town"
+    where = world.layout if world.layout in ("maze", "courtyard") else "town"
     narrative = f"A first-person walk through a {world.material} {where} under {_a(world.sky)}: the camera {story}."
     return {"narrative": narrative, "scene": scene_caption(world), "events": dense}

@@ -271,7 +271,7 @@ def dataset_exists(path: str) -> bool:
 SYNTHETIC = "synthetic"  # data.path: the embedded synthetic world, cached under SYNTHETIC_CACHE
 SYNTHETIC_CACHE = Path("data_cache")
 SYNTHETIC_MARKER = "titan_synthetic.json"  # written into every folder the platform generated
-SYNTH_FORMAT = 1  # part of the cache key: bump when the generator's output for the same parameters changes
+SYNTH_FORMAT = 2  # part of the cache key: bump when the generator's output for the same parameters changes
 _ASK_FOR_SYNTHETIC = (
     "for the embedded synthetic world set data.path=synthetic (cached under data_cache/) "
     "or data.path=synthetic:DIR (generated into DIR, a new or empty folder)"

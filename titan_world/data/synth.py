@@ -19,16 +19,15 @@ from titan_world.data.captions import build_captions
 from titan_world.data.config import SYNTH_LEVELS
 from titan_world.data.geometry import default_intrinsics
 from titan_world.data.render import Renderer
-from titan_world.data.world import World, generate_world
+from titan_world.data.world import World, courtyard, generate_world
 
-DEMO_LEVEL_SEED = 4  # a 9x9 town: concrete blocks, wooden-plank floor, clear blue sky, four landmarks
-DEMO_LEVEL_ROOMS = 4
+DEMO_LEVEL_SIZE = 9  # a 9 x 9 courtyard: 7 x 7 m of open sand inside four walls
 
 
 @cache
 def demo_level() -> World:
     """The fixed demo level (read-only: agents only walk it)."""
-    return generate_world(np.random.default_rng([DEMO_LEVEL_SEED, 0xDE70]), rooms=DEMO_LEVEL_ROOMS)
+    return courtyard(DEMO_LEVEL_SIZE)
 
 
 @dataclass

@@ -172,7 +172,7 @@ class World:
     material: str
     floor: str
     sky: str
-    layout: str  # "maze" or "town"
+    layout: str  # "maze", "town" or "courtyard" (the demo level)
     landmarks: list[Landmark] = field(default_factory=list)
 
     def is_free(self, row: int, col: int) -> bool:
@@ -279,4 +279,39 @@ def generate_world(rng: np.random.Generator, rooms: int = 6) -> World:
         used.add(cell)
         cells[cell] = LANDMARK_BASE + int(li)
         world.landmarks.append(Landmark(LANDMARKS[int(li)], cell, approach))
+    return world
+
+
+# The demo level's walls, one material per side (north = row 0, then east, south, west), each with
+# a landmark at its middle: the side a view shows says which way the camera faces.
+COURTYARD_SIDES = (
+    ("brick", "red-and-white striped pillar"),
+    ("hedge", "blue crystal block"),
+    ("concrete", "golden gate"),
+    ("stone", "purple mural"),
+)
+
+
+def courtyard(size: int = 9) -> World:
+    """An open `size` x `size` courtyard (one ring of wall blocks) under a clear sky: the demo level.
+
+    Open ground keeps most of a view in sight from one second to the next, and each side's own
+    material and landmark make the rest predictable from the heading, so a small model can learn
+    the whole level in minutes; a maze's corridors replace the view with unseen walls at every turn."""
+    if size < 5:
+        raise ValueError(f"courtyard size={size}: expected >= 5 (a ring of walls around open ground)")
+    mat = {name: 1 + i for i, name in enumerate(MATERIALS)}
+    cells = np.zeros((size, size), np.int16)
+    mid, last = size // 2, size - 1
+    sides = [  # (wall cells, landmark cell, its approach cell)
+        (np.s_[0, :], (0, mid), (1, mid)),
+        (np.s_[:, last], (mid, last), (mid, last - 1)),
+        (np.s_[last, :], (last, mid), (last - 1, mid)),
+        (np.s_[:, 0], (mid, 0), (mid, 1)),
+    ]
+    world = World(cells=cells, material="brick", floor="sand", sky="clear blue sky", layout="courtyard")
+    for (material, landmark), (wall, cell, approach) in zip(COURTYARD_SIDES, sides):
+        cells[wall] = mat[material]
+        cells[cell] = LANDMARK_BASE + LANDMARKS.index(landmark)
+        world.landmarks.append(Landmark(landmark, cell, approach))
     return world
