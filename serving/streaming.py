@@ -30,7 +30,7 @@ from serving.engine import BaseSession, Chunk, EngineError, image_to_tensor
 from serving.graphs import GraphedBackbone
 from serving.pose import PoseTracker
 from titan_world.conditioning import i2v_condition
-from titan_world.model.action import ActionInputs
+from titan_world.model.action import ActionInputs, WarpSource
 from titan_world.model.codec import TEMPORAL_STRIDE, encodable_frames, video_to_frames
 from titan_world.model.dit import PreparedContext, WanDiT
 from titan_world.model.kv_cache import KVCache, horizon_shift
@@ -255,11 +255,12 @@ class StreamingSession(BaseSession):
         t0 = time.perf_counter()
         act = self._chunk_actions(a)
         cond = self._cond(self.frame, n)
+        ws = self._warp_source(act, n)
         x = self._noise.normal_(generator=self.generator).clone()
         last_writes = self.cfg.kv_refresh == "last_step"
 
         def predict(x: torch.Tensor, sigma: float, final: bool) -> torch.Tensor:
-            return self._forward(x, sigma, cond, act, write=final and last_writes).float()
+            return self._forward(x, sigma, cond, act, write=final and last_writes, warp_source=ws).float()
 
         x = denoise_chunk(
             predict, x, self.engine.sigmas, lambda: self._noise.normal_(generator=self.generator), self.cfg.sampler
@@ -267,7 +268,7 @@ class StreamingSession(BaseSession):
         _sync(dev)
         t1 = time.perf_counter()
         if not last_writes:
-            self._forward(x, 0.0, cond, act, write=True)
+            self._forward(x, 0.0, cond, act, write=True, warp_source=ws)
         _sync(dev)
         self.times.denoise, self.times.kv_refresh = t1 - t0, time.perf_counter() - t1
         ready = None
@@ -327,7 +328,18 @@ class StreamingSession(BaseSession):
             k.copy_(nk)
             v.copy_(nv)
 
-    def _forward(self, x: torch.Tensor, sigma: float, cond, actions, *, write: bool) -> torch.Tensor:
+    def _warp_source(self, actions: ActionInputs | None, n: int) -> WarpSource | None:
+        """The chunk's frames re-project the session's last clean latent frame (the previous chunk's
+        last, or the start's), as the student was trained (`ChunkLayout.warp_source`)."""
+        if actions is None:
+            return None
+        c2w = _to_device(self.pose.at(self.frame - 1), self.engine.device)
+        valid = torch.ones(1, n, dtype=torch.bool, device=self.engine.device)
+        return WarpSource(self._last_latent.expand(-1, -1, n, -1, -1), c2w.expand(1, n, 4, 4), valid)
+
+    def _forward(
+        self, x: torch.Tensor, sigma: float, cond, actions, *, write: bool, warp_source: WarpSource | None = None
+    ) -> torch.Tensor:
         """One pass of the student over the chunk, reading (and with `write`, extending) the cache."""
         e = self.engine
         t = torch.full((1,), sigma * 1000.0, device=e.device)
@@ -339,6 +351,7 @@ class StreamingSession(BaseSession):
             actions=actions,
             action_reference=self._origin,
             frame_offset=self.frame,
+            warp_source=warp_source,
         )
         if self.graphs is not None and self.graphs.ready(tokens):
             out = self.graphs(tokens, write)

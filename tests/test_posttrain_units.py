@@ -19,7 +19,7 @@ from titan_world.posttrain.rollout import RolloutInputs, self_rollout, self_roll
 C, HW = 8, 8
 
 
-def tiny(actions: bool = True):
+def tiny(actions: bool = True, warp: bool = False):
     cfg = ModelConfig(
         dim=48,
         ffn_dim=96,
@@ -29,7 +29,7 @@ def tiny(actions: bool = True):
         out_dim=C,
         text_dim=16,
         text_len=8,
-        action=ActionConfig(enabled=actions, spatial_stride=1),
+        action=ActionConfig(enabled=actions, spatial_stride=1, warp_cond=warp),
     )
     m = build_model(cfg)
     for p in m.parameters():  # Wan init zeroes the head: give every path a signal
@@ -48,10 +48,23 @@ def rollout_inputs(b=2, chunks=4, chunk=2):
     return RolloutInputs(torch.randn(b, C, 1, HW, HW), torch.randn(b, 8, 16), actions(b, f), ChunkLayout(f, 1, chunk))
 
 
-@pytest.mark.parametrize("window", [2, 8])
-def test_cached_rollout_equals_uncached_block_causal(window):
-    """Rolling KV cache (sink + window, RoPE offsets, per-chunk exits) == full masked forwards."""
-    m, inp = tiny(), rollout_inputs()
+def turning(inp: RolloutInputs) -> RolloutInputs:
+    """The same inputs with the camera also turning (0.1 rad per latent frame): a warp that moves pixels."""
+    c2w = inp.actions.c2w.clone()
+    yaw = 0.1 * torch.arange(c2w.shape[1], dtype=torch.float32)
+    c2w[:, :, 0, 0], c2w[:, :, 0, 2], c2w[:, :, 2, 0], c2w[:, :, 2, 2] = yaw.cos(), yaw.sin(), -yaw.sin(), yaw.cos()
+    return RolloutInputs(
+        inp.given, inp.context, ActionInputs(inp.actions.keys, c2w, inp.actions.intrinsics), inp.layout
+    )
+
+
+@pytest.mark.parametrize("window,warp", [(2, False), (8, False), (2, True)])
+def test_cached_rollout_equals_uncached_block_causal(window, warp):
+    """Rolling KV cache (sink + window, RoPE offsets, per-chunk exits) == full masked forwards; with
+    the warped condition, each chunk re-projects the frame before it in both (model.action.warp_cond)."""
+    m, inp = tiny(warp=warp), rollout_inputs()
+    if warp:
+        inp = turning(inp)
     sig, exits = [1.0, 0.75, 0.5, 0.25], [3, 1, 0, 2]
     a = self_rollout(
         m, inp, sig, torch.Generator().manual_seed(1), exit_steps=exits, sink_frames=1, window_frames=window

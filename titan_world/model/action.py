@@ -95,6 +95,83 @@ class ActionInputs:
         return rel
 
 
+@dataclass
+class WarpSource:
+    """For each frame of a forward: the clean latent frame its I2V channels re-project, and that frame's
+    camera. A bidirectional model re-projects the last given frame (`last_given_source`, the default);
+    a causal student the clean frame just before each chunk (`previous_frame_source`), which it has at
+    every chunk of a stream: its own last output, however long the session."""
+
+    latents: torch.Tensor  # [B, C, F, h, w]
+    c2w: torch.Tensor  # [B, F, 4, 4]
+    valid: torch.Tensor  # [B, F] bool: frames with nothing to re-project keep zeros
+
+    @staticmethod
+    def gather(clean: torch.Tensor, c2w: torch.Tensor, index: torch.Tensor) -> WarpSource:
+        """Frames `index` [B, F] of `clean` [B, C, T, h, w] and of `c2w` [B, T, 4, 4] (< 0: none)."""
+        b, c, _, h, w = clean.shape
+        i = index.clamp_min(0)
+        lat = torch.gather(clean, 2, i[:, None, :, None, None].expand(b, c, -1, h, w))
+        pose = torch.gather(c2w, 1, i[:, :, None, None].expand(-1, -1, 4, 4))
+        return WarpSource(lat, pose, index >= 0)
+
+
+def last_given_source(cond: torch.Tensor, actions: ActionInputs, mask_channels: int = 4) -> WarpSource:
+    """The last given frame at or before each frame (the mask channels say which are given)."""
+    f = cond.shape[2]
+    given = cond[:, 0, :, 0, 0] > 0.5
+    index = torch.where(given, torch.arange(f, device=cond.device), -1).cummax(dim=1).values
+    return WarpSource.gather(cond[:, mask_channels:], actions.c2w, index)
+
+
+def previous_frame_source(clean: torch.Tensor, c2w: torch.Tensor, chunk_starts: torch.Tensor) -> WarpSource:
+    """A causal student's rule: every frame of a chunk re-projects the clean frame before the chunk.
+    `chunk_starts` [F]: the (absolute) first frame of each frame's chunk; `clean`/`c2w` hold frames
+    0 .. max(chunk_starts) - 1 at least."""
+    index = (chunk_starts.to(clean.device) - 1)[None].expand(clean.shape[0], -1)
+    return WarpSource.gather(clean, c2w, index)
+
+
+def warp_condition(
+    cond: torch.Tensor,
+    actions: ActionInputs,
+    spatial_stride: int,
+    source: WarpSource | None = None,
+    mask_channels: int = 4,
+) -> torch.Tensor:
+    """I2V channels [B, mask + C, F, h, w] with each generated frame's latent channels filled by its
+    source frame (default: the last given one) re-projected to that frame's camera by the rotation
+    between the two poses.
+
+    The rotation-only homography needs no depth (exact for turning, approximate for walking); pixels
+    that come from outside the source view (or behind it) stay zero. The model then sees, at each token,
+    what the source frame shows in that direction: following the camera becomes copying, which a small
+    model learns in minutes, where inferring the view change from rays or keys alone does not (the demo
+    model ignored both: docs/train.md). Given frames keep their own latents."""
+    b, _, f, h, w = cond.shape
+    src = source if source is not None else last_given_source(cond, actions, mask_channels)
+    rot = actions.c2w[..., :3, :3].to(torch.float32)  # [B, F, 3, 3] camera-to-world
+    rel = src.c2w[..., :3, :3].to(torch.float32).transpose(-1, -2) @ rot  # target camera -> source camera
+    k = actions.intrinsics.to(torch.float32) / spatial_stride  # in pixels of the latent grid
+    d = torch.einsum("bfij,bfhwj->bfhwi", rel, pixel_directions(k, h, w, like=rel))  # target rays, source frame
+    z = d[..., 2]
+    ok = z > 1e-3
+    zs = torch.where(ok, z, torch.ones_like(z))
+    u = k[:, :, None, None, 0] * d[..., 0] / zs + k[:, :, None, None, 2]  # the source shares the intrinsics
+    v = k[:, :, None, None, 1] * d[..., 1] / zs + k[:, :, None, None, 3]
+    grid = torch.stack([2 * u / w - 1, 2 * v / h - 1], dim=-1)
+    grid = torch.where(ok[..., None], grid, torch.full_like(grid, 3.0))  # behind the source camera: zeros
+    lat = cond[:, mask_channels:]
+    flat = src.latents.to(torch.float32).permute(0, 2, 1, 3, 4).reshape(b * f, -1, h, w)
+    warped = F.grid_sample(
+        flat, grid.reshape(b * f, h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    warped = warped.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4).to(cond.dtype)
+    given = cond[:, 0, :, 0, 0] > 0.5
+    fill = (src.valid & ~given)[:, None, :, None, None]
+    return torch.cat([cond[:, :mask_channels], torch.where(fill, warped, lat)], dim=1)
+
+
 class ActionEmbedding(nn.Module):
     """Plücker rays unshuffled to the latent grid and patchified, plus keys per token -> [B, L, dim]."""
 

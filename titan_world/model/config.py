@@ -15,6 +15,9 @@ class ActionConfig:
     use_camera: bool = True  # Plücker rays from poses + intrinsics
     spatial_stride: int = 8  # codec spatial stride (Wan VAE 8): Plücker rays are computed at latent_hw * stride pixels
     translation_scale: float = 1.0  # world units per normalised translation unit
+    # I2V channels of generated frames: the last given frame re-projected to their camera (rotation
+    # homography, model/action.py warp_condition) instead of zeros; the tiny default turns it on
+    warp_cond: bool = False
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titan_world.model.action import ActionEmbedding, ActionInputs, ActionModulation
+from titan_world.model.action import ActionEmbedding, ActionInputs, ActionModulation, WarpSource, warp_condition
 from titan_world.model.attention import AttnMask, attention, resolve_backend
 from titan_world.model.config import ModelConfig
 from titan_world.model.context_parallel import ContextParallel
@@ -387,11 +387,14 @@ class WanDiT(nn.Module):
         attn_mask: AttnMask | None = None,
         kv_cache: KVCache | None = None,
         cache_write: bool = False,
+        warp_source: WarpSource | None = None,
     ) -> torch.Tensor:
         """Velocity prediction [B, out_dim, F, H, W] for noisy latents x [B, out_dim, F, H, W].
 
         t: [B] (one timestep per sample) or [B, F] (per latent frame: diffusion forcing).
         cond: [B, in_dim - out_dim, F, H, W] concatenated after x (i2v mask + conditioning latent).
+        warp_source: with `model.action.warp_cond`, the frame each generated frame's cond re-projects
+        (default: the last given one; a causal student passes the frame before each chunk).
         """
         tokens = self.embed(
             x,
@@ -402,6 +405,7 @@ class WanDiT(nn.Module):
             action_reference=action_reference,
             frame_offset=frame_offset,
             attn_mask=attn_mask,
+            warp_source=warp_source,
         )
         out = self.backbone(tokens, kv_cache, cache_write)
         if kv_cache is not None and cache_write:
@@ -419,10 +423,13 @@ class WanDiT(nn.Module):
         action_reference: torch.Tensor | None = None,
         frame_offset: int = 0,
         attn_mask: AttnMask | None = None,
+        warp_source: WarpSource | None = None,
     ) -> Tokens:
         """Patch tokens, time modulation, RoPE angles, action and text embeddings (this rank's
         shard of the sequence under context parallelism)."""
         b = x.shape[0]
+        if cond is not None and actions is not None and self.cfg.action.warp_cond:
+            cond = warp_condition(cond, actions, self.cfg.action.spatial_stride, warp_source)
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         if x.shape[1] != self.cfg.in_dim:

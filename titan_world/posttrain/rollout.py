@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from titan_world.conditioning import i2v_condition
-from titan_world.model.action import ActionInputs
+from titan_world.model.action import ActionInputs, WarpSource
 from titan_world.model.kv_cache import KVCache, horizon_shift
 from titan_world.model.rope import apply_rope
 from titan_world.posttrain.causal import ChunkLayout
@@ -184,13 +184,14 @@ def self_rollout(
         _call(model, inp, cond, inp.given, 0.0, 0, p, horizon_frames, kv_cache=cache, cache_write=True)
     for j, (s, e) in enumerate(chunks):
         record = j >= first_grad
+        ws = _previous_frame(out[-1], inp, s, e)
 
-        def predict(x, sigma, final, s=s, e=e, record=record):
+        def predict(x, sigma, final, s=s, e=e, record=record, ws=ws):
             if final and record:
                 recorded = RecordedPassCache(cache, snapshot_recorded)
-                return _call(model, inp, cond, x, sigma, s, e, horizon_frames, kv_cache=recorded)
+                return _call(model, inp, cond, x, sigma, s, e, horizon_frames, kv_cache=recorded, warp_source=ws)
             with torch.no_grad():
-                return _call(model, inp, cond, x, sigma, s, e, horizon_frames, kv_cache=cache)
+                return _call(model, inp, cond, x, sigma, s, e, horizon_frames, kv_cache=cache, warp_source=ws)
 
         x = torch.randn(b, c, e - s, h, w, generator=generator, device=inp.given.device)
         x0 = denoise_chunk(
@@ -201,9 +202,31 @@ def self_rollout(
         )
         out.append(x0)
         with torch.no_grad():
-            _call(model, inp, cond, x0.detach(), 0.0, s, e, horizon_frames, kv_cache=cache, cache_write=True)
+            _call(
+                model,
+                inp,
+                cond,
+                x0.detach(),
+                0.0,
+                s,
+                e,
+                horizon_frames,
+                kv_cache=cache,
+                cache_write=True,
+                warp_source=ws,
+            )
     grad_start = chunks[first_grad][0] if first_grad < len(chunks) else lay.num_frames
     return Rollout(torch.cat(out, dim=2), grad_start, list(exits), out[1:])
+
+
+def _previous_frame(last_out: torch.Tensor, inp: RolloutInputs, s: int, e: int) -> WarpSource | None:
+    """The chunk [s, e)'s warp source: the clean frame before it (the last of the previous output,
+    without its gradient, as the cache holds it), the same for every frame of the chunk."""
+    if inp.actions is None:
+        return None
+    lat = last_out[:, :, -1:].detach().expand(-1, -1, e - s, -1, -1)
+    c2w = inp.actions.c2w[:, s - 1 : s].expand(-1, e - s, -1, -1)
+    return WarpSource(lat, c2w, torch.ones(lat.shape[0], e - s, dtype=torch.bool, device=lat.device))
 
 
 @torch.no_grad()
@@ -234,7 +257,10 @@ def self_rollout_uncached(
         acts = inp.actions.slice(0, e) if inp.actions is not None else None
         ref = inp.actions.c2w[:, 0] if inp.actions is not None else None
         cc = cond[:, :, :e] if cond is not None else None
-        v = model(seq, t, inp.context, cond=cc, actions=acts, action_reference=ref, attn_mask=mask).float()
+        sub = ChunkLayout(e, lay.prefix, lay.chunk_frames)
+        ws = sub.warp_source(seq, acts)  # frames before the current chunk are clean (done)
+        v = model(seq, t, inp.context, cond=cc, actions=acts, action_reference=ref, attn_mask=mask, warp_source=ws)
+        v = v.float()
         return x - sigma * v[:, :, s:e]
 
     for j, (s, e) in enumerate(chunks):
