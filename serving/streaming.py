@@ -329,13 +329,14 @@ class StreamingSession(BaseSession):
             v.copy_(nv)
 
     def _warp_source(self, actions: ActionInputs | None, n: int) -> WarpSource | None:
-        """The chunk's frames re-project the session's last clean latent frame (the previous chunk's
-        last, or the start's), as the student was trained (`ChunkLayout.warp_source`)."""
+        """The chunk's frames re-project the last start frame from the start pose, for the whole session,
+        as the student was trained (the given frame; `posttrain.rollout._given_frame`)."""
         if actions is None:
             return None
-        c2w = _to_device(self.pose.at(self.frame - 1), self.engine.device)
-        valid = torch.ones(1, n, dtype=torch.bool, device=self.engine.device)
-        return WarpSource(self._last_latent.expand(-1, -1, n, -1, -1), c2w.expand(1, n, 4, 4), valid)
+        dev = self.engine.device
+        valid = torch.ones(1, n, dtype=torch.bool, device=dev)
+        start = self.start_latents[:, :, -1:].expand(-1, -1, n, -1, -1)
+        return WarpSource(start, _to_device(self.pose.origin, dev).expand(1, n, 4, 4), valid)
 
     def _forward(
         self, x: torch.Tensor, sigma: float, cond, actions, *, write: bool, warp_source: WarpSource | None = None

@@ -61,7 +61,7 @@ def turning(inp: RolloutInputs) -> RolloutInputs:
 @pytest.mark.parametrize("window,warp", [(2, False), (8, False), (2, True)])
 def test_cached_rollout_equals_uncached_block_causal(window, warp):
     """Rolling KV cache (sink + window, RoPE offsets, per-chunk exits) == full masked forwards; with
-    the warped condition, each chunk re-projects the frame before it in both (model.action.warp_cond)."""
+    the warped condition, every chunk re-projects the given frame in both (model.action.warp_cond)."""
     m, inp = tiny(warp=warp), rollout_inputs()
     if warp:
         inp = turning(inp)

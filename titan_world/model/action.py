@@ -98,9 +98,8 @@ class ActionInputs:
 @dataclass
 class WarpSource:
     """For each frame of a forward: the clean latent frame its I2V channels re-project, and that frame's
-    camera. A bidirectional model re-projects the last given frame (`last_given_source`, the default);
-    a causal student the clean frame just before each chunk (`previous_frame_source`), which it has at
-    every chunk of a stream: its own last output, however long the session."""
+    camera. The rule is always the last given frame (`last_given_source`, the default); a forward that
+    does not hold that frame (a cached chunk of a causal student, past the start) passes it here."""
 
     latents: torch.Tensor  # [B, C, F, h, w]
     c2w: torch.Tensor  # [B, F, 4, 4]
@@ -122,14 +121,6 @@ def last_given_source(cond: torch.Tensor, actions: ActionInputs, mask_channels: 
     given = cond[:, 0, :, 0, 0] > 0.5
     index = torch.where(given, torch.arange(f, device=cond.device), -1).cummax(dim=1).values
     return WarpSource.gather(cond[:, mask_channels:], actions.c2w, index)
-
-
-def previous_frame_source(clean: torch.Tensor, c2w: torch.Tensor, chunk_starts: torch.Tensor) -> WarpSource:
-    """A causal student's rule: every frame of a chunk re-projects the clean frame before the chunk.
-    `chunk_starts` [F]: the (absolute) first frame of each frame's chunk; `clean`/`c2w` hold frames
-    0 .. max(chunk_starts) - 1 at least."""
-    index = (chunk_starts.to(clean.device) - 1)[None].expand(clean.shape[0], -1)
-    return WarpSource.gather(clean, c2w, index)
 
 
 def warp_condition(

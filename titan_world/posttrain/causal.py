@@ -24,7 +24,7 @@ import torch
 
 from titan_world.conditioning import masked_mse, noise_batch
 from titan_world.diffusion.flow import NUM_TRAIN_TIMESTEPS, x0_from_velocity
-from titan_world.model.action import ActionInputs, WarpSource, previous_frame_source
+from titan_world.model.action import ActionInputs
 from titan_world.model.attention import AttnMask
 
 
@@ -87,18 +87,6 @@ class ChunkLayout:
             for s in range(self.prefix, self.num_frames, self.chunk_frames)
         ]
 
-    def chunk_starts(self) -> torch.Tensor:
-        """[num_frames]: the first frame of each frame's chunk (0 for the given prefix)."""
-        starts = torch.zeros(self.num_frames, dtype=torch.long)
-        for s, e in self.chunks():
-            starts[s:e] = s
-        return starts
-
-    def warp_source(self, clean: torch.Tensor, actions: ActionInputs | None) -> WarpSource | None:
-        """Each generated frame re-projects the clean frame before its chunk (the student's rule,
-        `model.action.warp_cond`): what it has at every chunk of a stream."""
-        return None if actions is None else previous_frame_source(clean, actions.c2w, self.chunk_starts())
-
     def mask(self, tokens_per_frame: int, sink_frames: int = 0, window_frames: int | None = None) -> CausalMask:
         return CausalMask(
             self.num_frames, tokens_per_frame, self.chunk_frames, sink_frames, window_frames, None, self.prefix
@@ -158,7 +146,6 @@ def diffusion_forcing_loss(
         actions=actions,
         action_reference=actions.c2w[:, 0] if actions is not None else None,
         attn_mask=layout.mask(tpf, sink_frames, window_frames),
-        warp_source=layout.warp_source(latents, actions),
     )
     x0_pred = x0_from_velocity(nb.x_t, v.float(), nb.sigma)
     loss_mask = nb.loss_mask * (nb.sigma > 0).to(nb.loss_mask.dtype)

@@ -184,7 +184,7 @@ def self_rollout(
         _call(model, inp, cond, inp.given, 0.0, 0, p, horizon_frames, kv_cache=cache, cache_write=True)
     for j, (s, e) in enumerate(chunks):
         record = j >= first_grad
-        ws = _previous_frame(out[-1], inp, s, e)
+        ws = _given_frame(inp, e - s)
 
         def predict(x, sigma, final, s=s, e=e, record=record, ws=ws):
             if final and record:
@@ -219,14 +219,17 @@ def self_rollout(
     return Rollout(torch.cat(out, dim=2), grad_start, list(exits), out[1:])
 
 
-def _previous_frame(last_out: torch.Tensor, inp: RolloutInputs, s: int, e: int) -> WarpSource | None:
-    """The chunk [s, e)'s warp source: the clean frame before it (the last of the previous output,
-    without its gradient, as the cache holds it), the same for every frame of the chunk."""
+def _given_frame(inp: RolloutInputs, n: int) -> WarpSource | None:
+    """A chunk's warp source under the KV cache, where the chunk's own cond holds no given frame: the
+    last given frame and its pose, as the uncached forward finds them in its cond (and serving holds
+    them for the whole session). Never the student's own previous output: re-projecting that fed each
+    chunk's errors to the next, and 60-s streams dissolved into noise within 15 s."""
     if inp.actions is None:
         return None
-    lat = last_out[:, :, -1:].detach().expand(-1, -1, e - s, -1, -1)
-    c2w = inp.actions.c2w[:, s - 1 : s].expand(-1, e - s, -1, -1)
-    return WarpSource(lat, c2w, torch.ones(lat.shape[0], e - s, dtype=torch.bool, device=lat.device))
+    p = inp.given.shape[2]
+    lat = inp.given[:, :, -1:].expand(-1, -1, n, -1, -1)
+    c2w = inp.actions.c2w[:, p - 1 : p].expand(-1, n, -1, -1)
+    return WarpSource(lat, c2w, torch.ones(lat.shape[0], n, dtype=torch.bool, device=lat.device))
 
 
 @torch.no_grad()
@@ -257,10 +260,7 @@ def self_rollout_uncached(
         acts = inp.actions.slice(0, e) if inp.actions is not None else None
         ref = inp.actions.c2w[:, 0] if inp.actions is not None else None
         cc = cond[:, :, :e] if cond is not None else None
-        sub = ChunkLayout(e, lay.prefix, lay.chunk_frames)
-        ws = sub.warp_source(seq, acts)  # frames before the current chunk are clean (done)
-        v = model(seq, t, inp.context, cond=cc, actions=acts, action_reference=ref, attn_mask=mask, warp_source=ws)
-        v = v.float()
+        v = model(seq, t, inp.context, cond=cc, actions=acts, action_reference=ref, attn_mask=mask).float()
         return x - sigma * v[:, :, s:e]
 
     for j, (s, e) in enumerate(chunks):
