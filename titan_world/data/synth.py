@@ -1,8 +1,8 @@
 """One synthetic episode: world + scripted agent + rendering + captions, all from one seed.
 
-Two kinds of level (`data.synth_level`): `demo` is one fixed small town that every episode
-explores (the seed drives only the agent: start, route, behaviour), which a small model can learn
-in minutes, as game world models learn one level; `random` generates a new town per episode
+Two kinds of level (`data.synth_level`): `demo` is one fixed walled courtyard (`world.courtyard`)
+that every episode explores (the seed drives only the agent: start, route, behaviour), one level
+for a small model to learn, as game world models do; `random` generates a new town per episode
 (the seed drives both), the varied data the pipeline and tests use.
 """
 

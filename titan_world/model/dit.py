@@ -394,7 +394,7 @@ class WanDiT(nn.Module):
         t: [B] (one timestep per sample) or [B, F] (per latent frame: diffusion forcing).
         cond: [B, in_dim - out_dim, F, H, W] concatenated after x (i2v mask + conditioning latent).
         warp_source: with `model.action.warp_cond`, the frame each generated frame's cond re-projects
-        (default: the last given one; a causal student passes the frame before each chunk).
+        (default: the last given one in `cond`; a cached chunk past the start passes that frame).
         """
         tokens = self.embed(
             x,
