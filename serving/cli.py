@@ -31,7 +31,7 @@ from serving.fake_engine import FakeEngine
 from serving.loading import build_engine, resolved_serving
 from serving.server import StreamServer, serve_forever
 from titan_world.config import ConfigError, load_config
-from titan_world.data.synth import make_episode
+from titan_world.data.synth import Episode, make_episode
 from titan_world.eval.action_eval import run_config_path
 
 log = logging.getLogger("titan_world.serving")
@@ -140,10 +140,10 @@ def trained_on_synthetic_world(cfg) -> bool:
         return False
 
 
-def synthetic_start(cfg, height: int = 0, width: int = 0) -> tuple[np.ndarray, str]:
-    """The first frame of a held-out episode of the model's synthetic world (its fps and episode
-    length; rendered at the stream's `height` x `width`, 0: the data size) and that episode's
-    caption, the kind of prompt the model was trained on."""
+def synthetic_start(cfg, height: int = 0, width: int = 0) -> Episode:
+    """A held-out episode of the model's synthetic world (its fps and episode length; rendered at the
+    stream's `height` x `width`, 0: the data size): sessions start from its first frame, at its first
+    camera, in its level, with its caption (the kind of prompt the model was trained on)."""
     d = cfg.data
     seed = SYNTHETIC_START_SEED
     if d.synth_seed <= seed < d.synth_seed + d.synth_episodes:
@@ -151,24 +151,35 @@ def synthetic_start(cfg, height: int = 0, width: int = 0) -> tuple[np.ndarray, s
     ep = make_episode(
         seed, height or d.height, width or d.width, seconds=d.synth_seconds, fps=d.fps, level=d.synth_level
     )
-    return ep.frames[0], ep.captions["narrative"]
+    return ep
 
 
-def start_defaults(serve_cfg, sc: ServingConfig, source: str) -> tuple[ServingConfig, np.ndarray | None]:
-    """For a model trained on the synthetic world: its world's start image and a caption as the
-    default prompt (unless serving.default_prompt was set); otherwise the serve config as it is."""
+def start_defaults(serve_cfg, sc: ServingConfig, source: str) -> tuple[ServingConfig, Episode | None]:
+    """For a model trained on the synthetic world: the start episode (`synthetic_start`) and its
+    caption as the default prompt (unless serving.default_prompt was set); otherwise the serve config
+    as it is and None."""
     run_cfg = run_config(source, serve_cfg)
     if run_cfg is None or not trained_on_synthetic_world(run_cfg):
         return sc, None
-    image, caption = synthetic_start(run_cfg, sc.height, sc.width)
+    start = synthetic_start(run_cfg, sc.height, sc.width)
     if sc.default_prompt == ServingConfig.default_prompt:
-        sc = replace(sc, default_prompt=caption)
+        sc = replace(sc, default_prompt=start.captions["narrative"])
     log.warning(
         "start: %s was trained on the synthetic world; sessions start in a held-out episode of it: %r",
         source,
         sc.default_prompt,
     )
-    return sc, image
+    return sc, start
+
+
+def start_image(engine, start: Episode | None) -> np.ndarray | None:
+    """Place the engine's sessions where the start episode begins (its camera, its level) and return
+    the start image (None: the serve config's own default)."""
+    if start is None:
+        return None
+    if hasattr(engine, "place"):
+        engine.place(start.c2w[0], start.world)
+    return start.frames[0]
 
 
 def _serve(cfg, engine_kind: str, *, require_causal: bool) -> int:
@@ -184,8 +195,8 @@ def _serve(cfg, engine_kind: str, *, require_causal: bool) -> int:
     except EngineError as e:
         print(f"titan-world serve: {e}", file=sys.stderr)
         return 2
-    sc, image = start_defaults(cfg, sc, getattr(engine, "source", "random"))
-    asyncio.run(serve_forever(StreamServer(engine, sc, image), sc.host, sc.port))
+    sc, start = start_defaults(cfg, sc, getattr(engine, "source", "random"))
+    asyncio.run(serve_forever(StreamServer(engine, sc, start_image(engine, start)), sc.host, sc.port))
     return 0
 
 
@@ -195,10 +206,11 @@ def _serve_ranked(cfg, sc, *, require_causal: bool) -> int:
     engine = build_engine(
         cfg, local_rank=device.index or 0, cp=UlyssesContext(dist.group.WORLD), require_causal=require_causal
     )
+    sc, start = start_defaults(cfg, sc, getattr(engine, "source", "random"))
+    image = start_image(engine, start)  # every rank's sessions start at the same camera
     try:
         if rank == 0:
             ranked = RankedEngine(engine, control)
-            sc, image = start_defaults(cfg, sc, getattr(engine, "source", "random"))
             try:
                 asyncio.run(serve_forever(StreamServer(ranked, sc, image), sc.host, sc.port))
             finally:

@@ -13,18 +13,30 @@ from collections import deque
 import numpy as np
 import torch
 
-from titan_world.data.actions import CameraState, state_to_c2w, step
+from titan_world.data.actions import CameraState, Level, c2w_to_state, state_to_c2w, step_within
 from titan_world.data.geometry import default_intrinsics
 
 
 class PoseTracker:
-    def __init__(self, fps: float, height: int, width: int, history: int = 1):
-        self.fps, self.history = fps, history
+    """`start`: the start image's camera (c2w [4, 4]; default the origin); `level`: the level it is in,
+    whose blocks the camera keeps clear of (`step_within`), as the data's cameras did."""
+
+    def __init__(
+        self,
+        fps: float,
+        height: int,
+        width: int,
+        history: int = 1,
+        start: np.ndarray | None = None,
+        level: Level | None = None,
+    ):
+        self.fps, self.history, self.level = fps, history, level
+        self.start = CameraState(x=0.0, z=0.0) if start is None else c2w_to_state(np.asarray(start, np.float64))
         self.intrinsics = torch.as_tensor(default_intrinsics(height, width), dtype=torch.float32)
         self.reset()
 
     def reset(self) -> None:
-        self.state = CameraState(x=0.0, z=0.0)
+        self.state = self.start
         self.origin = torch.as_tensor(state_to_c2w(self.state), dtype=torch.float32)
         self._latent: deque[tuple[int, torch.Tensor]] = deque(maxlen=self.history)
 
@@ -47,6 +59,6 @@ class PoseTracker:
         """Apply actions [T, 8] (one per video frame); returns the c2w after each frame [T, 4, 4]."""
         poses = []
         for a in actions.detach().cpu().numpy().astype(np.float64):
-            self.state = step(self.state, a, self.fps)
+            self.state, _ = step_within(self.state, a, self.fps, self.level)
             poses.append(state_to_c2w(self.state))
         return torch.as_tensor(np.stack(poses), dtype=torch.float32)

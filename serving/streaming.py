@@ -30,6 +30,7 @@ from serving.engine import BaseSession, Chunk, EngineError, image_to_tensor
 from serving.graphs import GraphedBackbone
 from serving.pose import PoseTracker
 from titan_world.conditioning import i2v_condition
+from titan_world.data.actions import Level
 from titan_world.model.action import ActionInputs, WarpSource
 from titan_world.model.codec import TEMPORAL_STRIDE, encodable_frames, video_to_frames
 from titan_world.model.dit import PreparedContext, WanDiT
@@ -161,6 +162,15 @@ class StreamingEngine:
         if cfg.cuda_graphs and self.cp_size > 1:
             log.warning("serving.cuda_graphs is not supported with --gpus %d yet; serving without graphs", self.cp_size)
             self.cuda_graphs = False
+        self.start_pose: np.ndarray | None = None  # `place`: where sessions start (default the origin)
+        self.level: Level | None = None
+
+    def place(self, c2w: np.ndarray | None, level: Level | None = None) -> None:
+        """Where the start image was taken (c2w [4, 4] in its world's frame) and the level it shows,
+        whose blocks the camera keeps clear of; every later session starts there. A model of relative
+        poses does not depend on the start pose; one of world-frame poses (model.action.pose_frame=world)
+        needs it, and the level keeps a user from walking where the data never went."""
+        self.start_pose, self.level = (None if c2w is None else np.asarray(c2w, np.float64)), level
 
     @torch.no_grad()
     def encode_prompt(self, text: str) -> PreparedContext:
@@ -196,7 +206,9 @@ class StreamingSession(BaseSession):
         self.graphs = GraphedBackbone(e.model, self.cache) if e.cuda_graphs else None
         self.context: PreparedContext | None = None
         self.horizon = cfg.horizon_frames
-        self.pose = PoseTracker(cfg.fps, cfg.height, cfg.width, history=cfg.horizon_frames + cfg.chunk_frames)
+        self.pose = PoseTracker(
+            cfg.fps, cfg.height, cfg.width, cfg.horizon_frames + cfg.chunk_frames, e.start_pose, e.level
+        )
         self.generator = torch.Generator(dev)
         self.decode_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         h, w = e.latent_hw

@@ -21,14 +21,13 @@ import aiohttp
 import numpy as np
 import pytest
 
-from serving.cli import SYNTHETIC_START_SEED, start_defaults
+from serving.cli import SYNTHETIC_START_SEED, start_defaults, start_image
 from serving.config import ServingConfig
 from serving.fake_engine import FakeEngine, _prompt_color
 from serving.loading import build_engine, resolved_serving
 from serving.server import ServerThread, StreamServer
 from titan_world.config import load_config
-from titan_world.data.actions import ACTION_DIM, KEY_NAMES, integrate_actions
-from titan_world.data.agent import CLEARANCE
+from titan_world.data.actions import ACTION_DIM, KEY_NAMES, c2w_to_state, clear_of_blocks, integrate_actions
 from titan_world.data.render import Renderer
 from titan_world.data.synth import demo_level, make_episode
 from titan_world.eval.action_eval import run_config_path
@@ -240,12 +239,7 @@ def walk_from_start(cfg, key: str) -> tuple[np.ndarray, np.ndarray]:
     acts[1:, KEY_NAMES.index(key)] = 1.0
     c2w = integrate_actions(acts, ep.c2w[0], d.fps)
     world = demo_level()
-    clear = all(
-        world.is_free(int(np.floor(z)), int(np.floor(x)))
-        for x0, z0 in c2w[:, [0, 2], 3]
-        for x in (x0 - CLEARANCE, x0 + CLEARANCE)
-        for z in (z0 - CLEARANCE, z0 + CLEARANCE)
-    )
+    clear = all(clear_of_blocks(world, c2w_to_state(pose)) for pose in c2w)
     return Renderer(world, d.height, d.width, ep.intrinsics[0]).render(c2w)[0], clear
 
 
@@ -257,7 +251,8 @@ def test_streamed_frames_resemble_the_demo_level():
     than copying the start image is (the held-out start seed; JPEG-compressed, as a user sees them)."""
     cfg = load_config(run_config_path(STUDENT), [f"serving.checkpoint={STUDENT}"])
     engine = build_engine(cfg, require_causal=True)
-    sc, image = start_defaults(cfg, resolved_serving(cfg), engine.source)
+    sc, start = start_defaults(cfg, resolved_serving(cfg), engine.source)
+    image = start_image(engine, start)
     key, (sim, _) = next((k, w) for k in ("w", "s", "a", "d") if (w := walk_from_start(cfg, k))[1])
     got: dict = {}
 

@@ -19,6 +19,7 @@ from serving.loading import build_engine
 from serving.pose import PoseTracker
 from serving.streaming import StreamingEngine
 from titan_world.config import load_config
+from titan_world.data.synth import demo_level, make_episode
 from titan_world.model import build_model, save_pretrained
 from titan_world.model.action import ActionInputs
 from titan_world.model.kv_cache import KVCache
@@ -92,12 +93,18 @@ def test_window_smaller_than_a_chunk_is_refused():
         KVCache(1, 1, 1, 4, 4, sink_frames=1, window_frames=2, chunk_frames=3)
 
 
-def test_serving_stream_equals_posttraining_self_rollout(tmp_path):
+@pytest.mark.parametrize("placed", [False, True])
+def test_serving_stream_equals_posttraining_self_rollout(tmp_path, placed):
     """Exact equality: the engine's chunks == `self_rollout` of the same student, from the same
     start latents, prompt, seed (noise), per-video-frame actions (encoded by training's
-    `ActionInputs.from_video_frames`, poses integrated as the engine does) and exit steps."""
+    `ActionInputs.from_video_frames`, poses integrated as the engine does) and exit steps. Placed:
+    sessions start at a camera of the demo level and keep to it (`StreamingEngine.place`), which a
+    student of world-frame poses (the tiny default) sees: its stream then differs from the origin's."""
     eng = engine_for(tiny_student(tmp_path))
+    assert eng.model.cfg.action.pose_frame == "world"
     chunks, seed, prompt = 4, 7, "a red house"
+    start, level = (make_episode(10_000, 16, 16, seconds=1.0).c2w[0], demo_level()) if placed else (None, None)
+    eng.place(start, level)
     session = eng.start(None, prompt, seed=seed)
     gen = torch.Generator().manual_seed(0)
     per_chunk = []
@@ -108,7 +115,7 @@ def test_serving_stream_equals_posttraining_self_rollout(tmp_path):
     served = torch.cat([session.denoise(a).payload.latents for a in per_chunk], dim=2)
 
     video_actions = torch.cat([torch.zeros(1, 8), *per_chunk])  # the start frame has no action
-    pose = PoseTracker(eng.cfg.fps, eng.height, eng.width)
+    pose = PoseTracker(eng.cfg.fps, eng.height, eng.width, start=start, level=level)
     c2w = torch.cat([pose.origin[None], pose.advance(video_actions[1:])])
     intrinsics = pose.intrinsics.expand(len(video_actions), 4)
     acts = ActionInputs.from_video_frames(video_actions[None], c2w[None], intrinsics[None])
@@ -131,6 +138,11 @@ def test_serving_stream_equals_posttraining_self_rollout(tmp_path):
     assert rolled.shape[2] > TRAINED["sink_frames"] + TRAINED["window_frames"]  # the window really rolls
     assert rolled.shape[2] > eng.cfg.horizon_frames == 7  # and the last chunk is past the horizon (sink held)
     assert torch.equal(served, rolled[:, :, given.shape[2] :]), (served - rolled[:, :, given.shape[2] :]).abs().max()
+    if placed:
+        eng.place(None)
+        at_origin = eng.start(None, prompt, seed=seed)
+        other = torch.cat([at_origin.denoise(a).payload.latents for a in per_chunk], dim=2)
+        assert (other - served).abs().max() > 1e-3
 
 
 def jump(session, frames: int) -> None:

@@ -13,7 +13,7 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-from serving.cli import SYNTHETIC_START_SEED, start_defaults, synthetic_start
+from serving.cli import SYNTHETIC_START_SEED, start_defaults, start_image, synthetic_start
 from serving.config import ServingConfig
 from serving.fake_engine import FakeEngine
 from serving.server import ServerThread, StreamServer
@@ -57,10 +57,12 @@ async def fetch_start_and_start_a_session(url: str) -> dict:
 
 def test_synthetic_world_model_starts_in_its_world(tmp_path):
     run = run_dir(tmp_path, "synthetic")
-    sc, image = start_defaults(load_config(), ServingConfig(), str(run / "model"))
+    sc, start = start_defaults(load_config(), ServingConfig(), str(run / "model"))
     ep = make_episode(SYNTHETIC_START_SEED, 32, 32, seconds=1.0, fps=16)
+    np.testing.assert_array_equal(start.c2w[0], ep.c2w[0])  # sessions start at its camera, in its level
+    assert start.world is not None
     engine = RecordingEngine()
-    with ServerThread(StreamServer(engine, sc, image)) as st:
+    with ServerThread(StreamServer(engine, sc, start_image(engine, start))) as st:
         defaults = asyncio.run(fetch_start_and_start_a_session(st.url))
     png = base64.b64decode(defaults["image"].removeprefix("data:image/png;base64,"))
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), ep.frames[0])
@@ -75,14 +77,14 @@ def test_dataset_marker_says_synthetic_and_real_data_keeps_the_defaults(tmp_path
     data.mkdir()
     (data / "titan_dataset.json").write_text(json.dumps({"source": "synthetic", "episodes": 4}))
     run = run_dir(tmp_path, str(data))
-    _, image = start_defaults(load_config(), ServingConfig(), str(run))  # a run dir, not its model/
-    assert image is not None
+    _, start = start_defaults(load_config(), ServingConfig(), str(run))  # a run dir, not its model/
+    assert start is not None
 
     (data / "titan_dataset.json").write_text(json.dumps({"source": "video", "episodes": 4}))
-    sc, image = start_defaults(load_config(), ServingConfig(), str(run))
-    assert image is None and sc.default_prompt == ServingConfig.default_prompt
+    sc, start = start_defaults(load_config(), ServingConfig(), str(run))
+    assert start is None and sc.default_prompt == ServingConfig.default_prompt
     engine = RecordingEngine()
-    with ServerThread(StreamServer(engine, sc, image)) as st:
+    with ServerThread(StreamServer(engine, sc, start_image(engine, start))) as st:
         defaults = asyncio.run(fetch_start_and_start_a_session(st.url))
     assert defaults == {"prompt": ServingConfig.default_prompt, "image": None}
     assert engine.starts[0][0] is None and engine.starts[0][1] == ServingConfig.default_prompt
@@ -90,14 +92,16 @@ def test_dataset_marker_says_synthetic_and_real_data_keeps_the_defaults(tmp_path
 
 def test_start_image_is_rendered_at_the_stream_size(tmp_path):
     run = run_dir(tmp_path, "synthetic")
-    _, image = start_defaults(load_config(), ServingConfig(height=48, width=40), str(run / "model"))
-    np.testing.assert_array_equal(image, make_episode(SYNTHETIC_START_SEED, 48, 40, seconds=1.0, fps=16).frames[0])
+    _, start = start_defaults(load_config(), ServingConfig(height=48, width=40), str(run / "model"))
+    np.testing.assert_array_equal(
+        start.frames[0], make_episode(SYNTHETIC_START_SEED, 48, 40, seconds=1.0, fps=16).frames[0]
+    )
 
 
 def test_an_explicit_default_prompt_is_kept(tmp_path):
     run = run_dir(tmp_path, "synthetic")
-    sc, image = start_defaults(load_config(), ServingConfig(default_prompt="a brick maze"), str(run / "model"))
-    assert image is not None and sc.default_prompt == "a brick maze"
+    sc, start = start_defaults(load_config(), ServingConfig(default_prompt="a brick maze"), str(run / "model"))
+    assert start is not None and sc.default_prompt == "a brick maze"
 
 
 def test_start_episode_is_held_out_of_training():
@@ -111,7 +115,7 @@ def test_start_episode_is_held_out_of_training():
             "data.synth_episodes=6000",
         ],
     )  # training used seeds 5000..10999, the default among them
-    image, caption = synthetic_start(cfg)
+    start = synthetic_start(cfg)
     ep = make_episode(11_000, 32, 32, seconds=1.0, fps=16)
-    np.testing.assert_array_equal(image, ep.frames[0])
-    assert caption == ep.captions["narrative"]
+    np.testing.assert_array_equal(start.frames[0], ep.frames[0])
+    assert start.captions["narrative"] == ep.captions["narrative"]

@@ -44,7 +44,7 @@ from titan_world.conditioning import (
     with_first_latent,
 )
 from titan_world.config import TitanConfig, load_config
-from titan_world.data.actions import ACTION_DIM, ACTION_NAMES, integrate_actions
+from titan_world.data.actions import ACTION_DIM, ACTION_NAMES, Level, integrate_actions
 from titan_world.data.geometry import default_intrinsics
 from titan_world.data.synth import make_episode
 from titan_world.diffusion.samplers import SAMPLERS, sample, with_guidance
@@ -83,6 +83,7 @@ class GenerationInputs:
     c2w: np.ndarray  # [T, 4, 4]
     intrinsics: np.ndarray  # [T, 4]
     reference: np.ndarray | None = None  # simulator frames [T, H, W, 3] when known
+    level: Level | None = None  # the synthetic level the camera moves in (kept clear of its blocks), when known
 
 
 def load_actions(path: str | Path) -> np.ndarray:
@@ -137,19 +138,21 @@ def build_inputs(
     if len(acts) < frames:
         raise ValueError(f"--actions has {len(acts)} frames; --frames asks for {frames}")
     acts = acts[:frames]
-    if image is None:
-        first, c2w0, reference = (
-            episode.frames[0],
-            episode.c2w[0],
-            (episode.frames[:frames] if actions is None else None),
-        )
-    else:
+    if image is None:  # the episode's start: its camera, in its level
+        first, c2w0, level = episode.frames[0], episode.c2w[0], episode.world
+        reference = episode.frames[:frames] if actions is None else None
+    else:  # a picture of an unknown place: the camera starts at the origin, nothing to collide with
         first = np.asarray(Image.open(image).convert("RGB").resize((w, h), Image.BICUBIC))
-        c2w0, reference = np.eye(4, dtype=np.float32), None
-    c2w = integrate_actions(acts, c2w0, cfg.data.fps).astype(np.float32)
+        c2w0, reference, level = np.eye(4, dtype=np.float32), None, None
+        if cfg.model.action.pose_frame == "world":
+            log.warning(
+                "--image with a model of world-frame poses (model.action.pose_frame=world): the camera starts "
+                "at the world's origin, which need not be where the picture was taken"
+            )
+    c2w = integrate_actions(acts, c2w0, cfg.data.fps, level=level).astype(np.float32)
     k = np.repeat(default_intrinsics(h, w)[None].astype(np.float32), frames, 0)
     return GenerationInputs(
-        first, prompt if prompt is not None else episode.captions["narrative"], acts, c2w, k, reference
+        first, prompt if prompt is not None else episode.captions["narrative"], acts, c2w, k, reference, level
     )
 
 
@@ -334,6 +337,7 @@ def generate_causal(
     with the chunk size and timesteps it was trained with."""
     sc = student_settings(resolved_serving(cfg), model.cfg, str(resolve_checkpoint_dir(source)) if source else "")
     engine = StreamingEngine(model, codec, text_encoder, sc)
+    engine.place(inputs.c2w[0], inputs.level)
     session = engine.start(inputs.first_frame, inputs.prompt, seed)
     frames = [session.first_frames()]
     acts = torch.from_numpy(inputs.actions)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -31,6 +32,13 @@ PITCH_LIMIT_DEG = 35.0
 EYE_HEIGHT = 0.5
 JUMP_SPEED = 2.4  # m/s upwards at take-off
 GRAVITY = 9.8
+CLEARANCE = 0.2  # metres the camera keeps from any block of a level (`step_within`)
+
+
+class Level(Protocol):
+    """What moving through a level needs of it (titan_world.data.world.World)."""
+
+    def is_free(self, row: int, col: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,36 @@ def c2w_to_state(c2w: np.ndarray, vy: float = 0.0) -> CameraState:
     )
 
 
-def integrate_actions(actions: np.ndarray, c2w0: np.ndarray, fps: float, vy0: float = 0.0) -> np.ndarray:
-    """Replay `actions [T, 8]` from the first pose: returns c2w [T, 4, 4] (float64)."""
+def clear_of_blocks(level: Level, state: CameraState, clearance: float = CLEARANCE) -> bool:
+    """Whether the camera is at least `clearance` from every block of `level` (the cells under the
+    four corners of its clearance square are free)."""
+    return all(
+        level.is_free(int(math.floor(z)), int(math.floor(x)))
+        for x in (state.x - clearance, state.x + clearance)
+        for z in (state.z - clearance, state.z + clearance)
+    )
+
+
+def step_within(
+    state: CameraState, action: np.ndarray, fps: float, level: Level | None = None
+) -> tuple[CameraState, np.ndarray]:
+    """`step` inside `level`: a move that would bring the camera within CLEARANCE of a block is
+    dropped (turning and jumping still apply), the rule the scripted agent's stored actions obey,
+    so a camera replayed or driven by a user stays where the data's cameras were.
+    -> (the next state, the action applied)."""
+    nxt = step(state, action, fps)
+    if level is None or clear_of_blocks(level, nxt):
+        return nxt, action
+    applied = np.array(action, copy=True)
+    applied[[W, A, S, D, SHIFT]] = 0.0
+    return step(state, applied, fps), applied
+
+
+def integrate_actions(
+    actions: np.ndarray, c2w0: np.ndarray, fps: float, vy0: float = 0.0, level: Level | None = None
+) -> np.ndarray:
+    """Replay `actions [T, 8]` from the first pose (inside `level` when given: `step_within`):
+    returns c2w [T, 4, 4] (float64)."""
     actions = np.asarray(actions)
     if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
         raise ValueError(f"actions have shape {actions.shape}; expected [T, {ACTION_DIM}]")
@@ -109,7 +145,7 @@ def integrate_actions(actions: np.ndarray, c2w0: np.ndarray, fps: float, vy0: fl
     out = np.empty((len(actions), 4, 4))
     out[0] = state_to_c2w(state)
     for t in range(1, len(actions)):
-        state = step(state, actions[t], fps)
+        state, _ = step_within(state, actions[t], fps, level)
         out[t] = state_to_c2w(state)
     return out
 

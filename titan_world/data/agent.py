@@ -24,13 +24,10 @@ from titan_world.data.actions import (
     A,
     CameraState,
     D,
-    S,
     W,
-    step,
+    step_within,
 )
 from titan_world.data.world import World
-
-CLEARANCE = 0.2  # metres between the camera and any block
 
 
 @dataclass
@@ -62,20 +59,9 @@ class Agent:
     def t(self) -> int:
         return len(self.actions)
 
-    def _safe(self, s: CameraState) -> bool:
-        for x in (s.x - CLEARANCE, s.x + CLEARANCE):
-            for z in (s.z - CLEARANCE, s.z + CLEARANCE):
-                if not self.world.is_free(int(math.floor(z)), int(math.floor(x))):
-                    return False
-        return True
-
     def act(self, a: np.ndarray) -> None:
         """Apply one action (dropping movement keys if they would hit a wall) and record it."""
-        a = a.astype(np.float32)
-        nxt = step(self.state, a, self.fps)
-        if not self._safe(nxt):
-            a[[W, A, S, D, SHIFT]] = 0.0
-            nxt = step(self.state, a, self.fps)
+        nxt, a = step_within(self.state, a.astype(np.float32), self.fps, self.world)
         self.state = nxt
         self.states.append(nxt)
         self.actions.append(a)

@@ -41,6 +41,7 @@ class Episode:
     fps: int
     source: str
     meta: dict
+    world: World | None = None  # the level walked (synthetic episodes): where a replayed camera must stay
 
     @property
     def num_frames(self) -> int:
@@ -84,4 +85,5 @@ def make_episode(
         fps=fps,
         source="synthetic",
         meta={"seed": seed, "level": level, "world": world.description(), "hfov_deg": hfov_deg},
+        world=world,
     )

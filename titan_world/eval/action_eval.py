@@ -85,7 +85,12 @@ class Rollout:
         while start < t - 1:
             sl = slice(start, min(start + clip_frames, t))
             clip = GenerationInputs(
-                out[-1][-1], inputs.prompt, inputs.actions[sl], inputs.c2w[sl], inputs.intrinsics[sl]
+                out[-1][-1],
+                inputs.prompt,
+                inputs.actions[sl],
+                inputs.c2w[sl],
+                inputs.intrinsics[sl],
+                level=inputs.level,
             )
             video = generate_bidirectional(
                 self.model,
@@ -105,14 +110,15 @@ class Rollout:
 def episode_inputs(ep: Episode, frames: int, actions: np.ndarray | None = None) -> GenerationInputs:
     """The episode's first frame and controls. Other `actions` than the episode's get the camera path
     they produce (replayed from the first pose, as serving and `generate` derive it): the camera is
-    part of the control, so a baseline that kept the simulator's path would still be told the way."""
+    part of the control, so a baseline that kept the simulator's path would still be told the way.
+    That path stays inside the episode's level, as the simulator would have moved the camera."""
     if actions is None:
         acts, c2w = ep.actions[:frames], ep.c2w[:frames]
     else:
         acts = actions
-        c2w = integrate_actions(actions, ep.c2w[0], ep.fps).astype(np.float32)
+        c2w = integrate_actions(actions, ep.c2w[0], ep.fps, level=ep.world).astype(np.float32)
     return GenerationInputs(
-        ep.frames[0], ep.captions["narrative"], acts, c2w, ep.intrinsics[:frames], ep.frames[:frames]
+        ep.frames[0], ep.captions["narrative"], acts, c2w, ep.intrinsics[:frames], ep.frames[:frames], ep.world
     )
 
 

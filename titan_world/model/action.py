@@ -89,10 +89,13 @@ class ActionInputs:
         ref = self.c2w[:, 0] if reference is None else reference
         # inv_ex: linalg.inv checks for singular input, a host sync on every pass on a GPU; poses
         # are rotation + translation (ingestion refuses singular ones: titan_world/data/ingest.py)
-        rel = torch.linalg.inv_ex(ref).inverse[:, None] @ self.c2w
-        rel = rel.clone()
-        rel[..., :3, 3] = rel[..., :3, 3] / translation_scale
-        return rel
+        return self.in_world(translation_scale, torch.linalg.inv_ex(ref).inverse[:, None] @ self.c2w)
+
+    def in_world(self, translation_scale: float = 1.0, c2w: torch.Tensor | None = None) -> torch.Tensor:
+        """c2w as given (the data's own frame), translations scaled."""
+        out = (self.c2w if c2w is None else c2w).clone()
+        out[..., :3, 3] = out[..., :3, 3] / translation_scale
+        return out
 
 
 @dataclass
@@ -163,8 +166,23 @@ def warp_condition(
     return torch.cat([cond[:, :mask_channels], torch.where(fill, warped, lat)], dim=1)
 
 
+def camera_features(spatial_stride: int, patch_hw: tuple[int, int], ray_frequencies: int = 0) -> int:
+    """Camera inputs per token: 6 Plücker coordinates of each of its pixels, plus sin/cos of each
+    coordinate of its mean ray at `ray_frequencies` octaves."""
+    return 6 * spatial_stride**2 * patch_hw[0] * patch_hw[1] + 12 * ray_frequencies
+
+
+def fourier_features(x: torch.Tensor, octaves: int) -> torch.Tensor:
+    """[..., D] -> [..., 2 D octaves]: sin and cos of pi 2^k x, k < octaves (NeRF's positional encoding:
+    a small network can then fit a function of x with detail finer than x's range)."""
+    freq = torch.pi * 2.0 ** torch.arange(octaves, device=x.device, dtype=x.dtype)
+    xf = (x[..., None] * freq).flatten(-2)
+    return torch.cat([xf.sin(), xf.cos()], dim=-1)
+
+
 class ActionEmbedding(nn.Module):
-    """Plücker rays unshuffled to the latent grid and patchified, plus keys per token -> [B, L, dim]."""
+    """Plücker rays unshuffled to the latent grid and patchified (optionally with Fourier features of
+    each token's mean ray), plus keys per token -> [B, L, dim]."""
 
     def __init__(
         self,
@@ -174,10 +192,14 @@ class ActionEmbedding(nn.Module):
         patch_hw: tuple[int, int],
         hidden: int = 0,
         use_camera: bool = True,
+        world_frame: bool = False,
+        ray_frequencies: int = 0,
     ):
         super().__init__()
         self.stride, self.patch_hw, self.use_camera = spatial_stride, patch_hw, use_camera
-        cam_features = 6 * spatial_stride**2 * patch_hw[0] * patch_hw[1] if use_camera else 0
+        self.world_frame = world_frame  # poses in the data's frame (model.action.pose_frame=world): no reference
+        self.ray_frequencies = ray_frequencies
+        cam_features = camera_features(spatial_stride, patch_hw, ray_frequencies) if use_camera else 0
         hidden = hidden or dim
         # Wan-style Sequential naming: action_embedding.0 / .2
         self.net = nn.Sequential(nn.Linear(cam_features + num_keys, hidden), nn.SiLU(), nn.Linear(hidden, dim))
@@ -195,12 +217,17 @@ class ActionEmbedding(nn.Module):
         feats = []
         if self.use_camera:
             hl, wl = h * ph, w * pw  # latent grid
-            rays = plucker_rays(
-                actions.relative(reference, translation_scale), actions.intrinsics, hl * self.stride, wl * self.stride
+            poses = (
+                actions.in_world(translation_scale)
+                if self.world_frame
+                else actions.relative(reference, translation_scale)
             )
+            rays = plucker_rays(poses, actions.intrinsics, hl * self.stride, wl * self.stride)
             rays = F.pixel_unshuffle(rays.flatten(0, 1), self.stride)  # [B*F, 6 s s, hl, wl]
             rays = rays.reshape(b, f, -1, h, ph, w, pw).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, f * h * w, -1)
             feats.append(rays)
+            if self.ray_frequencies:  # the token's mean ray (features are laid out coordinate-major)
+                feats.append(fourier_features(rays.unflatten(-1, (6, -1)).mean(-1), self.ray_frequencies))
         feats.append(actions.keys[:, :, None, :].expand(-1, -1, h * w, -1).reshape(b, f * h * w, -1))
         return self.net(torch.cat(feats, dim=-1).to(self.net[0].weight.dtype))
 

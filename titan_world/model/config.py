@@ -15,6 +15,14 @@ class ActionConfig:
     use_camera: bool = True  # Plücker rays from poses + intrinsics
     spatial_stride: int = 8  # codec spatial stride (Wan VAE 8): Plücker rays are computed at latent_hw * stride pixels
     translation_scale: float = 1.0  # world units per normalised translation unit
+    # Which frame the camera poses are given in: "relative" to the clip's (a stream's: the session's)
+    # first frame, as LingBot-World does for videos of many places; "world": the data's own frame, for
+    # data of one place (a game level, the demo level), where a pose then says where the camera is and
+    # the model can learn the place itself, not only the motion (docs/model.md)
+    pose_frame: str = "relative"
+    # > 0: also sin/cos of each token's mean Plücker ray at this many octaves; with world-frame poses the
+    # picture is a detailed function of the ray, which a small adapter fits far better from these
+    ray_frequencies: int = 0
     # I2V channels of generated frames: the last given frame re-projected to their camera (rotation
     # homography, model/action.py warp_condition) instead of zeros; the tiny default turns it on
     warp_cond: bool = False
@@ -83,3 +91,7 @@ class ModelConfig:
             bad("boundary", self.boundary, "a fraction in (0, 1), e.g. 0.900")
         if self.conditioning not in ("reference", "clean_first_frame"):
             bad("conditioning", self.conditioning, "reference or clean_first_frame")
+        if self.action.pose_frame not in ("relative", "world"):
+            bad("action.pose_frame", self.action.pose_frame, "relative or world")
+        if not 0 <= self.action.ray_frequencies <= 16:
+            bad("action.ray_frequencies", self.action.ray_frequencies, "0 (off) .. 16 octaves")

@@ -261,7 +261,14 @@ class WanDiT(nn.Module):
         if cfg.action.enabled:
             a = cfg.action
             self.action_embedding = ActionEmbedding(
-                dim, a.num_keys, a.spatial_stride, tuple(cfg.patch_size[1:]), a.hidden_dim, a.use_camera
+                dim,
+                a.num_keys,
+                a.spatial_stride,
+                tuple(cfg.patch_size[1:]),
+                a.hidden_dim,
+                a.use_camera,
+                world_frame=a.pose_frame == "world",
+                ray_frequencies=a.ray_frequencies,
             )
         self.cp: ContextParallel | None = None
         self.attn_backend = cfg.attn_backend

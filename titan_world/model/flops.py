@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from titan_world.model.action import camera_features
+
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of the device name.
 DEVICE_PEAK_TFLOPS: dict[str, float] = {
     "H200": 989.0,
@@ -67,7 +69,7 @@ def sample_flops(model_cfg, latent_frames: int, latent_h: int, latent_w: int) ->
     a = getattr(model_cfg, "action", None)
     if a is not None and a.enabled:
         hidden = a.hidden_dim or d
-        cam = 6 * a.spatial_stride**2 * ph * pw if a.use_camera else 0
+        cam = camera_features(a.spatial_stride, (ph, pw), a.ray_frequencies) if a.use_camera else 0
         fwd += s * 2 * ((cam + a.num_keys) * hidden + hidden * d)  # action embedding MLP
         fwd += n * s * 2 * d * 2 * d  # per-block AdaLN projection
     return FlopsBreakdown(tokens=s, forward=float(fwd), train_step=3.0 * float(fwd))
