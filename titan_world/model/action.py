@@ -89,13 +89,18 @@ class ActionInputs:
         ref = self.c2w[:, 0] if reference is None else reference
         # inv_ex: linalg.inv checks for singular input, a host sync on every pass on a GPU; poses
         # are rotation + translation (ingestion refuses singular ones: titan_world/data/ingest.py)
-        return self.in_world(translation_scale, torch.linalg.inv_ex(ref).inverse[:, None] @ self.c2w)
+        return _scaled_translation(torch.linalg.inv_ex(ref).inverse[:, None] @ self.c2w, translation_scale)
 
-    def in_world(self, translation_scale: float = 1.0, c2w: torch.Tensor | None = None) -> torch.Tensor:
+    def in_world(self, translation_scale: float = 1.0) -> torch.Tensor:
         """c2w as given (the data's own frame), translations scaled."""
-        out = (self.c2w if c2w is None else c2w).clone()
-        out[..., :3, 3] = out[..., :3, 3] / translation_scale
-        return out
+        return _scaled_translation(self.c2w, translation_scale)
+
+
+def _scaled_translation(c2w: torch.Tensor, translation_scale: float) -> torch.Tensor:
+    """A copy of c2w [..., 4, 4] with its translations divided by `translation_scale`."""
+    out = c2w.clone()
+    out[..., :3, 3] = out[..., :3, 3] / translation_scale
+    return out
 
 
 @dataclass
