@@ -32,6 +32,7 @@ shapes by DCP, so a checkpoint written by N ranks loads on any M ranks and on 1 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -83,6 +84,14 @@ log = logging.getLogger(__name__)
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (partial/corrupt) or state could not be restored exactly."""
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it "assumes the intent" of one process whenever no_dist is set: here it is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,7 +322,11 @@ class Checkpointer:
         if self._broadcast(error is not None):  # (also the barrier before the ranks write)
             raise self._save_failed(error, f"creating {tmp} failed on rank 0: {error}", tmp, sharded)
         try:
-            dcp.save(sharded, checkpoint_id=str(tmp), no_dist=world == 1 and not dist.is_initialized())
+            # one rank: no collectives. DCP's process-group path on a 1-rank gloo group left every later CPU
+            # op of the process ~1.5-3x slower after each save of optimizer state (torch 2.13; benchmarks/
+            # bench_checkpoint.py), which made the demo's teacher 40% slower after its first checkpoint
+            with _quiet_single_process():
+                dcp.save(sharded, checkpoint_id=str(tmp), no_dist=world == 1)
             per_rank = {"rng": rng_state(), **{k: self._plain(v) for k, v in local.items()}}
             torch.save(per_rank, tmp / f"rank_{rank:05d}.pt")
             if rank == 0:
@@ -527,7 +540,8 @@ class Checkpointer:
         if error:
             return -1, error
         try:
-            dcp.load(sharded, checkpoint_id=str(path), no_dist=world == 1 and not dist.is_initialized())
+            with _quiet_single_process():
+                dcp.load(sharded, checkpoint_id=str(path), no_dist=world == 1)  # (as in save)
         except (Exception, CheckpointException) as e:
             return -1, f"reading the DCP shards ({_dcp_files(path)}) failed: {_describe_failure(e)}"
         step = int(saved["step"])
