@@ -323,8 +323,8 @@ class Checkpointer:
             raise self._save_failed(error, f"creating {tmp} failed on rank 0: {error}", tmp, sharded)
         try:
             # one rank: no collectives. DCP's process-group path on a 1-rank gloo group left every later CPU
-            # op of the process ~1.5-3x slower after each save of optimizer state (torch 2.13; benchmarks/
-            # bench_checkpoint.py), which made the demo's teacher 40% slower after its first checkpoint
+            # op of the process 1.2-3x slower after each save of optimizer state (torch 2.13; benchmarks/
+            # bench_checkpoint.py): the demo teacher's steps were 50% slower after its first checkpoint
             with _quiet_single_process():
                 dcp.save(sharded, checkpoint_id=str(tmp), no_dist=world == 1)
             per_rank = {"rng": rng_state(), **{k: self._plain(v) for k, v in local.items()}}
