@@ -6,8 +6,8 @@ Times tiny-model train steps (forward, backward, AdamW) before and after `--save
 model + optimizer, in one run for each way of calling DCP on one rank:
 - `Checkpointer` (ours: one rank saves with `no_dist`, no collectives);
 - DCP over the process group (the baseline: what `Checkpointer` did before, with a group initialised).
-With torch 2.13 on CPU the second left every later op of the process 1.5-3x slower, and more after
-each save, which made the demo's teacher 40% slower from its first checkpoint on (docs/train.md).
+With torch 2.13 on CPU the second left every later op of the process 1.2-3x slower, and more after
+each save, which made the demo teacher's steps 50% slower from its first checkpoint on (docs/train.md).
 Prints seconds per step before/after and the ratio; a ratio near 1.0 means saves leave steps alone.
 """
 
@@ -33,15 +33,19 @@ from titan_world.model import ActionInputs, build_model
 def _step_fn(batch: int = 4, frames: int = 5):
     """A train step of the embedded default's model on a fixed random batch, and its optimizer."""
     torch.manual_seed(0)
-    model = build_model(load_config().model)
+    cfg = load_config()
+    mc, d = cfg.model, cfg.data
+    model = build_model(mc)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    clean = torch.randn(batch, 16, frames, 16, 16)
+    h, w = d.height // d.codec.spatial_stride, d.width // d.codec.spatial_stride
+    clean = torch.randn(batch, mc.out_dim, frames, h, w)
     given = torch.zeros(batch, frames, dtype=torch.bool)
     given[:, 0] = True
     nb = noise_batch(clean, given, torch.rand(batch), torch.randn_like(clean), with_i2v_channels=True)
     eye = torch.eye(4).expand(batch, frames, 4, 4).clone()
-    actions = ActionInputs(torch.zeros(batch, frames, 8), eye, torch.full((batch, frames, 4), 32.0))
-    text = torch.randn(batch, 32, 64)
+    centre = torch.tensor([d.width / 2, d.height / 2, d.width / 2, d.height / 2])  # fx, fy, cx, cy: 90 deg fov
+    actions = ActionInputs(torch.zeros(batch, frames, mc.action.num_keys), eye, centre.expand(batch, frames, 4))
+    text = torch.randn(batch, mc.text_len, mc.text_dim)
 
     def step() -> None:
         out = model(nb.x_t, nb.t, text, cond=nb.cond, actions=actions)
