@@ -508,3 +508,34 @@ def test_compiled_streaming_matches_eager_without_recompiling_per_chunk():
     graphs_after_4 = counter.frame_count
     torch.testing.assert_close(stream(8), eager, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == graphs_after_4
+
+
+def test_compiled_streaming_shares_its_graphs_across_layers():
+    """A compiled block with a KV cache compiles the same graphs for 1 layer as for 4: the layer
+    index stays out of the graph (before, each layer recompiled, and past dynamo's recompile
+    limit of 8 the remaining layers of a 30-layer student ran eagerly)."""
+    import torch._dynamo.testing
+
+    from parallel.compile import compile_blocks
+
+    def graphs(layers: int) -> int:
+        torch._dynamo.reset()
+        model = _randomized(tiny_cfg(num_layers=layers))
+        ctx = model.prepare_context(torch.randn(1, 8, 16))
+        counter = torch._dynamo.testing.CompileCounter()
+        compile_blocks(model, backend=counter)
+        cache = KVCache(layers, 1, 4, 12, 16, sink_frames=1, window_frames=2, chunk_frames=1)
+        with torch.no_grad():
+            for s in range(3):
+                for t, write in ((1000.0, False), (0.0, True)):
+                    model(
+                        torch.randn(1, 8, 1, 8, 8),
+                        torch.tensor([t]),
+                        ctx,
+                        frame_offset=s,
+                        kv_cache=cache,
+                        cache_write=write,
+                    )
+        return counter.frame_count
+
+    assert graphs(4) == graphs(1)

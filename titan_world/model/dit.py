@@ -174,14 +174,14 @@ class WanBlock(nn.Module):
         mask=None,
         action=None,
         cp=None,
-        kv_cache=None,
-        cache_write=False,
+        kv: KVStep | None = None,
         backend="sdpa",
         context_kv=None,
     ):
-        """x: the fp32 residual stream [B, L, D]; attention and FFN read their weights' dtype."""
+        """x: the fp32 residual stream [B, L, D]; attention and FFN read their weights' dtype.
+        kv: this layer's view of a streaming KV cache, built by the caller (outside torch.compile)
+        so a compiled block never reads the layer index and serves every layer with one graph."""
         e0, e1, e2, e3, e4, e5 = (self.modulation[:, None].float() + e).unbind(2)  # each [B, S, D]
-        kv = KVStep(kv_cache, self.layer_idx, cache_write) if kv_cache is not None else None
         y = self.self_attn(linear_input(modulate(self.norm1(x), e0, e1), self.self_attn.q), rope, mask, backend, cp, kv)
         x = x.float() + gated(y, e2)
         if self.action_proj is not None and action is not None:
@@ -501,8 +501,7 @@ class WanDiT(nn.Module):
                 tokens.mask,
                 tokens.action,
                 cp,
-                kv_cache,
-                cache_write,
+                KVStep(kv_cache, block.layer_idx, cache_write) if kv_cache is not None else None,
                 self.attn_backend,
                 ckv,
             )
