@@ -77,7 +77,12 @@ def check_float8(dev: torch.device) -> None:
             eager = m(x, t, ctx)
             check(f"FP8 {recipe} (eager) ~= bf16", eager, ref, 1e-1)
             compile_blocks(m)
-            check(f"FP8 {recipe} compiled == eager", m(x, t, ctx), eager, 2e-2)
+            compiled = m(x, t, ctx)
+            check(f"FP8 {recipe} (compiled) ~= bf16", compiled, ref, 1e-1)
+            # Inductor fuses the amax/scale/cast, so a few values on an e4m3 rounding boundary (one
+            # step = 6-12%) round the other way: compiled and eager differ by about half FP8's own
+            # error (2.3e-2 on an H200, 2026-12-04), not by bf16 noise.
+            check(f"FP8 {recipe} compiled ~= eager", compiled, eager, 5e-2)
 
 
 def check_graphed_streaming(dev: torch.device) -> None:

@@ -13,6 +13,9 @@
 #                                             # decoder's speed, AC skip),
 #                                             # each step under its own time limit so a slow one cannot take the rest
 #
+# The device image lacks diffusers, omegaconf, ftfy and torchao: build them here with
+# `bash benchmarks/gpu_deps.sh`, carry `.gpu_deps` and run with PYTHONPATH=$PWD/.gpu_deps:$PWD.
+#
 # Results go to $OUT (default ./gpu_results) as text logs (+ JSON where the benchmark writes one).
 set -euo pipefail
 OUT=${OUT:-gpu_results}
