@@ -76,6 +76,17 @@ def test_plucker_rays_consistent_with_stored_poses():
     assert torch.allclose(torch.cross(o + 2.0 * d, d, dim=1), rays[:, :3], atol=1e-9)
 
 
+def test_plucker_rays_keep_float32_under_autocast():
+    """Mixed-precision training (autocast bf16, the default on CUDA) computes the rays in the poses'
+    precision: before, the einsum went bf16 and `torch.cross` refused the fp32 origin."""
+    ep = make_episode(2, 16, 16, 0.5)
+    c2w, k = torch.from_numpy(ep.c2w).float(), torch.from_numpy(ep.intrinsics).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rays = plucker_rays(c2w, k, 16, 16)
+    assert rays.dtype == torch.float32
+    assert torch.equal(rays, plucker_rays(c2w, k, 16, 16))
+
+
 def test_render_speed_64():
     make_episode(0, 64, 64, 1.0)  # warm caches (textures)
     t0 = time.perf_counter()

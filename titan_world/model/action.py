@@ -50,13 +50,15 @@ def plucker_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, height: int, width
             f"plucker_rays: c2w {tuple(c2w.shape)} and intrinsics {tuple(intrinsics.shape)}; "
             "expected [...,4,4] and [...,4]"
         )
-    d_cam = pixel_directions(intrinsics, height, width, like=c2w)  # [..., H, W, 3]
-    rot = c2w[..., :3, :3]
-    d = torch.einsum("...ij,...hwj->...hwi", rot, d_cam)
-    d = d / d.norm(dim=-1, keepdim=True)
-    o = c2w[..., None, None, :3, 3].expand_as(d)
-    m = torch.cross(o, d, dim=-1)
-    return torch.cat([m, d], dim=-1).movedim(-1, -3).contiguous()
+    # geometry in the poses' precision: under autocast the einsum would round directions to bf16
+    with torch.autocast(c2w.device.type, enabled=False):
+        d_cam = pixel_directions(intrinsics, height, width, like=c2w)  # [..., H, W, 3]
+        rot = c2w[..., :3, :3]
+        d = torch.einsum("...ij,...hwj->...hwi", rot, d_cam)
+        d = d / d.norm(dim=-1, keepdim=True)
+        o = c2w[..., None, None, :3, 3].expand_as(d)
+        m = torch.cross(o, d, dim=-1)
+        return torch.cat([m, d], dim=-1).movedim(-1, -3).contiguous()
 
 
 def keys_per_latent_frame(keys: torch.Tensor) -> torch.Tensor:
