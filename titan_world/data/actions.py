@@ -150,6 +150,14 @@ def integrate_actions(
     return out
 
 
+def shuffled_actions(actions: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The same actions in a random order (frame 0's kept): the baseline a model that ignores its
+    controls matches (`eval action` and the training action check; replay them with
+    `integrate_actions` for the camera path they produce)."""
+    perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(len(actions) - 1)])
+    return actions[perm]
+
+
 def describe(action: np.ndarray) -> str:
     """Human-readable action, e.g. 'w+shift dx=0.50'."""
     keys = [n for n, v in zip(KEY_NAMES, action[:6]) if v > 0.5]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from titan_world.config import TitanConfig, load_config
-from titan_world.data.actions import integrate_actions
+from titan_world.data.actions import integrate_actions, shuffled_actions
 from titan_world.data.synth import Episode, episode_frames, make_episode
 from titan_world.eval.action_following import (
     _psnr,
@@ -42,7 +42,6 @@ from titan_world.model.codec import codec_from_config
 from titan_world.model.text_encoder import build_text_encoder
 
 log = logging.getLogger("titan_world.eval.action")
-SHUFFLE_SEED = 0
 
 
 def run_config_path(checkpoint: str | Path) -> Path | None:
@@ -120,12 +119,6 @@ def episode_inputs(ep: Episode, frames: int, actions: np.ndarray | None = None) 
     return GenerationInputs(
         ep.frames[0], ep.captions["narrative"], acts, c2w, ep.intrinsics[:frames], ep.frames[:frames], ep.world
     )
-
-
-def shuffled_actions(actions: np.ndarray, seed: int = SHUFFLE_SEED) -> np.ndarray:
-    """The same actions in a random order (frame 0's kept): what a model that ignores them matches."""
-    perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(len(actions) - 1)])
-    return actions[perm]
 
 
 def _mean_errors(reports: list[dict], key: str) -> dict[str, Any]:
