@@ -13,7 +13,7 @@ from functools import cache
 
 import numpy as np
 
-from titan_world.data.actions import state_to_c2w
+from titan_world.data.actions import integrate_actions, state_to_c2w
 from titan_world.data.agent import Agent
 from titan_world.data.captions import build_captions
 from titan_world.data.config import SYNTH_LEVELS
@@ -46,6 +46,11 @@ class Episode:
     @property
     def num_frames(self) -> int:
         return len(self.frames)
+
+    def camera_path(self, actions: np.ndarray) -> np.ndarray:
+        """c2w float32 [T, 4, 4] that other `actions` produce from this episode's first pose, kept
+        inside its level as the simulator would (the shuffled-action baseline's camera)."""
+        return integrate_actions(actions, self.c2w[0], self.fps, level=self.world).astype(np.float32)
 
 
 def episode_frames(seconds: float, fps: int) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from titan_world.config import TitanConfig, load_config
-from titan_world.data.actions import integrate_actions, shuffled_actions
+from titan_world.data.actions import shuffled_actions
 from titan_world.data.synth import Episode, episode_frames, make_episode
 from titan_world.eval.action_following import (
     _psnr,
@@ -115,7 +115,7 @@ def episode_inputs(ep: Episode, frames: int, actions: np.ndarray | None = None) 
         acts, c2w = ep.actions[:frames], ep.c2w[:frames]
     else:
         acts = actions
-        c2w = integrate_actions(actions, ep.c2w[0], ep.fps, level=ep.world).astype(np.float32)
+        c2w = ep.camera_path(actions)
     return GenerationInputs(
         ep.frames[0], ep.captions["narrative"], acts, c2w, ep.intrinsics[:frames], ep.frames[:frames], ep.world
     )

@@ -3,7 +3,7 @@ true actions and with shuffled ones, and score both against the simulator's fram
 area's `action_following_report`.
 
 "Shuffled" is `titan-world eval action`'s baseline: the episode's own actions in a random order,
-with the camera path they produce from the episode's first pose (as `eval.action_eval.episode_inputs`),
+with the camera path they produce from the episode's first pose (`Episode.camera_path`, as `eval action`),
 so the figure printed during training is the one the demo's goal is measured on.
 Held-out: episode seeds start at 10,000 (the training set uses seeds 0 .. data.synth_episodes-1).
 Both generations share the noise, so the only difference is the action input.
@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from titan_world.conditioning import conditioned_denoiser, fill_given, noise_batch
-from titan_world.data.actions import integrate_actions, shuffled_actions
-from titan_world.data.synth import Episode, make_episode
+from titan_world.data.actions import shuffled_actions
+from titan_world.data.synth import make_episode
 from titan_world.data.writer import build_encoders
 from titan_world.diffusion.samplers import sample
 from titan_world.eval.action_following import action_following_report
@@ -98,13 +98,10 @@ def action_following_check(
         keys, c2w = zip(*controls)
         return ActionInputs.from_video_frames(stack(keys), stack(c2w), stack([e.intrinsics for e in eps]))
 
-    def shuffled(e: Episode) -> tuple[np.ndarray, np.ndarray]:
-        keys = shuffled_actions(e.actions)
-        return keys, integrate_actions(keys, e.c2w[0], e.fps, level=e.world)
-
     n = len(eps)
     true_a = acts([(e.actions, e.c2w) for e in eps])
-    shuf_a = acts([shuffled(e) for e in eps])
+    shuffled = [shuffled_actions(e.actions) for e in eps]
+    shuf_a = acts([(keys, e.camera_path(keys)) for keys, e in zip(shuffled, eps)])
     both = ActionInputs(
         *(
             torch.cat([a, s])
